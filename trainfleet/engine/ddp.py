@@ -1,0 +1,108 @@
+"""DistributedDataParallel: one process per device, NCCL on CUDA, gloo on CPU."""
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any, ContextManager
+
+import torch
+import torch.distributed as dist
+
+from trainfleet.engine.environment import backend_for, device_index, resolve_accelerator
+from trainfleet.engine.strategy import Strategy
+
+_OPS = {
+    "sum": dist.ReduceOp.SUM,
+    "mean": dist.ReduceOp.SUM,  # divided by the world size afterwards: gloo has no AVG
+    "max": dist.ReduceOp.MAX,
+    "min": dist.ReduceOp.MIN,
+    "product": dist.ReduceOp.PRODUCT,
+}
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+class DDPStrategy(Strategy):
+    """Wraps the module in DDP and joins the process group from env:// variables.
+
+    Args:
+        timeout_s: collective timeout; TRAINFLEET_COLLECTIVE_TIMEOUT overrides the
+            30-minute default of torch.distributed.
+        **ddp_kwargs: passed to ``DistributedDataParallel`` (``find_unused_parameters``, ...).
+    """
+
+    name = "ddp"
+
+    def __init__(self, precision: Any = None, env: Any = None, accelerator: str | None = None,
+                 timeout_s: float | None = None, **ddp_kwargs: Any):
+        super().__init__(precision, env, accelerator)
+        env_timeout = os.environ.get("TRAINFLEET_COLLECTIVE_TIMEOUT")
+        self.timeout_s = float(timeout_s or env_timeout or DEFAULT_TIMEOUT_S)
+        self.ddp_kwargs = ddp_kwargs
+        self._owns_group = False
+
+    @property
+    def root_device(self) -> torch.device:
+        count = torch.cuda.device_count()
+        if resolve_accelerator(self.accelerator, count) == "cpu":
+            return torch.device("cpu")
+        return torch.device("cuda", device_index(self.local_rank, self.env.local_world_size, count))
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def backend(self) -> str:
+        return backend_for(self.root_device.type)
+
+    def _setup_environment(self) -> None:
+        super()._setup_environment()
+        if dist.is_initialized():
+            return
+        dist.init_process_group(
+            backend=self.backend,
+            init_method="env://",
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=datetime.timedelta(seconds=self.timeout_s),
+        )
+        self._owns_group = True
+
+    def _teardown(self) -> None:
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self._owns_group = False
+
+    def _setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        device_ids = [self.root_device.index] if self.root_device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **self.ddp_kwargs)
+
+    def no_backward_sync(self, module: torch.nn.Module) -> ContextManager[Any]:
+        if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+            return module.no_sync()
+        return super().no_backward_sync(module)
+
+    def _all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+        self.setup_environment()
+        work = tensor.to(self.root_device)  # the same tensor (reduced in place) when already there
+        dist.all_reduce(work, op=_OPS[op])
+        if op == "mean":
+            work = work.div_(self.world_size) if work.is_floating_point() else work / self.world_size
+        return work.to(tensor.device)
+
+    def _barrier(self, name: str | None) -> None:
+        self.setup_environment()
+        if self.backend == "nccl":
+            dist.barrier(device_ids=[self.root_device.index])
+        else:
+            dist.barrier()
+
+    def _broadcast(self, obj: Any, src: int) -> Any:
+        self.setup_environment()
+        if isinstance(obj, torch.Tensor):
+            on_device = obj.to(self.root_device)
+            dist.broadcast(on_device, src=src)
+            return on_device.to(obj.device)
+        payload = [obj if self.rank == src else None]
+        dist.broadcast_object_list(payload, src=src, device=self.root_device)
+        return payload[0]

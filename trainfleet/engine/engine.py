@@ -1,0 +1,219 @@
+"""The ``Engine``: the one object a training script talks to."""
+from __future__ import annotations
+
+import atexit
+import os
+import random
+from pathlib import Path
+from typing import Any, ContextManager
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from trainfleet.engine import checkpoint as ckpt
+from trainfleet.engine.data import (DeviceDataLoader, GlobalOrderSampler, _Indexed, checked_collate,
+                                    resolve_batch_sizes)
+from trainfleet.engine.strategy import Strategy, build_strategy
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy (when installed) and torch identically on every rank."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy
+    except ImportError:  # numpy is optional for the engine
+        return
+    numpy.random.seed(seed % 2**32)
+
+
+class Engine:
+    """Runs a training script under one strategy and precision.
+
+    Args:
+        strategy: a name (``single``, ``dp``, ``ddp``) or a Strategy; defaults to
+            TRAINFLEET_STRATEGY (set by ``launch``), else ``ddp`` under a launcher
+            and ``single`` for a plain ``python train.py``.
+        precision: a name (``32``) or a Precision; defaults to TRAINFLEET_PRECISION.
+        seed: seeds Python, NumPy and torch on every rank alike.
+        accelerator: ``auto``, ``cpu`` or ``cuda``; defaults to TRAINFLEET_ACCELERATOR.
+        **strategy_kwargs: passed to the strategy (``find_unused_parameters=True``, ...).
+    """
+
+    def __init__(self, strategy: str | Strategy | None = None, precision: Any = None,
+                 seed: int = 0, accelerator: str | None = None, **strategy_kwargs: Any):
+        env = os.environ
+        self.strategy = build_strategy(
+            strategy or env.get("TRAINFLEET_STRATEGY") or None,
+            precision=precision or env.get("TRAINFLEET_PRECISION") or None,
+            accelerator=accelerator or env.get("TRAINFLEET_ACCELERATOR") or None,
+            **strategy_kwargs,
+        )
+        self.seed = seed
+        seed_everything(seed)
+        self.strategy.setup_environment()
+        atexit.register(self.close)
+
+    # ----- where we are --------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.strategy.rank
+
+    @property
+    def local_rank(self) -> int:
+        return self.strategy.local_rank
+
+    @property
+    def world_size(self) -> int:
+        return self.strategy.world_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.strategy.root_device
+
+    @property
+    def is_main(self) -> bool:
+        """True on global rank 0."""
+        return self.strategy.is_global_zero
+
+    @property
+    def precision(self):
+        return self.strategy.precision
+
+    # ----- setup ---------------------------------------------------------------------
+    def setup(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
+        """Move ``model`` to the device and wrap it; wrap ``optimizer`` if the strategy needs to.
+
+        Returns:
+            ``(model, optimizer)`` when an optimizer is given, else the model.
+        """
+        model = self.strategy.setup_module(model)
+        if optimizer is None:
+            return model
+        return model, self.strategy.setup_optimizer(optimizer)
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The user's module inside the strategy's wrappers."""
+        return self.strategy.unwrap(model)
+
+    def dataloader(self, dataset: Dataset, batch_size: int | None = None,
+                   global_batch_size: int | None = None, shuffle: bool = True, seed: int | None = None,
+                   drop_last: bool = False, even: bool | None = None, num_workers: int = 0,
+                   collate_fn: Any = None, **loader_kwargs: Any) -> DeviceDataLoader:
+        """A sharded loader whose batches arrive on :attr:`device`.
+
+        Give the per-worker ``batch_size`` or the ``global_batch_size`` (which must
+        divide by the world size). The sample order depends only on ``seed`` and the
+        epoch, and each new pass over the loader is the next epoch.
+
+        Args:
+            even: pad the last partial global batch so every rank gets the same number of
+                samples; defaults to ``shuffle`` (training). Use False for evaluation.
+        """
+        per_worker, global_batch = resolve_batch_sizes(batch_size, global_batch_size, self.world_size)
+        sampler = GlobalOrderSampler(
+            len(dataset), global_batch, self.world_size, self.rank, shuffle=shuffle,
+            seed=self.seed if seed is None else seed, drop_last=drop_last,
+            even=shuffle if even is None else even,
+        )
+        if collate_fn is None:
+            dataset, collate_fn = _Indexed(dataset), checked_collate
+        loader_kwargs.setdefault("pin_memory", self.device.type == "cuda")
+        loader = DataLoader(dataset, batch_size=per_worker, sampler=sampler, num_workers=num_workers,
+                            collate_fn=collate_fn, **loader_kwargs)
+        return DeviceDataLoader(loader, sampler, self.device)
+
+    # ----- the step ------------------------------------------------------------------
+    def autocast(self) -> ContextManager[Any]:
+        """Context for the forward pass under the configured precision."""
+        return self.precision.forward_context()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()`` through the precision (loss scaling) and strategy."""
+        self.strategy.backward(loss)
+
+    def step(self, optimizer: torch.optim.Optimizer, zero_grad: bool = True) -> bool:
+        """Optimizer step, then zero the gradients. Returns False if the step was skipped."""
+        stepped = self.strategy.optimizer_step(optimizer)
+        if zero_grad:
+            optimizer.zero_grad(set_to_none=True)
+        return stepped
+
+    def no_sync(self, model: torch.nn.Module) -> ContextManager[Any]:
+        """Skip gradient synchronisation inside (accumulate, then step outside)."""
+        return self.strategy.no_backward_sync(model)
+
+    # ----- collectives ---------------------------------------------------------------
+    def all_reduce(self, tensor: torch.Tensor | float, op: str = "mean") -> torch.Tensor:
+        """Reduce over all ranks (``sum``, ``mean``, ``max``, ``min``, ``product``)."""
+        return self.strategy.all_reduce(tensor, op)
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        self.strategy.barrier()
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """A tensor or picklable object from rank ``src`` to every rank."""
+        return self.strategy.broadcast(obj, src)
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        """``print`` on global rank 0 only."""
+        if self.is_main:
+            kwargs.setdefault("flush", True)
+            print(*args, **kwargs)
+
+    # ----- checkpoints ---------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str], model: torch.nn.Module | None = None,
+             optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+             dataloader: DeviceDataLoader | None = None, **extra: Any) -> Path:
+        """Write a checkpoint from global rank 0, atomically; every rank waits for it.
+
+        The model is saved unwrapped and on the CPU; ``extra`` values must be
+        weights-only loadable (numbers, strings, tensors and containers of them).
+        """
+        state = {
+            "format": ckpt.FORMAT,
+            "version": ckpt.FORMAT_VERSION,
+            "model": ckpt.clean_state_dict(ckpt.to_cpu(self.unwrap(model).state_dict())) if model else None,
+            "optimizer": ckpt.to_cpu(optimizer.state_dict()) if optimizer else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "precision": ckpt.to_cpu(self.precision.state_dict()),
+            "data": dataloader.state_dict() if dataloader is not None else None,
+            "meta": {"world_size": self.world_size, "strategy": self.strategy.name,
+                     "precision": self.precision.name, "torch": str(torch.__version__)},
+            "extra": extra,
+        }
+        path = Path(path)
+        if self.is_main:
+            ckpt.save_atomic(state, path)
+        self.barrier()
+        return path
+
+    def load(self, path: str | os.PathLike[str], model: torch.nn.Module | None = None,
+             optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+             dataloader: DeviceDataLoader | None = None, strict: bool = True,
+             trust: bool = False) -> dict[str, Any]:
+        """Restore what :meth:`save` wrote (or a foreign state_dict) onto this device.
+
+        Returns:
+            The ``extra`` values given to :meth:`save` (empty for foreign files).
+        """
+        payload = ckpt.load_file(path, map_location="cpu", trust=trust)
+        if model is not None:
+            ckpt.apply_model_state(self.unwrap(model), ckpt.extract_model_state(payload, path), strict, path)
+        native = isinstance(payload, dict) and payload.get("format") == ckpt.FORMAT
+        if not native:
+            return {}
+        if optimizer is not None and payload.get("optimizer") is not None:
+            optimizer.load_state_dict(payload["optimizer"])
+        if scheduler is not None and payload.get("scheduler") is not None:
+            scheduler.load_state_dict(payload["scheduler"])
+        if payload.get("precision"):
+            self.precision.load_state_dict(payload["precision"])
+        if dataloader is not None and payload.get("data"):
+            dataloader.load_state_dict(payload["data"])
+        return dict(payload.get("extra") or {})
+
+    def close(self) -> None:
+        """Tear the strategy down (process groups); called at exit too."""
+        self.strategy.teardown()

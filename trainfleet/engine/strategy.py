@@ -1,0 +1,196 @@
+"""The Strategy interface every parallel backend implements.
+
+Public methods check state and arguments, then call ``_``-prefixed hooks that
+subclasses override. Single-process strategies share :class:`SingleProcessStrategy`,
+whose collectives are no-ops, so a world of one runs the same code path as N.
+"""
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from typing import Any, ContextManager
+
+import torch
+
+from trainfleet.engine.environment import ClusterEnvironment
+from trainfleet.engine.precision import Precision, build_precision
+from trainfleet.utils.errors import UsageError
+from trainfleet.engine.registry import STRATEGIES
+
+REDUCE_OPS = ("sum", "mean", "max", "min", "product")
+
+
+class Strategy(ABC):
+    """How modules are wrapped, where tensors live and how ranks talk.
+
+    Args:
+        precision: a :class:`Precision` or its registered name; fp32 when None.
+        env: the rank layout; read from the environment when None.
+        accelerator: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    """
+
+    name = "base"
+
+    def __init__(self, precision: Precision | str | None = None,
+                 env: ClusterEnvironment | None = None, accelerator: str | None = None):
+        self.precision = build_precision(precision)
+        self.env = env if env is not None else ClusterEnvironment.from_env()
+        self.accelerator = accelerator
+        self._environment_ready = False
+
+    # ----- layout ------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def local_rank(self) -> int:
+        return self.env.local_rank
+
+    @property
+    @abstractmethod
+    def root_device(self) -> torch.device:
+        """The device this process computes on."""
+
+    @property
+    @abstractmethod
+    def is_global_zero(self) -> bool:
+        """True on the one process that writes files and prints."""
+
+    # ----- lifecycle ---------------------------------------------------------------
+    def setup_environment(self) -> None:
+        """Initialise devices and process groups once; later calls do nothing."""
+        if not self._environment_ready:
+            self._setup_environment()
+            self._environment_ready = True
+
+    def _setup_environment(self) -> None:
+        if self.root_device.type == "cuda":
+            torch.cuda.set_device(self.root_device)
+
+    def teardown(self) -> None:
+        """Release process groups and devices; safe to call twice."""
+        if self._environment_ready:
+            self._teardown()
+            self._environment_ready = False
+
+    def _teardown(self) -> None:
+        pass
+
+    # ----- modules and optimizers ---------------------------------------------------
+    def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Move ``module`` to the device, convert it for the precision and wrap it."""
+        if not isinstance(module, torch.nn.Module):
+            raise UsageError(f"setup expects a torch.nn.Module, got {type(module).__name__}.")
+        self.setup_environment()
+        module = self.precision.convert_module(module.to(self.root_device))
+        return self._setup_module(module)
+
+    @abstractmethod
+    def _setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Wrap a module already on the root device (DDP, DataParallel, ...)."""
+
+    def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Wrap the optimizer if the strategy needs to (Horovod does); default unchanged."""
+        return optimizer
+
+    def unwrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The user's module inside any wrappers (DDP, DataParallel, torch.compile)."""
+        while True:
+            inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
+            if not isinstance(inner, torch.nn.Module):
+                return module
+            module = inner
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward pass through the precision (loss scaling lives there)."""
+        self.precision.backward(loss)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """One optimizer step through the precision; False if it was skipped."""
+        return self.precision.optimizer_step(optimizer)
+
+    def no_backward_sync(self, module: torch.nn.Module) -> ContextManager[Any]:
+        """Context in which backward does not synchronise gradients (accumulation)."""
+        return contextlib.nullcontext()
+
+    # ----- collectives --------------------------------------------------------------
+    def all_reduce(self, tensor: torch.Tensor | float, op: str = "mean") -> torch.Tensor:
+        """Reduce ``tensor`` over all ranks; returns the result (a new tensor for numbers).
+
+        Args:
+            tensor: a tensor (reduced in place where the backend does so) or a number.
+            op: one of ``sum``, ``mean``, ``max``, ``min``, ``product``.
+        """
+        if op not in REDUCE_OPS:
+            raise UsageError(f"Unknown reduce op {op!r}. Available: {list(REDUCE_OPS)}")
+        if not isinstance(tensor, torch.Tensor):
+            tensor = torch.tensor(tensor, dtype=torch.float64, device=self.root_device)
+        if self.world_size == 1:
+            return tensor
+        return self._all_reduce(tensor, op)
+
+    def barrier(self, name: str | None = None) -> None:
+        """Block until every rank reaches this point."""
+        if self.world_size > 1:
+            self._barrier(name)
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """Send ``obj`` (a tensor or any picklable object) from ``src`` to all ranks."""
+        if not 0 <= src < self.world_size:
+            raise UsageError(f"broadcast src={src} is outside world size {self.world_size}.")
+        if self.world_size == 1:
+            return obj
+        return self._broadcast(obj, src)
+
+    @abstractmethod
+    def _all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _barrier(self, name: str | None) -> None: ...
+
+    @abstractmethod
+    def _broadcast(self, obj: Any, src: int) -> Any: ...
+
+
+class SingleProcessStrategy(Strategy):
+    """Base of strategies that run one process: collectives are identities."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.env.world_size != 1:
+            raise UsageError(
+                f"strategy {self.name!r} runs one process but WORLD_SIZE={self.env.world_size}.",
+                "use --strategy ddp for several workers, or launch dp with --gpus covering one process.",
+            )
+
+    @property
+    def is_global_zero(self) -> bool:
+        return True
+
+    def _all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+        return tensor
+
+    def _barrier(self, name: str | None) -> None:
+        pass
+
+    def _broadcast(self, obj: Any, src: int) -> Any:
+        return obj
+
+
+def build_strategy(name: str | Strategy | None, **kwargs: Any) -> Strategy:
+    """A strategy instance from a registered name, an instance, or None.
+
+    None picks ``ddp`` when a launcher set RANK/WORLD_SIZE and ``single`` otherwise.
+    """
+    if isinstance(name, Strategy):
+        return name
+    if name is None:
+        env = kwargs.get("env") or ClusterEnvironment.from_env()
+        kwargs["env"] = env
+        name = "ddp" if env.launched else "single"
+    return STRATEGIES.get(name)(**kwargs)

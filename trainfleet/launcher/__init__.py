@@ -1,0 +1,1 @@
+"""Starts and supervises workers: locally, across nodes, or through SLURM."""

@@ -1,0 +1,151 @@
+"""Command lines: ``launch`` and ``trainfleet``. The only module that uses argparse.
+
+Every ``launch`` flag can also come from the environment as ``TRAINFLEET_<FLAG>``
+(``TRAINFLEET_GPUS=4``); torchrun's spellings are accepted as aliases. Bad input
+exits 2 with one line and no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+from trainfleet.utils.errors import UsageError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports errors as one line (what, expected, hint) and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message}. HINT: see `{self.prog} --help`.", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _env_default(dest: str, default: Any = None) -> Any:
+    return os.environ.get(f"TRAINFLEET_{dest.upper()}", default)
+
+
+def _env_flag(dest: str) -> bool:
+    return os.environ.get(f"TRAINFLEET_{dest.upper()}", "").lower() in ("1", "true", "yes", "on")
+
+
+def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``launch`` flags (shared by ``launch`` and ``trainfleet launch``)."""
+    add = parser.add_argument
+    add("--nodes", "--nnodes", dest="nodes", type=int, default=_env_default("nodes", 1),
+        help="number of nodes (torchrun --nnodes)")
+    add("--gpus", "--nproc-per-node", "--nproc_per_node", dest="gpus", type=int,
+        default=_env_default("gpus"), help="workers per node; default: every visible GPU, or 1 CPU worker")
+    add("--node-rank", "--node_rank", dest="node_rank", type=int, default=_env_default("node_rank"),
+        help="index of this node (multi-node)")
+    add("--master-addr", "--master_addr", dest="master_addr", default=_env_default("master_addr", "127.0.0.1"),
+        help="rendezvous host (default 127.0.0.1)")
+    add("--master-port", "--master_port", dest="master_port", type=int, default=_env_default("master_port"),
+        help="rendezvous port (default: a free port)")
+    add("--strategy", default=_env_default("strategy", "ddp"), help="single, dp or ddp (default ddp)")
+    add("--precision", default=_env_default("precision", "32"), help="numeric precision (default 32)")
+    add("--cpu", action="store_true", default=_env_flag("cpu"), help="CPU workers even if GPUs exist")
+    add("--debug", action="store_true", default=_env_flag("debug"),
+        help="run the script in this process (world size 1) so a debugger works")
+    add("--log-dir", "--log_dir", dest="log_dir", default=_env_default("log_dir"),
+        help="per-rank logs go to LOG_DIR/node<N>/rank<R>.log (default: a temporary folder)")
+    add("--start-method", dest="start_method", default=_env_default("start_method", "fork"),
+        help="fork (default, reuses the launcher's torch import), spawn or forkserver")
+    add("--grace-period", dest="grace_period", type=float, default=_env_default("grace_period", 3.0),
+        help="seconds between SIGTERM and SIGKILL when stopping workers (default 3)")
+    add("-m", "--module", action="store_true", help="run TARGET as a module, like python -m")
+    add("target", nargs="?", help="the training script (or module with -m)")
+    add("args", nargs=argparse.REMAINDER, help="arguments for the script")
+
+
+def launch_config_from_args(ns: argparse.Namespace):
+    """Turn parsed arguments into a validated LaunchConfig."""
+    from trainfleet.launcher.config import LaunchConfig
+
+    return LaunchConfig(
+        target=ns.target, args=list(ns.args), module=ns.module, nodes=ns.nodes, gpus=ns.gpus,
+        node_rank=ns.node_rank, master_addr=ns.master_addr, master_port=ns.master_port,
+        strategy=ns.strategy, precision=ns.precision, debug=ns.debug, cpu=ns.cpu,
+        log_dir=ns.log_dir, start_method=ns.start_method, grace_period=ns.grace_period)
+
+
+def _run_launch(ns: argparse.Namespace) -> int:
+    from trainfleet.launcher.local import launch
+
+    return launch(launch_config_from_args(ns))
+
+
+def _list_models(ns: argparse.Namespace) -> int:
+    from trainfleet.models import list_models
+
+    print("\n".join(list_models()))
+    return 0
+
+
+def _list_datasets(ns: argparse.Namespace) -> int:
+    from trainfleet.datasets import list_datasets
+
+    print("\n".join(list_datasets()))
+    return 0
+
+
+def _run_train(ns: argparse.Namespace) -> int:
+    from trainfleet.train import main as train_main
+
+    return train_main(ns.train_args)
+
+
+def build_trainfleet_parser() -> argparse.ArgumentParser:
+    """``trainfleet`` with its subcommands."""
+    parser = OneLineParser(prog="trainfleet", description="Run PyTorch training from a laptop to many nodes.")
+    parser.add_argument("--version", action="store_true", help="print the version")
+    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
+    launch_parser = sub.add_parser("launch", help="start workers for a training script")
+    add_launch_arguments(launch_parser)
+    launch_parser.set_defaults(func=_run_launch)
+    train_parser = sub.add_parser("train", help="the built-in recipe (python -m trainfleet.train)",
+                                  add_help=False)
+    train_parser.add_argument("train_args", nargs=argparse.REMAINDER)
+    train_parser.set_defaults(func=_run_train)
+    sub.add_parser("models", help="list registered models").set_defaults(func=_list_models)
+    sub.add_parser("datasets", help="list registered datasets").set_defaults(func=_list_datasets)
+    return parser
+
+
+def _guarded(run: Callable[[], int]) -> int:
+    """Run a command; a UsageError becomes one line on stderr and exit status 2."""
+    try:
+        return run()
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def launch_main(argv: Sequence[str] | None = None) -> int:
+    """Console script ``launch``."""
+    parser = OneLineParser(prog="launch", description="Start a training script on local workers.")
+    add_launch_arguments(parser)
+    ns = parser.parse_args(argv)
+    return _guarded(lambda: _run_launch(ns))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console script ``trainfleet``."""
+    parser = build_trainfleet_parser()
+    ns = parser.parse_args(argv)
+    if ns.version:
+        from trainfleet import __version__
+
+        print(f"trainfleet {__version__}")
+        return 0
+    if not getattr(ns, "func", None):
+        parser.print_help()
+        return 2
+    return _guarded(lambda: ns.func(ns))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

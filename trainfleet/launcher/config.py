@@ -1,0 +1,138 @@
+"""``LaunchConfig``: what to run and where, validated on construction.
+
+No torch import here: bad input must be answered before anything heavy loads.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainfleet.engine.registry import PRECISIONS, STRATEGIES
+from trainfleet.launcher.devices import visible_cuda_devices
+from trainfleet.utils.errors import UsageError
+
+START_METHODS = ("fork", "spawn", "forkserver")
+
+
+@dataclass
+class LaunchConfig:
+    """A validated launch request.
+
+    Args:
+        target: the script path, or a module name when ``module`` is set.
+        args: arguments passed to the script.
+        module: run ``target`` as ``python -m target``.
+        nodes: number of nodes (torchrun ``--nnodes``).
+        gpus: workers per node (torchrun ``--nproc-per-node``); defaults to the
+            visible CUDA devices, or 1 CPU worker without any.
+        node_rank: this node's index; None on a single node.
+        master_addr, master_port: rendezvous endpoint; a free port is chosen when None.
+        strategy, precision: names from the engine's registries.
+        debug: run the script inside the launcher's own process (world size 1).
+        cpu: run CPU workers even when CUDA devices exist.
+        log_dir: per-rank log files go below it (a temporary folder when None).
+        start_method: how workers start (``fork`` reuses the launcher's imported torch).
+        grace_period: seconds between SIGTERM and SIGKILL when stopping workers.
+        cuda_devices: CUDA devices on this node; probed without torch when None.
+    """
+
+    target: str | None
+    args: list[str] = field(default_factory=list)
+    module: bool = False
+    nodes: int = 1
+    gpus: int | None = None
+    node_rank: int | None = None
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
+    strategy: str = "ddp"
+    precision: str = "32"
+    debug: bool = False
+    cpu: bool = False
+    log_dir: str | None = None
+    start_method: str = "fork"
+    grace_period: float = 3.0
+    cuda_devices: int | None = None
+    run_id: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
+
+    def __post_init__(self) -> None:
+        if self.cuda_devices is None:
+            self.cuda_devices = 0 if self.cpu else visible_cuda_devices()
+        self._check_target()
+        self._check_topology()
+        self._check_names()
+        if self.master_port is not None and not 1 <= self.master_port <= 65535:
+            raise UsageError(f"--master-port {self.master_port} is out of range: expected 1-65535.",
+                             "omit it to pick a free port.")
+        if self.grace_period < 0:
+            raise UsageError(f"--grace-period {self.grace_period} must be >= 0 seconds.")
+
+    # ----- checks ---------------------------------------------------------------------
+    def _check_target(self) -> None:
+        if not self.target:
+            raise UsageError("no training script given: expected `launch [options] script.py [args]`.",
+                             "or `launch -m package.module [args]`.")
+        if self.module:
+            try:
+                found = importlib.util.find_spec(self.target) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                raise UsageError(f"module {self.target!r} was not found on sys.path.",
+                                 "check the name, or install its package into this environment.")
+        elif not Path(self.target).is_file():
+            raise UsageError(f"script {self.target!r} was not found (looked in {os.getcwd()}).",
+                             "check the path, or pass -m to run a module.")
+
+    def _check_topology(self) -> None:
+        if self.nodes < 1:
+            raise UsageError(f"--nodes {self.nodes}: expected at least 1 node.")
+        if self.gpus is not None and self.gpus < 1:
+            raise UsageError(f"--gpus {self.gpus}: expected at least 1 worker per node.",
+                             "omit --gpus to use every visible GPU (or 1 CPU worker).")
+        if self.node_rank is not None and not 0 <= self.node_rank < self.nodes:
+            raise UsageError(f"--node-rank {self.node_rank} is outside --nodes {self.nodes}: "
+                             f"expected 0-{self.nodes - 1}.")
+        if self.gpus is not None and self.cuda_devices and self.gpus > self.cuda_devices:
+            raise UsageError(f"--gpus {self.gpus} but this node has {self.cuda_devices} CUDA devices.",
+                             f"use --gpus {self.cuda_devices}, or --cpu to run {self.gpus} CPU workers.")
+        if self.debug and self.nodes > 1:
+            raise UsageError(f"--debug runs one process in-process, but --nodes {self.nodes} was given.",
+                             "drop --nodes to debug.")
+
+    def _check_names(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise UsageError(STRATEGIES.unknown_message(self.strategy, STRATEGIES.names()))
+        if self.precision not in PRECISIONS:
+            raise UsageError(PRECISIONS.unknown_message(self.precision, PRECISIONS.names()))
+        if self.start_method not in START_METHODS:
+            raise UsageError(f"Unknown start method {self.start_method!r}. Available: {list(START_METHODS)}")
+        if self.strategy == "dp" and self.nodes > 1:
+            raise UsageError(f"strategy 'dp' runs one process on one node, but --nodes {self.nodes} was given.",
+                             "use --strategy ddp for several nodes.")
+
+    # ----- derived --------------------------------------------------------------------
+    @property
+    def accelerator(self) -> str:
+        """``cuda`` when this node has visible CUDA devices and --cpu is off, else ``cpu``."""
+        return "cuda" if self.cuda_devices and not self.cpu else "cpu"
+
+    @property
+    def devices_per_node(self) -> int:
+        """Devices each node uses: --gpus, or every visible GPU, or one CPU worker."""
+        if self.gpus is not None:
+            return self.gpus
+        return self.cuda_devices if self.accelerator == "cuda" else 1
+
+    @property
+    def procs_per_node(self) -> int:
+        """Worker processes per node: one for the single-process strategies."""
+        if self.debug or self.strategy in ("dp", "single"):
+            return 1
+        return self.devices_per_node
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node

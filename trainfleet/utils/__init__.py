@@ -1,0 +1,1 @@
+"""Small helpers shared by every subpackage; imports nothing heavy."""
