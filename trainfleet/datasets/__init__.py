@@ -44,6 +44,6 @@ def build_dataset(name: str, split: str = "train", **cfg: Any) -> Dataset:
 
 
 def dataset_info(dataset: Dataset) -> dict[str, Any]:
-    """``num_classes`` and ``in_channels`` of a built dataset, for building a matching model."""
+    """``num_classes`` and ``input_shape`` of a built dataset, for building a matching model."""
     return {"num_classes": getattr(dataset, "num_classes", None),
-            "in_channels": getattr(dataset, "in_channels", None)}
+            "input_shape": getattr(dataset, "input_shape", None)}

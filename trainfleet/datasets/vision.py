@@ -19,8 +19,9 @@ def _root(data_dir: str | os.PathLike[str] | None) -> str:
     return str(Path(data_dir or os.environ.get("TRAINFLEET_DATA_DIR", "./data")).expanduser())
 
 
-def _annotate(dataset: Dataset, num_classes: int, in_channels: int) -> Dataset:
-    dataset.num_classes, dataset.in_channels = num_classes, in_channels  # type: ignore[attr-defined]
+def _annotate(dataset: Dataset, num_classes: int, input_shape: tuple[int, ...] | None) -> Dataset:
+    """Record what a matching model needs: classes and the shape of one input (None: varies)."""
+    dataset.num_classes, dataset.input_shape = num_classes, input_shape  # type: ignore[attr-defined]
     return dataset
 
 
@@ -29,7 +30,7 @@ def synthetic(split: str = "train", num_samples: int = 1024, shape: Sequence[int
     """Generated data (see :class:`SyntheticClassification`); ``data_dir`` is ignored."""
     cfg.pop("data_dir", None), cfg.pop("download", None), cfg.pop("augment", None)
     dataset = SyntheticClassification(num_samples, shape, num_classes, seed, split, **cfg)
-    return _annotate(dataset, num_classes, int(shape[0]))
+    return _annotate(dataset, num_classes, tuple(int(s) for s in shape))
 
 
 def _missing(name: str, root: str, expected: str) -> UsageError:
@@ -48,29 +49,27 @@ def mnist(split: str = "train", data_dir: str | None = None, download: bool = Fa
         dataset = datasets.MNIST(root, train=split == "train", download=download, transform=transform, **cfg)
     except RuntimeError as err:
         raise _missing("MNIST", root, "MNIST/raw/train-images-idx3-ubyte and friends") from err
-    return _annotate(dataset, 10, 1)
+    return _annotate(dataset, 10, (1, 28, 28))
 
 
 def _cifar10_class():
     from torchvision import datasets
 
     class CIFAR10(datasets.CIFAR10):
-        """torchvision's CIFAR10 whose integrity check is existence unless ``verify`` is set.
+        """torchvision's CIFAR10 that checks only that its files exist unless ``verify`` is set.
 
-        torchvision md5-checks all 170 MB on every construction (on every rank), and
-        a CIFAR-format subset made by the user never matches the published sums; the
-        pickle loader still rejects a corrupt batch file.
+        torchvision md5-checks all 170 MB on every construction (on every rank), and a
+        CIFAR-format subset made by the user never matches the published sums; the
+        pickle loader still rejects a corrupt batch file. With no sums, torchvision's
+        own ``check_integrity`` tests existence only.
         """
 
         def __init__(self, *args: Any, verify: bool = False, **kwargs: Any):
-            self._verify = verify
+            if not verify:
+                self.train_list = [(name, None) for name, _ in self.train_list]
+                self.test_list = [(name, None) for name, _ in self.test_list]
+                self.meta = {**self.meta, "md5": None}
             super().__init__(*args, **kwargs)
-
-        def _check_integrity(self) -> bool:
-            if self._verify:
-                return super()._check_integrity()
-            folder = Path(self.root) / self.base_folder
-            return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
 
     return CIFAR10
 
@@ -89,7 +88,7 @@ def cifar10(split: str = "train", data_dir: str | None = None, download: bool = 
                                    verify=verify, **cfg)
     except RuntimeError as err:
         raise _missing("CIFAR-10", root, "cifar-10-batches-py/data_batch_1..5 and test_batch") from err
-    return _annotate(dataset, 10, 3)
+    return _annotate(dataset, 10, (3, 32, 32))
 
 
 def imagefolder(split: str = "train", data_dir: str | None = None, image_size: int | None = 224,
@@ -120,4 +119,4 @@ def imagefolder(split: str = "train", data_dir: str | None = None, image_size: i
     except (FileNotFoundError, RuntimeError) as err:
         raise UsageError(f"no images found under {str(folder)!r} ({err}).",
                          "expected DATA_DIR/<split>/<class>/<image> files.") from err
-    return _annotate(dataset, len(dataset.classes), 3)
+    return _annotate(dataset, len(dataset.classes), (3, image_size, image_size) if image_size else None)

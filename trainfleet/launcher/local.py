@@ -137,6 +137,8 @@ def worker_env(cfg: LaunchConfig, node_rank: int, local_rank: int, port: int) ->
         "TRAINFLEET_STRATEGY": cfg.strategy, "TRAINFLEET_PRECISION": cfg.precision,
         "TRAINFLEET_ACCELERATOR": cfg.accelerator, "TRAINFLEET_RUN_ID": cfg.run_id,
         "PYTHONUNBUFFERED": "1",
+        # Workers write to files; this tells them whether rank 0's echo lands on a terminal.
+        "TRAINFLEET_TTY": int(sys.stdout.isatty()),
     }
     if cfg.accelerator == "cuda" and cfg.procs_per_node == 1 and cfg.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible_devices_for(cfg.devices_per_node)
@@ -167,6 +169,15 @@ class LocalAgent:
         self._store: Any = None
 
     # ----- setup ---------------------------------------------------------------------
+    def _announce(self) -> None:
+        """Say once, on node 0, that the job runs on CPU workers."""
+        if self.cfg.accelerator != "cpu" or self.node_rank != 0:
+            return
+        if self.cfg.strategy == "dp":
+            say("no CUDA devices in use; strategy dp runs one CPU process (DataParallel passes through).")
+        else:
+            say(f"no CUDA devices in use; running {self.cfg.world_size} CPU worker(s) over gloo.")
+
     def _specs(self, port: int) -> list[WorkerSpec]:
         procs = self.cfg.procs_per_node
         threads = threads_per_worker(procs)
@@ -234,11 +245,12 @@ class LocalAgent:
     def _monitor(self) -> Worker | None:
         """Wait until every worker exited or one failed; return the first failure."""
         while self._alive():
-            for worker in self._reap(timeout=0.1):
+            exited = self._reap(timeout=0.1)
+            if self._signal in STOP_SIGNALS:  # exits caused by a forwarded stop are not failures
+                return None
+            for worker in exited:
                 if worker.exitcode != 0:
                     return worker
-            if self._signal in STOP_SIGNALS:
-                return None
         return None
 
     def stop_all(self, grace: float, terminate: bool = True) -> None:
@@ -267,6 +279,7 @@ class LocalAgent:
         if self.node_rank == 0:
             port_sock = reserve_port(self.cfg.master_addr, self.cfg.master_port)
             port = port_sock.getsockname()[1]
+        self._announce()
         specs = self._specs(port)
         console = 0 if self.node_rank == 0 else None
         tailer = LogTailer({s.rank: s.log_path for s in specs}, console)
@@ -332,8 +345,4 @@ def launch(cfg: LaunchConfig) -> int:
     """Run the job described by ``cfg`` on this machine; returns the exit code."""
     if cfg.debug:
         return run_in_process(cfg)
-    if cfg.accelerator == "cpu" and cfg.strategy == "dp":
-        say("no CUDA devices in use; strategy dp runs one CPU process (DataParallel passes through).")
-    elif cfg.accelerator == "cpu":
-        say(f"no CUDA devices in use; running {cfg.world_size} CPU worker(s) over gloo.")
     return LocalAgent(cfg, node_rank=cfg.node_rank or 0).run()

@@ -6,7 +6,8 @@ torchvision name. Weights are never downloaded unless ``weights=`` asks for them
 """
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -41,7 +42,8 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
                 return
 
 
-def build_model(name: str, num_classes: int = 10, in_channels: int = 3, **cfg: Any) -> nn.Module:
+def build_model(name: str, num_classes: int = 10, in_channels: int = 3,
+                input_shape: Sequence[int] | None = None, **cfg: Any) -> nn.Module:
     """Build a model by name.
 
     Args:
@@ -49,13 +51,20 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3, **cfg: A
         num_classes: size of the classifier output.
         in_channels: input channels; torchvision models get their first conv replaced
             when this is not 3.
+        input_shape: ``(C, H, W)`` of one input; sets ``in_channels`` and sizes the nets
+            that depend on it (mlp). Convolutional nets accept any size.
         **cfg: passed to the constructor (``weights=`` for torchvision, ``hidden=`` for mlp).
 
     Raises:
         UsageError: unknown name (the message lists the valid ones).
     """
+    if input_shape is not None:
+        in_channels = int(input_shape[0])
     if name in MODELS:
-        return MODELS.get(name)(num_classes=num_classes, in_channels=in_channels, **cfg)
+        factory = MODELS.get(name)
+        if input_shape is not None and "input_shape" in inspect.signature(factory).parameters:
+            cfg["input_shape"] = tuple(input_shape[1:])
+        return factory(num_classes=num_classes, in_channels=in_channels, **cfg)
     names = _torchvision_names()
     if name not in names:
         raise UsageError(MODELS.unknown_message(name, sorted(set(MODELS.names()) | set(names))))

@@ -1,0 +1,86 @@
+"""Bad input: exit 2, one clear line on stderr, no traceback, nothing left behind."""
+import socket
+
+import pytest
+
+from tests.conftest import SCRIPTS, run_cli
+from trainfleet.launcher import cli, devices
+from trainfleet.launcher.config import LaunchConfig
+from trainfleet.utils.errors import UsageError
+
+SCRIPT = str(SCRIPTS / "torchrun_style.py")
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--gpus", "0", SCRIPT], ["--gpus 0", "at least 1"]),
+    (["--nodes", "0", SCRIPT], ["--nodes 0", "at least 1"]),
+    (["no_such_script.py"], ["no_such_script.py", "not found", "HINT"]),
+    (["-m", "no_such_module_xyz"], ["no_such_module_xyz", "not found"]),
+    (["--strategy", "dpp", SCRIPT], ["Unknown strategy 'dpp'", "['ddp', 'dp', 'single']", "did you mean"]),
+    (["--master-port", "70000", SCRIPT], ["--master-port 70000", "out of range"]),
+    (["--master-port", "0", SCRIPT], ["--master-port 0", "out of range"]),
+    (["--strategy", "dp", "--nodes", "2", SCRIPT], ["'dp'", "--nodes 2", "ddp"]),
+    (["--precision", "fp64", SCRIPT], ["Unknown precision 'fp64'"]),
+    (["--gpus", "two", SCRIPT], ["--gpus", "invalid int value"]),
+    (["--node-rank", "2", "--nodes", "2", SCRIPT], ["--node-rank 2", "outside"]),
+    ([], ["no training script"]),
+])
+def test_bad_input_exits_2_with_one_line(launch, args, needles):
+    assert_one_line_error(launch(*args, log_dir=False), *needles)
+
+
+def test_busy_port_is_a_clear_error(launch):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        assert_one_line_error(launch("--master-port", str(port), SCRIPT, log_dir=False),
+                              f"--master-port {port}", "not available", "HINT")
+
+
+def test_bad_flag_from_environment(launch):
+    assert_one_line_error(launch(SCRIPT, env={"TRAINFLEET_GPUS": "0"}, log_dir=False), "--gpus 0")
+
+
+def test_more_gpus_than_the_node_has(monkeypatch, capsys):
+    # No GPU here: make the device probe report two devices, then go through the real CLI.
+    monkeypatch.setattr(devices, "physical_cuda_devices", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert cli.launch_main(["--gpus", "8", SCRIPT]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: --gpus 8 but this node has 2 CUDA devices. "
+                   "HINT: use --gpus 2, or --cpu to run 8 CPU workers.")
+
+
+def test_cpu_flag_allows_more_workers_than_gpus():
+    cfg = LaunchConfig(SCRIPT, gpus=8, cpu=True, cuda_devices=None)
+    assert cfg.accelerator == "cpu" and cfg.world_size == 8
+
+
+def test_gpu_layout_without_a_gpu():
+    cfg = LaunchConfig(SCRIPT, gpus=2, cuda_devices=4)
+    assert (cfg.accelerator, cfg.procs_per_node, cfg.world_size) == ("cuda", 2, 2)
+    assert LaunchConfig(SCRIPT, cuda_devices=4).world_size == 4  # default: every visible GPU
+    assert LaunchConfig(SCRIPT, cuda_devices=0).world_size == 1  # default: one CPU worker
+    dp = LaunchConfig(SCRIPT, strategy="dp", gpus=2, cuda_devices=4)
+    assert (dp.procs_per_node, dp.devices_per_node) == (1, 2)
+    with pytest.raises(UsageError, match="--gpus 5 but this node has 4"):
+        LaunchConfig(SCRIPT, gpus=5, cuda_devices=4)
+
+
+def test_trainfleet_subcommand_and_recipe_errors():
+    result = run_cli("trainfleet", "launch", "--gpus", "0", SCRIPT)
+    assert_one_line_error(result, "--gpus 0")
+    result = run_cli("trainfleet", "train", "--model", "resnet19", "--max-steps", "1")
+    assert_one_line_error(result, "Unknown model 'resnet19'", "did you mean 'resnet18'")
+    result = run_cli("trainfleet", "train", "--epochs", "0")
+    assert_one_line_error(result, "--epochs 0")

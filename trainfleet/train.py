@@ -1,0 +1,230 @@
+"""The built-in training recipe: ``python -m trainfleet.train`` (or through ``launch``).
+
+Classification with a model and dataset from the registries, SGD/Adam/AdamW, LR
+schedules with warm-up, evaluation accuracy, a tqdm bar and TensorBoard scalars on
+rank 0, and ``--init-from`` for pretrained weights. Options: ``--help``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from trainfleet.utils.errors import UsageError
+
+
+@dataclass
+class TrainConfig:
+    """Options of the recipe (see ``python -m trainfleet.train --help``)."""
+
+    model: str = "resnet18"
+    dataset: str = "synthetic"
+    data_dir: str | None = None
+    download: bool = False
+    num_samples: int = 2048
+    image_size: int | None = None
+    epochs: int = 2
+    max_steps: int | None = None
+    global_batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    scheduler: str = "cosine"
+    warmup_steps: int = 0
+    gamma: float = 0.1
+    step_size: int = 30
+    milestones: list[int] = field(default_factory=list)
+    power: float = 1.0
+    eval: bool = True
+    log_every: int = 10
+    seed: int = 0
+    num_workers: int = 0
+    output_dir: str | None = None
+    save: str | None = None
+    init_from: str | None = None
+    trust_pickle: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 and not self.max_steps:
+            raise UsageError(f"--epochs {self.epochs}: expected at least 1 (or give --max-steps).")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UsageError(f"--max-steps {self.max_steps}: expected a positive number of steps.")
+        if self.global_batch_size < 1:
+            raise UsageError(f"--global-batch-size {self.global_batch_size}: expected a positive size.")
+        if self.output_dir is None:
+            self.output_dir = f"runs/{self.model}-{self.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _datasets(cfg: TrainConfig):
+    from trainfleet.datasets import build_dataset
+
+    options: dict[str, Any] = {"data_dir": cfg.data_dir}
+    if cfg.dataset == "synthetic":
+        options.update(num_samples=cfg.num_samples, seed=cfg.seed)
+    else:
+        options["download"] = cfg.download
+    if cfg.dataset == "imagefolder" and cfg.image_size:
+        options["image_size"] = cfg.image_size
+    train = build_dataset(cfg.dataset, "train", **options)
+    if cfg.dataset == "synthetic":
+        options["num_samples"] = max(cfg.num_samples // 4, 1)
+    test = build_dataset(cfg.dataset, "test", **options) if cfg.eval else None
+    return train, test
+
+
+def init_from(engine, model, path: str, trust: bool) -> dict[str, list[str]]:
+    """Load pretrained weights non-strictly and print which keys matched."""
+    from trainfleet.engine import checkpoint as ckpt
+
+    payload = ckpt.load_file(path, map_location="cpu", trust=trust)
+    report = ckpt.apply_model_state(model, ckpt.extract_model_state(payload, path), strict=False, path=path)
+    engine.print(f"init-from {path}: " + ", ".join(f"{len(v)} {k}" for k, v in report.items()))
+    for kind in ("missing", "unexpected", "mismatched"):
+        for key in report[kind]:
+            engine.print(f"  {kind}: {key}")
+    return report
+
+
+def evaluate(engine, model, loader) -> dict[str, float]:
+    """Loss and accuracy over the whole loader, summed over every rank."""
+    import torch
+    import torch.nn.functional as F
+
+    module = engine.unwrap(model)  # plain forward: no DDP buffer sync, uneven shards are fine
+    module.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=engine.device)
+    with torch.no_grad():
+        for x, y in loader:
+            with engine.autocast():
+                logits = module(x)
+            totals[0] += F.cross_entropy(logits.float(), y, reduction="sum").item()
+            totals[1] += (logits.argmax(dim=1) == y).sum().item()
+            totals[2] += y.numel()
+    totals = engine.all_reduce(totals, op="sum")
+    module.train()
+    count = max(totals[2].item(), 1)
+    return {"loss": totals[0].item() / count, "accuracy": totals[1].item() / count}
+
+
+class _Scalars:
+    """TensorBoard scalars on rank 0; other ranks get a no-op."""
+
+    def __init__(self, engine, log_dir: str):
+        self.writer = None
+        if engine.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir)
+
+    def add(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Train and evaluate as ``cfg`` says; returns the final metrics (rank 0 writes them to JSON)."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from trainfleet.datasets import dataset_info
+    from trainfleet.engine.engine import Engine
+    from trainfleet.engine.schedules import build_optimizer, build_scheduler
+    from trainfleet.models import build_model
+
+    engine = Engine(seed=cfg.seed)
+    train_set, test_set = _datasets(cfg)
+    info = dataset_info(train_set)
+    model = build_model(cfg.model, num_classes=info["num_classes"] or 10, input_shape=info["input_shape"])
+    if cfg.init_from:
+        init_from(engine, model, cfg.init_from, cfg.trust_pickle)
+    optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
+    model, optimizer = engine.setup(model, optimizer)
+    loader = engine.dataloader(train_set, global_batch_size=cfg.global_batch_size, num_workers=cfg.num_workers)
+    test_loader = engine.dataloader(test_set, global_batch_size=cfg.global_batch_size, shuffle=False,
+                                    num_workers=cfg.num_workers) if test_set is not None else None
+    total = cfg.max_steps or cfg.epochs * len(loader)
+    epochs = cfg.epochs if not cfg.max_steps else -(-cfg.max_steps // max(len(loader), 1))
+    scheduler, interval = build_scheduler(cfg.scheduler, optimizer, len(loader), total, cfg.warmup_steps,
+                                          cfg.gamma, cfg.step_size, cfg.milestones, cfg.power)
+    engine.print(f"training {cfg.model} on {cfg.dataset}: {len(train_set)} samples, world size "
+                 f"{engine.world_size} ({engine.strategy.name}, {engine.device}), {total} steps")
+    scalars = _Scalars(engine, cfg.output_dir)
+    on_tty = os.environ.get("TRAINFLEET_TTY", str(int(sys.stderr.isatty()))) == "1"
+    bar = tqdm(total=total, disable=not (engine.is_main and cfg.progress and on_tty), desc="train",
+               dynamic_ncols=True)
+    step, metrics, losses = 0, {}, []
+    started = time.perf_counter()
+    for epoch in range(epochs):
+        for x, y in loader:
+            with engine.autocast():
+                loss = F.cross_entropy(model(x), y)
+            engine.backward(loss)
+            engine.step(optimizer)
+            if interval == "step":
+                scheduler.step()
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total:
+                mean_loss = engine.all_reduce(loss.detach(), op="mean").item()
+                losses.append((step, mean_loss))
+                scalars.add("train/loss", mean_loss, step)
+                scalars.add("train/lr", optimizer.param_groups[0]["lr"], step)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch)
+            if step >= total:
+                break
+        if test_loader is not None:
+            metrics = evaluate(engine, model, test_loader)
+            scalars.add("test/loss", metrics["loss"], step)
+            scalars.add("test/accuracy", metrics["accuracy"], step)
+            if interval == "epoch":
+                scheduler.step(metrics["loss"])
+        if engine.is_main:
+            summary = f"epoch {epoch}: step {step}/{total}, train loss {losses[-1][1]:.4f}" if losses else f"epoch {epoch}"
+            if metrics:
+                summary += f", test loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.2%}"
+            bar.write(summary)
+        if step >= total:
+            break
+    bar.close()
+    scalars.close()
+    result = {"steps": step, "epochs": epoch + 1, "seconds": time.perf_counter() - started,
+              "world_size": engine.world_size, "train_losses": losses, **{f"test_{k}": v for k, v in metrics.items()}}
+    if cfg.save:
+        engine.save(cfg.save, model=model, optimizer=optimizer, scheduler=scheduler, dataloader=loader,
+                    step=step, epoch=epoch)
+    if engine.is_main:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output_dir) / "metrics.json").write_text(json.dumps({"config": asdict(cfg), **result}, indent=1))
+        final = losses[-1][1] if losses else float("nan")
+        print(f"done: {step} steps in {result['seconds']:.1f}s, final train loss {final:.4f}"
+              + (f", test accuracy {metrics['accuracy']:.2%}" if metrics else "")
+              + f"; TensorBoard: {cfg.output_dir}", flush=True)
+    engine.close()
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry of ``python -m trainfleet.train``; bad options exit 2 with one line."""
+    from trainfleet.launcher.cli import parse_train_args
+
+    try:
+        run(parse_train_args(argv))
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
