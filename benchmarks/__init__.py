@@ -1,0 +1,1 @@
+"""Side-by-side measurements of trainfleet against its peers (python benchmarks/run.py)."""

@@ -1,0 +1,73 @@
+"""Shared helpers: interleaved rounds, medians, and the one-line verdict each benchmark prints."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+PROBES = Path(__file__).resolve().parent / "probes"
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Comparison:
+    """Samples of ours against a peer's, gathered in interleaved rounds (A B A B ...)."""
+
+    name: str
+    target: float
+    lower_is_better: bool = True
+    ours: list[float] = field(default_factory=list)
+    peer: list[float] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ours) / statistics.median(self.peer)
+
+    def met(self) -> bool:
+        return self.ratio <= self.target if self.lower_is_better else self.ratio >= self.target
+
+    def line(self) -> str:
+        """``name: ratio X (target T)``, followed by the medians and ranges it comes from."""
+        sign = "<=" if self.lower_is_better else ">="
+        spread = lambda xs: f"median {statistics.median(xs):.4g} (min {min(xs):.4g}, max {max(xs):.4g}, n={len(xs)})"
+        return (f"{self.name}: ratio {self.ratio:.3f} (target {sign} {self.target}) "
+                f"{'MET' if self.met() else 'MISSED'}\n  ours: {spread(self.ours)}\n  peer: {spread(self.peer)}")
+
+
+def interleave(rounds: int, ours: Callable[[], float], peer: Callable[[], float], comparison: Comparison,
+               warmup: int = 1) -> Comparison:
+    """Run ``ours`` and ``peer`` alternately; the first ``warmup`` pairs are discarded."""
+    for index in range(warmup + rounds):
+        a, b = ours(), peer()
+        if index >= warmup:
+            comparison.ours.append(a)
+            comparison.peer.append(b)
+    return comparison
+
+
+def run_probe(cmd: list[str], out_dir: Path, timeout: float = 300, env: dict | None = None) -> None:
+    """Run a probe command; raise with its output if it fails."""
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                            env={**os.environ, **(env or {})})
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+
+
+def read_json_files(folder: Path, pattern: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.glob(pattern))]
+
+
+def scratch() -> Path:
+    return Path(tempfile.mkdtemp(prefix="trainfleet-bench-"))
+
+
+def now() -> float:
+    return time.time()

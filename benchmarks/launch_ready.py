@@ -1,0 +1,42 @@
+"""launch_ready_vs_torchrun: command start to every rank past init + barrier, 2 gloo workers.
+
+The launcher imports torch once and forks its workers; torchrun's workers each import
+torch themselves. Target: <= 0.65 of torchrun's time.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+
+from benchmarks.common import BIN, PROBES, Comparison, interleave, now, read_json_files, run_probe, scratch
+
+PROBE = str(PROBES / "ready.py")
+
+
+def _time_to_ready(cmd_prefix: list[str]) -> float:
+    out = scratch()
+    start = now()
+    run_probe([*cmd_prefix, PROBE, str(out)], out)
+    ready = max(record["t"] for record in read_json_files(out, "ready*.json"))
+    shutil.rmtree(out)
+    return ready - start
+
+
+def measure(rounds: int) -> Comparison:
+    ours = lambda: _time_to_ready([str(BIN / "launch"), "--gpus", "2"])
+    peer = lambda: _time_to_ready([str(BIN / "torchrun"), "--nproc-per-node", "2"])
+    return interleave(rounds, ours, peer, Comparison("launch_ready_vs_torchrun", target=0.65))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="5 rounds")
+    parser.add_argument("--smoke", action="store_true", help="1 round, no warm-up")
+    args = parser.parse_args(argv)
+    rounds = 1 if args.smoke else (5 if args.quick else args.rounds)
+    print(measure(rounds).line(), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Run every benchmark of trainfleet against its peers and print one verdict line each.
+
+    python benchmarks/run.py [--quick] [--smoke] [--only NAME]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BENCHMARKS = ["launch_ready", "engine_ddp_vs_handwritten"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a few minutes in all)")
+    parser.add_argument("--smoke", action="store_true", help="one round each: checks that they run")
+    parser.add_argument("--only", action="append", choices=BENCHMARKS, help="run only these")
+    args = parser.parse_args()
+    flags = ["--smoke"] if args.smoke else (["--quick"] if args.quick else [])
+    for name in args.only or BENCHMARKS:
+        started = time.perf_counter()
+        importlib.import_module(f"benchmarks.{name}").main(flags)
+        print(f"  ({name} took {time.perf_counter() - started:.0f}s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
