@@ -131,87 +131,122 @@ class _Scalars:
             self.writer.close()
 
 
-def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Train and evaluate as ``cfg`` says; returns the final metrics (rank 0 writes them to JSON)."""
-    import torch
-    import torch.nn.functional as F
+class RecipeRun:
+    """One run of the recipe: built in ``__init__``, then epochs, then :meth:`finish`."""
+
+    def __init__(self, cfg: TrainConfig):
+        from trainfleet.datasets import dataset_info
+        from trainfleet.engine.engine import Engine
+        from trainfleet.engine.schedules import build_optimizer, build_scheduler
+        from trainfleet.models import build_model
+
+        self.cfg = cfg
+        self.engine = engine = Engine(seed=cfg.seed)
+        train_set, test_set = _datasets(cfg)
+        info = dataset_info(train_set)
+        model = build_model(cfg.model, num_classes=info["num_classes"] or 10, input_shape=info["input_shape"])
+        if cfg.init_from:
+            init_from(engine, model, cfg.init_from, cfg.trust_pickle)
+        optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
+        self.model, self.optimizer = engine.setup(model, optimizer)
+        self.loader = engine.dataloader(train_set, global_batch_size=cfg.global_batch_size,
+                                        num_workers=cfg.num_workers)
+        self.test_loader = engine.dataloader(test_set, global_batch_size=cfg.global_batch_size, shuffle=False,
+                                             num_workers=cfg.num_workers) if test_set is not None else None
+        per_epoch = max(len(self.loader), 1)
+        self.total = cfg.max_steps or cfg.epochs * per_epoch
+        self.epochs = -(-cfg.max_steps // per_epoch) if cfg.max_steps else cfg.epochs
+        self.scheduler, self.interval = build_scheduler(
+            cfg.scheduler, self.optimizer, per_epoch, self.total, cfg.warmup_steps, cfg.gamma,
+            cfg.step_size, cfg.milestones, cfg.power)
+        engine.print(f"training {cfg.model} on {cfg.dataset}: {len(train_set)} samples, world size "
+                     f"{engine.world_size} ({engine.strategy.name}, {engine.device}), {self.total} steps")
+        self.scalars = _Scalars(engine, cfg.output_dir)
+        on_tty = os.environ.get("TRAINFLEET_TTY", str(int(sys.stderr.isatty()))) == "1"
+        self.bar = _progress(self.total, engine.is_main and cfg.progress and on_tty)
+        self.step, self.epoch, self.losses, self.metrics = 0, 0, [], {}
+        self.started = time.perf_counter()
+
+    def train_epoch(self, epoch: int) -> bool:
+        """Train one pass over the loader; True once the step budget is spent."""
+        import torch.nn.functional as F
+
+        engine, cfg = self.engine, self.cfg
+        self.epoch = epoch
+        for x, y in self.loader:
+            with engine.autocast():
+                loss = F.cross_entropy(self.model(x), y)
+            engine.backward(loss)
+            engine.step(self.optimizer)
+            if self.interval == "step":
+                self.scheduler.step()
+            self.step += 1
+            self.bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == self.total:
+                self._log_loss(engine.all_reduce(loss.detach(), op="mean").item())
+            if self.step >= self.total:
+                return True
+        return False
+
+    def _log_loss(self, mean_loss: float) -> None:
+        self.losses.append((self.step, mean_loss))
+        self.scalars.add("train/loss", mean_loss, self.step)
+        self.scalars.add("train/lr", self.optimizer.param_groups[0]["lr"], self.step)
+        self.bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=self.epoch)
+
+    def end_epoch(self) -> None:
+        """Evaluate, step an epoch-wise schedule, and print a summary line on rank 0."""
+        if self.test_loader is not None:
+            self.metrics = evaluate(self.engine, self.model, self.test_loader)
+            self.scalars.add("test/loss", self.metrics["loss"], self.step)
+            self.scalars.add("test/accuracy", self.metrics["accuracy"], self.step)
+            if self.interval == "epoch":
+                self.scheduler.step(self.metrics["loss"])
+        if self.engine.is_main:
+            summary = f"epoch {self.epoch}: step {self.step}/{self.total}"
+            if self.losses:
+                summary += f", train loss {self.losses[-1][1]:.4f}"
+            if self.metrics:
+                summary += f", test loss {self.metrics['loss']:.4f}, accuracy {self.metrics['accuracy']:.2%}"
+            self.bar.write(summary)
+
+    def finish(self) -> dict[str, Any]:
+        """Save, write metrics.json (rank 0), tear down; returns the final metrics."""
+        cfg, engine = self.cfg, self.engine
+        self.bar.close()
+        self.scalars.close()
+        result = {"steps": self.step, "epochs": self.epoch + 1, "seconds": time.perf_counter() - self.started,
+                  "world_size": engine.world_size, "train_losses": self.losses,
+                  **{f"test_{k}": v for k, v in self.metrics.items()}}
+        if cfg.save:
+            engine.save(cfg.save, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                        dataloader=self.loader, step=self.step, epoch=self.epoch)
+        if engine.is_main:
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.output_dir) / "metrics.json").write_text(json.dumps({"config": asdict(cfg), **result}, indent=1))
+            final = f"{self.losses[-1][1]:.4f}" if self.losses else "n/a"
+            accuracy = f", test accuracy {self.metrics['accuracy']:.2%}" if self.metrics else ""
+            print(f"done: {self.step} steps in {result['seconds']:.1f}s, final train loss {final}{accuracy}; "
+                  f"TensorBoard: {cfg.output_dir}", flush=True)
+        engine.close()
+        return result
+
+
+def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
-    from trainfleet.datasets import dataset_info
-    from trainfleet.engine.engine import Engine
-    from trainfleet.engine.schedules import build_optimizer, build_scheduler
-    from trainfleet.models import build_model
+    return tqdm(total=total, disable=not enabled, desc="train", dynamic_ncols=True)
 
-    engine = Engine(seed=cfg.seed)
-    train_set, test_set = _datasets(cfg)
-    info = dataset_info(train_set)
-    model = build_model(cfg.model, num_classes=info["num_classes"] or 10, input_shape=info["input_shape"])
-    if cfg.init_from:
-        init_from(engine, model, cfg.init_from, cfg.trust_pickle)
-    optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
-    model, optimizer = engine.setup(model, optimizer)
-    loader = engine.dataloader(train_set, global_batch_size=cfg.global_batch_size, num_workers=cfg.num_workers)
-    test_loader = engine.dataloader(test_set, global_batch_size=cfg.global_batch_size, shuffle=False,
-                                    num_workers=cfg.num_workers) if test_set is not None else None
-    total = cfg.max_steps or cfg.epochs * len(loader)
-    epochs = cfg.epochs if not cfg.max_steps else -(-cfg.max_steps // max(len(loader), 1))
-    scheduler, interval = build_scheduler(cfg.scheduler, optimizer, len(loader), total, cfg.warmup_steps,
-                                          cfg.gamma, cfg.step_size, cfg.milestones, cfg.power)
-    engine.print(f"training {cfg.model} on {cfg.dataset}: {len(train_set)} samples, world size "
-                 f"{engine.world_size} ({engine.strategy.name}, {engine.device}), {total} steps")
-    scalars = _Scalars(engine, cfg.output_dir)
-    on_tty = os.environ.get("TRAINFLEET_TTY", str(int(sys.stderr.isatty()))) == "1"
-    bar = tqdm(total=total, disable=not (engine.is_main and cfg.progress and on_tty), desc="train",
-               dynamic_ncols=True)
-    step, metrics, losses = 0, {}, []
-    started = time.perf_counter()
-    for epoch in range(epochs):
-        for x, y in loader:
-            with engine.autocast():
-                loss = F.cross_entropy(model(x), y)
-            engine.backward(loss)
-            engine.step(optimizer)
-            if interval == "step":
-                scheduler.step()
-            step += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total:
-                mean_loss = engine.all_reduce(loss.detach(), op="mean").item()
-                losses.append((step, mean_loss))
-                scalars.add("train/loss", mean_loss, step)
-                scalars.add("train/lr", optimizer.param_groups[0]["lr"], step)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch)
-            if step >= total:
-                break
-        if test_loader is not None:
-            metrics = evaluate(engine, model, test_loader)
-            scalars.add("test/loss", metrics["loss"], step)
-            scalars.add("test/accuracy", metrics["accuracy"], step)
-            if interval == "epoch":
-                scheduler.step(metrics["loss"])
-        if engine.is_main:
-            summary = f"epoch {epoch}: step {step}/{total}, train loss {losses[-1][1]:.4f}" if losses else f"epoch {epoch}"
-            if metrics:
-                summary += f", test loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.2%}"
-            bar.write(summary)
-        if step >= total:
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Train and evaluate as ``cfg`` says; returns the final metrics (rank 0 writes them to JSON)."""
+    recipe = RecipeRun(cfg)
+    for epoch in range(recipe.epochs):
+        done = recipe.train_epoch(epoch)
+        recipe.end_epoch()
+        if done:
             break
-    bar.close()
-    scalars.close()
-    result = {"steps": step, "epochs": epoch + 1, "seconds": time.perf_counter() - started,
-              "world_size": engine.world_size, "train_losses": losses, **{f"test_{k}": v for k, v in metrics.items()}}
-    if cfg.save:
-        engine.save(cfg.save, model=model, optimizer=optimizer, scheduler=scheduler, dataloader=loader,
-                    step=step, epoch=epoch)
-    if engine.is_main:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.output_dir) / "metrics.json").write_text(json.dumps({"config": asdict(cfg), **result}, indent=1))
-        final = losses[-1][1] if losses else float("nan")
-        print(f"done: {step} steps in {result['seconds']:.1f}s, final train loss {final:.4f}"
-              + (f", test accuracy {metrics['accuracy']:.2%}" if metrics else "")
-              + f"; TensorBoard: {cfg.output_dir}", flush=True)
-    engine.close()
-    return result
+    return recipe.finish()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
