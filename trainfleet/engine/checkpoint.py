@@ -7,12 +7,14 @@ needs arbitrary unpickling is refused unless the caller trusts it.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
-import tempfile
+import threading
+import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -23,14 +25,20 @@ FORMAT_VERSION = 1
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-def to_cpu(obj: Any) -> Any:
-    """A copy of ``obj`` with every tensor detached and on the CPU."""
+def to_cpu(obj: Any, clone: bool = False) -> Any:
+    """``obj`` with every tensor detached and on the CPU.
+
+    Args:
+        clone: copy tensors that are already on the CPU too, so later in-place
+            updates (the next optimizer step) cannot reach the result.
+    """
     if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
+        tensor = obj.detach()
+        return tensor.clone() if clone and tensor.device.type == "cpu" else tensor.cpu()
     if isinstance(obj, Mapping):
-        return type(obj)((key, to_cpu(value)) for key, value in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(value) for value in obj)
+        return type(obj)((key, to_cpu(value, clone)) for key, value in obj.items())
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(to_cpu(value, clone) for value in obj)
     return obj
 
 
@@ -44,43 +52,174 @@ def clean_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:
     return cleaned
 
 
-def save_atomic(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """``torch.save`` to ``path`` through a temporary file, fsync and rename.
-
-    Returns:
-        The final path. On any error the temporary file is removed and the
-        previous content of ``path`` is untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _pid_alive(pid: int) -> bool:
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete temporary files of saves whose process died mid-write (``kill -9``, OOM)."""
+    removed = []
+    for tmp in folder.glob(".*.tmp-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def save_atomic(obj: Any, path: str | os.PathLike[str], writer: Any = None) -> Path:
+    """Write ``obj`` to ``path`` through a temporary file, fsync and rename.
+
+    Args:
+        obj: what to write.
+        path: the target file.
+        writer: ``writer(obj, handle)``; ``torch.save`` when None.
+
+    Returns:
+        The final path. On any error the temporary file is removed and the previous
+        content of ``path`` is untouched; a temporary file left by a killed process is
+        removed by the next save into the same folder.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}"
+    try:
+        with open(tmp, "wb") as handle:
+            (writer or torch.save)(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
     return path
 
 
-def load_file(path: str | os.PathLike[str], map_location: Any = "cpu", trust: bool = False) -> Any:
-    """Load a checkpoint file, weights-only unless ``trust`` is set.
+def verify_file(path: Path) -> None:
+    """Check the CRC32 that torch's zip writer stores for every record of the file.
+
+    ``torch.load`` does not check them: a flipped bit in tensor data would load silently.
+
+    Raises:
+        UsageError: a record fails its check.
+    """
+    if not zipfile.is_zipfile(path):
+        return  # the legacy (pre-1.6) format carries no checksums
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise UsageError(f"checkpoint {str(path)!r} is truncated or corrupt ({err}).",
+                         "re-save it, or load an earlier checkpoint.") from err
+    if bad is not None:
+        raise UsageError(f"checkpoint {str(path)!r} is corrupt: record {bad!r} fails its CRC32 check.",
+                         "re-save it, or load an earlier checkpoint.")
+
+
+MANIFEST = "latest.json"
+
+
+def resolve(path: str | os.PathLike[str]) -> Path:
+    """A checkpoint file, or the one a folder's ``latest.json`` points at."""
+    path = Path(path)
+    if path.is_dir():
+        manifest = path / MANIFEST
+        if not manifest.is_file():
+            raise UsageError(f"{str(path)!r} is a folder without a {MANIFEST}.",
+                             "pass a checkpoint file, or a folder written with keep_last=.")
+        return path / json.loads(manifest.read_text())["latest"]
+    return path
+
+
+def record_latest(path: Path, keep_last: int) -> list[Path]:
+    """Point ``latest.json`` beside ``path`` at it and delete checkpoints beyond the last K.
+
+    Only files this manifest recorded are ever deleted. Returns the deleted paths.
+    """
+    if keep_last < 1:
+        raise UsageError(f"keep_last={keep_last}: expected at least 1.")
+    manifest = path.parent / MANIFEST
+    history = json.loads(manifest.read_text()).get("checkpoints", []) if manifest.is_file() else []
+    history = [name for name in history if name != path.name] + [path.name]
+    doomed, history = history[:-keep_last], history[-keep_last:]
+    payload = json.dumps({"latest": path.name, "checkpoints": history}, indent=1).encode()
+    save_atomic(payload, manifest, writer=lambda data, handle: handle.write(data))
+    removed = []
+    for name in doomed:
+        (path.parent / name).unlink(missing_ok=True)
+        removed.append(path.parent / name)
+    return removed
+
+
+class AsyncSaver:
+    """Writes checkpoints on a background thread, one at a time.
+
+    The caller hands over state already copied to the CPU, so training may go on
+    changing its tensors. An error in the background is raised by the next
+    :meth:`submit` or :meth:`wait`.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, job: Callable[[], Any]) -> None:
+        """Wait for the previous save, then run ``job`` in the background."""
+        self.wait()
+
+        def run() -> None:
+            try:
+                job()
+            except BaseException as err:  # surfaced by wait()
+                self._error = err
+
+        self._thread = threading.Thread(target=run, name="trainfleet-checkpoint", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the pending save is on disk; re-raise its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+def load_file(path: str | os.PathLike[str], map_location: Any = "cpu", trust: bool = False,
+              verify: bool = True) -> Any:
+    """Load a checkpoint file (or a folder's latest), weights-only unless ``trust`` is set.
+
+    Args:
+        map_location: where tensors land, whatever device they were saved from.
+        trust: allow full unpickling (only for files you trust: it can run code).
+        verify: check the file's CRC32 records first (one extra read of the file).
 
     Raises:
         UsageError: the file is missing, truncated or corrupt, or needs full unpickling
             and ``trust`` is False.
     """
-    path = Path(path)
+    path = resolve(path)
     if not path.is_file():
         raise UsageError(f"checkpoint {str(path)!r} does not exist.", "check the path.")
+    if verify:
+        verify_file(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=not trust)
     except pickle.UnpicklingError as err:
@@ -93,6 +232,9 @@ def load_file(path: str | os.PathLike[str], map_location: Any = "cpu", trust: bo
                 "if you trust this file, pass trust=True (--trust-pickle).",
             ) from err
         raise UsageError(f"checkpoint {str(path)!r} is corrupt: {err}") from err
+    except (AttributeError, ModuleNotFoundError) as err:  # trusted pickle of a class not importable here
+        raise UsageError(f"cannot unpickle {str(path)!r}: {err}.",
+                         "run where the model's code is importable, or save a state_dict instead.") from err
     except (RuntimeError, EOFError, OSError) as err:
         raise UsageError(
             f"checkpoint {str(path)!r} is truncated or corrupt ({type(err).__name__}: {err}).",
@@ -102,6 +244,8 @@ def load_file(path: str | os.PathLike[str], map_location: Any = "cpu", trust: bo
 
 def extract_model_state(payload: Any, path: str | os.PathLike[str] = "<checkpoint>") -> dict[str, Any]:
     """The model state_dict inside a trainfleet checkpoint or a common foreign layout."""
+    if isinstance(payload, torch.nn.Module):  # a whole pickled model, loaded with trust=True
+        return clean_state_dict(payload.state_dict())
     if isinstance(payload, Mapping):
         if payload.get("format") == FORMAT:
             return dict(payload["model"])

@@ -97,6 +97,12 @@ class DDPStrategy(Strategy):
         else:
             dist.barrier()
 
+    def _all_gather_object(self, obj: Any) -> list[Any]:
+        self.setup_environment()
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
     def _broadcast(self, obj: Any, src: int) -> Any:
         self.setup_environment()
         if isinstance(obj, torch.Tensor):

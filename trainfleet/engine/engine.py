@@ -13,6 +13,9 @@ from torch.utils.data import DataLoader, Dataset
 from trainfleet.engine import checkpoint as ckpt
 from trainfleet.engine.data import (DeviceDataLoader, GlobalOrderSampler, _Indexed, checked_collate,
                                     resolve_batch_sizes)
+from trainfleet.engine.state import (capture_rng, library_versions, load_optimizer_state_by_name,
+                                     optimizer_state_by_name)
+from trainfleet.engine.state import restore_rng as restore_rng_state
 from trainfleet.engine.strategy import Strategy, build_strategy
 
 
@@ -50,6 +53,7 @@ class Engine:
             **strategy_kwargs,
         )
         self.seed = seed
+        self._saver = ckpt.AsyncSaver()
         seed_everything(seed)
         self.strategy.setup_environment()
         atexit.register(self.close)
@@ -163,57 +167,108 @@ class Engine:
             print(*args, **kwargs)
 
     # ----- checkpoints ---------------------------------------------------------------
-    def save(self, path: str | os.PathLike[str], model: torch.nn.Module | None = None,
-             optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-             dataloader: DeviceDataLoader | None = None, **extra: Any) -> Path:
-        """Write a checkpoint from global rank 0, atomically; every rank waits for it.
+    def state_dict(self, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
+                   scheduler: Any = None, dataloader: DeviceDataLoader | None = None,
+                   **extra: Any) -> dict[str, Any]:
+        """The checkpoint payload (a collective: every rank contributes its RNG state).
 
-        The model is saved unwrapped and on the CPU; ``extra`` values must be
-        weights-only loadable (numbers, strings, tensors and containers of them).
+        The model is unwrapped and on the CPU; the optimizer state is keyed by
+        parameter name; ``extra`` values must be weights-only loadable (numbers,
+        strings, tensors and containers of them).
         """
-        state = {
+        module = self.unwrap(model) if model is not None else None
+        rng = self.strategy.all_gather_object(capture_rng())
+        return {
             "format": ckpt.FORMAT,
             "version": ckpt.FORMAT_VERSION,
-            "model": ckpt.clean_state_dict(ckpt.to_cpu(self.unwrap(model).state_dict())) if model else None,
-            "optimizer": ckpt.to_cpu(optimizer.state_dict()) if optimizer else None,
+            "model": ckpt.clean_state_dict(module.state_dict()) if module is not None else None,
+            "optimizer": optimizer_state_by_name(optimizer, module) if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "precision": ckpt.to_cpu(self.precision.state_dict()),
+            "precision": self.precision.state_dict(),
             "data": dataloader.state_dict() if dataloader is not None else None,
+            "rng": rng,
             "meta": {"world_size": self.world_size, "strategy": self.strategy.name,
-                     "precision": self.precision.name, "torch": str(torch.__version__)},
+                     "precision": self.precision.name, "versions": library_versions(),
+                     "checksum": "crc32 of every zip record (verified on load)"},
             "extra": extra,
         }
+
+    def save(self, path: str | os.PathLike[str], model: torch.nn.Module | None = None,
+             optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+             dataloader: DeviceDataLoader | None = None, *, keep_last: int | None = None,
+             asynchronous: bool = False, **extra: Any) -> Path:
+        """Write a checkpoint from global rank 0, atomically. Call it on every rank.
+
+        Args:
+            keep_last: record the file in its folder's ``latest.json`` and delete the
+                checkpoints recorded there beyond the last ``keep_last``.
+            asynchronous: return once the state is copied to the CPU; a background
+                thread writes it (the next save or :meth:`wait_for_checkpoint` waits for it).
+            **extra: your own values (``step=``, ``epoch=``), returned by :meth:`load`.
+
+        Returns:
+            The path written (or being written).
+        """
         path = Path(path)
+        state = self.state_dict(model, optimizer, scheduler, dataloader, **extra)
         if self.is_main:
-            ckpt.save_atomic(state, path)
-        self.barrier()
+            state = ckpt.to_cpu(state, clone=asynchronous)
+
+            def write() -> None:
+                ckpt.save_atomic(state, path)
+                if keep_last is not None:
+                    ckpt.record_latest(path, keep_last)
+
+            if asynchronous:
+                self._saver.submit(write)
+            else:
+                self._saver.wait()
+                write()
+        if not asynchronous:
+            self.barrier()
         return path
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until an asynchronous save is on disk (raises its error if it failed)."""
+        self._saver.wait()
 
     def load(self, path: str | os.PathLike[str], model: torch.nn.Module | None = None,
              optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
              dataloader: DeviceDataLoader | None = None, strict: bool = True,
-             trust: bool = False) -> dict[str, Any]:
-        """Restore what :meth:`save` wrote (or a foreign state_dict) onto this device.
+             trust: bool = False, restore_rng: bool = True) -> dict[str, Any]:
+        """Restore a checkpoint (or a foreign state_dict) onto this device and world size.
+
+        ``path`` may be a file or a folder written with ``keep_last`` (its latest).
+        Tensors land on the current device whatever device they were saved from;
+        ``module.``/``_orig_mod.`` prefixes are handled; the data loader continues
+        with the next unseen global sample, at any world size.
 
         Returns:
             The ``extra`` values given to :meth:`save` (empty for foreign files).
         """
+        path = ckpt.resolve(path)
         payload = ckpt.load_file(path, map_location="cpu", trust=trust)
-        if model is not None:
-            ckpt.apply_model_state(self.unwrap(model), ckpt.extract_model_state(payload, path), strict, path)
-        native = isinstance(payload, dict) and payload.get("format") == ckpt.FORMAT
-        if not native:
+        module = self.unwrap(model) if model is not None else None
+        if module is not None:
+            ckpt.apply_model_state(module, ckpt.extract_model_state(payload, path), strict, path)
+        if not (isinstance(payload, dict) and payload.get("format") == ckpt.FORMAT):
             return {}
         if optimizer is not None and payload.get("optimizer") is not None:
-            optimizer.load_state_dict(payload["optimizer"])
+            load_optimizer_state_by_name(optimizer, module, payload["optimizer"], str(path))
         if scheduler is not None and payload.get("scheduler") is not None:
             scheduler.load_state_dict(payload["scheduler"])
         if payload.get("precision"):
             self.precision.load_state_dict(payload["precision"])
         if dataloader is not None and payload.get("data"):
             dataloader.load_state_dict(payload["data"])
+        if restore_rng and payload.get("rng"):
+            rng_states = payload["rng"]
+            restore_rng_state(rng_states[self.rank % len(rng_states)])
         return dict(payload.get("extra") or {})
 
     def close(self) -> None:
-        """Tear the strategy down (process groups); called at exit too."""
-        self.strategy.teardown()
+        """Finish a pending asynchronous save, then tear the strategy down; called at exit too."""
+        try:
+            self._saver.wait()
+        finally:
+            self.strategy.teardown()

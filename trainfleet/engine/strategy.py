@@ -147,8 +147,17 @@ class Strategy(ABC):
             return obj
         return self._broadcast(obj, src)
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        return self._all_gather_object(obj)
+
     @abstractmethod
     def _all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _all_gather_object(self, obj: Any) -> list[Any]: ...
 
     @abstractmethod
     def _barrier(self, name: str | None) -> None: ...
@@ -180,6 +189,9 @@ class SingleProcessStrategy(Strategy):
 
     def _broadcast(self, obj: Any, src: int) -> Any:
         return obj
+
+    def _all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
 
 
 def build_strategy(name: str | Strategy | None, **kwargs: Any) -> Strategy:

@@ -97,6 +97,38 @@ def _run_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _ckpt_inspect(ns: argparse.Namespace) -> int:
+    from trainfleet.engine.ckpt_tools import format_inspection, inspect_checkpoint
+
+    print(format_inspection(inspect_checkpoint(ns.path, trust=ns.trust_pickle)))
+    return 0
+
+
+def _ckpt_convert(ns: argparse.Namespace) -> int:
+    from trainfleet.engine.ckpt_tools import convert_checkpoint
+
+    out = convert_checkpoint(ns.src, ns.dst, to_state_dict=ns.to_state_dict, trust=ns.trust_pickle)
+    print(f"wrote {out}" + (" (plain state_dict)" if ns.to_state_dict else " (trainfleet checkpoint)"))
+    return 0
+
+
+def add_ckpt_commands(sub: Any) -> None:
+    """``trainfleet ckpt inspect PATH`` and ``trainfleet ckpt convert IN OUT``."""
+    ckpt_parser = sub.add_parser("ckpt", help="inspect or convert checkpoints")
+    ckpt_sub = ckpt_parser.add_subparsers(dest="ckpt_command", required=True, parser_class=OneLineParser)
+    inspect = ckpt_sub.add_parser("inspect", help="metadata and a table of tensors")
+    inspect.add_argument("path", help="a checkpoint file, or a folder with latest.json")
+    inspect.set_defaults(func=_ckpt_inspect)
+    convert = ckpt_sub.add_parser("convert", help="a foreign checkpoint -> trainfleet (or -> plain state_dict)")
+    convert.add_argument("src")
+    convert.add_argument("dst")
+    convert.add_argument("--to-state-dict", action="store_true", help="write a plain state_dict for other tools")
+    convert.set_defaults(func=_ckpt_convert)
+    for command in (inspect, convert):
+        command.add_argument("--trust-pickle", action="store_true",
+                             help="allow files that need full unpickling (only files you trust)")
+
+
 def build_trainfleet_parser() -> argparse.ArgumentParser:
     """``trainfleet`` with its subcommands."""
     parser = OneLineParser(prog="trainfleet", description="Run PyTorch training from a laptop to many nodes.")
@@ -109,6 +141,7 @@ def build_trainfleet_parser() -> argparse.ArgumentParser:
                                   add_help=False)
     train_parser.add_argument("train_args", nargs=argparse.REMAINDER)
     train_parser.set_defaults(func=_run_train)
+    add_ckpt_commands(sub)
     sub.add_parser("models", help="list registered models").set_defaults(func=_list_models)
     sub.add_parser("datasets", help="list registered datasets").set_defaults(func=_list_datasets)
     return parser
@@ -123,6 +156,9 @@ def _guarded(run: Callable[[], int]) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, like a shell tool
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def launch_main(argv: Sequence[str] | None = None) -> int:

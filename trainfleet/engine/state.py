@@ -1,0 +1,103 @@
+"""What goes into a checkpoint and how it comes back: state keyed so it survives a change
+of wrapper, strategy, device or world size.
+
+Optimizer state is keyed by parameter *name* (``layer.weight``), not by position, so a
+checkpoint saved from a DDP-wrapped model loads into a bare one and vice versa. RNG states
+are kept per rank; at another world size each rank takes the state of ``rank % saved_world``.
+"""
+from __future__ import annotations
+
+import random
+import sys
+from typing import Any
+
+import torch
+
+from trainfleet.utils.errors import UsageError
+
+
+def _param_names(model: torch.nn.Module) -> dict[int, str]:
+    return {id(p): name for name, p in model.named_parameters(remove_duplicate=True)}
+
+
+def optimizer_state_by_name(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with parameter indices replaced by parameter names.
+
+    Parameters the model does not own (an optimizer over extra tensors) keep a
+    positional name ``param.<index>``.
+    """
+    names = _param_names(model) if model is not None else {}
+    index_to_name: dict[int, str] = {}
+    position = 0
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            index_to_name[position] = names.get(id(param), f"param.{position}")
+            position += 1
+    state = optimizer.state_dict()
+    return {
+        "state": {index_to_name[i]: value for i, value in state["state"].items()},
+        "param_groups": [{**g, "params": [index_to_name[i] for i in g["params"]]} for g in state["param_groups"]],
+        "keyed_by": "name",
+    }
+
+
+def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None,
+                                 saved: dict[str, Any], path: str = "<checkpoint>") -> None:
+    """Restore what :func:`optimizer_state_by_name` produced (or a plain positional state_dict)."""
+    if saved.get("keyed_by") != "name":
+        optimizer.load_state_dict(saved)
+        return
+    current = optimizer_state_by_name(optimizer, model)
+    wanted = [name for group in current["param_groups"] for name in group["params"]]
+    saved_names = [name for group in saved["param_groups"] for name in group["params"]]
+    if sorted(wanted) != sorted(saved_names):
+        missing = sorted(set(wanted) - set(saved_names))[:3]
+        extra = sorted(set(saved_names) - set(wanted))[:3]
+        raise UsageError(f"optimizer state in {path!r} is for other parameters "
+                         f"(not saved: {missing}; not in this model: {extra}).",
+                         "load the model only, or build the optimizer over the same parameters.")
+    position = {name: i for i, name in enumerate(wanted)}
+    groups = []
+    for saved_group, current_group in zip(saved["param_groups"], current["param_groups"]):
+        groups.append({**saved_group, "params": [position[n] for n in current_group["params"]]})
+    state = {position[name]: value for name, value in saved["state"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's RNG states in weights-only loadable types (tensors, ints, tuples)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        kind, keys, pos, has_gauss, gauss = numpy.random.get_state()
+        state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss)
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Put back what :func:`capture_rng` returned."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        devices = min(len(state["cuda"]), torch.cuda.device_count())
+        torch.cuda.set_rng_state_all(state["cuda"][:devices])
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and "numpy" in state:
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        numpy.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape a checkpoint (those that are imported)."""
+    import platform
+
+    from trainfleet import __version__
+
+    versions = {"trainfleet": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
+    for name in ("torchvision", "horovod", "numpy"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "__version__"):
+            versions[name] = str(module.__version__)
+    return versions
