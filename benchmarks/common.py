@@ -44,9 +44,14 @@ class Comparison:
 
 def interleave(rounds: int, ours: Callable[[], float], peer: Callable[[], float], comparison: Comparison,
                warmup: int = 1) -> Comparison:
-    """Run ``ours`` and ``peer`` alternately; the first ``warmup`` pairs are discarded."""
+    """Run ``ours`` and ``peer`` alternately, swapping who goes first every round (A B, B A, ...)
+    so neither always pays for the other's after-effects (writeback, cache); the first
+    ``warmup`` pairs are discarded."""
     for index in range(warmup + rounds):
-        a, b = ours(), peer()
+        if index % 2 == 0:
+            a, b = ours(), peer()
+        else:
+            b, a = peer(), ours()
         if index >= warmup:
             comparison.ours.append(a)
             comparison.peer.append(b)

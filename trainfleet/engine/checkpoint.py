@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import queue
 import re
 import threading
 import zipfile
@@ -25,20 +26,14 @@ FORMAT_VERSION = 1
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-def to_cpu(obj: Any, clone: bool = False) -> Any:
-    """``obj`` with every tensor detached and on the CPU.
-
-    Args:
-        clone: copy tensors that are already on the CPU too, so later in-place
-            updates (the next optimizer step) cannot reach the result.
-    """
+def to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor detached and on the CPU (CPU tensors are not copied)."""
     if isinstance(obj, torch.Tensor):
-        tensor = obj.detach()
-        return tensor.clone() if clone and tensor.device.type == "cpu" else tensor.cpu()
+        return obj.detach().cpu()
     if isinstance(obj, Mapping):
-        return type(obj)((key, to_cpu(value, clone)) for key, value in obj.items())
+        return type(obj)((key, to_cpu(value)) for key, value in obj.items())
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(to_cpu(value, clone) for value in obj)
+        return type(obj)(to_cpu(value) for value in obj)
     return obj
 
 
@@ -168,38 +163,79 @@ def record_latest(path: Path, keep_last: int) -> list[Path]:
 
 
 class AsyncSaver:
-    """Writes checkpoints on a background thread, one at a time.
+    """Writes checkpoints on one background thread, one at a time.
 
-    The caller hands over state already copied to the CPU, so training may go on
-    changing its tensors. An error in the background is raised by the next
+    :meth:`stage` copies the state into CPU buffers that are reused from save to save
+    (pinned when the source is on CUDA), so the caller blocks only for one memory copy,
+    without page faults on fresh allocations. The writer is a persistent thread fed by
+    a queue: starting a thread per save would hand the GIL to it for a switch interval
+    before the caller could return. An error in the background is raised by the next
     :meth:`submit` or :meth:`wait`.
     """
 
     def __init__(self) -> None:
+        self._jobs: queue.Queue[Callable[[], Any] | None] = queue.Queue()
+        self._idle = threading.Event()
+        self._idle.set()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
 
-    def submit(self, job: Callable[[], Any]) -> None:
-        """Wait for the previous save, then run ``job`` in the background."""
-        self.wait()
-
-        def run() -> None:
+    def _worker(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
             try:
                 job()
             except BaseException as err:  # surfaced by wait()
                 self._error = err
+            finally:
+                self._idle.set()
 
-        self._thread = threading.Thread(target=run, name="trainfleet-checkpoint", daemon=False)
-        self._thread.start()
+    def stage(self, obj: Any, path: tuple[Any, ...] = ()) -> Any:
+        """A CPU copy of ``obj`` in reused buffers. Call only after :meth:`wait`."""
+        if isinstance(obj, torch.Tensor):
+            key = (path, tuple(obj.shape), obj.dtype)
+            buffer = self._buffers.get(key)
+            if buffer is None:
+                buffer = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
+                self._buffers[key] = buffer
+            return buffer.copy_(obj.detach(), non_blocking=obj.is_cuda)
+        if isinstance(obj, Mapping):
+            return type(obj)((k, self.stage(v, path + (k,))) for k, v in obj.items())
+        if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+            return type(obj)(self.stage(v, path + (i,)) for i, v in enumerate(obj))
+        return obj
+
+    def submit(self, job: Callable[[], Any]) -> None:
+        """Wait for the previous save, then run ``job`` in the background."""
+        self.wait()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # the non-blocking copies of stage() must have landed
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._worker, name="trainfleet-checkpoint", daemon=True)
+            self._thread.start()
+        self._idle.clear()
+        self._jobs.put(job)
 
     def wait(self) -> None:
         """Block until the pending save is on disk; re-raise its error if it failed."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._idle.wait()
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+    def close(self) -> None:
+        """Finish the pending save and stop the writer thread."""
+        try:
+            self.wait()
+        finally:
+            if self._thread is not None:
+                self._jobs.put(None)
+                self._thread.join()
+                self._thread = None
+            self._buffers.clear()
 
 
 def load_file(path: str | os.PathLike[str], map_location: Any = "cpu", trust: bool = False,

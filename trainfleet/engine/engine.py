@@ -212,17 +212,17 @@ class Engine:
         path = Path(path)
         state = self.state_dict(model, optimizer, scheduler, dataloader, **extra)
         if self.is_main:
-            state = ckpt.to_cpu(state, clone=asynchronous)
+            self._saver.wait()  # one save at a time; frees the staging buffers
+            staged = self._saver.stage(state) if asynchronous else ckpt.to_cpu(state)
 
             def write() -> None:
-                ckpt.save_atomic(state, path)
+                ckpt.save_atomic(staged, path)
                 if keep_last is not None:
                     ckpt.record_latest(path, keep_last)
 
             if asynchronous:
                 self._saver.submit(write)
             else:
-                self._saver.wait()
                 write()
         if not asynchronous:
             self.barrier()
@@ -235,7 +235,7 @@ class Engine:
     def load(self, path: str | os.PathLike[str], model: torch.nn.Module | None = None,
              optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
              dataloader: DeviceDataLoader | None = None, strict: bool = True,
-             trust: bool = False, restore_rng: bool = True) -> dict[str, Any]:
+             trust: bool = False, restore_rng: bool = True, verify: bool = True) -> dict[str, Any]:
         """Restore a checkpoint (or a foreign state_dict) onto this device and world size.
 
         ``path`` may be a file or a folder written with ``keep_last`` (its latest).
@@ -243,11 +243,17 @@ class Engine:
         ``module.``/``_orig_mod.`` prefixes are handled; the data loader continues
         with the next unseen global sample, at any world size.
 
+        Args:
+            strict: every key must match (else only matching keys load, see the report).
+            trust: allow files that need full unpickling (only files you trust).
+            restore_rng: put back this rank's RNG state.
+            verify: check the file's CRC32 records first (one extra read of the file).
+
         Returns:
             The ``extra`` values given to :meth:`save` (empty for foreign files).
         """
         path = ckpt.resolve(path)
-        payload = ckpt.load_file(path, map_location="cpu", trust=trust)
+        payload = ckpt.load_file(path, map_location="cpu", trust=trust, verify=verify)
         module = self.unwrap(model) if model is not None else None
         if module is not None:
             ckpt.apply_model_state(module, ckpt.extract_model_state(payload, path), strict, path)
@@ -269,6 +275,6 @@ class Engine:
     def close(self) -> None:
         """Finish a pending asynchronous save, then tear the strategy down; called at exit too."""
         try:
-            self._saver.wait()
+            self._saver.close()
         finally:
             self.strategy.teardown()

@@ -1,0 +1,88 @@
+"""Checkpoint benchmarks on a ~100 MB state (6 x 2048x2048 float32), interleaved rounds:
+
+- ckpt_save_vs_torch_save: engine.save MB/s against torch.save + fsync (target >= 0.95);
+- ckpt_async_blocking: time an asynchronous save blocks against a synchronous save (target <= 0.2);
+- ckpt_load_vs_torch_load: engine.load into a model (CRC verified) against torch.load +
+  load_state_dict (informational; no target: verification reads the file once more);
+- ckpt_load_other_world: loading a checkpoint saved by 2 workers into 1 against loading one
+  saved by 1 worker (target <= 1.2).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import BIN, PROBES, Comparison, interleave, run_probe, scratch
+from benchmarks.probes.big_model import build
+from trainfleet.engine.engine import Engine
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _torch_save(model: torch.nn.Module, path: Path) -> None:
+    with open(path, "wb") as handle:
+        torch.save(model.state_dict(), handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def measure(rounds: int, folder: Path) -> list[Comparison]:
+    engine = Engine(strategy="single")
+    model = build()
+    size_mb = sum(p.numel() * p.element_size() for p in model.state_dict().values()) / 2**20
+    ours_path, peer_path = folder / "ours.pt", folder / "peer.pt"
+    save = interleave(rounds, lambda: size_mb / _timed(lambda: engine.save(ours_path, model=model)),
+                      lambda: size_mb / _timed(lambda: _torch_save(model, peer_path)),
+                      Comparison("ckpt_save_vs_torch_save (MB/s)", target=0.95, lower_is_better=False))
+
+    def async_block() -> float:
+        blocked = _timed(lambda: engine.save(folder / "async.pt", model=model, asynchronous=True))
+        engine.wait_for_checkpoint()
+        return blocked
+
+    blocking = interleave(rounds, async_block, lambda: _timed(lambda: engine.save(folder / "sync.pt", model=model)),
+                          Comparison("ckpt_async_blocking (s)", target=0.2))
+    target = build()
+
+    def torch_load() -> None:
+        target.load_state_dict(torch.load(peer_path, map_location="cpu", weights_only=True))
+
+    load = interleave(rounds, lambda: _timed(lambda: engine.load(ours_path, model=target)),
+                      lambda: _timed(torch_load), Comparison("ckpt_load_vs_torch_load (s)", target=float("inf")))
+    run_probe([str(BIN / "launch"), "--gpus", "2", str(PROBES / "big_model.py"), str(folder / "world2.pt")], folder)
+    run_probe([str(BIN / "launch"), "--gpus", "1", str(PROBES / "big_model.py"), str(folder / "world1.pt")], folder)
+    other = interleave(rounds, lambda: _timed(lambda: engine.load(folder / "world2.pt", model=target)),
+                       lambda: _timed(lambda: engine.load(folder / "world1.pt", model=target)),
+                       Comparison("ckpt_load_other_world (s)", target=1.2))
+    engine.close()
+    print(f"  (state {size_mb:.0f} MB; files in the page cache; load includes the CRC check, "
+          f"which plain torch.load skips)")
+    return [save, blocking, load, other]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="3 rounds")
+    parser.add_argument("--smoke", action="store_true", help="1 round, no warm-up")
+    args = parser.parse_args(argv)
+    rounds = 1 if args.smoke else (3 if args.quick else args.rounds)
+    folder = scratch()
+    try:
+        for comparison in measure(rounds, folder):
+            print(comparison.line(), flush=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
