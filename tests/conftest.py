@@ -102,6 +102,19 @@ def no_leaks():
         pytest.fail("; ".join(problems))
 
 
+def horovod_available() -> bool:
+    try:
+        import horovod.torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_horovod = pytest.mark.skipif(not horovod_available(),
+                                   reason="Horovod is not installed: run scripts/build-horovod.sh "
+                                          "(scripts/test.sh does it)")
+
+
 def pid_alive(pid: int) -> bool:
     """True if ``pid`` exists and is not a zombie."""
     try:

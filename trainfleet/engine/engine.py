@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from trainfleet.engine import checkpoint as ckpt
 from trainfleet.engine.data import (DeviceDataLoader, GlobalOrderSampler, _Indexed, checked_collate,
                                     resolve_batch_sizes)
+from trainfleet.engine.precision import build_precision
 from trainfleet.engine.state import (capture_rng, library_versions, load_optimizer_state_by_name,
                                      optimizer_state_by_name)
 from trainfleet.engine.state import restore_rng as restore_rng_state
@@ -37,18 +38,24 @@ class Engine:
         strategy: a name (``single``, ``dp``, ``ddp``) or a Strategy; defaults to
             TRAINFLEET_STRATEGY (set by ``launch``), else ``ddp`` under a launcher
             and ``single`` for a plain ``python train.py``.
-        precision: a name (``32``) or a Precision; defaults to TRAINFLEET_PRECISION.
+        precision: a name (``32``, ``bf16``, ``16-mixed``, ``O0``-``O3``) or a Precision;
+            defaults to TRAINFLEET_PRECISION.
         seed: seeds Python, NumPy and torch on every rank alike.
         accelerator: ``auto``, ``cpu`` or ``cuda``; defaults to TRAINFLEET_ACCELERATOR.
+        amp_backend: ``native`` (torch.amp, the default) or ``apex``; TRAINFLEET_AMP_BACKEND.
         **strategy_kwargs: passed to the strategy (``find_unused_parameters=True``, ...).
     """
 
     def __init__(self, strategy: str | Strategy | None = None, precision: Any = None,
-                 seed: int = 0, accelerator: str | None = None, **strategy_kwargs: Any):
+                 seed: int = 0, accelerator: str | None = None, amp_backend: str | None = None,
+                 **strategy_kwargs: Any):
         env = os.environ
+        if not isinstance(strategy, Strategy):
+            precision = build_precision(precision or env.get("TRAINFLEET_PRECISION") or None,
+                                        amp_backend or env.get("TRAINFLEET_AMP_BACKEND") or None)
         self.strategy = build_strategy(
             strategy or env.get("TRAINFLEET_STRATEGY") or None,
-            precision=precision or env.get("TRAINFLEET_PRECISION") or None,
+            precision=precision,
             accelerator=accelerator or env.get("TRAINFLEET_ACCELERATOR") or None,
             **strategy_kwargs,
         )
@@ -91,6 +98,7 @@ class Engine:
         Returns:
             ``(model, optimizer)`` when an optimizer is given, else the model.
         """
+        model, optimizer = self.precision.connect(model, optimizer)
         model = self.strategy.setup_module(model)
         if optimizer is None:
             return model
@@ -140,7 +148,7 @@ class Engine:
         """Optimizer step, then zero the gradients. Returns False if the step was skipped."""
         stepped = self.strategy.optimizer_step(optimizer)
         if zero_grad:
-            optimizer.zero_grad(set_to_none=True)
+            self.strategy.zero_grad(optimizer)
         return stepped
 
     def no_sync(self, model: torch.nn.Module) -> ContextManager[Any]:
@@ -181,7 +189,8 @@ class Engine:
         return {
             "format": ckpt.FORMAT,
             "version": ckpt.FORMAT_VERSION,
-            "model": ckpt.clean_state_dict(module.state_dict()) if module is not None else None,
+            "model": ckpt.clean_state_dict(self.precision.module_state(module, module.state_dict()))
+            if module is not None else None,
             "optimizer": optimizer_state_by_name(optimizer, module) if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "precision": self.precision.state_dict(),
@@ -256,11 +265,14 @@ class Engine:
         payload = ckpt.load_file(path, map_location="cpu", trust=trust, verify=verify)
         module = self.unwrap(model) if model is not None else None
         if module is not None:
-            ckpt.apply_model_state(module, ckpt.extract_model_state(payload, path), strict, path)
+            model_state = ckpt.extract_model_state(payload, path)
+            ckpt.apply_model_state(module, model_state, strict, path)
+            self.precision.load_module_state(module, model_state)
         if not (isinstance(payload, dict) and payload.get("format") == ckpt.FORMAT):
             return {}
         if optimizer is not None and payload.get("optimizer") is not None:
-            load_optimizer_state_by_name(optimizer, module, payload["optimizer"], str(path))
+            with self.precision.optimizer_params(optimizer):  # O2: state stays fp32
+                load_optimizer_state_by_name(optimizer, module, payload["optimizer"], str(path))
         if scheduler is not None and payload.get("scheduler") is not None:
             scheduler.load_state_dict(payload["scheduler"])
         if payload.get("precision"):

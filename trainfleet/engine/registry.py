@@ -9,7 +9,16 @@ STRATEGIES = Registry("strategy")
 STRATEGIES.register("single", "trainfleet.engine.single:SingleDeviceStrategy")
 STRATEGIES.register("dp", "trainfleet.engine.dp:DataParallelStrategy")
 STRATEGIES.register("ddp", "trainfleet.engine.ddp:DDPStrategy")
+STRATEGIES.register("horovod", "trainfleet.engine.horovod:HorovodStrategy")
 
 PRECISIONS = Registry("precision")
-for _alias in ("32", "fp32", "O0"):
-    PRECISIONS.register(_alias, "trainfleet.engine.precision:Precision")
+_PRECISION_ALIASES = {
+    "fp32": ("32", "32-true", "fp32", "O0"),
+    "fp16_mixed": ("16-mixed", "16", "fp16", "O1"),
+    "bf16_mixed": ("bf16-mixed", "bf16"),
+    "apex_o2": ("O2",),
+    "apex_o3": ("O3",),
+}
+for _factory, _aliases in _PRECISION_ALIASES.items():
+    for _alias in _aliases:
+        PRECISIONS.register(_alias, f"trainfleet.engine.precision:{_factory}")

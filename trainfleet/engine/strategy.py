@@ -67,6 +67,7 @@ class Strategy(ABC):
         if not self._environment_ready:
             self._setup_environment()
             self._environment_ready = True
+            self.precision.attach(self.root_device)
 
     def _setup_environment(self) -> None:
         if self.root_device.type == "cuda":
@@ -113,6 +114,10 @@ class Strategy(ABC):
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
         """One optimizer step through the precision; False if it was skipped."""
         return self.precision.optimizer_step(optimizer)
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop the gradients (set to None: no memset, and the next backward allocates)."""
+        optimizer.zero_grad(set_to_none=True)
 
     def no_backward_sync(self, module: torch.nn.Module) -> ContextManager[Any]:
         """Context in which backward does not synchronise gradients (accumulation)."""

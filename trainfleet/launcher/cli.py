@@ -43,8 +43,11 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
         help="rendezvous host (default 127.0.0.1)")
     add("--master-port", "--master_port", dest="master_port", type=int, default=_env_default("master_port"),
         help="rendezvous port (default: a free port)")
-    add("--strategy", default=_env_default("strategy", "ddp"), help="single, dp or ddp (default ddp)")
-    add("--precision", default=_env_default("precision", "32"), help="numeric precision (default 32)")
+    add("--strategy", default=_env_default("strategy", "ddp"), help="single, dp, ddp or horovod (default ddp)")
+    add("--precision", default=_env_default("precision", "32"),
+        help="32, 16-mixed (fp16), bf16-mixed (bf16), or Apex levels O0-O3 (default 32)")
+    add("--amp-backend", dest="amp_backend", default=_env_default("amp_backend", "native"),
+        help="native (torch.amp, default) or apex (needs an apex that still ships apex.amp)")
     add("--cpu", action="store_true", default=_env_flag("cpu"), help="CPU workers even if GPUs exist")
     add("--debug", action="store_true", default=_env_flag("debug"),
         help="run the script in this process (world size 1) so a debugger works")
@@ -66,7 +69,7 @@ def launch_config_from_args(ns: argparse.Namespace):
     return LaunchConfig(
         target=ns.target, args=list(ns.args), module=ns.module, nodes=ns.nodes, gpus=ns.gpus,
         node_rank=ns.node_rank, master_addr=ns.master_addr, master_port=ns.master_port,
-        strategy=ns.strategy, precision=ns.precision, debug=ns.debug, cpu=ns.cpu,
+        strategy=ns.strategy, precision=ns.precision, amp_backend=ns.amp_backend, debug=ns.debug, cpu=ns.cpu,
         log_dir=ns.log_dir, start_method=ns.start_method, grace_period=ns.grace_period)
 
 

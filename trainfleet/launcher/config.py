@@ -31,11 +31,14 @@ class LaunchConfig:
         node_rank: this node's index; None on a single node.
         master_addr, master_port: rendezvous endpoint; a free port is chosen when None.
         strategy, precision: names from the engine's registries.
+        amp_backend: ``native`` (torch.amp) or ``apex``.
         debug: run the script inside the launcher's own process (world size 1).
         cpu: run CPU workers even when CUDA devices exist.
         log_dir: per-rank log files go below it (a temporary folder when None).
         start_method: how workers start (``fork`` reuses the launcher's imported torch).
         grace_period: seconds between SIGTERM and SIGKILL when stopping workers.
+        horovod_port: port of Horovod's rendezvous server on the master; MASTER_PORT + 1
+            when None and the master port is fixed (multi-node), else a free port.
         cuda_devices: CUDA devices on this node; probed without torch when None.
     """
 
@@ -49,11 +52,13 @@ class LaunchConfig:
     master_port: int | None = None
     strategy: str = "ddp"
     precision: str = "32"
+    amp_backend: str = "native"
     debug: bool = False
     cpu: bool = False
     log_dir: str | None = None
     start_method: str = "fork"
     grace_period: float = 3.0
+    horovod_port: int | None = None
     cuda_devices: int | None = None
     run_id: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
 
@@ -107,6 +112,8 @@ class LaunchConfig:
             raise UsageError(STRATEGIES.unknown_message(self.strategy, STRATEGIES.names()))
         if self.precision not in PRECISIONS:
             raise UsageError(PRECISIONS.unknown_message(self.precision, PRECISIONS.names()))
+        if self.amp_backend not in ("native", "apex"):
+            raise UsageError(f"Unknown amp backend {self.amp_backend!r}. Available: ['apex', 'native']")
         if self.start_method not in START_METHODS:
             raise UsageError(f"Unknown start method {self.start_method!r}. Available: {list(START_METHODS)}")
         if self.strategy == "dp" and self.nodes > 1:

@@ -24,6 +24,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
+from trainfleet.launcher import horovod
 from trainfleet.launcher.config import LaunchConfig
 from trainfleet.launcher.devices import visible_devices_for
 from trainfleet.launcher.worker import WorkerSpec, run_target, worker_main
@@ -121,8 +122,9 @@ class LogTailer(threading.Thread):
         return list(self.tails[rank])
 
 
-def worker_env(cfg: LaunchConfig, node_rank: int, local_rank: int, port: int) -> dict[str, str]:
-    """The environment torchrun gives a worker, plus trainfleet's own settings."""
+def worker_env(cfg: LaunchConfig, node_rank: int, local_rank: int, port: int,
+               horovod_port: int | None = None) -> dict[str, str]:
+    """The environment torchrun gives a worker, plus trainfleet's own (and Horovod's) settings."""
     procs = cfg.procs_per_node
     rank = node_rank * procs + local_rank
     env = {
@@ -135,6 +137,7 @@ def worker_env(cfg: LaunchConfig, node_rank: int, local_rank: int, port: int) ->
         # Workers join the store this agent hosts instead of rank 0 starting one.
         "TORCHELASTIC_USE_AGENT_STORE": "True" if not cfg.debug else "False",
         "TRAINFLEET_STRATEGY": cfg.strategy, "TRAINFLEET_PRECISION": cfg.precision,
+        "TRAINFLEET_AMP_BACKEND": cfg.amp_backend,
         "TRAINFLEET_ACCELERATOR": cfg.accelerator, "TRAINFLEET_RUN_ID": cfg.run_id,
         "PYTHONUNBUFFERED": "1",
         # Workers write to files; this tells them whether rank 0's echo lands on a terminal.
@@ -142,6 +145,8 @@ def worker_env(cfg: LaunchConfig, node_rank: int, local_rank: int, port: int) ->
     }
     if cfg.accelerator == "cuda" and cfg.procs_per_node == 1 and cfg.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible_devices_for(cfg.devices_per_node)
+    if horovod_port is not None:
+        env.update(horovod.slot_env(cfg, node_rank, local_rank, horovod_port))
     return {key: str(value) for key, value in env.items()}
 
 
@@ -160,13 +165,15 @@ class LocalAgent:
         node_rank: this node's index (0 on a single node).
     """
 
-    def __init__(self, cfg: LaunchConfig, node_rank: int = 0):
+    def __init__(self, cfg: LaunchConfig, node_rank: int = 0, sockets: dict[str, socket.socket] | None = None):
         self.cfg, self.node_rank = cfg, node_rank
         base = cfg.log_dir or os.path.join(tempfile.gettempdir(), "trainfleet", cfg.run_id)
         self.log_dir = Path(base)
         self.workers: list[Worker] = []
         self._signal: int | None = None
         self._store: Any = None
+        self._rendezvous: horovod.RendezvousService | None = None
+        self._sockets: dict[str, socket.socket] = dict(sockets or {})
 
     # ----- setup ---------------------------------------------------------------------
     def _announce(self) -> None:
@@ -178,12 +185,12 @@ class LocalAgent:
         else:
             say(f"no CUDA devices in use; running {self.cfg.world_size} CPU worker(s) over gloo.")
 
-    def _specs(self, port: int) -> list[WorkerSpec]:
+    def _specs(self, port: int, horovod_port: int | None) -> list[WorkerSpec]:
         procs = self.cfg.procs_per_node
         threads = threads_per_worker(procs)
         specs = []
         for local_rank in range(procs):
-            env = worker_env(self.cfg, self.node_rank, local_rank, port)
+            env = worker_env(self.cfg, self.node_rank, local_rank, port, horovod_port)
             env.setdefault("OMP_NUM_THREADS", str(threads))
             rank = int(env["RANK"])
             folder = self.log_dir / f"node{self.node_rank}"
@@ -272,24 +279,50 @@ class LocalAgent:
         for worker in self.workers:  # grandchildren left in an exited worker's group
             _killpg(worker.process.pid, signal.SIGKILL)
 
+    def _reserve(self) -> tuple[int, int | None]:
+        """Bind the rendezvous ports on node 0 (held until the servers adopt them)."""
+        if self.node_rank == 0 and not self._sockets:
+            self._sockets = reserve_rendezvous(self.cfg)
+        port = self.cfg.master_port or 0
+        hvd_port = horovod.rendezvous_port(self.cfg) if self.cfg.strategy == "horovod" else None
+        if "store" in self._sockets:
+            port = self._sockets["store"].getsockname()[1]
+        if "horovod" in self._sockets:
+            hvd_port = self._sockets["horovod"].getsockname()[1]
+        return port, hvd_port
+
+    def _start_servers(self) -> None:
+        """After the fork: the TCPStore and, for Horovod, its rendezvous server adopt their sockets."""
+        if "store" in self._sockets:
+            self._host_store(self._sockets.pop("store"))
+        if "horovod" in self._sockets:
+            self._rendezvous = horovod.RendezvousService(self._sockets.pop("horovod"), self.cfg)
+
+    def _stop_servers(self) -> None:
+        if self._rendezvous is not None:
+            self._rendezvous.stop()
+            self._rendezvous = None
+        self._store = None
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()
+
     def run(self) -> int:
         """Start the workers, supervise them, and return the launcher's exit code."""
-        port_sock = None
-        port = self.cfg.master_port or 0
-        if self.node_rank == 0:
-            port_sock = reserve_port(self.cfg.master_addr, self.cfg.master_port)
-            port = port_sock.getsockname()[1]
+        if self.cfg.strategy == "horovod":
+            from trainfleet.engine.horovod import import_horovod
+
+            import_horovod()  # a missing Horovod is bad input: say so before starting anything
+        port, hvd_port = self._reserve()
         self._announce()
-        specs = self._specs(port)
+        specs = self._specs(port, hvd_port)
         console = 0 if self.node_rank == 0 else None
         tailer = LogTailer({s.rank: s.log_path for s in specs}, console)
         previous = {}
         failure = None
         try:
             self._start(specs)
-            if port_sock is not None:
-                self._host_store(port_sock)
-                port_sock = None
+            self._start_servers()
             previous = self._install_signal_handlers()
             tailer.start()
             failure = self._monitor()
@@ -298,9 +331,7 @@ class LocalAgent:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             tailer.stop()
-            self._store = None
-            if port_sock is not None:
-                port_sock.close()
+            self._stop_servers()
         return self._report(failure, tailer)
 
     def _report(self, failure: Worker | None, tailer: LogTailer) -> int:
@@ -318,6 +349,105 @@ class LocalAgent:
             say(f"stopped by {signal.Signals(self._signal).name}; logs in {self.log_dir}")
             return 128 + self._signal
         return 0
+
+
+def reserve_rendezvous(cfg: LaunchConfig) -> dict[str, socket.socket]:
+    """Node 0's listening sockets: the TCPStore's and, for Horovod, its rendezvous server's."""
+    sockets = {"store": reserve_port(cfg.master_addr, cfg.master_port)}
+    if cfg.strategy == "horovod":
+        try:
+            sockets["horovod"] = reserve_port(cfg.master_addr, horovod.rendezvous_port(cfg))
+        except BaseException:
+            sockets["store"].close()
+            raise
+    return sockets
+
+
+def _agent_main(cfg: LaunchConfig, node_rank: int, sockets: dict[str, socket.socket], parent: int) -> None:
+    """A simulated node: its own session, its own workers, dies with the launcher."""
+    from trainfleet.launcher.worker import _die_with_parent
+
+    os.setsid()
+    _die_with_parent(parent)
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+    mine = sockets if node_rank == 0 else {}
+    for sock in sockets.values():
+        if node_rank != 0:
+            sock.close()
+    code = 1
+    try:
+        code = LocalAgent(cfg, node_rank, mine).run()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def run_simulated_nodes(cfg: LaunchConfig) -> int:
+    """``--nodes N`` on one host: N agents, each its own process tree, over loopback.
+
+    The launcher reserves node 0's ports, forks one agent per node and supervises
+    them: when one exits non-zero the others are stopped (SIGTERM, then SIGKILL after
+    the grace period), and the launcher exits with the first failing agent's code.
+    """
+    import dataclasses
+
+    for module in PRELOAD:
+        __import__(module)
+    import torch.multiprocessing as mp
+
+    sockets = reserve_rendezvous(cfg)
+    cfg = dataclasses.replace(cfg, master_port=sockets["store"].getsockname()[1],
+                              horovod_port=sockets["horovod"].getsockname()[1] if "horovod" in sockets else None)
+    context = mp.get_context(cfg.start_method)
+    agents = [context.Process(target=_agent_main, args=(cfg, n, sockets, os.getpid()), name=f"node{n}")
+              for n in range(cfg.nodes)]
+    for agent in agents:
+        agent.start()
+    for sock in sockets.values():
+        sock.close()
+    stop = {"signal": None}
+
+    def forward(signum: int, _frame: Any) -> None:
+        stop["signal"] = signum
+        for agent in agents:
+            _killpg(agent.pid, signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
+    first_failure = None
+    try:
+        alive = list(agents)
+        while alive and first_failure is None:
+            wait([a.sentinel for a in alive], timeout=0.1)
+            for agent in [a for a in alive if a.exitcode is not None]:
+                alive.remove(agent)
+                if agent.exitcode != 0 and stop["signal"] is None:
+                    first_failure = agent
+        if first_failure is not None:
+            say(f"{first_failure.name} failed (exit code {first_failure.exitcode}); stopping the other nodes.")
+    finally:
+        _stop_processes(agents, cfg.grace_period)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if first_failure is not None:
+        return first_failure.exitcode if first_failure.exitcode > 0 else 128 - first_failure.exitcode
+    if stop["signal"] is not None:
+        return 128 + stop["signal"]
+    return 0
+
+
+def _stop_processes(processes: list[Any], grace: float) -> None:
+    """SIGTERM the groups of the processes still running, SIGKILL after ``grace``, reap all."""
+    for process in processes:
+        if process.exitcode is None:
+            _killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for process in processes:
+        process.join(max(deadline - time.monotonic(), 0))
+    for process in processes:
+        _killpg(process.pid, signal.SIGKILL)
+        process.join()
 
 
 def _killpg(pid: int, signum: int) -> None:
@@ -345,4 +475,6 @@ def launch(cfg: LaunchConfig) -> int:
     """Run the job described by ``cfg`` on this machine; returns the exit code."""
     if cfg.debug:
         return run_in_process(cfg)
+    if cfg.nodes > 1 and cfg.node_rank is None:
+        return run_simulated_nodes(cfg)
     return LocalAgent(cfg, node_rank=cfg.node_rank or 0).run()

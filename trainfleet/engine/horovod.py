@@ -1,0 +1,146 @@
+"""Horovod: ring all-reduce through ``hvd.DistributedOptimizer``, gloo or NCCL underneath.
+
+Workers are started by trainfleet's own launcher, which provides what ``horovodrun
+--gloo`` would (rendezvous server, HOROVOD_RANK/SIZE/LOCAL_*/CROSS_*). Horovod is
+imported only when this strategy is selected.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ContextManager
+
+import torch
+
+from trainfleet.engine.environment import device_index, resolve_accelerator
+from trainfleet.engine.strategy import Strategy
+from trainfleet.utils.errors import UsageError
+
+INSTALL_HINT = "run scripts/build-horovod.sh (builds Horovod 0.28.1 with gloo into .venv)."
+
+
+def import_horovod() -> Any:
+    """``horovod.torch``, or a UsageError that says how to install it."""
+    try:
+        import horovod.torch as hvd
+    except ImportError as err:
+        raise UsageError(f"strategy 'horovod' needs Horovod, which is not importable ({err}).",
+                         INSTALL_HINT) from err
+    return hvd
+
+
+class HorovodStrategy(Strategy):
+    """Data parallel training through Horovod.
+
+    Args:
+        backward_passes_per_step: gradients are all-reduced once every this many
+            backward passes (gradient accumulation; step after the last of them).
+        compression: ``"none"`` or ``"fp16"`` (all-reduce gradients in fp16).
+    """
+
+    name = "horovod"
+
+    def __init__(self, precision: Any = None, env: Any = None, accelerator: str | None = None,
+                 backward_passes_per_step: int = 1, compression: str = "none"):
+        super().__init__(precision, env, accelerator)
+        self.hvd = import_horovod()
+        if compression not in ("none", "fp16"):
+            raise UsageError(f"Unknown Horovod compression {compression!r}. Available: ['fp16', 'none']")
+        self.backward_passes_per_step = backward_passes_per_step
+        self.compression = compression
+        self._module: torch.nn.Module | None = None
+
+    # ----- layout: Horovod's own view once initialised -------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.hvd.size() if self._environment_ready else self.env.world_size
+
+    @property
+    def rank(self) -> int:
+        return self.hvd.rank() if self._environment_ready else self.env.rank
+
+    @property
+    def local_rank(self) -> int:
+        return self.hvd.local_rank() if self._environment_ready else self.env.local_rank
+
+    @property
+    def root_device(self) -> torch.device:
+        count = torch.cuda.device_count()
+        if resolve_accelerator(self.accelerator, count) == "cpu":
+            return torch.device("cpu")
+        return torch.device("cuda", device_index(self.local_rank, self.env.local_world_size, count))
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.rank == 0
+
+    def _setup_environment(self) -> None:
+        self.hvd.init()
+        if self.hvd.size() != self.env.world_size and self.env.launched:
+            raise UsageError(f"Horovod sees {self.hvd.size()} workers but WORLD_SIZE={self.env.world_size}.",
+                             "start horovod jobs with `launch --strategy horovod`.")
+        super()._setup_environment()
+
+    def _teardown(self) -> None:
+        self.hvd.shutdown()
+
+    # ----- modules and optimizers -----------------------------------------------------
+    def _setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.hvd.broadcast_parameters(module.state_dict(), root_rank=0)
+        self._module = module
+        return module
+
+    def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Broadcast the optimizer state from rank 0 and wrap it in ``hvd.DistributedOptimizer``."""
+        if self._module is None:
+            raise UsageError("set the model up before the optimizer: engine.setup(model, optimizer).")
+        self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+        compression = self.hvd.Compression.fp16 if self.compression == "fp16" else self.hvd.Compression.none
+        return self.hvd.DistributedOptimizer(
+            optimizer, named_parameters=self._module.named_parameters(), compression=compression,
+            backward_passes_per_step=self.backward_passes_per_step, op=self.hvd.Average)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Wait for the gradient all-reduces, then step through the precision.
+
+        Loss scalers must see the reduced gradients (Horovod's documented AMP pattern:
+        ``synchronize``, unscale, step under ``skip_synchronize``).
+        """
+        if not hasattr(optimizer, "synchronize"):
+            return super().optimizer_step(optimizer)
+        optimizer.synchronize()
+        with optimizer.skip_synchronize():
+            return self.precision.optimizer_step(optimizer)
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        # hvd.DistributedOptimizer.zero_grad takes no set_to_none; torch's default is True.
+        optimizer.zero_grad()
+
+    def no_backward_sync(self, module: torch.nn.Module) -> ContextManager[Any]:
+        # Horovod delays the all-reduce by itself: backward_passes_per_step.
+        return contextlib.nullcontext()
+
+    # ----- collectives ----------------------------------------------------------------
+    def _all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+        self.setup_environment()
+        ops = {"sum": self.hvd.Sum, "mean": self.hvd.Average, "max": self.hvd.Max, "min": self.hvd.Min,
+               "product": self.hvd.Product}
+        work = tensor if tensor.is_floating_point() or op != "mean" else tensor.double()
+        result = self.hvd.allreduce(work.to(self.root_device), op=ops[op])
+        if result.data_ptr() != tensor.data_ptr() and result.dtype == tensor.dtype and result.device == tensor.device:
+            tensor.copy_(result)
+            return tensor
+        return result.to(tensor.device)
+
+    def _barrier(self, name: str | None) -> None:
+        self.setup_environment()
+        self.hvd.barrier()
+
+    def _broadcast(self, obj: Any, src: int) -> Any:
+        self.setup_environment()
+        if isinstance(obj, torch.Tensor):
+            return self.hvd.broadcast(obj.to(self.root_device), root_rank=src).to(obj.device)
+        return self.hvd.broadcast_object(obj, root_rank=src)
+
+    def _all_gather_object(self, obj: Any) -> list[Any]:
+        self.setup_environment()
+        return self.hvd.allgather_object(obj)
