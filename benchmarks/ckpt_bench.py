@@ -57,7 +57,7 @@ def measure(rounds: int, folder: Path) -> list[Comparison]:
         target.load_state_dict(torch.load(peer_path, map_location="cpu", weights_only=True))
 
     load = interleave(rounds, lambda: _timed(lambda: engine.load(ours_path, model=target)),
-                      lambda: _timed(torch_load), Comparison("ckpt_load_vs_torch_load (s)", target=float("inf")))
+                      lambda: _timed(torch_load), Comparison("ckpt_load_vs_torch_load (s)", target=None))
     run_probe([str(BIN / "launch"), "--gpus", "2", str(PROBES / "big_model.py"), str(folder / "world2.pt")], folder)
     run_probe([str(BIN / "launch"), "--gpus", "1", str(PROBES / "big_model.py"), str(folder / "world1.pt")], folder)
     other = interleave(rounds, lambda: _timed(lambda: engine.load(folder / "world2.pt", model=target)),

@@ -22,7 +22,7 @@ class Comparison:
     """Samples of ours against a peer's, gathered in interleaved rounds (A B A B ...)."""
 
     name: str
-    target: float
+    target: float | None
     lower_is_better: bool = True
     ours: list[float] = field(default_factory=list)
     peer: list[float] = field(default_factory=list)
@@ -38,8 +38,10 @@ class Comparison:
         """``name: ratio X (target T)``, followed by the medians and ranges it comes from."""
         sign = "<=" if self.lower_is_better else ">="
         spread = lambda xs: f"median {statistics.median(xs):.4g} (min {min(xs):.4g}, max {max(xs):.4g}, n={len(xs)})"
-        return (f"{self.name}: ratio {self.ratio:.3f} (target {sign} {self.target}) "
-                f"{'MET' if self.met() else 'MISSED'}\n  ours: {spread(self.ours)}\n  peer: {spread(self.peer)}")
+        verdict = "(no target)" if self.target is None else \
+            f"(target {sign} {self.target}) {'MET' if self.met() else 'MISSED'}"
+        return (f"{self.name}: ratio {self.ratio:.3f} {verdict}\n"
+                f"  ours: {spread(self.ours)}\n  peer: {spread(self.peer)}")
 
 
 def interleave(rounds: int, ours: Callable[[], float], peer: Callable[[], float], comparison: Comparison,
@@ -64,6 +66,19 @@ def run_probe(cmd: list[str], out_dir: Path, timeout: float = 300, env: dict | N
                             env={**os.environ, **(env or {})})
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+
+
+def median_step(mode: str, launch_args: list[str], steps: int, model: str, *probe_args: str) -> dict:
+    """Run the step probe under ``launch``; returns its median step time and samples/s."""
+    import shutil
+
+    out = scratch()
+    run_probe([str(BIN / "launch"), *launch_args, str(PROBES / "step_probe.py"), str(out), mode,
+               "--steps", str(steps), "--model", model, *probe_args], out)
+    record = json.loads((out / f"{mode}.json").read_text())
+    shutil.rmtree(out)
+    step = statistics.median(record["step_times"])
+    return {"step": step, "samples_per_s": record["samples_per_step"] / step}
 
 
 def read_json_files(folder: Path, pattern: str) -> list[dict]:

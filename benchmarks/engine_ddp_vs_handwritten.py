@@ -6,27 +6,14 @@ interleaved rounds; the median step time of each round is one sample. Target <= 
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import statistics
 
-from benchmarks.common import BIN, PROBES, Comparison, interleave, run_probe, scratch
-
-PROBE = str(PROBES / "ddp_step.py")
-
-
-def _median_step(mode: str, steps: int, model: str) -> float:
-    out = scratch()
-    run_probe([str(BIN / "launch"), "--gpus", "2", PROBE, str(out), mode, "--steps", str(steps),
-               "--model", model], out)
-    times = json.loads((out / f"{mode}.json").read_text())["step_times"]
-    shutil.rmtree(out)
-    return statistics.median(times)
+from benchmarks.common import Comparison, interleave, median_step
 
 
 def measure(rounds: int, steps: int, model: str) -> Comparison:
-    return interleave(rounds, lambda: _median_step("engine", steps, model),
-                      lambda: _median_step("handwritten", steps, model),
+    two = ["--gpus", "2"]
+    return interleave(rounds, lambda: median_step("engine", two, steps, model)["step"],
+                      lambda: median_step("ddp_hand", two, steps, model)["step"],
                       Comparison("engine_ddp_vs_handwritten", target=1.02), warmup=0)
 
 

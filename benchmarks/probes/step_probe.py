@@ -1,0 +1,95 @@
+"""Times training steps of one model, through the engine or hand-written.
+
+    step_probe.py OUT_DIR MODE [--steps N] [--warmup W] [--model resnet18] [--batch B] [--autocast bf16]
+
+MODE: ``engine`` (trainfleet.Engine, strategy and precision from the launcher),
+``ddp_hand`` (init_process_group + DDP + DistributedSampler), ``hvd_hand`` (hvd.init +
+DistributedOptimizer + broadcasts, the Horovod tutorial loop), ``single_hand`` (a plain
+loop; ``--autocast bf16`` wraps its forward in torch.autocast).
+Rank 0 writes OUT_DIR/<MODE>.json with the step times after warm-up.
+"""
+import argparse
+import contextlib
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
+
+from trainfleet.models import build_model
+
+parser = argparse.ArgumentParser()
+parser.add_argument("out")
+parser.add_argument("mode", choices=["engine", "ddp_hand", "hvd_hand", "single_hand"])
+parser.add_argument("--steps", type=int, default=20)
+parser.add_argument("--warmup", type=int, default=3)
+parser.add_argument("--model", default="resnet18")
+parser.add_argument("--batch", type=int, default=32, help="per worker")
+parser.add_argument("--autocast", choices=["none", "bf16"], default="none", help="single_hand only")
+args = parser.parse_args()
+
+torch.manual_seed(0)
+world = int(os.environ.get("WORLD_SIZE", 1))
+samples = args.batch * world * (args.steps + args.warmup)
+data = TensorDataset(torch.randn(samples, 3, 32, 32), torch.randint(0, 10, (samples,)))
+model = build_model(args.model, num_classes=10)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+rank = 0
+
+if args.mode == "engine":
+    import trainfleet
+
+    engine = trainfleet.Engine(seed=0)
+    model, optimizer = engine.setup(model, optimizer)
+    loader = engine.dataloader(data, batch_size=args.batch)
+    rank = engine.rank
+
+    def train_step(x, y):
+        with engine.autocast():
+            loss = F.cross_entropy(model(x), y)
+        engine.backward(loss)
+        engine.step(optimizer)
+elif args.mode == "ddp_hand":
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model = torch.nn.parallel.DistributedDataParallel(model)
+    loader = DataLoader(data, batch_size=args.batch, sampler=DistributedSampler(data, seed=0))
+elif args.mode == "hvd_hand":
+    import horovod.torch as hvd
+
+    hvd.init()
+    rank = hvd.rank()
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+    optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+    loader = DataLoader(data, batch_size=args.batch,
+                        sampler=DistributedSampler(data, num_replicas=hvd.size(), rank=hvd.rank(), seed=0))
+else:
+    loader = DataLoader(data, batch_size=args.batch, shuffle=True)
+
+if args.mode != "engine":
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.autocast == "bf16" \
+        else contextlib.nullcontext
+
+    def train_step(x, y):
+        with autocast():
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+times = []
+batches = iter(loader)
+for step in range(args.warmup + args.steps):
+    start = time.perf_counter()
+    x, y = next(batches)
+    train_step(x, y)
+    times.append(time.perf_counter() - start)
+if rank == 0:
+    with open(os.path.join(args.out, f"{args.mode}.json"), "w") as handle:
+        json.dump({"step_times": times[args.warmup:], "samples_per_step": args.batch * world}, handle)
