@@ -72,10 +72,10 @@ def measure(rounds: int, folder: Path) -> list[Comparison]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--quick", action="store_true", help="3 rounds")
+    parser.add_argument("--quick", action="store_true", help="2 rounds")
     parser.add_argument("--smoke", action="store_true", help="1 round, no warm-up")
     args = parser.parse_args(argv)
-    rounds = 1 if args.smoke else (3 if args.quick else args.rounds)
+    rounds = 1 if args.smoke else (2 if args.quick else args.rounds)
     folder = scratch()
     try:
         for comparison in measure(rounds, folder):

@@ -1,46 +1,92 @@
 """Horovod and bf16 autocast through the engine, against the hand-written equivalents:
 
 - horovod_vs_handwritten: samples/s of the engine's horovod against the Horovod tutorial
-  loop (hvd.DistributedOptimizer + broadcasts), 2 workers (target >= 0.97);
+  loop (hvd.DistributedOptimizer + broadcasts), 2 workers under launch (target >= 0.97);
 - engine_horovod_vs_engine_ddp: samples/s of the two engine strategies (no target);
 - amp_bf16_speedup_vs_handwritten: the bf16 autocast speedup over fp32 through the engine
-  (precision bf16) against the same speedup of a hand-written torch.autocast loop, one
-  process (target >= 0.95).
-Skipped, with the reason printed, when Horovod is not installed.
+  (Engine(precision="bf16")) against the same speedup of a hand-written torch.autocast
+  loop, in one process on the same model and batch (target >= 0.95).
+Horovod's lines are skipped, with the reason, when Horovod is not installed.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import statistics
+import time
 
-from benchmarks.common import Comparison, interleave, median_step
+from benchmarks.common import Comparison, median_step
 
 
 def horovod(rounds: int, steps: int, model: str) -> list[Comparison]:
-    hvd = ["--gpus", "2", "--strategy", "horovod"]
-    versus_hand = interleave(rounds, lambda: median_step("engine", hvd, steps, model)["samples_per_s"],
-                             lambda: median_step("hvd_hand", hvd, steps, model)["samples_per_s"],
-                             Comparison("horovod_vs_handwritten (samples/s)", 0.97, lower_is_better=False), warmup=0)
-    versus_ddp = interleave(rounds, lambda: median_step("engine", hvd, steps, model)["samples_per_s"],
-                            lambda: median_step("engine", ["--gpus", "2"], steps, model)["samples_per_s"],
-                            Comparison("engine_horovod_vs_engine_ddp (samples/s)", None, lower_is_better=False),
-                            warmup=0)
+    hvd, ddp = ["--gpus", "2", "--strategy", "horovod"], ["--gpus", "2"]
+    versus_hand = Comparison("horovod_vs_handwritten (samples/s)", 0.97, lower_is_better=False)
+    versus_ddp = Comparison("engine_horovod_vs_engine_ddp (samples/s)", None, lower_is_better=False)
+    for index in range(rounds):  # one engine-horovod run per round serves both comparisons
+        order = ["engine", "hand", "ddp"] if index % 2 == 0 else ["ddp", "hand", "engine"]
+        got = {}
+        for which in order:
+            mode, args = {"engine": ("engine", hvd), "hand": ("hvd_hand", hvd), "ddp": ("engine", ddp)}[which]
+            got[which] = median_step(mode, args, steps, model)["samples_per_s"]
+        versus_hand.ours.append(got["engine"])
+        versus_hand.peer.append(got["hand"])
+        versus_ddp.ours.append(got["engine"])
+        versus_ddp.peer.append(got["ddp"])
     return [versus_hand, versus_ddp]
 
 
-def amp(rounds: int, steps: int, model: str) -> Comparison:
-    one = ["--strategy", "single"]
+def _step_time(train_step, steps: int) -> float:
+    train_step()  # warm-up
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        train_step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
-    def engine_speedup() -> float:
-        fp32 = median_step("engine", one, steps, model)["step"]
-        return fp32 / median_step("engine", one + ["--precision", "bf16"], steps, model)["step"]
 
-    def hand_speedup() -> float:
-        fp32 = median_step("single_hand", one, steps, model)["step"]
-        return fp32 / median_step("single_hand", one, steps, model, "--autocast", "bf16")["step"]
+def amp(rounds: int, steps: int, model_name: str) -> Comparison:
+    import torch
+    import torch.nn.functional as F
 
-    return interleave(rounds, engine_speedup, hand_speedup,
-                      Comparison("amp_bf16_speedup_vs_handwritten", 0.95, lower_is_better=False), warmup=0)
+    from trainfleet.engine.engine import Engine
+    from trainfleet.models import build_model
+
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+
+    def engine_loop(precision: str):
+        engine = Engine(strategy="single", precision=precision)
+        model = build_model(model_name)
+        model, optimizer = engine.setup(model, torch.optim.SGD(model.parameters(), lr=0.01))
+
+        def step() -> None:
+            with engine.autocast():
+                loss = F.cross_entropy(model(x), y)
+            engine.backward(loss)
+            engine.step(optimizer)
+        return step
+
+    def hand_loop(bf16: bool):
+        model = build_model(model_name)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+
+        def step() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return step
+
+    loops = {"e32": engine_loop("32"), "ebf16": engine_loop("bf16"), "h32": hand_loop(False), "hbf16": hand_loop(True)}
+    result = Comparison("amp_bf16_speedup_vs_handwritten", 0.95, lower_is_better=False)
+    for index in range(rounds):
+        order = list(loops) if index % 2 == 0 else list(reversed(loops))
+        t = {name: _step_time(loops[name], steps) for name in order}
+        result.ours.append(t["e32"] / t["ebf16"])
+        result.peer.append(t["h32"] / t["hbf16"])
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,13 +94,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--quick", action="store_true", help="3 rounds of 8 steps")
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 4 steps")
     parser.add_argument("--smoke", action="store_true", help="1 round of 3 steps on lenet")
     args = parser.parse_args(argv)
     if args.smoke:
         args.rounds, args.steps, args.model = 1, 3, "lenet"
     elif args.quick:
-        args.rounds, args.steps = 3, 8
+        args.rounds, args.steps = 2, 4
     if importlib.util.find_spec("horovod") is None:
         print("horovod_vs_handwritten: skipped (Horovod is not installed: run scripts/build-horovod.sh)")
         print("engine_horovod_vs_engine_ddp: skipped (Horovod is not installed)")

@@ -31,10 +31,10 @@ def measure(rounds: int) -> Comparison:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--quick", action="store_true", help="5 rounds")
+    parser.add_argument("--quick", action="store_true", help="3 rounds")
     parser.add_argument("--smoke", action="store_true", help="1 round, no warm-up")
     args = parser.parse_args(argv)
-    rounds = 1 if args.smoke else (5 if args.quick else args.rounds)
+    rounds = 1 if args.smoke else (3 if args.quick else args.rounds)
     print(measure(rounds).line(), flush=True)
 
 

@@ -29,11 +29,12 @@ parser.add_argument("--warmup", type=int, default=3)
 parser.add_argument("--model", default="resnet18")
 parser.add_argument("--batch", type=int, default=32, help="per worker")
 parser.add_argument("--autocast", choices=["none", "bf16"], default="none", help="single_hand only")
+parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per step (engine, ddp_hand)")
 args = parser.parse_args()
 
 torch.manual_seed(0)
 world = int(os.environ.get("WORLD_SIZE", 1))
-samples = args.batch * world * (args.steps + args.warmup)
+samples = args.batch * world * (args.steps + args.warmup) * args.accumulate
 data = TensorDataset(torch.randn(samples, 3, 32, 32), torch.randint(0, 10, (samples,)))
 model = build_model(args.model, num_classes=10)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -47,10 +48,12 @@ if args.mode == "engine":
     loader = engine.dataloader(data, batch_size=args.batch)
     rank = engine.rank
 
-    def train_step(x, y):
-        with engine.autocast():
-            loss = F.cross_entropy(model(x), y)
-        engine.backward(loss)
+    def train_step(batches):
+        for micro, (x, y) in enumerate(batches):
+            with engine.no_sync(model) if micro < len(batches) - 1 else contextlib.nullcontext():
+                with engine.autocast():
+                    loss = F.cross_entropy(model(x), y) / len(batches)
+                engine.backward(loss)
         engine.step(optimizer)
 elif args.mode == "ddp_hand":
     import torch.distributed as dist
@@ -76,10 +79,13 @@ if args.mode != "engine":
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.autocast == "bf16" \
         else contextlib.nullcontext
 
-    def train_step(x, y):
-        with autocast():
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
+    def train_step(batches):
+        for micro, (x, y) in enumerate(batches):
+            skip_sync = micro < len(batches) - 1 and hasattr(model, "no_sync")
+            with model.no_sync() if skip_sync else contextlib.nullcontext():
+                with autocast():
+                    loss = F.cross_entropy(model(x), y) / len(batches)
+                loss.backward()
         optimizer.step()
         optimizer.zero_grad()
 
@@ -87,9 +93,9 @@ times = []
 batches = iter(loader)
 for step in range(args.warmup + args.steps):
     start = time.perf_counter()
-    x, y = next(batches)
-    train_step(x, y)
+    train_step([next(batches) for _ in range(args.accumulate)])
     times.append(time.perf_counter() - start)
 if rank == 0:
     with open(os.path.join(args.out, f"{args.mode}.json"), "w") as handle:
-        json.dump({"step_times": times[args.warmup:], "samples_per_step": args.batch * world}, handle)
+        json.dump({"step_times": times[args.warmup:], "samples_per_step": args.batch * world * args.accumulate},
+                  handle)

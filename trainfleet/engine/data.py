@@ -9,6 +9,7 @@ and what lets a run resume at another world size.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -194,8 +195,9 @@ class DeviceDataLoader:
     checkpoints through :meth:`state_dict`/:meth:`load_state_dict`.
     """
 
-    def __init__(self, loader: DataLoader, sampler: GlobalOrderSampler, device: torch.device):
-        self.loader, self.sampler, self.device = loader, sampler, device
+    def __init__(self, loader: DataLoader, sampler: GlobalOrderSampler, device: torch.device,
+                 timer: Any = None):
+        self.loader, self.sampler, self.device, self.timer = loader, sampler, device, timer
         self.dataset = loader.dataset.dataset if isinstance(loader.dataset, _Indexed) else loader.dataset
         self._next_epoch = 0
         self._next_start = 0
@@ -222,9 +224,17 @@ class DeviceDataLoader:
         self.sampler.set_epoch(epoch, start)
         self._next_epoch, self._next_start = epoch + 1, 0
         self.consumed = start
-        for batch in self.loader:
+        batches = iter(self.loader)
+        while True:
+            waited = time.perf_counter()
+            try:
+                batch = move_to_device(next(batches), self.device)
+            except StopIteration:
+                return
+            if self.timer is not None:
+                self.timer.batch(time.perf_counter() - waited, self.batch_size)
             self.consumed = min(self.consumed + self.global_batch_size, self.sampler.epoch_length())
-            yield move_to_device(batch, self.device)
+            yield batch
 
     def state_dict(self) -> dict[str, int]:
         """Where the data stands: the next global sample to read."""

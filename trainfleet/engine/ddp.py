@@ -75,7 +75,12 @@ class DDPStrategy(Strategy):
 
     def _setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
         device_ids = [self.root_device.index] if self.root_device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **self.ddp_kwargs)
+        wrapped = torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **self.ddp_kwargs)
+        if self.timer is not None:
+            from trainfleet.engine.profiling import timed_allreduce_hook
+
+            wrapped.register_comm_hook(None, timed_allreduce_hook(self.timer))
+        return wrapped
 
     def no_backward_sync(self, module: torch.nn.Module) -> ContextManager[Any]:
         if isinstance(module, torch.nn.parallel.DistributedDataParallel):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import random
 from pathlib import Path
@@ -14,6 +15,7 @@ from trainfleet.engine import checkpoint as ckpt
 from trainfleet.engine.data import (DeviceDataLoader, GlobalOrderSampler, _Indexed, checked_collate,
                                     resolve_batch_sizes)
 from trainfleet.engine.precision import build_precision
+from trainfleet.engine.profiling import StepTimer
 from trainfleet.engine.state import (capture_rng, library_versions, load_optimizer_state_by_name,
                                      optimizer_state_by_name)
 from trainfleet.engine.state import restore_rng as restore_rng_state
@@ -63,6 +65,10 @@ class Engine:
         self._saver = ckpt.AsyncSaver()
         seed_everything(seed)
         self.strategy.setup_environment()
+        self.timer = StepTimer.from_env(self.rank, self.world_size)  # trainfleet bench only
+        if self.timer is not None:
+            self.timer.device = self.device
+            self.strategy.timer = self.timer
         atexit.register(self.close)
 
     # ----- where we are --------------------------------------------------------------
@@ -133,7 +139,7 @@ class Engine:
         loader_kwargs.setdefault("pin_memory", self.device.type == "cuda")
         loader = DataLoader(dataset, batch_size=per_worker, sampler=sampler, num_workers=num_workers,
                             collate_fn=collate_fn, **loader_kwargs)
-        return DeviceDataLoader(loader, sampler, self.device)
+        return DeviceDataLoader(loader, sampler, self.device, timer=self.timer)
 
     # ----- the step ------------------------------------------------------------------
     def autocast(self) -> ContextManager[Any]:
@@ -142,13 +148,21 @@ class Engine:
 
     def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()`` through the precision (loss scaling) and strategy."""
-        self.strategy.backward(loss)
+        if self.timer is None:
+            self.strategy.backward(loss)
+            return
+        self.timer.forward_done()
+        with self.timer.phase("backward"):
+            self.strategy.backward(loss)
 
     def step(self, optimizer: torch.optim.Optimizer, zero_grad: bool = True) -> bool:
         """Optimizer step, then zero the gradients. Returns False if the step was skipped."""
-        stepped = self.strategy.optimizer_step(optimizer)
-        if zero_grad:
-            self.strategy.zero_grad(optimizer)
+        with self.timer.phase("optimizer") if self.timer is not None else contextlib.nullcontext():
+            stepped = self.strategy.optimizer_step(optimizer)
+            if zero_grad:
+                self.strategy.zero_grad(optimizer)
+        if self.timer is not None:
+            self.timer.step_done()
         return stepped
 
     def no_sync(self, model: torch.nn.Module) -> ContextManager[Any]:

@@ -107,7 +107,11 @@ class HorovodStrategy(Strategy):
         """
         if not hasattr(optimizer, "synchronize"):
             return super().optimizer_step(optimizer)
-        optimizer.synchronize()
+        if self.timer is not None:
+            with self.timer.phase("comm"):
+                optimizer.synchronize()
+        else:
+            optimizer.synchronize()
         with optimizer.skip_synchronize():
             return self.precision.optimizer_step(optimizer)
 

@@ -37,6 +37,7 @@ class Strategy(ABC):
         self.env = env if env is not None else ClusterEnvironment.from_env()
         self.accelerator = accelerator
         self._environment_ready = False
+        self.timer: Any = None  # a profiling.StepTimer under `trainfleet bench`
 
     # ----- layout ------------------------------------------------------------------
     @property

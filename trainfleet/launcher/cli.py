@@ -132,6 +132,42 @@ def add_ckpt_commands(sub: Any) -> None:
                              help="allow files that need full unpickling (only files you trust)")
 
 
+def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        return [kind(part) for part in text.split(",") if part]
+
+    return parse
+
+
+def _run_bench(ns: argparse.Namespace) -> int:
+    from trainfleet.bench.command import bench
+
+    script_args = ns.script_args[1:] if ns.script_args[:1] == ["--"] else ns.script_args
+    bench(ns.strategies, ns.precisions, ns.gpus, ns.out, ns.steps, ns.warmup, ns.rounds, ns.model, ns.dataset,
+          ns.batch_size, ns.script, script_args, progress=not ns.no_progress)
+    return 0
+
+
+def add_bench_command(sub: Any) -> None:
+    """``trainfleet bench``: strategies x precisions x worker counts on your model or script."""
+    bench = sub.add_parser("bench", help="compare the parallel strategies and precisions")
+    add = bench.add_argument
+    add("--model", default="resnet18", help="a registry model (default resnet18)")
+    add("--dataset", default="synthetic", help="a registry dataset (default synthetic)")
+    add("--script", help="benchmark your own training script (it must use trainfleet.Engine) instead")
+    add("--strategies", type=_csv(str), default=["single", "ddp"], help="comma list (default single,ddp)")
+    add("--precisions", type=_csv(str), default=["32"], help="comma list, e.g. 32,bf16 (default 32)")
+    add("--gpus", type=_csv(int), default=[1, 2], help="worker counts, comma list (default 1,2)")
+    add("--steps", type=int, default=20, help="timed steps per run (default 20)")
+    add("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    add("--rounds", type=int, default=3, help="interleaved repetitions (default 3)")
+    add("--batch-size", type=int, default=32, help="per worker (built-in model only; default 32)")
+    add("--out", default="bench", help="folder for results.md/csv and the plots (default ./bench)")
+    add("--no-progress", action="store_true", help="no progress bar")
+    add("script_args", nargs=argparse.REMAINDER, help="arguments for --script (after --)")
+    bench.set_defaults(func=_run_bench)
+
+
 def build_trainfleet_parser() -> argparse.ArgumentParser:
     """``trainfleet`` with its subcommands."""
     parser = OneLineParser(prog="trainfleet", description="Run PyTorch training from a laptop to many nodes.")
@@ -145,6 +181,7 @@ def build_trainfleet_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("train_args", nargs=argparse.REMAINDER)
     train_parser.set_defaults(func=_run_train)
     add_ckpt_commands(sub)
+    add_bench_command(sub)
     sub.add_parser("models", help="list registered models").set_defaults(func=_list_models)
     sub.add_parser("datasets", help="list registered datasets").set_defaults(func=_list_datasets)
     return parser

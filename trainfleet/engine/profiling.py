@@ -1,0 +1,135 @@
+"""Per-step timing for ``trainfleet bench``, switched on by TRAINFLEET_BENCH_OUT.
+
+The engine sees every phase of a step through its own API, so it can time any
+script written against it: *data* is the wait for the next batch, *forward* the time
+from the batch's arrival to ``engine.backward``, *backward* and *optimizer* the
+engine calls themselves, and *comm* the gradient all-reduce (DDP: from each bucket's
+launch to its completion, which overlaps backward; Horovod: the wait in
+``synchronize``). After TRAINFLEET_BENCH_WARMUP + TRAINFLEET_BENCH_STEPS steps each
+rank writes its record and the run ends (SystemExit 0).
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+PHASES = ("data", "forward", "backward", "comm", "optimizer")
+
+
+class StepTimer:
+    """Accumulates phase times per step and writes them when the budget is spent."""
+
+    def __init__(self, out_dir: str, warmup: int, steps: int, rank: int, world_size: int):
+        self.out_dir, self.warmup, self.steps = Path(out_dir), warmup, steps
+        self.rank, self.world_size = rank, world_size
+        self.records: list[dict[str, float]] = []
+        self.current = dict.fromkeys(PHASES, 0.0)
+        self.batch_arrived: float | None = None
+        self.samples = 0
+        self.device: Any = None
+        self._open: list[str] = []  # phases being timed, innermost last
+        self._step_start: float | None = None
+
+    @classmethod
+    def from_env(cls, rank: int, world_size: int) -> "StepTimer | None":
+        out = os.environ.get("TRAINFLEET_BENCH_OUT")
+        if not out:
+            return None
+        return cls(out, int(os.environ.get("TRAINFLEET_BENCH_WARMUP", 3)),
+                   int(os.environ.get("TRAINFLEET_BENCH_STEPS", 20)), rank, world_size)
+
+    def _sync(self) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.current[phase] += seconds
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time a block (CUDA work included: synchronised at both ends).
+
+        Phases are exclusive: a phase timed inside another (Horovod's ``synchronize``
+        inside the optimizer step) is taken out of the enclosing one.
+        """
+        self._sync()
+        start = time.perf_counter()
+        self._open.append(name)
+        try:
+            yield
+        finally:
+            self._sync()
+            self._open.pop()
+            elapsed = time.perf_counter() - start
+            self.add(name, elapsed)
+            if self._open:
+                self.add(self._open[-1], -elapsed)
+
+    def batch(self, waited: float, size: int) -> None:
+        """A batch arrived after ``waited`` seconds; the forward pass starts now."""
+        self.add("data", waited)
+        self.samples = size
+        self.batch_arrived = time.perf_counter()
+        if self._step_start is None:
+            self._step_start = self.batch_arrived - waited
+
+    def forward_done(self) -> None:
+        """``engine.backward`` was called: everything since the batch arrived is forward."""
+        if self.batch_arrived is not None:
+            self._sync()
+            self.add("forward", time.perf_counter() - self.batch_arrived)
+            self.batch_arrived = None
+
+    def step_done(self) -> None:
+        """The optimizer step ended: close the step, and finish the run when the budget is spent."""
+        self.current["samples"] = float(self.samples)
+        now = time.perf_counter()
+        self.current["wall"] = now - (self._step_start if self._step_start is not None else now)
+        self._step_start = None
+        self.records.append(self.current)
+        self.current = dict.fromkeys(PHASES, 0.0)
+        if len(self.records) >= self.warmup + self.steps:
+            self.write()
+            sys.stdout.flush()
+            raise SystemExit(0)
+
+    def write(self) -> None:
+        """Write this rank's record: per-step phases after warm-up, peak memory."""
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if self.device is not None and self.device.type == "cuda":
+            import torch
+
+            peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        record = {"rank": self.rank, "world_size": self.world_size, "steps": self.records[self.warmup:],
+                  "peak_mb": peak_mb, "memory": "cuda allocated" if self.device is not None
+                  and self.device.type == "cuda" else "max RSS"}
+        (self.out_dir / f"rank{self.rank}.json").write_text(json.dumps(record))
+
+
+def timed_allreduce_hook(timer: StepTimer):
+    """A DDP comm hook: the default all-reduce (mean), timed from launch to completion."""
+    import torch.distributed as dist
+
+    # No annotations: DDP checks them against dist.GradBucket, and under
+    # `from __future__ import annotations` they would be strings.
+    def hook(state, bucket):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        tensor = bucket.buffer().div_(dist.get_world_size())
+        future = dist.all_reduce(tensor, async_op=True).get_future()
+
+        def done(fut):  # type: ignore[no-untyped-def]
+            timer.add("comm", time.perf_counter() - start)
+            return fut.value()[0]
+
+        return future.then(done)
+
+    return hook
