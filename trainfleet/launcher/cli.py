@@ -56,7 +56,17 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     add("--start-method", dest="start_method", default=_env_default("start_method", "fork"),
         help="fork (default, reuses the launcher's torch import), spawn or forkserver")
     add("--grace-period", dest="grace_period", type=float, default=_env_default("grace_period", 3.0),
-        help="seconds between SIGTERM and SIGKILL when stopping workers (default 3)")
+        help="seconds a signalled worker gets to finish (e.g. checkpoint) before SIGKILL (default 3)")
+    add("--max-restarts", "--max_restarts", dest="max_restarts", type=int, default=_env_default("max_restarts", 0),
+        help="restart the whole job after a worker failure, up to this many times (default 0)")
+    add("--heartbeat-timeout", dest="heartbeat_timeout", type=float, default=_env_default("heartbeat_timeout", 6.0),
+        help="seconds without a sign of life before a node, the master or a frozen worker fails the job "
+             "(default 6)")
+    add("--rendezvous-timeout", dest="rendezvous_timeout", type=float,
+        default=_env_default("rendezvous_timeout", 120.0), help="seconds to wait for every node (default 120)")
+    add("--collective-timeout", dest="collective_timeout", type=float, default=_env_default("collective_timeout"),
+        help="seconds before a collective some rank never joins fails, naming rank and call site "
+             "(default: torch's 30 min)")
     add("-m", "--module", action="store_true", help="run TARGET as a module, like python -m")
     add("target", nargs="?", help="the training script (or module with -m)")
     add("args", nargs=argparse.REMAINDER, help="arguments for the script")
@@ -70,7 +80,9 @@ def launch_config_from_args(ns: argparse.Namespace):
         target=ns.target, args=list(ns.args), module=ns.module, nodes=ns.nodes, gpus=ns.gpus,
         node_rank=ns.node_rank, master_addr=ns.master_addr, master_port=ns.master_port,
         strategy=ns.strategy, precision=ns.precision, amp_backend=ns.amp_backend, debug=ns.debug, cpu=ns.cpu,
-        log_dir=ns.log_dir, start_method=ns.start_method, grace_period=ns.grace_period)
+        log_dir=ns.log_dir, start_method=ns.start_method, grace_period=ns.grace_period,
+        max_restarts=ns.max_restarts, heartbeat_timeout=ns.heartbeat_timeout,
+        rendezvous_timeout=ns.rendezvous_timeout, collective_timeout=ns.collective_timeout)
 
 
 def _run_launch(ns: argparse.Namespace) -> int:

@@ -36,7 +36,16 @@ class LaunchConfig:
         cpu: run CPU workers even when CUDA devices exist.
         log_dir: per-rank log files go below it (a temporary folder when None).
         start_method: how workers start (``fork`` reuses the launcher's imported torch).
-        grace_period: seconds between SIGTERM and SIGKILL when stopping workers.
+        grace_period: seconds a signalled worker gets to finish (a checkpoint) before SIGKILL.
+        max_restarts: restart the whole job (every node) after a worker failure, this many times.
+        heartbeat_timeout: a node, the master or a worker that shows no sign of life (no
+            heartbeat; stopped) for this long fails the job. Heartbeats come from each
+            agent's control thread every 0.5 s whatever the workers do, so a long step
+            cannot trip it; 6 s rides out a GC pause or a brief network stall while keeping
+            detection of a frozen worker or agent under 10 s and of a cut link under 15 s.
+        rendezvous_timeout: how long a node waits for the master and the master for the nodes.
+        collective_timeout: seconds before a collective that some rank never joins fails,
+            naming the rank and the call site (torch's default is 30 minutes).
         horovod_port: port of Horovod's rendezvous server on the master; MASTER_PORT + 1
             when None and the master port is fixed (multi-node), else a free port.
         cuda_devices: CUDA devices on this node; probed without torch when None.
@@ -58,6 +67,10 @@ class LaunchConfig:
     log_dir: str | None = None
     start_method: str = "fork"
     grace_period: float = 3.0
+    max_restarts: int = 0
+    heartbeat_timeout: float = 6.0
+    rendezvous_timeout: float = 120.0
+    collective_timeout: float | None = None
     horovod_port: int | None = None
     cuda_devices: int | None = None
     run_id: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
@@ -73,6 +86,13 @@ class LaunchConfig:
                              "omit it to pick a free port.")
         if self.grace_period < 0:
             raise UsageError(f"--grace-period {self.grace_period} must be >= 0 seconds.")
+        if self.max_restarts < 0:
+            raise UsageError(f"--max-restarts {self.max_restarts} must be >= 0.")
+        for flag, value in (("--heartbeat-timeout", self.heartbeat_timeout),
+                            ("--rendezvous-timeout", self.rendezvous_timeout),
+                            ("--collective-timeout", self.collective_timeout)):
+            if value is not None and value <= 0:
+                raise UsageError(f"{flag} {value} must be a positive number of seconds.")
 
     # ----- checks ---------------------------------------------------------------------
     def _check_target(self) -> None:

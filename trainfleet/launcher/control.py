@@ -31,6 +31,8 @@ class Failure:
     rank: int | None
     how: str
     lines: list[str] = field(default_factory=list)
+    local_rank: int | None = None
+    elapsed: float | None = None  # seconds from the worker's start to its failure
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -71,10 +73,11 @@ class ControlChannel(threading.Thread):
         self.lost: str | None = None  # why a peer (or the master) is considered gone
         self.signal: int | None = None
         self.attempt = 0
+        self.done_attempt = -1
         self._seen: dict[str, tuple[int, float]] = {}
         self._last_contact = time.monotonic()
         self._outbox: list[tuple[str, str]] = []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     # ----- called by the agent ---------------------------------------------------------
     def report_failure(self, failure: Failure) -> None:
@@ -91,18 +94,45 @@ class ControlChannel(threading.Thread):
     def publish(self, key: str, value: str) -> None:
         self._send(key, value)
 
-    def _send(self, key: str, value: str, first_only: bool = False) -> None:
+    def _send(self, key: str, value: str, first_only: bool = False, counter: bool = False) -> None:
         try:
-            if first_only:
+            if counter:
+                self.store.add(key, 1)
+            elif first_only:
                 self.store.compare_set(key, "", value)
             else:
                 self.store.set(key, value)
         except RuntimeError:  # unreachable now: the thread retries
             with self.lock:
-                self._outbox.append((key, value))
+                self._outbox.append((key, "+1" if counter else value))
+
+    def mark_done(self, attempt: int) -> None:
+        """This node's workers all finished attempt ``attempt`` successfully."""
+        self._send(f"done/{attempt}", "", counter=True)
+
+    def clear_failure(self) -> None:
+        """Forget the last failure (a restart is starting)."""
+        with self.lock:
+            self.failure, self.signal = None, None
+
+    def leave(self, wait_for_all: bool) -> None:
+        """Say this agent is leaving; the master waits (bounded) until every node said so,
+        so nobody loses the store before reading the job's final state."""
+        try:
+            self.store.add("left", 1)
+            deadline = time.monotonic() + self.timeout
+            while wait_for_all and int(self.store.add("left", 0)) < self.nodes - len(self._gone()):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        except RuntimeError:
+            pass
+
+    def _gone(self) -> list[str]:
+        return [self.lost] if self.lost else []
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
     # ----- the thread ------------------------------------------------------------------
     def _beat(self) -> None:
@@ -127,15 +157,19 @@ class ControlChannel(threading.Thread):
             self.signal = int(self.store.get("job/signal"))
         if self.store.check(["job/attempt"]):
             self.attempt = int(self.store.get("job/attempt"))
+        if self.node == 0 and int(self.store.add(f"done/{self.attempt}", 0)) >= self.nodes:
+            self.store.set("job/done", str(self.attempt))
+        if self.store.check(["job/done"]):
+            self.done_attempt = int(self.store.get("job/done"))
 
     def _flush_outbox(self) -> None:
         with self.lock:
             pending, self._outbox = self._outbox, []
         for key, value in pending:
-            self._send(key, value, first_only=key == "job/failure")
+            self._send(key, value, first_only=key == "job/failure", counter=value == "+1")
 
     def run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._halt.wait(self.interval):
             now = time.monotonic()
             try:
                 self._beat()
