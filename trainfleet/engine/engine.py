@@ -5,6 +5,9 @@ import atexit
 import contextlib
 import os
 import random
+import signal
+import threading
+import traceback
 from pathlib import Path
 from typing import Any, ContextManager
 
@@ -20,6 +23,22 @@ from trainfleet.engine.state import (capture_rng, library_versions, load_optimiz
                                      optimizer_state_by_name)
 from trainfleet.engine.state import restore_rng as restore_rng_state
 from trainfleet.engine.strategy import Strategy, build_strategy
+
+
+STOP_REQUEST_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """A collective timed out; the message names the rank and the call site."""
+
+
+def _call_site() -> str:
+    """``file:line (function)`` of the first caller outside trainfleet and contextlib."""
+    for frame in reversed(traceback.extract_stack()):
+        if not frame.filename.startswith(_PACKAGE_DIR) and "contextlib" not in frame.filename:
+            return f"{frame.filename}:{frame.lineno} ({frame.name})"
+    return "<unknown>"
 
 
 def seed_everything(seed: int) -> None:
@@ -65,6 +84,11 @@ class Engine:
         self._saver = ckpt.AsyncSaver()
         seed_everything(seed)
         self.strategy.setup_environment()
+        self.stop_signal: int | None = None  # the signal behind a stop request, once agreed
+        self._pending_signal: int | None = None
+        if env.get("TRAINFLEET_RUN_ID") and threading.current_thread() is threading.main_thread():
+            for signum in STOP_REQUEST_SIGNALS:  # only under launch: a plain script keeps Python's defaults
+                signal.signal(signum, self._on_signal)
         self.timer = StepTimer.from_env(self.rank, self.world_size)  # trainfleet bench only
         if self.timer is not None:
             self.timer.device = self.device
@@ -148,12 +172,13 @@ class Engine:
 
     def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()`` through the precision (loss scaling) and strategy."""
-        if self.timer is None:
-            self.strategy.backward(loss)
-            return
-        self.timer.forward_done()
-        with self.timer.phase("backward"):
-            self.strategy.backward(loss)
+        with self._collective("backward (gradient all-reduce)"):
+            if self.timer is None:
+                self.strategy.backward(loss)
+                return
+            self.timer.forward_done()
+            with self.timer.phase("backward"):
+                self.strategy.backward(loss)
 
     def step(self, optimizer: torch.optim.Optimizer, zero_grad: bool = True) -> bool:
         """Optimizer step, then zero the gradients. Returns False if the step was skipped."""
@@ -169,18 +194,54 @@ class Engine:
         """Skip gradient synchronisation inside (accumulate, then step outside)."""
         return self.strategy.no_backward_sync(model)
 
+    # ----- stop requests ---------------------------------------------------------------
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if signum == signal.SIGINT and self._pending_signal == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self._pending_signal = signum
+
+    def should_stop(self) -> bool:
+        """True on every rank once any rank received SIGTERM, SIGINT, SIGUSR1 or SIGUSR2.
+
+        A collective (one small all-reduce): call it on every rank at the same step, then
+        checkpoint and leave the loop together, so no rank is left waiting in a collective.
+        ``launch`` relays those signals to every worker of every node and gives them
+        ``--grace-period`` seconds before SIGKILL. :attr:`stop_signal` says which signal.
+        """
+        flag = torch.tensor([float(self._pending_signal or 0)], device=self.device)
+        agreed = int(self.all_reduce(flag, op="max").item())
+        if agreed:
+            self.stop_signal = agreed
+        return bool(agreed)
+
     # ----- collectives ---------------------------------------------------------------
     def all_reduce(self, tensor: torch.Tensor | float, op: str = "mean") -> torch.Tensor:
         """Reduce over all ranks (``sum``, ``mean``, ``max``, ``min``, ``product``)."""
-        return self.strategy.all_reduce(tensor, op)
+        with self._collective("all_reduce"):
+            return self.strategy.all_reduce(tensor, op)
 
     def barrier(self) -> None:
         """Wait for every rank."""
-        self.strategy.barrier()
+        with self._collective("barrier"):
+            self.strategy.barrier()
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         """A tensor or picklable object from rank ``src`` to every rank."""
-        return self.strategy.broadcast(obj, src)
+        with self._collective("broadcast"):
+            return self.strategy.broadcast(obj, src)
+
+    @contextlib.contextmanager
+    def _collective(self, name: str):
+        """Turn a backend timeout into an error naming this rank and the caller's line."""
+        try:
+            yield
+        except RuntimeError as err:
+            if "timed out" not in str(err).lower() and "timeout" not in str(err).lower():
+                raise
+            raise CollectiveTimeoutError(
+                f"rank {self.rank}: {name} at {_call_site()} timed out after "
+                f"{getattr(self.strategy, 'timeout_s', '?')}s: the other ranks never joined it. HINT: do all "
+                "ranks reach this line (rank-dependent code)? The limit is --collective-timeout.") from err
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         """``print`` on global rank 0 only."""

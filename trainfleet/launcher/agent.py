@@ -79,6 +79,7 @@ class NodeAgent:
         self.attempt_servers: list[Any] = []
         self.signum: int | None = None
         self.started = time.monotonic()
+        self.exit_hard = False
 
     # ----- control plane -------------------------------------------------------------
     def _connect(self) -> None:
@@ -103,16 +104,18 @@ class NodeAgent:
             raise UsageError(f"node {self.node_rank}: --master-addr {cfg.master_addr} does not resolve ({err}).",
                              "use the master's hostname or IP address as this node sees it.") from err
         deadline = time.monotonic() + cfg.rendezvous_timeout
-        while True:
+        while True:  # a plain TCP probe first: the store's client logs every failed attempt
             try:
+                socket.create_connection((cfg.master_addr, cfg.master_port), timeout=min(timeout, 1.0)).close()
                 return control.connect(cfg.master_addr, cfg.master_port, timeout)
-            except RuntimeError as err:
+            except (OSError, RuntimeError) as err:
                 if time.monotonic() > deadline:
+                    reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
                     raise UsageError(
                         f"node {self.node_rank}: the master {cfg.master_addr}:{cfg.master_port} is unreachable "
-                        f"after {cfg.rendezvous_timeout:.0f}s ({str(err).splitlines()[0]}).",
+                        f"after {cfg.rendezvous_timeout:.0f}s ({reason}).",
                         "start node 0 first, check --master-addr/--master-port and that the port is open.") from err
-                time.sleep(0.5)
+                time.sleep(0.3)
 
     def _layout(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -226,7 +229,7 @@ class NodeAgent:
                 if worker.exitcode != 0:
                     failure = Failure(self.node_rank, worker.spec.rank, worker.describe_exit(),
                                       _tail(group, worker.spec.rank), worker.spec.local_rank,
-                                      time.monotonic() - worker.started)
+                                      time.monotonic() - worker.started, _failed_at(worker.spec.error_file))
                     channel.report_failure(failure)
                     return Outcome("failed", channel.failure or failure)
             frozen = group.frozen(self.cfg.heartbeat_timeout)
@@ -238,6 +241,8 @@ class NodeAgent:
                 return Outcome("failed", channel.failure or failure)
             if channel.failure is not None:
                 return Outcome("failed", channel.failure)
+            if channel.lost is None and not self.is_master and channel.silent_for() > self.cfg.heartbeat_timeout:
+                channel.lost = f"lost the master (node 0): no answer for {channel.silent_for():.1f}s"
             if channel.lost is not None:
                 failure = Failure(self.node_rank, None, channel.lost)
                 channel.report_failure(failure)
@@ -251,7 +256,7 @@ class NodeAgent:
     def _advance(self, attempt: int) -> bool:
         """After a restartable failure: wait until every node stopped, then start the next attempt."""
         store, nodes = self.channel.store, self.cfg.nodes
-        store.add(f"stopped/{attempt}", 1)
+        self.channel.count(f"stopped/{attempt}")
         deadline = time.monotonic() + self.cfg.heartbeat_timeout * 2
         if self.is_master:
             while int(store.add(f"stopped/{attempt}", 0)) < nodes:
@@ -276,7 +281,6 @@ class NodeAgent:
     def run(self) -> int:
         """Pre-flight, attempts, report; returns this agent's exit code."""
         previous = {signum: signal.signal(signum, self._on_signal) for signum in FORWARDED_SIGNALS}
-        outcome = Outcome("failed")
         try:
             self._connect()
             self._preflight()
@@ -285,21 +289,25 @@ class NodeAgent:
                 if not outcome.restartable or attempt == self.cfg.max_restarts:
                     break
                 if self.is_master:
-                    f = outcome.failure
+                    f = self.channel.first_failure() or outcome.failure
                     say(f"rank {f.rank} on node {f.node} failed ({f.how}); restarting every node "
                         f"(restart {attempt + 1} of {self.cfg.max_restarts}).")
                 if not self._advance(attempt):
                     break
+            return self._report(outcome)  # before closing: the master reads every node's record
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             self._close()
-        return self._report(outcome)
 
     def _close(self) -> None:
         if self.channel is not None:
             self.channel.leave(wait_for_all=self.is_master)
             self.channel.stop()
+            self.channel.join(timeout=3.0)
+            # A thread still inside a store call (a cut link) would abort the interpreter's
+            # shutdown ("terminate called without an active exception"): exit hard instead.
+            self.exit_hard = self.channel.is_alive()
         for sock in self.sockets.values():
             sock.close()
         self.sockets.clear()
@@ -313,6 +321,8 @@ class NodeAgent:
                 say(f"stopped by {signal.Signals(outcome.signum).name}; logs in {self.cfg.log_dir or 'the log dir'}")
             return 128 + outcome.signum
         failure = outcome.failure
+        if self.is_master and self.channel is not None:
+            failure = self.channel.first_failure() or failure
         if failure is None:
             return 1
         where = (f"rank {failure.rank} (node {failure.node}, local rank {failure.local_rank})"
@@ -337,6 +347,14 @@ def _exit_code(failure: Failure, node: int) -> int:
     if failure.how.startswith("signal SIG"):
         return 128 + signal.Signals[words[1]].value
     return 1
+
+
+def _failed_at(error_file: str) -> float:
+    """When the worker raised (its error file's timestamp), else now."""
+    try:
+        return float(json.loads(Path(error_file).read_text())["timestamp"])
+    except (OSError, ValueError, KeyError):
+        return time.time()
 
 
 def _flag(key: str) -> str:

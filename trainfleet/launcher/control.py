@@ -33,6 +33,7 @@ class Failure:
     lines: list[str] = field(default_factory=list)
     local_rank: int | None = None
     elapsed: float | None = None  # seconds from the worker's start to its failure
+    at: float = field(default_factory=time.time)  # wall clock: the earliest failure is the cause
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -76,16 +77,43 @@ class ControlChannel(threading.Thread):
         self.done_attempt = -1
         self._seen: dict[str, tuple[int, float]] = {}
         self._last_contact = time.monotonic()
-        self._outbox: list[tuple[str, str]] = []
+        self._last_beat = 0.0
+        self._outbox: list[tuple[str, str, str]] = []  # (kind, key, value), sent by the thread
         self._halt = threading.Event()
+        self._wake = threading.Event()
+        self._flushed = threading.Event()
 
     # ----- called by the agent ---------------------------------------------------------
     def report_failure(self, failure: Failure) -> None:
-        """Publish this node's failure (the first one of the job wins)."""
+        """Publish this node's failure; the job fails on the first one to arrive."""
         with self.lock:
             if self.failure is None:
                 self.failure = failure
+        self._send(f"failure/{self.node}", failure.to_json())
         self._send("job/failure", failure.to_json(), first_only=True)
+
+    def first_failure(self, wait: float = 1.0) -> Failure | None:
+        """The earliest failure any node recorded (waiting briefly for the others' records).
+
+        A worker killed by its peer's death fails a moment after the peer: the earliest
+        wall-clock time names the cause, not whichever report reached the store first.
+        """
+        found: dict[int, Failure] = {}
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                for node in range(self.nodes):
+                    if node not in found and self.store.check([f"failure/{node}"]):
+                        text = self.store.get(f"failure/{node}")
+                        if text:
+                            found[node] = Failure.from_json(text)
+            except RuntimeError:
+                break
+            if len(found) == self.nodes or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        candidates = list(found.values()) + ([self.failure] if self.failure else [])
+        return min(candidates, key=lambda f: f.at) if candidates else None
 
     def report_signal(self, signum: int) -> None:
         """Ask every node to forward ``signum`` to its workers."""
@@ -94,17 +122,22 @@ class ControlChannel(threading.Thread):
     def publish(self, key: str, value: str) -> None:
         self._send(key, value)
 
+    def count(self, key: str) -> None:
+        """Add one to a counter in the store (through the thread)."""
+        self._send(key, "", counter=True)
+
     def _send(self, key: str, value: str, first_only: bool = False, counter: bool = False) -> None:
-        try:
-            if counter:
-                self.store.add(key, 1)
-            elif first_only:
-                self.store.compare_set(key, "", value)
-            else:
-                self.store.set(key, value)
-        except RuntimeError:  # unreachable now: the thread retries
-            with self.lock:
-                self._outbox.append((key, "+1" if counter else value))
+        """Queue a write for the thread: on a cut link a store call can block indefinitely
+        (the client's timeout does not cover every receive), and the agent must not."""
+        kind = "add" if counter else ("first" if first_only else "set")
+        with self.lock:
+            self._outbox.append((kind, key, value))
+            self._flushed.clear()
+        self._wake.set()
+
+    def silent_for(self) -> float:
+        """Seconds since the thread last completed a round with the master's store."""
+        return time.monotonic() - self._last_contact
 
     def mark_done(self, attempt: int) -> None:
         """This node's workers all finished attempt ``attempt`` successfully."""
@@ -114,29 +147,35 @@ class ControlChannel(threading.Thread):
         """Forget the last failure (a restart is starting)."""
         with self.lock:
             self.failure, self.signal = None, None
+        for node in range(self.nodes):
+            self._send(f"failure/{node}", "")
 
     def leave(self, wait_for_all: bool) -> None:
-        """Say this agent is leaving; the master waits (bounded) until every node said so,
-        so nobody loses the store before reading the job's final state."""
+        """Say this agent is leaving. The master (whose store is local) waits, bounded,
+        until every node said so, so nobody loses the store before reading the job's
+        final state; the others wait at most a second for their message to go out."""
+        self._send("left", "", counter=True)
+        self._flushed.wait(1.0)
+        if not wait_for_all:
+            return
+        deadline = time.monotonic() + self.timeout
         try:
-            self.store.add("left", 1)
-            deadline = time.monotonic() + self.timeout
-            while wait_for_all and int(self.store.add("left", 0)) < self.nodes - len(self._gone()):
+            while int(self.store.add("left", 0)) < self.nodes and not self.lost:
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
         except RuntimeError:
             pass
 
-    def _gone(self) -> list[str]:
-        return [self.lost] if self.lost else []
-
     def stop(self) -> None:
         self._halt.set()
+        self._wake.set()
 
     # ----- the thread ------------------------------------------------------------------
     def _beat(self) -> None:
-        self.store.add(f"hb/{MASTER if self.node == 0 else self.node}", 1)
+        if time.monotonic() - self._last_beat >= self.interval:
+            self.store.add(f"hb/{MASTER if self.node == 0 else self.node}", 1)
+            self._last_beat = time.monotonic()
 
     def _watch(self, name: str, now: float) -> None:
         count = int(self.store.add(f"hb/{name}", 0))
@@ -164,12 +203,26 @@ class ControlChannel(threading.Thread):
 
     def _flush_outbox(self) -> None:
         with self.lock:
-            pending, self._outbox = self._outbox, []
-        for key, value in pending:
-            self._send(key, value, first_only=key == "job/failure", counter=value == "+1")
+            pending = list(self._outbox)
+        for kind, key, value in pending:
+            if kind == "add":
+                self.store.add(key, 1)
+            elif kind == "first":
+                self.store.compare_set(key, "", value)
+            else:
+                self.store.set(key, value)
+            with self.lock:
+                self._outbox.pop(0)
+        with self.lock:
+            if not self._outbox:
+                self._flushed.set()
 
     def run(self) -> None:
-        while not self._halt.wait(self.interval):
+        while not self._halt.is_set():
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if self._halt.is_set():
+                return
             now = time.monotonic()
             try:
                 self._beat()
@@ -181,7 +234,5 @@ class ControlChannel(threading.Thread):
                     self._watch(MASTER, now)
                 self._poll()
                 self._last_contact = time.monotonic()
-            except RuntimeError:  # timed out or refused: the link or the master is gone
-                silent = time.monotonic() - self._last_contact
-                if silent > self.timeout and self.node != 0:
-                    self.lost = f"lost the master (node 0): unreachable for {silent:.1f}s"
+            except RuntimeError:  # timed out or refused: the agent's loop judges silent_for()
+                pass

@@ -270,4 +270,10 @@ def launch(cfg: LaunchConfig) -> int:
     if node == 0:
         _announce(cfg)
     cfg = dataclasses.replace(cfg, log_dir=str(log_dir(cfg)))
-    return NodeAgent(cfg, node, worker_specs, sockets).run()
+    agent = NodeAgent(cfg, node, worker_specs, sockets)
+    code = agent.run()
+    if agent.exit_hard:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

@@ -1,0 +1,97 @@
+"""Restarts, signals reaching every worker, collective timeouts and pre-flight checks."""
+import json
+import signal
+import subprocess
+import time
+
+from tests.conftest import BIN, SCRIPTS, pid_alive, run_cli
+from tests.launcher.test_nodes import free_port_pair
+
+LONG = str(SCRIPTS / "long_train.py")
+
+
+def wait_for(predicate, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_max_restarts_recovers_from_one_crash(tmp_path):
+    result = run_cli("launch", "--nodes", "2", "--gpus", "1", "--max-restarts", "1", "--log-dir",
+                     str(tmp_path / "logs"), LONG, str(tmp_path), "--steps", "8", "--crash-rank", "1",
+                     "--crash-step", "3", timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "rank 1 on node 1 failed (exit code 1); restarting every node (restart 1 of 1)" in result.stderr
+    done = json.loads((tmp_path / "done.json").read_text())
+    assert done == {"step": 8, "attempt": 1, "world": 2}
+    pid, attempt, resumed_at = (tmp_path / "ready.rank1").read_text().split()
+    assert attempt == "1" and int(resumed_at) == 3  # continued from its latest checkpoint
+    assert (tmp_path / "logs" / "node1" / "rank1.attempt1.log").exists()
+
+
+def test_without_restarts_the_crash_fails_the_job(tmp_path):
+    result = run_cli("launch", "--gpus", "2", "--log-dir", str(tmp_path / "logs"), LONG, str(tmp_path),
+                     "--steps", "8", "--crash-rank", "1", timeout=120)
+    assert result.returncode == 1
+    assert "RuntimeError: injected crash at step 3" in result.stderr
+
+
+def test_sigterm_reaches_every_worker_which_checkpoints(tmp_path):
+    process = subprocess.Popen([str(BIN / "launch"), "--nodes", "2", "--gpus", "1", "--grace-period", "20",
+                                "--log-dir", str(tmp_path / "logs"), LONG, str(tmp_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: all((tmp_path / f"ready.rank{r}").exists() for r in range(2)))
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    for rank in range(2):  # both nodes' workers saw the stop request
+        assert (tmp_path / f"stop.rank{rank}").read_text() == str(int(signal.SIGTERM))
+    latest = json.loads((tmp_path / "ckpt" / "latest.json").read_text())["latest"]
+    assert json.loads((tmp_path / "done.json").read_text())["step"] == int(latest.split("-")[1].split(".")[0])
+    for rank in range(2):
+        assert not pid_alive(int((tmp_path / f"ready.rank{rank}").read_text().split()[0]))
+
+
+def test_rank_divergent_collective_times_out_naming_rank_and_line(tmp_path):
+    script = tmp_path / "diverge.py"
+    script.write_text(
+        "import time, trainfleet\n"
+        "engine = trainfleet.Engine()\n"
+        "if engine.rank == 1:\n"
+        "    engine.barrier()  # rank 0 never comes\n"
+        "else:\n"
+        "    time.sleep(60)\n")
+    started = time.monotonic()
+    result = run_cli("launch", "--gpus", "2", "--collective-timeout", "3", "--log-dir", str(tmp_path / "logs"),
+                     str(script), timeout=120)
+    assert result.returncode == 1
+    assert time.monotonic() - started < 30
+    assert f"rank 1: barrier at {script}:4 (<module>) timed out after 3.0s" in result.stderr
+    assert "rank 1 (node 0, local rank 1) failed first" in result.stderr
+
+
+def test_preflight_unreachable_master(tmp_path):
+    port = free_port_pair()
+    result = run_cli("launch", "--nnodes", "2", "--node-rank", "1", "--master-addr", "127.0.0.1",
+                     "--master-port", str(port), "--rendezvous-timeout", "2", LONG, str(tmp_path), timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert f"node 1: the master 127.0.0.1:{port} is unreachable after 2s" in lines[0] and "HINT" in lines[0]
+
+
+def test_preflight_mismatched_gpus_across_nodes(tmp_path):
+    port = free_port_pair()
+    common = ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port), "--log-dir",
+              str(tmp_path / "logs"), LONG, str(tmp_path)]
+    agents = [subprocess.Popen([str(BIN / "launch"), "--node-rank", str(n), "--gpus", str(2 - n), *common],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in (0, 1)]
+    results = [a.communicate(timeout=120) + (a.returncode,) for a in agents]
+    for _, stderr, code in results:
+        assert code == 2, stderr
+        assert "node 1" in stderr and "was started with --gpus 1 but node 0" in stderr and "--gpus 2" in stderr
+    assert not list(tmp_path.glob("ready.rank*"))  # no worker started

@@ -1,0 +1,80 @@
+"""Two 'hosts' on one machine: network namespaces joined by a veth pair, with private addresses.
+
+Only the namespaces created here are ever talked to. Needs root and iproute2.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+
+def available() -> str | None:
+    """None when two-host tests can run, else the reason they cannot."""
+    if os.geteuid() != 0:
+        return "needs root for network namespaces"
+    if shutil.which("ip") is None:
+        return "needs iproute2 (apt-get install iproute2)"
+    return None
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+class TwoHosts:
+    """Namespaces A (10.231.N.1) and B (10.231.N.2) on one link that a test can cut."""
+
+    def __init__(self) -> None:
+        tag = f"{os.getpid() % 100000}"
+        self.names = (f"tfa{tag}", f"tfb{tag}")
+        self.links = (f"tva{tag}", f"tvb{tag}")
+        subnet = 10 + os.getpid() % 240
+        self.addrs = (f"10.231.{subnet}.1", f"10.231.{subnet}.2")
+
+    def __enter__(self) -> "TwoHosts":
+        (a, b), (va, vb) = self.names, self.links
+        for name in self.names:
+            _ip("netns", "add", name)
+        _ip("link", "add", va, "type", "veth", "peer", "name", vb)
+        for link, name, addr in ((va, a, self.addrs[0]), (vb, b, self.addrs[1])):
+            _ip("link", "set", link, "netns", name)
+            _ip("-n", name, "addr", "add", f"{addr}/24", "dev", link)
+            _ip("-n", name, "link", "set", link, "up")
+            _ip("-n", name, "link", "set", "lo", "up")
+        return self
+
+    def popen(self, host: int, command: list[str], **kwargs) -> subprocess.Popen:
+        """Start ``command`` inside host 0 (A) or 1 (B); `ip netns exec` execs, so the pid is the command's."""
+        return subprocess.Popen(["ip", "netns", "exec", self.names[host], *command], **kwargs)
+
+    def cut(self) -> None:
+        """Take the link down on host A: both sides stop hearing each other."""
+        _ip("-n", self.names[0], "link", "set", self.links[0], "down")
+
+    def pids(self, host: int) -> list[int]:
+        out = subprocess.run(["ip", "netns", "pids", self.names[host]], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def leftovers(self, wait: float = 3.0) -> list[int]:
+        """Processes still running in either namespace after up to ``wait`` seconds."""
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            left = self.pids(0) + self.pids(1)
+            if not left:
+                return []
+            time.sleep(0.1)
+        return self.pids(0) + self.pids(1)
+
+    def __exit__(self, *exc) -> None:
+        for host in (0, 1):
+            for pid in self.pids(host):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.2)
+        for name in self.names:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
