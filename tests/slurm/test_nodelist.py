@@ -30,3 +30,48 @@ def test_task_from_environment():
     assert (task.job_id, task.nnodes, task.node_rank, task.master_addr, task.procid) == ("42", 2, 1, "node1", None)
     with pytest.raises(UsageError, match="SLURM gave 2 hosts .* but SLURM_NNODES=3"):
         slurm_task({"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NNODES": "3"})
+
+
+def test_allocation_modes_and_ports():
+    from trainfleet.slurm.allocation import allocation, job_port
+
+    batch = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NNODES": "2"}
+    assert allocation({}) is None
+    assert allocation(batch)[0] == "batch"
+    assert allocation({**batch, "SLURM_PROCID": "1", "SLURM_NODEID": "1"})[0] == "task"
+    assert job_port("4242") == job_port("4242") == 20000 + 4242
+    assert 20000 <= job_port("123456_7") < 40000
+
+
+def test_geometry_errors_say_what_slurm_gave():
+    from trainfleet.slurm.allocation import check_geometry, srun_command
+    from trainfleet.slurm.nodelist import slurm_task
+
+    env = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NNODES": "2"}
+    task = slurm_task(env)
+    with pytest.raises(UsageError, match=r"SLURM gave 2 node\(s\) \(node1,node2\) but --nodes 4 was requested"):
+        check_geometry(task, 4, env)
+    inside = {**env, "SLURM_PROCID": "0", "SLURM_NODEID": "0", "SLURM_NTASKS": "8"}
+    with pytest.raises(UsageError, match="SLURM started 8 tasks on 2 node.*one agent per node"):
+        check_geometry(slurm_task(inside), 2, inside)
+    command = srun_command(task, "/py", ["--nodes", "2", "train.py"])
+    assert command[:5] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    assert command[5:] == ["/py", "-m", "trainfleet.launcher.cli", "launch", "--nodes", "2", "train.py"]
+
+
+def test_launch_inside_an_srun_task_takes_its_place_from_slurm(monkeypatch, tmp_path):
+    import argparse
+
+    from trainfleet.launcher import cli
+
+    for key, value in {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NNODES": "2",
+                       "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_NODEID": "1"}.items():
+        monkeypatch.setenv(key, value)
+    parser = argparse.ArgumentParser()
+    cli.add_launch_arguments(parser)
+    ns = parser.parse_args(["--nodes", "2", "--gpus", "2", "train.py"])
+    assert cli._apply_slurm(ns, []) is None
+    assert (ns.node_rank, ns.master_addr, ns.master_port) == (1, "gpu07", 20077)
+    ns = parser.parse_args(["--nodes", "3", "train.py"])
+    with pytest.raises(UsageError, match=r"SLURM gave 2 node\(s\) \(gpu07,gpu08\) but --nodes 3"):
+        cli._apply_slurm(ns, [])

@@ -85,10 +85,43 @@ def launch_config_from_args(ns: argparse.Namespace):
         rendezvous_timeout=ns.rendezvous_timeout, collective_timeout=ns.collective_timeout)
 
 
-def _run_launch(ns: argparse.Namespace) -> int:
+def _apply_slurm(ns: argparse.Namespace, argv: Sequence[str]) -> int | None:
+    """Inside a SLURM allocation: re-run through srun (batch shell), or take this task's
+    node rank and master from SLURM (inside srun). Returns an exit code when done here."""
+    from trainfleet.slurm.allocation import allocation, check_geometry, job_port, srun_command
+
+    found = allocation(os.environ)
+    if found is None or ns.node_rank is not None or ns.debug:
+        return None
+    where, task = found
+    if where == "batch" and task.nnodes == 1 and ns.nodes == 1:
+        return None  # one node: run right here
+    check_geometry(task, ns.nodes, os.environ)
+    if where == "batch":
+        import subprocess
+
+        return subprocess.call(srun_command(task, sys.executable, argv))
+    ns.node_rank = task.node_rank
+    if ns.master_addr in ("127.0.0.1", "localhost") and "TRAINFLEET_MASTER_ADDR" not in os.environ:
+        ns.master_addr = task.master_addr
+    ns.master_port = ns.master_port or job_port(task.job_id)
+    return None
+
+
+def _run_launch(ns: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     from trainfleet.launcher.local import launch
 
+    code = _apply_slurm(ns, argv)
+    if code is not None:
+        return code
     return launch(launch_config_from_args(ns))
+
+
+def _run_doctor(ns: argparse.Namespace) -> int:
+    from trainfleet.launcher.doctor import doctor
+
+    ns.target, ns.args, ns.module = "trainfleet.launcher.doctor_probe", [], True
+    return doctor(launch_config_from_args(ns))
 
 
 def _list_models(ns: argparse.Namespace) -> int:
@@ -187,13 +220,16 @@ def build_trainfleet_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
     launch_parser = sub.add_parser("launch", help="start workers for a training script")
     add_launch_arguments(launch_parser)
-    launch_parser.set_defaults(func=_run_launch)
+    launch_parser.set_defaults(func=lambda ns: _run_launch(ns, ns.raw_argv))
     train_parser = sub.add_parser("train", help="the built-in recipe (python -m trainfleet.train)",
                                   add_help=False)
     train_parser.add_argument("train_args", nargs=argparse.REMAINDER)
     train_parser.set_defaults(func=_run_train)
     add_ckpt_commands(sub)
     add_bench_command(sub)
+    doctor = sub.add_parser("doctor", help="pre-flight checks and a test all-reduce for a launch layout")
+    add_launch_arguments(doctor)
+    doctor.set_defaults(func=_run_doctor)
     sub.add_parser("models", help="list registered models").set_defaults(func=_list_models)
     sub.add_parser("datasets", help="list registered datasets").set_defaults(func=_list_datasets)
     return parser
@@ -217,8 +253,9 @@ def launch_main(argv: Sequence[str] | None = None) -> int:
     """Console script ``launch``."""
     parser = OneLineParser(prog="launch", description="Start a training script on local workers.")
     add_launch_arguments(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
     ns = parser.parse_args(argv)
-    return _guarded(lambda: _run_launch(ns))
+    return _guarded(lambda: _run_launch(ns, argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -228,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _guarded(lambda: _run_train(argparse.Namespace(train_args=argv[1:])))
     parser = build_trainfleet_parser()
     ns = parser.parse_args(argv)
+    ns.raw_argv = argv[1:] if argv[:1] == ["launch"] else []
     if ns.version:
         from trainfleet import __version__
 
