@@ -3,7 +3,8 @@
 - ckpt_save_vs_torch_save: engine.save MB/s against torch.save + fsync (target >= 0.95);
 - ckpt_async_blocking: time an asynchronous save blocks against a synchronous save (target <= 0.2);
 - ckpt_load_vs_torch_load: engine.load into a model (CRC verified) against torch.load +
-  load_state_dict (informational; no target: verification reads the file once more);
+  load_state_dict (informational; no target: verification reads the file once more), and
+  the same with verify=False;
 - ckpt_load_other_world: loading a checkpoint saved by 2 workers into 1 against loading one
   saved by 1 worker (target <= 1.2).
 """
@@ -58,6 +59,9 @@ def measure(rounds: int, folder: Path) -> list[Comparison]:
 
     load = interleave(rounds, lambda: _timed(lambda: engine.load(ours_path, model=target)),
                       lambda: _timed(torch_load), Comparison("ckpt_load_vs_torch_load (s)", target=None))
+    unverified = interleave(rounds, lambda: _timed(lambda: engine.load(ours_path, model=target, verify=False)),
+                            lambda: _timed(torch_load),
+                            Comparison("ckpt_load_unverified_vs_torch_load (s)", target=None))
     run_probe([str(BIN / "launch"), "--gpus", "2", str(PROBES / "big_model.py"), str(folder / "world2.pt")], folder)
     run_probe([str(BIN / "launch"), "--gpus", "1", str(PROBES / "big_model.py"), str(folder / "world1.pt")], folder)
     other = interleave(rounds, lambda: _timed(lambda: engine.load(folder / "world2.pt", model=target)),
@@ -66,7 +70,7 @@ def measure(rounds: int, folder: Path) -> list[Comparison]:
     engine.close()
     print(f"  (state {size_mb:.0f} MB; files in the page cache; load includes the CRC check, "
           f"which plain torch.load skips)")
-    return [save, blocking, load, other]
+    return [save, blocking, load, unverified, other]
 
 
 def main(argv: list[str] | None = None) -> None:

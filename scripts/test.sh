@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the tests need and run them: torch + torchvision + trainfleet[test]
-# (scripts/setup.sh --test) and Horovod with gloo (scripts/build-horovod.sh, built once and cached).
+# (scripts/setup.sh --test), Horovod with gloo (scripts/build-horovod.sh, built once and cached),
+# iproute2 for the two-host tests, and a local SLURM cluster (scripts/dev-slurm.sh).
 #   scripts/test.sh [pytest args]      e.g. scripts/test.sh -m "not slow" -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,4 +11,7 @@ scripts/build-horovod.sh
 if ! command -v ip >/dev/null && [ "$(id -u)" = 0 ]; then
   apt-get update -q >/dev/null && apt-get install -y -q iproute2 >/dev/null
 fi
-exec .venv/bin/python -m pytest "$@"
+# A real two-node SLURM cluster for the tests marked slurm; stopped again on exit.
+eval "$(scripts/dev-slurm.sh start)"
+trap 'scripts/dev-slurm.sh stop' EXIT
+.venv/bin/python -m pytest "$@"

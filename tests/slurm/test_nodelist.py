@@ -38,7 +38,8 @@ def test_allocation_modes_and_ports():
     batch = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NNODES": "2"}
     assert allocation({}) is None
     assert allocation(batch)[0] == "batch"
-    assert allocation({**batch, "SLURM_PROCID": "1", "SLURM_NODEID": "1"})[0] == "task"
+    assert allocation({**batch, "SLURM_PROCID": "0", "SLURM_NODEID": "0"})[0] == "batch"  # the batch script
+    assert allocation({**batch, "SLURM_PROCID": "1", "SLURM_NODEID": "1", "SLURM_STEP_ID": "0"})[0] == "task"
     assert job_port("4242") == job_port("4242") == 20000 + 4242
     assert 20000 <= job_port("123456_7") < 40000
 
@@ -51,7 +52,7 @@ def test_geometry_errors_say_what_slurm_gave():
     task = slurm_task(env)
     with pytest.raises(UsageError, match=r"SLURM gave 2 node\(s\) \(node1,node2\) but --nodes 4 was requested"):
         check_geometry(task, 4, env)
-    inside = {**env, "SLURM_PROCID": "0", "SLURM_NODEID": "0", "SLURM_NTASKS": "8"}
+    inside = {**env, "SLURM_PROCID": "0", "SLURM_NODEID": "0", "SLURM_NTASKS": "8", "SLURM_STEP_ID": "0"}
     with pytest.raises(UsageError, match="SLURM started 8 tasks on 2 node.*one agent per node"):
         check_geometry(slurm_task(inside), 2, inside)
     command = srun_command(task, "/py", ["--nodes", "2", "train.py"])
@@ -65,7 +66,7 @@ def test_launch_inside_an_srun_task_takes_its_place_from_slurm(monkeypatch, tmp_
     from trainfleet.launcher import cli
 
     for key, value in {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NNODES": "2",
-                       "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_NODEID": "1"}.items():
+                       "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_NODEID": "1", "SLURM_STEP_ID": "0"}.items():
         monkeypatch.setenv(key, value)
     parser = argparse.ArgumentParser()
     cli.add_launch_arguments(parser)

@@ -88,7 +88,7 @@ def launch_config_from_args(ns: argparse.Namespace):
 def _apply_slurm(ns: argparse.Namespace, argv: Sequence[str]) -> int | None:
     """Inside a SLURM allocation: re-run through srun (batch shell), or take this task's
     node rank and master from SLURM (inside srun). Returns an exit code when done here."""
-    from trainfleet.slurm.allocation import allocation, check_geometry, job_port, srun_command
+    from trainfleet.slurm.allocation import allocation, check_geometry, job_port, node_address, srun_command
 
     found = allocation(os.environ)
     if found is None or ns.node_rank is not None or ns.debug:
@@ -103,7 +103,7 @@ def _apply_slurm(ns: argparse.Namespace, argv: Sequence[str]) -> int | None:
         return subprocess.call(srun_command(task, sys.executable, argv))
     ns.node_rank = task.node_rank
     if ns.master_addr in ("127.0.0.1", "localhost") and "TRAINFLEET_MASTER_ADDR" not in os.environ:
-        ns.master_addr = task.master_addr
+        ns.master_addr = node_address(task.master_addr)
     ns.master_port = ns.master_port or job_port(task.job_id)
     return None
 

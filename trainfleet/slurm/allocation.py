@@ -1,8 +1,8 @@
 """``launch`` inside a SLURM allocation: one agent per node, started through ``srun``.
 
-In the batch script (or an ``salloc`` shell) ``SLURM_JOB_ID`` is set but ``SLURM_PROCID``
-is not: ``launch`` re-executes itself under ``srun`` with one task per node. Inside
-that task (``SLURM_PROCID`` set) the node rank comes from ``SLURM_NODEID``, the master
+In the batch script (or an ``salloc`` shell) ``SLURM_JOB_ID`` is set but ``SLURM_STEP_ID``
+is not (the batch script does have SLURM_PROCID=0): ``launch`` re-executes itself under
+``srun`` with one task per node. Inside that task (``SLURM_STEP_ID`` set) the node rank comes from ``SLURM_NODEID``, the master
 is the first host of the nodelist and the port derives from the job id, so every
 node computes the same values without talking to the others.
 """
@@ -27,7 +27,8 @@ def allocation(env: Mapping[str, str]) -> tuple[str, SlurmTask] | None:
     task = slurm_task(env)
     if task is None:
         return None
-    return ("task" if task.procid is not None else "batch"), task
+    in_step = "SLURM_STEP_ID" in env or "SLURM_STEPID" in env
+    return ("task" if in_step else "batch"), task
 
 
 def check_geometry(task: SlurmTask, nodes: int, env: Mapping[str, str]) -> None:
@@ -41,10 +42,31 @@ def check_geometry(task: SlurmTask, nodes: int, env: Mapping[str, str]) -> None:
         raise UsageError(f"SLURM gave {task.nnodes} node(s) ({hosts}) but --nodes {nodes} was requested.",
                          f"use --nodes {task.nnodes}, or allocate {nodes} nodes (sbatch --nodes {nodes}).")
     ntasks = env.get("SLURM_NTASKS") or env.get("SLURM_NPROCS")
-    if task.procid is not None and ntasks and int(ntasks) != task.nnodes:
+    in_step = "SLURM_STEP_ID" in env or "SLURM_STEPID" in env
+    if in_step and ntasks and int(ntasks) != task.nnodes:
         raise UsageError(f"SLURM started {ntasks} tasks on {task.nnodes} node(s); trainfleet needs one agent "
                          "per node.", "run `launch` in the batch script itself (it starts srun), or "
                          "`srun --ntasks-per-node=1 launch ...`.")
+
+
+def node_address(name: str) -> str:
+    """An address for a SLURM node name: the name if it resolves, else the NodeAddr that
+    ``scontrol show node`` reports (clusters whose node names are not in DNS)."""
+    import shutil
+    import socket
+    import subprocess
+
+    try:
+        socket.gethostbyname(name)
+        return name
+    except OSError:
+        pass
+    if shutil.which("scontrol"):
+        out = subprocess.run(["scontrol", "show", "node", name, "-o"], capture_output=True, text=True).stdout
+        for field in out.split():
+            if field.startswith("NodeAddr="):
+                return field.split("=", 1)[1]
+    return name
 
 
 def srun_command(task: SlurmTask, python: str, argv: Sequence[str]) -> list[str]:

@@ -1,0 +1,59 @@
+"""`launch` inside allocations of a real SLURM cluster (scripts/dev-slurm.sh: slurmctld + node1 + node2)."""
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+import torch
+
+from tests.conftest import BIN, SCRIPTS, run_cli
+
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(
+    not (os.environ.get("SLURM_CONF") and shutil.which("sbatch")),
+    reason="no SLURM cluster: run `eval \"$(scripts/dev-slurm.sh start)\"` (scripts/test.sh does it)")]
+PARITY = str(SCRIPTS / "parity_train.py")
+
+
+def sbatch(tmp_path, nodes, command, timeout=180):
+    """Submit ``command`` as a batch job on ``nodes`` nodes; wait; return (state, stderr)."""
+    job = subprocess.run(["sbatch", "--parsable", "-N", str(nodes), "--ntasks-per-node=1",
+                          "-o", str(tmp_path / "out.txt"), "-e", str(tmp_path / "err.txt"), "--wrap", command],
+                         capture_output=True, text=True, check=True, cwd=tmp_path).stdout.strip()
+    deadline, state = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline:
+        state = subprocess.run(["sacct", "-j", job, "-n", "-X", "-o", "State"], capture_output=True,
+                               text=True).stdout.strip()
+        if state and state.split()[0] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            break
+        time.sleep(0.5)
+    else:
+        subprocess.run(["scancel", job])
+    return state.split()[0] if state else "", (tmp_path / "err.txt").read_text()
+
+
+def test_two_node_job_through_srun_equals_a_local_run(tmp_path):
+    state, err = sbatch(tmp_path, 2, f"{BIN / 'launch'} --nodes 2 --gpus 2 --log-dir {tmp_path / 'logs'} "
+                                     f"{PARITY} {tmp_path} --steps 6 --global-batch-size 16")
+    assert state == "COMPLETED", err
+    slurm = json.loads((tmp_path / "losses.json").read_text())
+    assert slurm["world_size"] == 4
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["node0", "node1"]
+    local = tmp_path / "local"
+    local.mkdir()
+    result = run_cli("launch", "--gpus", "4", "--log-dir", str(local / "logs"), PARITY, str(local),
+                     "--steps", "6", "--global-batch-size", "16")
+    assert result.returncode == 0, result.stderr
+    reference = json.loads((local / "losses.json").read_text())
+    assert max(abs(a - b) for a, b in zip(slurm["losses"], reference["losses"])) < 1e-5
+    a = torch.load(tmp_path / "final.pt", weights_only=True)["model"]
+    b = torch.load(local / "final.pt", weights_only=True)["model"]
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_allocation_that_does_not_match_the_request(tmp_path):
+    state, err = sbatch(tmp_path, 2, f"{BIN / 'launch'} --nodes 3 --gpus 1 {PARITY} {tmp_path}")
+    assert state == "FAILED"
+    assert "SLURM gave 2 node(s) (node1,node2) but --nodes 3 was requested" in err
+    assert "Traceback" not in err
