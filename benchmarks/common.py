@@ -1,6 +1,7 @@
 """Shared helpers: interleaved rounds, medians, and the one-line verdict each benchmark prints."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -79,6 +80,23 @@ def median_step(mode: str, launch_args: list[str], steps: int, model: str, *prob
     shutil.rmtree(out)
     step = statistics.median(record["step_times"])
     return {"step": step, "samples_per_s": record["samples_per_step"] / step}
+
+
+def step_benchmark_args(doc: str, argv: list[str] | None, rounds: int, steps: int,
+                        quick: tuple[int, int]) -> argparse.Namespace:
+    """The options every step benchmark takes: --rounds/--steps/--model, --quick, --smoke."""
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--quick", action="store_true", help=f"{quick[0]} rounds of {quick[1]} steps")
+    parser.add_argument("--smoke", action="store_true", help="1 round of 3 steps on lenet")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.rounds, args.steps, args.model = 1, 3, "lenet"
+    elif args.quick:
+        args.rounds, args.steps = quick
+    return args
 
 
 def read_json_files(folder: Path, pattern: str) -> list[dict]:

@@ -8,9 +8,7 @@ Interleaved rounds; the median step time of each round is one sample.
 """
 from __future__ import annotations
 
-import argparse
-
-from benchmarks.common import Comparison, interleave, median_step
+from benchmarks.common import Comparison, interleave, median_step, step_benchmark_args
 
 TWO = ["--gpus", "2"]
 
@@ -27,17 +25,7 @@ def measure(rounds: int, steps: int, model: str) -> list[Comparison]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--quick", action="store_true", help="2 rounds of 4 steps")
-    parser.add_argument("--smoke", action="store_true", help="1 round of 3 steps on lenet")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.rounds, args.steps, args.model = 1, 3, "lenet"
-    elif args.quick:
-        args.rounds, args.steps = 2, 4
+    args = step_benchmark_args(__doc__, argv, rounds=5, steps=20, quick=(2, 4))
     for comparison in measure(args.rounds, args.steps, args.model):
         print(comparison.line(), flush=True)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import tempfile
@@ -25,7 +24,7 @@ from benchmarks.common import BIN, REPO
 from tests import twohosts
 
 SCRIPT = str(REPO / "tests" / "scripts" / "long_train.py")
-FAULTS = ("kill -9 worker", "kill -STOP worker", "kill -9 agent", "link down")
+FAULTS = twohosts.FAULTS
 
 
 def _command(tool: str, node: int, addr: str, out: Path) -> list[str]:
@@ -56,14 +55,7 @@ def trial(tool: str, fault: str, cap: float) -> float:
             pids = {r: int((out / f"ready.rank{r}").read_text().split()[0]) for r in range(4)}
             time.sleep(1.0)
             start = time.monotonic()
-            if fault == "kill -9 worker":
-                os.kill(pids[3], signal.SIGKILL)
-            elif fault == "kill -STOP worker":
-                os.kill(pids[3], signal.SIGSTOP)
-            elif fault == "kill -9 agent":
-                os.kill(agents[1].pid, signal.SIGKILL)
-            else:
-                hosts.cut()
+            hosts.inject(fault, pids, agents)
             while any(a.poll() is None for a in agents) and time.monotonic() - start < cap:
                 time.sleep(0.02)
             return min(time.monotonic() - start, cap)

@@ -10,13 +10,12 @@ Horovod's lines are skipped, with the reason, when Horovod is not installed.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import statistics
 import time
 
-from benchmarks.common import Comparison, median_step
+from benchmarks.common import Comparison, median_step, step_benchmark_args
 
 
 def horovod(rounds: int, steps: int, model: str) -> list[Comparison]:
@@ -90,17 +89,7 @@ def amp(rounds: int, steps: int, model_name: str) -> Comparison:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--quick", action="store_true", help="2 rounds of 4 steps")
-    parser.add_argument("--smoke", action="store_true", help="1 round of 3 steps on lenet")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.rounds, args.steps, args.model = 1, 3, "lenet"
-    elif args.quick:
-        args.rounds, args.steps = 2, 4
+    args = step_benchmark_args(__doc__, argv, rounds=5, steps=15, quick=(2, 4))
     if importlib.util.find_spec("horovod") is None:
         print("horovod_vs_handwritten: skipped (Horovod is not installed: run scripts/build-horovod.sh)")
         print("engine_horovod_vs_engine_ddp: skipped (Horovod is not installed)")

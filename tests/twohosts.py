@@ -11,6 +11,9 @@ import subprocess
 import time
 
 
+FAULTS = ("kill -9 worker", "kill -STOP worker", "kill -9 agent", "link down")
+
+
 def available() -> str | None:
     """None when two-host tests can run, else the reason they cannot."""
     if os.geteuid() != 0:
@@ -53,6 +56,19 @@ class TwoHosts:
     def cut(self) -> None:
         """Take the link down on host A: both sides stop hearing each other."""
         _ip("-n", self.names[0], "link", "set", self.links[0], "down")
+
+    def inject(self, fault: str, worker_pids: dict[int, int], agents: list[subprocess.Popen]) -> None:
+        """One of FAULTS, on host B's side: its rank 3, its agent, or the link."""
+        if fault == "kill -9 worker":
+            os.kill(worker_pids[3], signal.SIGKILL)
+        elif fault == "kill -STOP worker":
+            os.kill(worker_pids[3], signal.SIGSTOP)
+        elif fault == "kill -9 agent":
+            os.kill(agents[1].pid, signal.SIGKILL)
+        elif fault == "link down":
+            self.cut()
+        else:
+            raise ValueError(f"unknown fault {fault!r}; expected one of {FAULTS}")
 
     def pids(self, host: int) -> list[int]:
         out = subprocess.run(["ip", "netns", "pids", self.names[host]], capture_output=True, text=True).stdout

@@ -1,5 +1,4 @@
 """Horovod behind the Strategy interface: missing-module error, checkpoints across strategies."""
-import subprocess
 import sys
 
 import pytest

@@ -1,6 +1,5 @@
 """End-to-end runs of the ``launch`` console script with real worker processes over gloo."""
 import json
-import os
 import subprocess
 import time
 

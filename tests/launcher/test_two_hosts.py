@@ -7,7 +7,6 @@ leave nothing running in either namespace.
 """
 import json
 import os
-import signal
 import subprocess
 import time
 
@@ -77,14 +76,7 @@ def test_fault_takes_both_hosts_down(tmp_path, fault, bound):
         pids = wait_ready(tmp_path)
         time.sleep(1.0)
         injected = time.monotonic()
-        if fault == "kill -9 worker":
-            os.kill(pids[3], signal.SIGKILL)
-        elif fault == "kill -STOP worker":
-            os.kill(pids[3], signal.SIGSTOP)
-        elif fault == "kill -9 agent":
-            os.kill(agents[1].pid, signal.SIGKILL)
-        else:
-            hosts.cut()
+        hosts.inject(fault, pids, agents)
         elapsed, outputs = time_to_exit(agents, injected)
         assert elapsed < bound, f"{fault}: the last agent exited {elapsed:.1f}s after the fault"
         assert agents[0].returncode != 0

@@ -8,8 +8,8 @@ from typing import Any, ContextManager
 import torch
 import torch.distributed as dist
 
-from trainfleet.engine.environment import backend_for, device_index, resolve_accelerator
-from trainfleet.engine.strategy import Strategy
+from trainfleet.engine.environment import backend_for
+from trainfleet.engine.strategy import MultiProcessStrategy
 
 _OPS = {
     "sum": dist.ReduceOp.SUM,
@@ -21,7 +21,7 @@ _OPS = {
 DEFAULT_TIMEOUT_S = 1800.0
 
 
-class DDPStrategy(Strategy):
+class DDPStrategy(MultiProcessStrategy):
     """Wraps the module in DDP and joins the process group from env:// variables.
 
     Args:
@@ -39,17 +39,6 @@ class DDPStrategy(Strategy):
         self.timeout_s = float(timeout_s or env_timeout or DEFAULT_TIMEOUT_S)
         self.ddp_kwargs = ddp_kwargs
         self._owns_group = False
-
-    @property
-    def root_device(self) -> torch.device:
-        count = torch.cuda.device_count()
-        if resolve_accelerator(self.accelerator, count) == "cpu":
-            return torch.device("cpu")
-        return torch.device("cuda", device_index(self.local_rank, self.env.local_world_size, count))
-
-    @property
-    def is_global_zero(self) -> bool:
-        return self.rank == 0
 
     @property
     def backend(self) -> str:

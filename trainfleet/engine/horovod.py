@@ -11,8 +11,7 @@ from typing import Any, ContextManager
 
 import torch
 
-from trainfleet.engine.environment import device_index, resolve_accelerator
-from trainfleet.engine.strategy import Strategy
+from trainfleet.engine.strategy import MultiProcessStrategy
 from trainfleet.utils.errors import UsageError
 
 INSTALL_HINT = "run scripts/build-horovod.sh (builds Horovod 0.28.1 with gloo into .venv)."
@@ -28,7 +27,7 @@ def import_horovod() -> Any:
     return hvd
 
 
-class HorovodStrategy(Strategy):
+class HorovodStrategy(MultiProcessStrategy):
     """Data parallel training through Horovod.
 
     Args:
@@ -61,17 +60,6 @@ class HorovodStrategy(Strategy):
     @property
     def local_rank(self) -> int:
         return self.hvd.local_rank() if self._environment_ready else self.env.local_rank
-
-    @property
-    def root_device(self) -> torch.device:
-        count = torch.cuda.device_count()
-        if resolve_accelerator(self.accelerator, count) == "cpu":
-            return torch.device("cpu")
-        return torch.device("cuda", device_index(self.local_rank, self.env.local_world_size, count))
-
-    @property
-    def is_global_zero(self) -> bool:
-        return self.rank == 0
 
     def _setup_environment(self) -> None:
         self.hvd.init()

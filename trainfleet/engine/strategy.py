@@ -12,7 +12,7 @@ from typing import Any, ContextManager
 
 import torch
 
-from trainfleet.engine.environment import ClusterEnvironment
+from trainfleet.engine.environment import ClusterEnvironment, device_index, resolve_accelerator
 from trainfleet.engine.precision import Precision, build_precision
 from trainfleet.utils.errors import UsageError
 from trainfleet.engine.registry import STRATEGIES
@@ -170,6 +170,21 @@ class Strategy(ABC):
 
     @abstractmethod
     def _broadcast(self, obj: Any, src: int) -> Any: ...
+
+
+class MultiProcessStrategy(Strategy):
+    """Base of one-process-per-device strategies (ddp, horovod): ``cuda:<local rank>`` or the CPU."""
+
+    @property
+    def root_device(self) -> torch.device:
+        count = torch.cuda.device_count()
+        if resolve_accelerator(self.accelerator, count) == "cpu":
+            return torch.device("cpu")
+        return torch.device("cuda", device_index(self.local_rank, self.env.local_world_size, count))
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.rank == 0
 
 
 class SingleProcessStrategy(Strategy):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import socket
 import sys
@@ -31,7 +30,7 @@ from typing import Any
 from trainfleet.launcher import control, horovod
 from trainfleet.launcher.config import LaunchConfig
 from trainfleet.launcher.control import ControlChannel, Failure
-from trainfleet.launcher.workers import WorkerGroup, killpg
+from trainfleet.launcher.workers import WorkerGroup
 from trainfleet.utils.errors import UsageError
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
