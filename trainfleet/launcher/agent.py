@@ -226,9 +226,10 @@ class NodeAgent:
                     return Outcome("signal", signum=signum)
             for worker in exited:
                 if worker.exitcode != 0:
-                    failure = Failure(self.node_rank, worker.spec.rank, worker.describe_exit(),
-                                      _tail(group, worker.spec.rank), worker.spec.local_rank,
-                                      time.monotonic() - worker.started, _failed_at(worker.spec.error_file))
+                    lines = _tail(group, worker.spec.rank)
+                    failure = Failure(self.node_rank, worker.spec.rank, worker.describe_exit(), lines,
+                                      worker.spec.local_rank, time.monotonic() - worker.started,
+                                      _failed_at(worker.spec.error_file), _peer_error(lines))
                     channel.report_failure(failure)
                     return Outcome("failed", channel.failure or failure)
             frozen = group.frozen(self.cfg.heartbeat_timeout)
@@ -346,6 +347,15 @@ def _exit_code(failure: Failure, node: int) -> int:
     if failure.how.startswith("signal SIG"):
         return 128 + signal.Signals[words[1]].value
     return 1
+
+
+PEER_ERRORS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+               "Connection refused", "NCCL communicator was aborted", "remote process exited")
+
+
+def _peer_error(lines: list[str]) -> bool:
+    """True when the log ends in an error caused by a peer going away."""
+    return any(marker in line for line in lines[-5:] for marker in PEER_ERRORS)
 
 
 def _failed_at(error_file: str) -> float:

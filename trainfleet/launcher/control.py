@@ -34,6 +34,7 @@ class Failure:
     local_rank: int | None = None
     elapsed: float | None = None  # seconds from the worker's start to its failure
     at: float = field(default_factory=time.time)  # wall clock: the earliest failure is the cause
+    secondary: bool = False  # it failed because a peer went away (connection reset/closed)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -113,7 +114,9 @@ class ControlChannel(threading.Thread):
                 break
             time.sleep(0.05)
         candidates = list(found.values()) + ([self.failure] if self.failure else [])
-        return min(candidates, key=lambda f: f.at) if candidates else None
+        # A rank killed by a signal leaves no timestamp of its own (its agent notes when it
+        # reaped it), so a peer's "connection reset" can look earlier: causes beat consequences.
+        return min(candidates, key=lambda f: (f.secondary, f.at)) if candidates else None
 
     def report_signal(self, signum: int) -> None:
         """Ask every node to forward ``signum`` to its workers."""
