@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import time
@@ -18,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import BIN, PROBES, Comparison, interleave, run_probe, scratch
+from benchmarks.common import (BIN, PROBES, Comparison, interleave, rounds_from_args, run_probe,
+                               scratch)
 from benchmarks.probes.big_model import build
 from trainfleet.engine.engine import Engine
 
@@ -74,12 +74,7 @@ def measure(rounds: int, folder: Path) -> list[Comparison]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--quick", action="store_true", help="2 rounds")
-    parser.add_argument("--smoke", action="store_true", help="1 round, no warm-up")
-    args = parser.parse_args(argv)
-    rounds = 1 if args.smoke else (2 if args.quick else args.rounds)
+    rounds = rounds_from_args(__doc__, argv, rounds=7, quick=2)
     folder = scratch()
     try:
         for comparison in measure(rounds, folder):

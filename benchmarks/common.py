@@ -82,6 +82,16 @@ def median_step(mode: str, launch_args: list[str], steps: int, model: str, *prob
     return {"step": step, "samples_per_s": record["samples_per_step"] / step}
 
 
+def rounds_from_args(doc: str, argv: list[str] | None, rounds: int, quick: int) -> int:
+    """--rounds N, --quick (``quick`` rounds) or --smoke (one round): the number of rounds."""
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--quick", action="store_true", help=f"{quick} rounds")
+    parser.add_argument("--smoke", action="store_true", help="1 round")
+    args = parser.parse_args(argv)
+    return 1 if args.smoke else (quick if args.quick else args.rounds)
+
+
 def step_benchmark_args(doc: str, argv: list[str] | None, rounds: int, steps: int,
                         quick: tuple[int, int]) -> argparse.Namespace:
     """The options every step benchmark takes: --rounds/--steps/--model, --quick, --smoke."""

@@ -5,10 +5,10 @@ torch themselves. Target: <= 0.65 of torchrun's time.
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 
-from benchmarks.common import BIN, PROBES, Comparison, interleave, now, read_json_files, run_probe, scratch
+from benchmarks.common import (BIN, PROBES, Comparison, interleave, now, read_json_files, rounds_from_args,
+                               run_probe, scratch)
 
 PROBE = str(PROBES / "ready.py")
 
@@ -29,12 +29,7 @@ def measure(rounds: int) -> Comparison:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--quick", action="store_true", help="3 rounds")
-    parser.add_argument("--smoke", action="store_true", help="1 round, no warm-up")
-    args = parser.parse_args(argv)
-    rounds = 1 if args.smoke else (3 if args.quick else args.rounds)
+    rounds = rounds_from_args(__doc__, argv, rounds=7, quick=3)
     print(measure(rounds).line(), flush=True)
 
 
