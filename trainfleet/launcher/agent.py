@@ -76,6 +76,7 @@ class NodeAgent:
         self.channel: ControlChannel | None = None
         self.server: Any = None
         self.attempt_servers: list[Any] = []
+        self._pending: dict[str, socket.socket | None] = {}  # node 0: this attempt's sockets
         self.signum: int | None = None
         self.started = time.monotonic()
         self.exit_hard = False
@@ -188,7 +189,7 @@ class NodeAgent:
                 server.stop()
         self.attempt_servers = []
 
-    def _run_attempt(self, attempt: int) -> tuple[Outcome, WorkerGroup]:
+    def _run_attempt(self, attempt: int) -> Outcome:
         port, hvd_port = self._attempt_ports(attempt)
         specs = self.specs_for(self, attempt, port, hvd_port)
         group = WorkerGroup(specs, self.cfg.start_method, 0 if self.is_master else None)
@@ -205,7 +206,7 @@ class NodeAgent:
                 group.stop(FAILURE_GRACE if outcome.kind != "ok" else self.cfg.grace_period)
             group.close()
             self._stop_attempt_servers()
-        return outcome, group
+        return outcome
 
     def _monitor(self, group: WorkerGroup, attempt: int) -> Outcome:
         channel = self.channel
@@ -285,7 +286,7 @@ class NodeAgent:
             self._connect()
             self._preflight()
             for attempt in range(self.cfg.max_restarts + 1):
-                outcome, _ = self._run_attempt(attempt)
+                outcome = self._run_attempt(attempt)
                 if not outcome.restartable or attempt == self.cfg.max_restarts:
                     break
                 if self.is_master:

@@ -122,9 +122,6 @@ class ControlChannel(threading.Thread):
         """Ask every node to forward ``signum`` to its workers."""
         self._send("job/signal", str(signum))
 
-    def publish(self, key: str, value: str) -> None:
-        self._send(key, value)
-
     def count(self, key: str) -> None:
         """Add one to a counter in the store (through the thread)."""
         self._send(key, "", counter=True)

@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 PR_SET_PDEATHSIG = 1
 
@@ -35,7 +35,6 @@ class WorkerSpec:
     error_file: str
     launcher_pid: int
     threads: int | None = None
-    extra_sys_path: list[str] = field(default_factory=list)
 
 
 def _die_with_parent(launcher_pid: int) -> None:
