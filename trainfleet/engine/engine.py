@@ -359,6 +359,28 @@ class Engine:
             restore_rng_state(rng_states[self.rank % len(rng_states)])
         return dict(payload.get("extra") or {})
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where to save checkpoints a requeued job resumes from: the job's folder under
+        ``launch --cluster`` (TRAINFLEET_CHECKPOINT_DIR), else ``./checkpoints``."""
+        return Path(os.environ.get("TRAINFLEET_CHECKPOINT_DIR") or "checkpoints")
+
+    def resume(self, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
+               scheduler: Any = None, dataloader: DeviceDataLoader | None = None,
+               path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+        """Load the latest checkpoint of ``path`` (default :attr:`checkpoint_dir`), if any.
+
+        The pair of ``engine.save(engine.checkpoint_dir / f"step{step}.pt", ..., keep_last=2)``
+        when :meth:`should_stop` says so: a preempted and requeued job continues exactly
+        where it stopped. Returns the saved ``extra`` values, or ``{}`` on a fresh start.
+        """
+        folder = Path(path) if path is not None else self.checkpoint_dir
+        if not (folder / ckpt.MANIFEST).is_file():
+            return {}
+        extra = self.load(folder, model=model, optimizer=optimizer, scheduler=scheduler, dataloader=dataloader)
+        self.print(f"resumed from {ckpt.resolve(folder)}")
+        return extra
+
     def close(self) -> None:
         """Finish a pending asynchronous save, then tear the strategy down; called at exit too."""
         try:

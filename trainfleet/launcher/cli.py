@@ -67,16 +67,48 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     add("--collective-timeout", dest="collective_timeout", type=float, default=_env_default("collective_timeout"),
         help="seconds before a collective some rank never joins fails, naming rank and call site "
              "(default: torch's 30 min)")
+    add_cluster_arguments(parser)
     add("-m", "--module", action="store_true", help="run TARGET as a module, like python -m")
     add("target", nargs="?", help="the training script (or module with -m)")
     add("args", nargs=argparse.REMAINDER, help="arguments for the script")
 
 
-def launch_config_from_args(ns: argparse.Namespace):
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """``launch --cluster slurm|local|debug`` and its resources, arrays and sweeps."""
+    group = parser.add_argument_group("submitting (--cluster)")
+    add = group.add_argument
+    add("--cluster", default=_env_default("cluster"),
+        help="submit through submitit: slurm, local (same job without SLURM) or debug (in-process)")
+    add("--partition", help="SLURM partition (default: the cluster's default)")
+    add("--account", help="SLURM account")
+    add("--qos", help="SLURM quality of service")
+    add("--constraint", help="SLURM node features, e.g. a100")
+    add("--exclusive", action="store_true", help="whole nodes")
+    add("--cpus-per-task", dest="cpus_per_task", type=int, help="CPUs per node (default: one per worker)")
+    add("--mem-gb", dest="mem_gb", type=float, help="memory per node in GB")
+    add("--time", type=int, default=60, help="time limit in minutes (default 60)")
+    add("--job-name", dest="job_name", help="SLURM job name (default: the script's name)")
+    add("--slurm-opt", dest="slurm_opt", action="append", metavar="KEY=VALUE",
+        help="any other sbatch option, e.g. mail-type=END (repeatable)")
+    add("--array", type=int, metavar="N", help="a job array of N tasks ({index} in the script's arguments)")
+    add("--sweep", action="append", metavar="KEY=V1,V2",
+        help="one array task per combination (repeatable; cartesian); values go to the script as --KEY V "
+             "unless its arguments hold {KEY}")
+    add("--array-parallelism", dest="array_parallelism", type=int, metavar="K", help="at most K tasks at once")
+    add("--signal", default="USR2", help="early signal before the time limit / on preemption (default USR2)")
+    add("--signal-delay", dest="signal_delay", type=int, default=90,
+        help="seconds before the time limit that the signal comes (default 90)")
+    add("--max-requeues", dest="max_requeues", type=int, default=3,
+        help="requeue after preemption or timeout at most this many times (default 3)")
+    add("--wait", action="store_true", help="follow rank 0's log until the job ends; exit with its code")
+    add("--job-dir", dest="job_dir", default="runs", help="job folders go below it (default ./runs)")
+
+
+def launch_config_from_args(ns: argparse.Namespace, cuda_devices: int | None = None):
     """Turn parsed arguments into a validated LaunchConfig."""
     from trainfleet.launcher.config import LaunchConfig
 
-    return LaunchConfig(
+    return LaunchConfig(cuda_devices=cuda_devices,
         target=ns.target, args=list(ns.args), module=ns.module, nodes=ns.nodes, gpus=ns.gpus,
         node_rank=ns.node_rank, master_addr=ns.master_addr, master_port=ns.master_port,
         strategy=ns.strategy, precision=ns.precision, amp_backend=ns.amp_backend, debug=ns.debug, cpu=ns.cpu,
@@ -109,6 +141,15 @@ def _apply_slurm(ns: argparse.Namespace, argv: Sequence[str]) -> int | None:
 
 
 def _run_launch(ns: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    if ns.cluster:
+        from trainfleet.launcher.submit import submit
+
+        return submit(ns, list(argv))
+    given = [flag for flag, value in (("--array", ns.array), ("--sweep", ns.sweep), ("--wait", ns.wait),
+                                      ("--partition", ns.partition), ("--slurm-opt", ns.slurm_opt)) if value]
+    if given:
+        raise UsageError(f"{given[0]} is for submitted jobs, but no --cluster was given.",
+                         f"add --cluster slurm (or local) to submit, or drop {given[0]}.")
     from trainfleet.launcher.local import launch
 
     code = _apply_slurm(ns, argv)
@@ -213,6 +254,56 @@ def add_bench_command(sub: Any) -> None:
     bench.set_defaults(func=_run_bench)
 
 
+def _job_status(ns: argparse.Namespace) -> int:
+    from trainfleet.slurm import records, status
+
+    folder, record = records.find_job(ns.job)
+    print(status.format_status(folder, record, status.job_status(folder, record), tail=ns.lines))
+    return 0
+
+
+def _job_logs(ns: argparse.Namespace) -> int:
+    from trainfleet.slurm import records, status
+
+    folder, record = records.find_job(ns.job)
+    task = ns.task if ns.task is not None else (int(ns.job.split("_")[1]) if "_" in ns.job else None)
+    if record.get("array") and task is None:
+        task = record["tasks"][0]["index"]
+    if task is not None and task not in [t["index"] for t in record["tasks"]]:
+        raise UsageError(f"--task {task}: job {record['job_id']} has tasks 0-{len(record['tasks']) - 1}.")
+    if not ns.follow and records.rank_log(records.task_dir(folder, task), ns.rank) is None:
+        raise UsageError(f"no log of rank {ns.rank} yet in {records.task_dir(folder, task) / 'logs'}.",
+                         "the job may still be pending: see `trainfleet status`, or use --follow.")
+    status.follow(folder, record, rank=ns.rank, task=task, until_done=ns.follow)
+    return 0
+
+
+def _job_cancel(ns: argparse.Namespace) -> int:
+    from trainfleet.slurm import records, status
+
+    folder, record = records.find_job(ns.job)
+    status.cancel(record)
+    print(f"cancelled job {record['job_id']}")
+    return 0
+
+
+def add_job_commands(sub: Any) -> None:
+    """``trainfleet status|logs|cancel JOB`` for jobs submitted with ``launch --cluster``."""
+    show = sub.add_parser("status", help="state of a submitted job or array (table of tasks)")
+    show.add_argument("job", help="job id (or job folder)")
+    show.add_argument("--lines", type=int, default=5, help="last lines of rank 0's log (default 5)")
+    show.set_defaults(func=_job_status)
+    logs = sub.add_parser("logs", help="a rank's log of a submitted job")
+    logs.add_argument("job", help="job id, JOB_TASK for an array task, or job folder")
+    logs.add_argument("--rank", type=int, default=0, help="global rank (default 0)")
+    logs.add_argument("--task", type=int, help="array task index")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    logs.set_defaults(func=_job_logs)
+    cancel = sub.add_parser("cancel", help="cancel a submitted job (every task of an array)")
+    cancel.add_argument("job", help="job id (or job folder)")
+    cancel.set_defaults(func=_job_cancel)
+
+
 def build_trainfleet_parser() -> argparse.ArgumentParser:
     """``trainfleet`` with its subcommands."""
     parser = OneLineParser(prog="trainfleet", description="Run PyTorch training from a laptop to many nodes.")
@@ -227,6 +318,7 @@ def build_trainfleet_parser() -> argparse.ArgumentParser:
     train_parser.set_defaults(func=_run_train)
     add_ckpt_commands(sub)
     add_bench_command(sub)
+    add_job_commands(sub)
     doctor = sub.add_parser("doctor", help="pre-flight checks and a test all-reduce for a launch layout")
     add_launch_arguments(doctor)
     doctor.set_defaults(func=_run_doctor)

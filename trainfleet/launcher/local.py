@@ -27,6 +27,7 @@ from trainfleet.launcher.network import interface_for
 from trainfleet.launcher.worker import WorkerSpec, run_target
 from trainfleet.launcher.workers import PRELOAD, killpg
 from trainfleet.utils.errors import UsageError
+from trainfleet.utils.process import die_with_parent
 
 
 def _holder_of(port: int) -> str | None:
@@ -164,10 +165,8 @@ def _announce(cfg: LaunchConfig) -> None:
 
 def _agent_main(cfg: LaunchConfig, node_rank: int, sockets: dict[str, socket.socket], parent: int) -> None:
     """A simulated node: its own session, its own workers, dies with the launcher."""
-    from trainfleet.launcher.worker import _die_with_parent
-
     os.setsid()
-    _die_with_parent(parent)
+    die_with_parent(parent)
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
     if node_rank != 0:

@@ -8,7 +8,6 @@ own log file and runs the user's script as ``__main__``.
 from __future__ import annotations
 
 import atexit
-import ctypes
 import json
 import os
 import runpy
@@ -18,7 +17,7 @@ import time
 import traceback
 from dataclasses import dataclass
 
-PR_SET_PDEATHSIG = 1
+from trainfleet.utils.process import die_with_parent
 
 
 @dataclass
@@ -35,16 +34,6 @@ class WorkerSpec:
     error_file: str
     launcher_pid: int
     threads: int | None = None
-
-
-def _die_with_parent(launcher_pid: int) -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the launcher's killpg still covers us
-        pass
-    if os.getppid() != launcher_pid:  # the launcher died before prctl took effect
-        os._exit(1)
 
 
 def _redirect_output(log_path: str) -> None:
@@ -96,7 +85,7 @@ def run_target(target: str, args: list[str], module: bool) -> None:
 def worker_main(spec: WorkerSpec) -> None:
     """Set the worker up, run the target, and exit with its status (never returns)."""
     os.setsid()
-    _die_with_parent(spec.launcher_pid)
+    die_with_parent(spec.launcher_pid)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
