@@ -7,6 +7,8 @@ a :class:`trainfleet.slurm.job.FleetJob` on every node, which runs this same lau
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,18 +112,33 @@ def _jobs(sub: Submission, ns: argparse.Namespace, folder: Path) -> tuple[list[A
                       stop_wait_s=max(5.0, sub.resources.signal_delay_s - 15.0), stop_signal=sub.resources.signal,
                       debug=sub.cluster == "debug") for task in sub.tasks]
     executor = _executor(sub, folder)
+    created = not sub.root.exists()
+    sub.root.mkdir(parents=True, exist_ok=True)
+    before = set(sub.root.iterdir())
     try:
-        if len(fleet) == 1:
-            return fleet, [executor.submit(fleet[0])]
-        with executor.batch():
-            jobs = [executor.submit(job) for job in fleet]
+        with contextlib.redirect_stderr(io.StringIO()):  # sbatch's complaint comes back in the error
+            if len(fleet) == 1:
+                return fleet, [executor.submit(fleet[0])]
+            with executor.batch():
+                jobs = [executor.submit(job) for job in fleet]
         return fleet, jobs
     except Exception as err:  # submitit.core.utils.FailedJobError: sbatch refused it
         if type(err).__name__ != "FailedJobError":
             raise
+        _remove_new_files(sub.root, before, failed=True)
+        if created and not any(sub.root.iterdir()):
+            sub.root.rmdir()
         reason = next((ln for ln in reversed(str(err).splitlines()) if "error" in ln.lower()), str(err))
         raise UsageError(f"sbatch refused the job: {reason.strip()}", "check the resources asked for "
                          "(--partition, --gpus, --mem-gb, --time, --slurm-opt).") from err
+
+
+def _remove_new_files(root: Path, before: set[Path], failed: bool) -> None:
+    """submitit leaves ``.submission_file_*`` links (and, when sbatch refused, the script
+    and pickles) in the folder above the job's: nothing of a refused job may stay."""
+    for path in set(root.iterdir()) - before:
+        if path.is_symlink() or (failed and path.is_file()):
+            path.unlink()
 
 
 def submit(ns: argparse.Namespace, argv: list[str]) -> int:
@@ -131,7 +148,9 @@ def submit(ns: argparse.Namespace, argv: list[str]) -> int:
         pattern = sub.root / "%A"  # submitit fills in the (array) job id
     else:
         pattern = sub.root / f"{sub.cluster}-{time.strftime('%Y%m%d-%H%M%S')}-{id(sub) % 10000:04d}"
+    before = set(sub.root.iterdir()) if sub.root.is_dir() else set()
     fleet, jobs = _jobs(sub, ns, pattern)
+    _remove_new_files(sub.root, before, failed=False)
     job_id = str(jobs[0].job_id).split("_")[0]
     folder = Path(str(pattern).replace("%A", job_id))
     if sub.cluster != "slurm":

@@ -81,12 +81,10 @@ class FleetJob:
     def task_dir(self) -> Path:
         """This task's folder: the job folder, or ``task<I>/`` inside it for an array."""
         folder = self.folder
-        try:
+        if "%" in folder:  # runs/%A: the job id is known once the job runs
             import submitit
 
             folder = str(submitit.JobEnvironment().paths.folder)
-        except RuntimeError:  # not inside a submitit job (a direct call)
-            pass
         return records.task_dir(Path(self.cwd, folder), self.index)
 
     def command(self, task_dir: Path) -> list[str]:
