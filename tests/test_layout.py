@@ -19,6 +19,10 @@ def modules_after_import(module: str) -> set[str]:
     ("trainfleet.engine.engine", {"trainfleet.launcher", "trainfleet.slurm", "trainfleet.models",
                                   "trainfleet.datasets", "torchvision"}),
     ("trainfleet.slurm.nodelist", {"torch", "trainfleet.engine", "submitit"}),
+    ("trainfleet.slurm.status", {"torch", "trainfleet.engine", "trainfleet.launcher", "submitit"}),
+    ("trainfleet.slurm.cluster", {"torch", "trainfleet.engine", "trainfleet.launcher", "submitit"}),
+    ("trainfleet.slurm.job", {"torch", "trainfleet.engine", "trainfleet.launcher"}),
+    ("trainfleet.launcher.submit", {"torch", "submitit"}),
     ("trainfleet.models", {"trainfleet.engine", "trainfleet.launcher", "torchvision"}),
     ("trainfleet.datasets", {"trainfleet.launcher", "torchvision"}),
 ])

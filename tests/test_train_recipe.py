@@ -57,3 +57,39 @@ def test_warmup_plateau_and_schedules_run(tmp_path):
         cfg = parse_train_args(["--model", "mlp", "--epochs", "2", "--num-samples", "32", "--no-progress",
                                 "--global-batch-size", "16", "--output-dir", str(tmp_path / extra[1]), *extra])
         assert run(cfg)["steps"] == 4
+
+
+def test_a_stopped_recipe_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGUSR2 (what SLURM sends before preemption) mid-run: every rank stops at the same
+    step and saves; the next run resumes from TRAINFLEET_CHECKPOINT_DIR and ends equal."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import BIN, REPO
+
+    def command(out):
+        return [str(BIN / "launch"), "--gpus", "2", "--log-dir", str(tmp_path / "logs" / out.name), "-m",
+                "trainfleet.train", "--model", "lenet", "--num-samples", "256", "--epochs", "40", "--no-eval",
+                "--global-batch-size", "16", "--log-every", "1", "--no-progress", "--output-dir", str(out)]
+
+    env = {**os.environ, "TRAINFLEET_CHECKPOINT_DIR": str(tmp_path / "ckpt")}
+    first = subprocess.Popen(command(tmp_path / "a"), cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    events = tmp_path / "a"
+    deadline = time.monotonic() + 60
+    while not list(events.glob("events.out.tfevents.*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # some steps in
+    first.send_signal(signal.SIGUSR2)
+    out, _ = first.communicate(timeout=60)
+    assert first.returncode == 0 and "stopped at step" in out, out
+    assert not (tmp_path / "a" / "metrics.json").exists()
+    resumed = subprocess.run(command(tmp_path / "a"), cwd=REPO, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout + resumed.stderr
+    plain = subprocess.run(command(tmp_path / "b"), cwd=REPO, capture_output=True, text=True)
+    assert plain.returncode == 0, plain.stderr
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())["train_losses"]
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())["train_losses"]
+    assert len(a) == len(b) == 640
+    assert max(abs(x[1] - y[1]) for x, y in zip(a, b)) < 1e-5

@@ -48,6 +48,7 @@ class TrainConfig:
     save: str | None = None
     init_from: str | None = None
     trust_pickle: bool = False
+    resume: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -57,6 +58,11 @@ class TrainConfig:
             raise UsageError(f"--max-steps {self.max_steps}: expected a positive number of steps.")
         if self.global_batch_size < 1:
             raise UsageError(f"--global-batch-size {self.global_batch_size}: expected a positive size.")
+        if self.resume and not Path(self.resume).exists():
+            raise UsageError(f"--resume {self.resume}: no such checkpoint or folder.",
+                             "pass a checkpoint file or a folder with latest.json.")
+        if self.output_dir is None and os.environ.get("TRAINFLEET_JOB_DIR"):  # launch --cluster: the job's folder
+            self.output_dir = os.path.join(os.environ["TRAINFLEET_JOB_DIR"], "train")
         if self.output_dir is None:
             self.output_dir = f"runs/{self.model}-{self.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -165,7 +171,28 @@ class RecipeRun:
         on_tty = os.environ.get("TRAINFLEET_TTY", str(int(sys.stderr.isatty()))) == "1"
         self.bar = _progress(self.total, engine.is_main and cfg.progress and on_tty)
         self.step, self.epoch, self.losses, self.metrics = 0, 0, [], {}
+        self.stopped = False
+        self._resume(cfg.resume or os.environ.get("TRAINFLEET_CHECKPOINT_DIR"))
         self.started = time.perf_counter()
+
+    def _resume(self, where: str | None) -> None:
+        """Continue from ``where`` (a checkpoint, or a folder's latest; under ``launch --cluster``
+        the job's checkpoint folder, so a requeued job picks up where it was stopped)."""
+        if not where:
+            return
+        state = self.engine.resume(self.model, self.optimizer, self.scheduler, self.loader, path=where)
+        self.step, self.epoch = int(state.get("step", 0)), int(state.get("epoch", 0))
+        self.losses = [tuple(pair) for pair in state.get("losses", [])]
+        self.bar.update(self.step)
+
+    def _stop_here(self) -> None:
+        """Every rank agreed to stop (preemption, time limit, Ctrl-C): save where we are."""
+        engine = self.engine
+        path = engine.save(engine.checkpoint_dir / f"step{self.step}.pt", model=self.model, optimizer=self.optimizer,
+                           scheduler=self.scheduler, dataloader=self.loader, keep_last=2, step=self.step,
+                           epoch=self.epoch, losses=[list(pair) for pair in self.losses])
+        self.stopped = True
+        engine.print(f"stopped at step {self.step}/{self.total}: checkpoint {path}; run again to resume")
 
     def train_epoch(self, epoch: int) -> bool:
         """Train one pass over the loader; True once the step budget is spent."""
@@ -185,6 +212,9 @@ class RecipeRun:
             if self.step % cfg.log_every == 0 or self.step == self.total:
                 self._log_loss(engine.all_reduce(loss.detach(), op="mean").item())
             if self.step >= self.total:
+                return True
+            if engine.should_stop():
+                self._stop_here()
                 return True
         return False
 
@@ -241,8 +271,11 @@ def _progress(total: int, enabled: bool):
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train and evaluate as ``cfg`` says; returns the final metrics (rank 0 writes them to JSON)."""
     recipe = RecipeRun(cfg)
-    for epoch in range(recipe.epochs):
+    for epoch in range(recipe.epoch, recipe.epochs):
         done = recipe.train_epoch(epoch)
+        if recipe.stopped:
+            recipe.engine.close()
+            return {"steps": recipe.step, "stopped": True}
         recipe.end_epoch()
         if done:
             break

@@ -374,11 +374,11 @@ class Engine:
         when :meth:`should_stop` says so: a preempted and requeued job continues exactly
         where it stopped. Returns the saved ``extra`` values, or ``{}`` on a fresh start.
         """
-        folder = Path(path) if path is not None else self.checkpoint_dir
-        if not (folder / ckpt.MANIFEST).is_file():
+        where = Path(path) if path is not None else self.checkpoint_dir
+        if not (where.is_file() or (where / ckpt.MANIFEST).is_file()):
             return {}
-        extra = self.load(folder, model=model, optimizer=optimizer, scheduler=scheduler, dataloader=dataloader)
-        self.print(f"resumed from {ckpt.resolve(folder)}")
+        extra = self.load(where, model=model, optimizer=optimizer, scheduler=scheduler, dataloader=dataloader)
+        self.print(f"resumed from {ckpt.resolve(where)}")
         return extra
 
     def close(self) -> None:

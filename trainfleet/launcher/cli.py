@@ -408,6 +408,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     add("--output-dir", help="TensorBoard scalars and metrics.json (default runs/<model>-<dataset>-<time>)")
     add("--save", help="write a checkpoint here at the end")
     add("--init-from", help="load pretrained weights non-strictly from this file")
+    add("--resume", help="continue from this checkpoint (or folder's latest); under launch --cluster the "
+                         "job's own checkpoints are resumed without it")
     add("--trust-pickle", action="store_true", help="allow --init-from files that need full unpickling")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
