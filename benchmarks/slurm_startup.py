@@ -1,0 +1,84 @@
+"""slurm_first_step_vs_sbatch_torchrun: `launch --cluster slurm` to rank 0's first step, 2 nodes x 2 workers.
+
+The peer is what people write by hand: an sbatch script whose srun starts torchrun on
+each node (static rendezvous on the first node). Both run the same probe on the same
+local cluster (scripts/dev-slurm.sh), one job at a time. Ours includes the `launch`
+command's own start, its sinfo check and submitit's submission. Target: <= 1.0.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from benchmarks.common import BIN, PROBES, Comparison, interleave, now, rounds_from_args, scratch
+
+PROBE = str(PROBES / "first_step.py")
+PEER_SCRIPT = """#!/bin/bash
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=2
+#SBATCH --time=5
+#SBATCH --output={out}/slurm-%j.out
+head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+addr=$(scontrol show node "$head" | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
+port=$((25000 + SLURM_JOB_ID % 10000))
+srun bash -c "exec {bin}/torchrun --nnodes 2 --nproc-per-node 2 --node-rank \\$SLURM_NODEID \\
+  --master-addr $addr --master-port $port {probe} {out}"
+"""
+
+
+def _wait_done(job: str, out: Path, timeout: float = 180) -> float:
+    """Rank 0's first-step time, once the job has ended (so jobs never overlap)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "State"], capture_output=True,
+                               text=True).stdout.split()
+        if state and state[0] not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"):
+            break
+        time.sleep(0.2)
+    record = out / "first_step.json"
+    if not record.is_file():
+        raise RuntimeError(f"job {job} ended ({state}) without a first step; see {out}")
+    return json.loads(record.read_text())["t"]
+
+
+def _ours() -> float:
+    out = scratch()
+    start = now()
+    result = subprocess.run([str(BIN / "launch"), "--cluster", "slurm", "--nodes", "2", "--gpus", "2", "--cpu",
+                             "--time", "5", "--job-dir", str(out / "runs"), PROBE, str(out)],
+                            capture_output=True, text=True, check=True)
+    job = result.stdout.split("submitted job ")[1].split()[0]
+    elapsed = _wait_done(job, out) - start
+    shutil.rmtree(out)
+    return elapsed
+
+
+def _peer() -> float:
+    out = scratch()
+    script = out / "job.sh"
+    script.write_text(PEER_SCRIPT.format(out=out, bin=BIN, probe=PROBE))
+    start = now()
+    job = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    elapsed = _wait_done(job, out) - start
+    shutil.rmtree(out)
+    return elapsed
+
+
+def main(argv: list[str] | None = None) -> None:
+    rounds = rounds_from_args(__doc__, argv, rounds=5, quick=3)
+    if not (os.environ.get("SLURM_CONF") and shutil.which("sbatch")):
+        print("slurm_first_step_vs_sbatch_torchrun: skipped, no SLURM cluster "
+              "(eval \"$(scripts/dev-slurm.sh start)\")", flush=True)
+        return
+    comparison = interleave(rounds, _ours, _peer, Comparison("slurm_first_step_vs_sbatch_torchrun", target=1.0))
+    print(comparison.line(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
