@@ -21,6 +21,7 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -108,7 +109,8 @@ class FleetJob:
         primary = os.environ.get("SLURM_NODEID", "0") == "0"
         if primary:
             records.update_task_state(task_dir, state="RUNNING", requeues=self.requeues, index=self.index,
-                                      values=self.values, started=time.time(), exit_code=None)
+                                      values=self.values, started=time.time(), exit_code=None,
+                                      host=socket.gethostname())
         code = self._run_debug(task_dir) if self.debug else self._run_agent(task_dir)
         if primary:
             records.update_task_state(task_dir, state="COMPLETED" if code == 0 else "FAILED", exit_code=code,

@@ -66,6 +66,12 @@ def _pid_alive(pid: int) -> bool:
     return not Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
 
 
+def _clock(seconds: float) -> str:
+    """``HH:MM:SS``, as sacct prints elapsed time."""
+    seconds = int(seconds)
+    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
 def job_status(folder: Path, record: dict[str, Any]) -> list[TaskStatus]:
     """The state of every task of the job in ``folder``."""
     job_id = str(record["job_id"])
@@ -88,6 +94,10 @@ def job_status(folder: Path, record: dict[str, Any]) -> list[TaskStatus]:
             pid = task.get("pid")
             if pid and not _pid_alive(int(pid)):
                 state = "FAILED" if own.get("state") != "COMPLETED" else "COMPLETED"
+        if nodes == "-" and own.get("host"):
+            nodes = own["host"]
+        if elapsed == "-" and own.get("started"):  # no sacct (local jobs): trainfleet's own clock
+            elapsed = _clock((own.get("ended") or time.time()) - own["started"])
         statuses.append(TaskStatus(job_id, index, task.get("values", {}), state, code, nodes, elapsed,
                                    int(own.get("requeues", 0))))
     return statuses
