@@ -39,13 +39,23 @@ class TaskStatus:
         return self.state in TERMINAL
 
 
-def _sacct(job_id: str) -> dict[str, dict[str, str]]:
+def _slurm_rows(job_id: str) -> dict[str, dict[str, str]]:
+    """SLURM's view of a job's tasks: ``sacct`` (finished ones too), overlaid with ``squeue``
+    for the active ones, because accounting learns of a start or a requeue a little later."""
+    rows: dict[str, dict[str, str]] = {}
     out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "JobID,State,ExitCode,NodeList,Elapsed"],
                          capture_output=True, text=True, timeout=30)
-    rows: dict[str, dict[str, str]] = {}
     for line in out.stdout.splitlines():
         job, state, code, nodes, elapsed = line.split("|")
         rows[job] = {"state": state.split()[0], "exit": code, "nodes": nodes, "elapsed": elapsed}
+    live = subprocess.run(["squeue", "-h", "-r", "-j", job_id, "-o", "%i|%T|%N|%M"], capture_output=True,
+                          text=True, timeout=30)
+    for line in live.stdout.splitlines():
+        job, state, nodes, elapsed = line.split("|")
+        old = rows.get(job, {"state": "", "exit": "0:0", "nodes": "", "elapsed": ""})
+        if state == "COMPLETING" and old["state"] in TERMINAL:  # accounting already has the outcome
+            continue
+        rows[job] = {**old, "state": state, "nodes": nodes or old["nodes"], "elapsed": elapsed or old["elapsed"]}
     return rows
 
 
@@ -75,7 +85,7 @@ def _clock(seconds: float) -> str:
 def job_status(folder: Path, record: dict[str, Any]) -> list[TaskStatus]:
     """The state of every task of the job in ``folder``."""
     job_id = str(record["job_id"])
-    rows = _sacct(job_id) if record["cluster"] == "slurm" else {}
+    rows = _slurm_rows(job_id) if record["cluster"] == "slurm" else {}
     statuses = []
     for task in record["tasks"]:
         index = task["index"]
@@ -84,7 +94,7 @@ def job_status(folder: Path, record: dict[str, Any]) -> list[TaskStatus]:
         row = _slurm_row(rows, job_id, index)
         nodes = elapsed = "-"
         if row is not None:
-            nodes, elapsed = row["nodes"], row["elapsed"]
+            nodes, elapsed = row["nodes"] or "-", row["elapsed"] or "-"
             # SLURM's word wins unless trainfleet knows more (a requeue pending, the agent's code)
             if not (row["state"] in ("REQUEUED", "PENDING") and state == "REQUEUED"):
                 state = row["state"] if row["state"] != "FAILED" or code is None else state
