@@ -152,6 +152,30 @@ def test_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(t
     assert max_diff(weights(tmp_path / "final.pt"), weights(tmp_path / "ref" / "final.pt")) < 1e-6
 
 
+def test_a_preempted_array_task_is_requeued_alone(tmp_path, cli):
+    for i in range(2):
+        (tmp_path / f"out{i}").mkdir()
+    result = cli("launch", "--cluster", "slurm", "--gpus", "1", "--cpu", "--time", "10", "--array", "2",
+                 PREEMPT, str(tmp_path / "out{index}"), "--steps", "12", "--step-sleep", "0.4")
+    job = job_id(result)
+    progress = tmp_path / "out1" / "progress"
+    wait_for(lambda: progress.is_file() and int(progress.read_text() or 0) >= 3, what="task 1 at step 3")
+    subprocess.run(["scancel", "--signal=USR2", f"{job}_1"], check=True)
+    task1 = tmp_path / "runs" / job / "task1"
+    wait_for(lambda: json.loads((task1 / "task.json").read_text())["state"] == "REQUEUED", what="the requeue")
+    wait_for(lambda: sacct_state(f"{job}_1") == "PENDING", what="task 1 to pend")
+    subprocess.run(["scontrol", "update", f"JobId={job}_1", "StartTime=now"], check=True)
+    wait_for(lambda: sacct_state(f"{job}_1") == "COMPLETED", timeout=180, what="task 1 to complete")
+    wait_for(lambda: sacct_state(f"{job}_0") == "COMPLETED", what="task 0 to complete")
+    status = cli("trainfleet", "status", job).stdout
+    rows = {line.split()[0]: line.split() for line in status.splitlines() if re.match(r"\s+\d\s", line)}
+    assert rows["0"][1:4] == ["COMPLETED", "0", "0"] and rows["1"][1:4] == ["COMPLETED", "0", "1"], status
+    assert (task1 / "checkpoints" / "latest.json").is_file()
+    assert not (tmp_path / "runs" / job / "task0" / "checkpoints").exists()
+    for i in range(2):
+        assert len(json.loads((tmp_path / f"out{i}" / "losses.json").read_text())["losses"]) == 12
+
+
 def test_max_requeues_zero_ends_the_job_at_the_checkpoint(tmp_path, cli):
     result = cli("launch", "--cluster", "slurm", "--gpus", "1", "--cpu", "--time", "10", "--max-requeues", "0",
                  PREEMPT, str(tmp_path), "--steps", "40", "--step-sleep", "0.3")

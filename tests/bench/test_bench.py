@@ -1,0 +1,77 @@
+"""`trainfleet bench` and the peer benchmarks, run small and for real."""
+import csv
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+
+
+def test_bench_writes_all_outputs_with_a_skipped_row(tmp_path):
+    result = run_cli("trainfleet", "bench", "--model", "lenet", "--strategies", "single,ddp", "--gpus", "1,2",
+                     "--steps", "2", "--warmup", "1", "--rounds", "1", "--batch-size", "8",
+                     "--out", str(tmp_path / "bench"), timeout=300)
+    assert result.returncode == 0, result.stderr
+    for name in ("results.md", "results.csv", "throughput.png", "breakdown.png"):
+        assert (tmp_path / "bench" / name).stat().st_size > 0, name
+    rows = list(csv.DictReader(open(tmp_path / "bench" / "results.csv")))
+    assert [(r["strategy"], r["workers"], r["status"]) for r in rows] == [
+        ("single", "1", "ok"), ("single", "2", "skipped"), ("ddp", "1", "ok"), ("ddp", "2", "ok")]
+    skipped = rows[1]
+    assert skipped["reason"] == "single runs one process on one device"
+    ddp2 = rows[3]
+    assert float(ddp2["samples_per_s"]) > 0 and float(ddp2["step_ms"]) > 0 and float(ddp2["peak_mb_per_rank"]) > 0
+    assert float(ddp2["comm_ms"]) > 0  # the all-reduce was timed
+    assert 0 < float(ddp2["efficiency"]) < 2
+    table = (tmp_path / "bench" / "results.md").read_text()
+    assert "| single | 32 | 2 |" in table and "skipped" in table and "machine:" in table
+    assert "single runs one process on one device" in result.stdout
+    assert (tmp_path / "bench" / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_runs_the_users_own_script(tmp_path):
+    script = tmp_path / "mine.py"
+    script.write_text(
+        "import sys, torch, torch.nn.functional as F, trainfleet\n"
+        "engine = trainfleet.Engine()\n"
+        "data = torch.utils.data.TensorDataset(torch.randn(512, int(sys.argv[1])), torch.randint(0, 2, (512,)))\n"
+        "model = torch.nn.Linear(int(sys.argv[1]), 2)\n"
+        "model, opt = engine.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))\n"
+        "for epoch in range(100):\n"
+        "    for x, y in engine.dataloader(data, batch_size=16):\n"
+        "        engine.backward(F.cross_entropy(model(x), y)); engine.step(opt)\n")
+    result = run_cli("trainfleet", "bench", "--script", str(script), "--strategies", "ddp", "--gpus", "2",
+                     "--precisions", "32,bf16", "--steps", "3", "--rounds", "1", "--out", str(tmp_path / "b"),
+                     "--", "6", timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(open(tmp_path / "b" / "results.csv")))
+    assert [(r["precision"], r["status"]) for r in rows] == [("32", "ok"), ("bf16", "ok")]
+    assert rows[1]["speedup_vs_32"] not in ("", "-")
+
+
+def test_bench_bad_input(tmp_path):
+    result = run_cli("trainfleet", "bench", "--strategies", "ddp,dpp", "--out", str(tmp_path))
+    assert result.returncode == 2 and "Unknown strategy 'dpp'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("module, lines", [
+    ("launch_ready", ["launch_ready_vs_torchrun: ratio"]),
+    ("engine_ddp_vs_handwritten", ["engine_ddp_vs_handwritten: ratio", "engine_accum_vs_no_sync: ratio"]),
+    ("ckpt_bench", ["ckpt_save_vs_torch_save (MB/s): ratio", "ckpt_async_blocking (s): ratio",
+                    "ckpt_load_other_world (s): ratio"]),
+    ("horovod_amp_bench", ["horovod_vs_handwritten", "amp_bf16_speedup_vs_handwritten: ratio"]),
+    pytest.param("slurm_startup", ["slurm_first_step_vs_sbatch_torchrun: ratio"], marks=[
+        pytest.mark.slurm, pytest.mark.skipif(not (os.environ.get("SLURM_CONF") and shutil.which("sbatch")),
+                                              reason="no SLURM cluster: eval \"$(scripts/dev-slurm.sh start)\"")]),
+])
+def test_benchmark_smoke(module, lines):
+    result = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--quick", "--smoke"], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    for line in lines:
+        assert line in result.stdout, result.stdout
+    assert "(target" in result.stdout

@@ -1,0 +1,1 @@
+"""``trainfleet bench``: the parallel strategies and precisions compared on the user's model."""
