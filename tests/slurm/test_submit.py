@@ -93,9 +93,10 @@ def test_a_two_by_two_sweep_is_one_array_of_four(tmp_path, cli):
                     "2": ["--tag", "run2", "--bs", "32", "--lr", "0.01"],
                     "3": ["--tag", "run3", "--bs", "64", "--lr", "0.01"]}
     # one SLURM array: every task is <job>_<i> of the same job id
-    ids = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "JobID,State"], capture_output=True,
-                         text=True).stdout.split()
-    assert sorted(ids) == [f"{job}_{i}|COMPLETED" for i in range(4)]
+    expected = [f"{job}_{i}|COMPLETED" for i in range(4)]
+    accounted = lambda: sorted(subprocess.run(  # noqa: E731  (accounting may lag the end by seconds)
+        ["sacct", "-j", job, "-X", "-n", "-P", "-o", "JobID,State"], capture_output=True, text=True).stdout.split())
+    wait_for(lambda: accounted() == expected, timeout=30, what=f"sacct to list {expected}")
     status = cli("trainfleet", "status", job)
     assert status.returncode == 0, status.stderr
     assert "4 completed" in status.stdout
