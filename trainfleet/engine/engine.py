@@ -377,8 +377,9 @@ class Engine:
         where = Path(path) if path is not None else self.checkpoint_dir
         if not (where.is_file() or (where / ckpt.MANIFEST).is_file()):
             return {}
-        extra = self.load(where, model=model, optimizer=optimizer, scheduler=scheduler, dataloader=dataloader)
-        self.print(f"resumed from {ckpt.resolve(where)}")
+        path = ckpt.resolve(where)
+        extra = self.load(path, model=model, optimizer=optimizer, scheduler=scheduler, dataloader=dataloader)
+        self.print(f"resumed from {path}")
         return extra
 
     def close(self) -> None:

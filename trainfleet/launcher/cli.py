@@ -67,7 +67,6 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     add("--collective-timeout", dest="collective_timeout", type=float, default=_env_default("collective_timeout"),
         help="seconds before a collective some rank never joins fails, naming rank and call site "
              "(default: torch's 30 min)")
-    add_cluster_arguments(parser)
     add("-m", "--module", action="store_true", help="run TARGET as a module, like python -m")
     add("target", nargs="?", help="the training script (or module with -m)")
     add("args", nargs=argparse.REMAINDER, help="arguments for the script")
@@ -311,6 +310,7 @@ def build_trainfleet_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
     launch_parser = sub.add_parser("launch", help="start workers for a training script")
     add_launch_arguments(launch_parser)
+    add_cluster_arguments(launch_parser)
     launch_parser.set_defaults(func=lambda ns: _run_launch(ns, ns.raw_argv))
     train_parser = sub.add_parser("train", help="the built-in recipe (python -m trainfleet.train)",
                                   add_help=False)
@@ -345,6 +345,7 @@ def launch_main(argv: Sequence[str] | None = None) -> int:
     """Console script ``launch``."""
     parser = OneLineParser(prog="launch", description="Start a training script on local workers.")
     add_launch_arguments(parser)
+    add_cluster_arguments(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = parser.parse_args(argv)
     return _guarded(lambda: _run_launch(ns, argv))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,12 +56,12 @@ def plan(ns: argparse.Namespace) -> Submission:
     tasks = array_tasks(sweep, ns.array)
     from trainfleet.launcher.cli import launch_config_from_args
 
+    gpus = 0 if ns.cpu else (ns.gpus or 1)
     # The job's nodes, not this machine, have the devices: do not check --gpus here.
-    cfg = launch_config_from_args(ns, cuda_devices=0 if ns.cpu else (ns.gpus or 1))
+    cfg = launch_config_from_args(ns, cuda_devices=gpus)
     if ns.cluster == "debug" and (ns.nodes > 1 or len(tasks) > 1):
         raise UsageError("--cluster debug runs one process in this one, but more than one node or task was asked.",
                          "drop --nodes/--array/--sweep to debug, or use --cluster local.")
-    gpus = 0 if ns.cpu else (ns.gpus or 1)
     resources = ClusterResources(
         nodes=ns.nodes, workers=ns.gpus or 1, gpus=gpus, cpus_per_task=ns.cpus_per_task, mem_gb=ns.mem_gb,
         time_min=ns.time, partition=ns.partition, account=ns.account, qos=ns.qos, constraint=ns.constraint,
@@ -95,8 +96,7 @@ def _executor(sub: Submission, folder: Path) -> Any:
         executor.update_parameters(**sub.resources.slurm_parameters())
     elif sub.cluster == "local":
         executor = submitit.LocalExecutor(folder=str(folder))
-        executor.update_parameters(timeout_min=sub.resources.time_min, gpus_per_node=sub.resources.gpus,
-                                   signal_delay_s=sub.resources.signal_delay_s)
+        executor.update_parameters(**sub.resources.local_parameters())
     else:
         executor = submitit.DebugExecutor(folder=str(folder))
     return executor
@@ -118,9 +118,11 @@ def _jobs(sub: Submission, ns: argparse.Namespace, folder: Path) -> tuple[list[A
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # sbatch's complaint comes back in the error
             if len(fleet) == 1:
-                return fleet, [executor.submit(fleet[0])]
-            with executor.batch():
-                jobs = [executor.submit(job) for job in fleet]
+                jobs = [executor.submit(fleet[0])]
+            else:
+                with executor.batch():
+                    jobs = [executor.submit(job) for job in fleet]
+        _remove_new_files(sub.root, before, failed=False)
         return fleet, jobs
     except Exception as err:  # submitit.core.utils.FailedJobError: sbatch refused it
         if type(err).__name__ != "FailedJobError":
@@ -147,10 +149,8 @@ def submit(ns: argparse.Namespace, argv: list[str]) -> int:
     if sub.cluster == "slurm":
         pattern = sub.root / "%A"  # submitit fills in the (array) job id
     else:
-        pattern = sub.root / f"{sub.cluster}-{time.strftime('%Y%m%d-%H%M%S')}-{id(sub) % 10000:04d}"
-    before = set(sub.root.iterdir()) if sub.root.is_dir() else set()
+        pattern = sub.root / f"{sub.cluster}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     fleet, jobs = _jobs(sub, ns, pattern)
-    _remove_new_files(sub.root, before, failed=False)
     job_id = str(jobs[0].job_id).split("_")[0]
     folder = Path(str(pattern).replace("%A", job_id))
     if sub.cluster != "slurm":

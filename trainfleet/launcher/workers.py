@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from trainfleet.launcher.worker import WorkerSpec, worker_main
+from trainfleet.utils.process import process_state
 
 PRELOAD = ("torch", "torch.distributed", "torch.nn.parallel", "trainfleet.engine.engine")
 TAIL_LINES = 20
@@ -24,15 +25,6 @@ def killpg(pid: int, signum: int) -> None:
         os.killpg(pid, signum)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def process_state(pid: int) -> str | None:
-    """The state letter of /proc/<pid>/stat (``T``: stopped), or None when gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
 
 
 @dataclass

@@ -20,7 +20,6 @@ class Partition:
 
     name: str
     default: bool
-    up: bool
     nodes: int
     cpus_per_node: int
     gpus_per_node: int
@@ -48,21 +47,21 @@ def _gpus(gres: str) -> int:
 
 def partitions() -> dict[str, Partition]:
     """Every partition of the cluster, from one ``sinfo`` call."""
-    out = subprocess.run(["sinfo", "-h", "-e", "-o", "%P|%a|%D|%c|%G|%m"], capture_output=True, text=True,
+    out = subprocess.run(["sinfo", "-h", "-e", "-o", "%P|%D|%c|%G|%m"], capture_output=True, text=True,
                          timeout=30)
     if out.returncode != 0:
         raise UsageError(f"sinfo failed: {(out.stderr.strip().splitlines() or [out.returncode])[-1]}.",
                          "is slurmctld reachable (SLURM_CONF)? Try `sinfo`.")
     found: dict[str, Partition] = {}
     for line in out.stdout.splitlines():
-        name, avail, nodes, cpus, gres, mem = line.split("|")
+        name, nodes, cpus, gres, mem = line.split("|")
         default = name.endswith("*")
         name = name.rstrip("*")
-        part = Partition(name, default, avail == "up", int(nodes), int(cpus.rstrip("+")), _gpus(gres),
+        part = Partition(name, default, int(nodes), int(cpus.rstrip("+")), _gpus(gres),
                          int(mem.rstrip("+")) if mem.rstrip("+").isdigit() else None)
         old = found.get(name)
         if old is not None:  # one line per node configuration: sum nodes, keep the largest node
-            part = Partition(name, default or old.default, part.up or old.up, old.nodes + part.nodes,
+            part = Partition(name, default or old.default, old.nodes + part.nodes,
                              max(old.cpus_per_node, part.cpus_per_node), max(old.gpus_per_node, part.gpus_per_node),
                              max(old.mem_mb_per_node or 0, part.mem_mb_per_node or 0) or None)
         found[name] = part

@@ -129,7 +129,7 @@ class FleetJob:
         """In this process, so breakpoints in the script work (submitit's DebugExecutor)."""
         saved = dict(os.environ)
         os.environ.update(self.environment(task_dir))
-        try:
+        try:  # by name: slurm never imports the launcher at module level (it is what wires slurm in)
             cli = importlib.import_module("trainfleet.launcher.cli")
             return cli.launch_main(self.command(task_dir))
         finally:

@@ -123,6 +123,7 @@ class ClusterResources:
             # kill a node whose agent is still checkpointing.
             "srun_args": ["--kill-on-bad-exit=0"],
             "setup": [f"export SUBMITIT_PREEMPT_SIGNAL={self.signal}"],
+            # submitit writes --signal=USR2@delay itself; this entry replaces it with ours
             "additional_parameters": {"signal": f"{self.signal}@{self.signal_delay_s}", "requeue": True,
                                       **self.extra},
         }
@@ -141,4 +142,4 @@ class ClusterResources:
 
     def local_parameters(self) -> dict[str, Any]:
         """Parameters for ``submitit.LocalExecutor.update_parameters`` (one process per job)."""
-        return {"timeout_min": self.time_min, "tasks_per_node": 1, "nodes": 1}
+        return {"timeout_min": self.time_min, "gpus_per_node": self.gpus, "signal_delay_s": self.signal_delay_s}

@@ -1,7 +1,7 @@
 """``trainfleet status|logs|cancel``: a submitted job's state, logs and end, from any shell.
 
-SLURM's view comes from ``sacct`` (accounting, so finished jobs are still there);
-trainfleet's own view (exit code of the agent, requeues) from each task's ``task.json``.
+SLURM's view comes from ``squeue`` (live) and ``sacct`` (accounting, so finished jobs are
+still there); trainfleet's own view (exit code of the agent, requeues) from each task's ``task.json``.
 """
 from __future__ import annotations
 
@@ -10,12 +10,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from trainfleet.slurm import records
+from trainfleet.slurm.sweep import ArrayTask
 from trainfleet.utils.errors import UsageError
+from trainfleet.utils.process import process_state
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
             "DEADLINE", "PREEMPTED", "STOPPED"}
@@ -59,21 +62,8 @@ def _slurm_rows(job_id: str) -> dict[str, dict[str, str]]:
     return rows
 
 
-def _slurm_row(rows: dict[str, dict[str, str]], job_id: str, index: int | None) -> dict[str, str] | None:
-    if index is None:
-        return rows.get(job_id)
-    if f"{job_id}_{index}" in rows:
-        return rows[f"{job_id}_{index}"]
-    # Pending tasks share one line: 4242_[2-3%2]
-    return next((row for key, row in rows.items() if key.startswith(f"{job_id}_[")), None)
-
-
 def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return not Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    return process_state(pid) not in (None, "Z")
 
 
 def _clock(seconds: float) -> str:
@@ -91,7 +81,7 @@ def job_status(folder: Path, record: dict[str, Any]) -> list[TaskStatus]:
         index = task["index"]
         own = records.read_task_state(records.task_dir(folder, index))
         state, code = own.get("state", "PENDING"), own.get("exit_code")
-        row = _slurm_row(rows, job_id, index)
+        row = rows.get(job_id if index is None else f"{job_id}_{index}")
         nodes = elapsed = "-"
         if row is not None:
             nodes, elapsed = row["nodes"] or "-", row["elapsed"] or "-"
@@ -102,8 +92,8 @@ def job_status(folder: Path, record: dict[str, Any]) -> list[TaskStatus]:
                 code = int(row["exit"].split(":")[0]) or (1 if row["state"] != "COMPLETED" else 0)
         elif record["cluster"] == "local" and state in ("RUNNING", "PENDING"):
             pid = task.get("pid")
-            if pid and not _pid_alive(int(pid)):
-                state = "FAILED" if own.get("state") != "COMPLETED" else "COMPLETED"
+            if pid and not _pid_alive(int(pid)):  # gone without recording an end
+                state = "FAILED"
         if nodes == "-" and own.get("host"):
             nodes = own["host"]
         if elapsed == "-" and own.get("started"):  # no sacct (local jobs): trainfleet's own clock
@@ -122,10 +112,8 @@ def format_status(folder: Path, record: dict[str, Any], statuses: list[TaskStatu
         for s in statuses:
             code = "-" if s.exit_code is None else str(s.exit_code)
             lines.append(f"{s.index:>4}  {s.state:<10} {code:>4}  {s.requeues:>8}  {s.elapsed:>10}  "
-                         f"{s.nodes:<12} {' '.join(f'{k}={v}' for k, v in s.values.items()) or '-'}")
-        counts: dict[str, int] = {}
-        for s in statuses:
-            counts[s.state] = counts.get(s.state, 0) + 1
+                         f"{s.nodes:<12} {ArrayTask(s.index, s.values).label()}")
+        counts = Counter(s.state for s in statuses)
         lines.append(", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items())))
         return "\n".join(lines)
     s = statuses[0]
@@ -159,22 +147,27 @@ def exit_code(statuses: list[TaskStatus]) -> int:
 
 
 def follow(folder: Path, record: dict[str, Any], rank: int = 0, task: int | None = None,
-           out: TextIO = sys.stdout, poll: float = 0.5, until_done: bool = True) -> list[TaskStatus]:
+           out: TextIO = sys.stdout, poll: float = 0.5, until_done: bool = True,
+           check_every: float = 2.0) -> list[TaskStatus]:
     """Print a rank's log as it grows (it survives requeues: the log is appended to)
-    until the job is over; returns the final statuses."""
+    until the job is over; returns the final statuses. The log is read every ``poll``
+    seconds, SLURM (squeue, sacct) asked every ``check_every``: schedulers are shared."""
     index = task if task is not None else record["tasks"][0]["index"]
     where = records.task_dir(folder, index)
-    offset, path = 0, None
+    offset, path, checked = 0, None, float("-inf")
     while True:
-        statuses = job_status(folder, record)
+        done = False
+        if time.monotonic() - checked >= check_every or not until_done:
+            statuses, checked = job_status(folder, record), time.monotonic()
+            done = all(s.done for s in statuses)
         path = path or records.rank_log(where, rank)
-        if path is not None:
+        if path is not None:  # read after the state: the last lines of a finished job are in
             with open(path, "rb") as fh:
                 fh.seek(offset)
                 chunk = fh.read()
             offset += len(chunk)
             out.write(chunk.decode(errors="replace"))
             out.flush()
-        if not until_done or all(s.done for s in statuses):
+        if not until_done or done:
             return statuses
         time.sleep(poll)

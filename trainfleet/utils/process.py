@@ -1,4 +1,5 @@
-"""Process hygiene shared by the launcher and the SLURM job: children die with their parent."""
+"""Process hygiene shared by the launcher and the SLURM job: children die with their parent;
+a process's state from /proc."""
 from __future__ import annotations
 
 import ctypes
@@ -18,3 +19,12 @@ def die_with_parent(parent_pid: int, signum: int = signal.SIGKILL) -> None:
         pass
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of /proc/<pid>/stat (``T``: stopped, ``Z``: zombie), or None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
