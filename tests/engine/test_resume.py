@@ -7,9 +7,9 @@ the reference to 1e-5, and in the interrupted epoch no sample is seen twice or s
 import json
 
 import pytest
-import torch
 
 from tests.conftest import SCRIPTS, run_cli
+from trainfleet.engine.ckpt_tools import read_checkpoint
 
 SCRIPT = str(SCRIPTS / "resume_train.py")
 TOTAL, STOP = 10, 8  # 6 global batches an epoch: the stop falls 2 batches into epoch 1
@@ -19,7 +19,11 @@ LAYOUTS = {
     "ddp1": ["--gpus", "1"],
     "ddp2": ["--gpus", "2"],
     "ddp4": ["--gpus", "4"],
+    "fsdp1": ["--strategy", "fsdp", "--gpus", "1"],
+    "fsdp2": ["--strategy", "fsdp", "--gpus", "2"],
+    "fsdp4": ["--strategy", "fsdp", "--gpus", "4"],
 }
+WORLD = {"ddp1": 1, "ddp2": 2, "single": 1, "dp": 1, "fsdp2": 2}
 
 
 def train(out, layout, tag, *args):
@@ -46,6 +50,8 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("before, after", [
     ("ddp2", "ddp1"), ("ddp1", "ddp2"), ("ddp4", "ddp2"),   # world sizes 2->1, 1->2, 4->2
     ("ddp2", "single"), ("ddp2", "dp"), ("single", "ddp2"),  # across strategies
+    # fsdp writes sharded folders: they reshard into any world size and strategy, and back
+    ("fsdp4", "fsdp2"), ("fsdp2", "single"), ("ddp2", "fsdp2"), ("fsdp2", "ddp1"),
 ])
 def test_resume_matches_uninterrupted_run(reference, before, after):
     out = reference
@@ -53,9 +59,11 @@ def test_resume_matches_uninterrupted_run(reference, before, after):
     train(out, before, f"{tag}.a", "--stop-at", str(STOP))
     train(out, after, f"{tag}.b", "--resume-from", str(out / f"ckpt.{tag}.a.pt"))
 
-    ref = torch.load(out / "final.ref.pt", weights_only=True)["model"]
-    final = torch.load(out / f"final.{tag}.b.pt", weights_only=True)
-    assert final["meta"]["world_size"] == {"ddp1": 1, "ddp2": 2, "single": 1, "dp": 1}[after]
+    ref = read_checkpoint(out / "final.ref.pt")["model"]
+    final = read_checkpoint(out / f"final.{tag}.b.pt")
+    assert final["meta"]["world_size"] == WORLD[after]
+    assert final["meta"]["strategy"] == after.rstrip("0123456789")
+    assert (out / f"ckpt.{tag}.a.pt").is_dir() == before.startswith("fsdp")  # fsdp saves shard folders
     diff = max((ref[k] - final["model"][k]).abs().max().item() for k in ref)
     assert diff < 1e-5, f"final weights differ by {diff}"
 

@@ -12,6 +12,7 @@ import os
 import pickle
 import queue
 import re
+import shutil
 import threading
 import zipfile
 from pathlib import Path
@@ -60,15 +61,23 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_temporaries(folder: Path) -> list[Path]:
     """Delete temporary files of saves whose process died mid-write (``kill -9``, OOM)."""
     removed = []
-    for tmp in folder.glob(".*.tmp-*"):
-        pid = tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+    for tmp in [*folder.glob(".*.tmp-*"), *folder.glob(".*.old-*")]:
+        pid = tmp.name.rsplit(".tmp-" if ".tmp-" in tmp.name else ".old-", 1)[1].split("-", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
+            remove_path(tmp)
             removed.append(tmp)
     return removed
 
 
-def _fsync_dir(folder: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Delete a checkpoint file or a sharded checkpoint folder; nothing if it is gone."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def fsync_dir(folder: Path) -> None:
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -102,7 +111,7 @@ def save_atomic(obj: Any, path: str | os.PathLike[str], writer: Any = None) -> P
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -128,17 +137,42 @@ def verify_file(path: Path) -> None:
 
 
 MANIFEST = "latest.json"
+DCP_METADATA = ".metadata"  # what makes a folder a torch.distributed.checkpoint (sharded) checkpoint
+
+
+def is_sharded(path: Path) -> bool:
+    """True for a sharded (DCP) checkpoint folder."""
+    return path.is_dir() and (path / DCP_METADATA).is_file()
 
 
 def resolve(path: str | os.PathLike[str]) -> Path:
-    """A checkpoint file, or the one a folder's ``latest.json`` points at."""
+    """A checkpoint file or sharded folder, or the one a folder's ``latest.json`` points at."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not is_sharded(path):
         manifest = path / MANIFEST
         if not manifest.is_file():
-            raise UsageError(f"{str(path)!r} is a folder without a {MANIFEST}.",
-                             "pass a checkpoint file, or a folder written with keep_last=.")
+            raise UsageError(f"{str(path)!r} is a folder without a {MANIFEST} or a {DCP_METADATA}.",
+                             "pass a checkpoint file, a sharded checkpoint folder, or a folder written with "
+                             "keep_last=.")
         return path / json.loads(manifest.read_text())["latest"]
+    return path
+
+
+def commit_folder(tmp: Path, path: Path) -> Path:
+    """Make the finished folder ``tmp`` visible as ``path`` (replacing an older one) and fsync.
+
+    A reader sees the old folder or the new one, never a partial one: the rename is atomic,
+    and an older ``path`` is moved aside first and deleted only after the new one is in place.
+    """
+    fsync_dir(tmp)
+    aside = None
+    if path.exists():
+        aside = path.parent / f".{path.name}.old-{os.getpid()}-{threading.get_ident()}"
+        os.replace(path, aside)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    if aside is not None:
+        remove_path(aside)
     return path
 
 
@@ -157,7 +191,7 @@ def record_latest(path: Path, keep_last: int) -> list[Path]:
     save_atomic(payload, manifest, writer=lambda data, handle: handle.write(data))
     removed = []
     for name in doomed:
-        (path.parent / name).unlink(missing_ok=True)
+        remove_path(path.parent / name)
         removed.append(path.parent / name)
     return removed
 
@@ -297,24 +331,47 @@ def extract_model_state(payload: Any, path: str | os.PathLike[str] = "<checkpoin
 
 
 def apply_model_state(module: torch.nn.Module, state: Mapping[str, Any], strict: bool = True,
-                      path: str | os.PathLike[str] = "<checkpoint>") -> dict[str, list[str]]:
+                      path: str | os.PathLike[str] = "<checkpoint>",
+                      load: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, list[str]]:
     """Load ``state`` into ``module``, reporting what matched.
 
     Keys whose shape differs from the module's are never loaded. With ``strict``
     any missing, unexpected or wrong-shape key is an error naming the file.
+    ``load(matching)`` does the loading (a strategy's, for sharded modules); by default
+    ``module.load_state_dict(matching, strict=False)``.
 
     Returns:
         ``{"loaded": [...], "missing": [...], "unexpected": [...], "mismatched": [...]}``
     """
-    own = module.state_dict()
     state = clean_state_dict(state)
-    mismatched = [k for k, v in state.items()
-                  if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
-    usable = {k: v for k, v in state.items() if k in own and k not in mismatched}
+    shapes = {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+    report = compare_keys(module, shapes, [k for k in state if k not in shapes], strict, path)
+    matching = {k: state[k] for k in report["loaded"]}
+    if load is None:
+        module.load_state_dict(matching, strict=False)
+    else:
+        load(matching)
+    return report
+
+
+def compare_keys(module: torch.nn.Module, saved_shapes: Mapping[str, tuple[int, ...]],
+                 saved_other: Any = (), strict: bool = True,
+                 path: str | os.PathLike[str] = "<checkpoint>") -> dict[str, list[str]]:
+    """Match saved keys and shapes against ``module``'s (global shapes for sharded modules).
+
+    Returns:
+        ``{"loaded": [...], "missing": [...], "unexpected": [...], "mismatched": [...]}``
+
+    Raises:
+        UsageError: ``strict`` and any key is missing, unexpected or of another shape.
+    """
+    own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    saved_keys = set(saved_shapes) | set(saved_other)
+    mismatched = [k for k, shape in saved_shapes.items() if k in own and shape != own[k]]
     report = {
-        "loaded": sorted(usable),
-        "missing": sorted(k for k in own if k not in state),
-        "unexpected": sorted(k for k in state if k not in own),
+        "loaded": sorted(k for k in saved_keys if k in own and k not in mismatched),
+        "missing": sorted(k for k in own if k not in saved_keys),
+        "unexpected": sorted(k for k in saved_keys if k not in own),
         "mismatched": sorted(mismatched),
     }
     problems = {name: keys for name, keys in report.items() if name != "loaded" and keys}
@@ -326,5 +383,4 @@ def apply_model_state(module: torch.nn.Module, state: Mapping[str, Any], strict:
             f"checkpoint {str(path)!r} does not match {type(module).__name__}: {details}.",
             "is it a checkpoint of another model? Load with strict=False to take what matches.",
         )
-    module.load_state_dict(usable, strict=False)
     return report

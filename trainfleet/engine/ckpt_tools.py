@@ -8,13 +8,15 @@ from typing import Any
 import torch
 
 from trainfleet.engine import checkpoint as ckpt
+from trainfleet.engine import sharded
+from trainfleet.utils.errors import UsageError
 
 
 def load_state_dict(path: str | os.PathLike[str], map_location: Any = None,
                     trust: bool = False) -> dict[str, torch.Tensor]:
     """A plain model state_dict from any checkpoint, on the current device.
 
-    Accepts trainfleet checkpoints, plain state_dicts, dicts holding
+    Accepts trainfleet checkpoints (files and sharded folders), plain state_dicts, dicts holding
     ``state_dict``/``model``/``model_state_dict``, and DP/DDP/compiled ones (prefixes
     stripped). Tensors saved on any ``cuda:N`` or the CPU land on ``map_location``:
     by default the current CUDA device, or the CPU without one.
@@ -23,11 +25,29 @@ def load_state_dict(path: str | os.PathLike[str], map_location: Any = None,
         UsageError: missing, corrupt or non-weights-only file (unless ``trust``), or no
             model state inside.
     """
-    payload = ckpt.load_file(path, map_location="cpu", trust=trust)
+    payload = read_checkpoint(path, trust=trust)
     state = ckpt.extract_model_state(payload, path)
     if map_location is None:
         map_location = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     return {k: v.to(map_location) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+def read_checkpoint(path: str | os.PathLike[str], trust: bool = False) -> Any:
+    """A file's payload, or a sharded folder gathered whole into the single-file layout (on the CPU)."""
+    path = ckpt.resolve(path)
+    if not ckpt.is_sharded(path):
+        return ckpt.load_file(path, trust=trust)
+    tensors, sidecar = sharded.read_all(path)
+    prefix = sharded.model_prefix(tensors, sidecar)
+    model = {k[len(prefix):]: v for k, v in tensors.items()
+             if k.startswith(prefix) and not k.startswith(sharded.OPTIM)}
+    if sidecar is None:
+        return model
+    payload = {k: v for k, v in sidecar.items() if k not in ("model_keys", "layout")}
+    payload["model"] = model
+    if sidecar.get("optimizer"):
+        payload["optimizer"] = sharded.optimizer_from_layout(tensors, sidecar["optimizer"])
+    return payload
 
 
 def _tensor_rows(state: dict[str, Any]) -> list[tuple[str, str, str, float]]:
@@ -36,9 +56,37 @@ def _tensor_rows(state: dict[str, Any]) -> list[tuple[str, str, str, float]]:
             for name, t in state.items() if isinstance(t, torch.Tensor)]
 
 
+def _inspect_folder(path: Path) -> dict[str, Any]:
+    """A sharded folder, from its index and sidecar alone (no tensor data is read)."""
+    entries, sidecar = sharded.open_folder(path)
+    prefix = sharded.model_prefix(entries, sidecar)
+    model = {k[len(prefix):]: m for k, m in sorted(entries.items())
+             if k.startswith(prefix) and not k.startswith(sharded.OPTIM)}
+    rows = [(name, "x".join(map(str, m.size)) or "scalar", str(m.properties.dtype).replace("torch.", ""),
+             torch.Size(m.size).numel() * m.properties.dtype.itemsize / 2**20) for name, m in model.items()]
+    files = sorted(p.name for p in path.glob("*.distcp"))
+    meta = (sidecar or {}).get("meta", {})
+    info: dict[str, Any] = {
+        "file": str(path), "bytes": sum(p.stat().st_size for p in path.iterdir() if p.is_file()),
+        "format": f"sharded (torch.distributed.checkpoint): {len(files)} shard files from "
+                  f"{meta.get('world_size', '?')} ranks, every file present and whole",
+        "tensors": rows, "parameters": sum(torch.Size(m.size).numel() for m in model.values()),
+    }
+    if sidecar is None:
+        info["format"] += " (foreign: no trainfleet.pt, model weights only)"
+        return info
+    layout = sidecar.get("optimizer")
+    info.update(meta=meta, data=sidecar.get("data"), extra=sidecar.get("extra", {}),
+                scheduler=sidecar.get("scheduler") is not None,
+                optimizer=f"state for {len(layout['state_keys'])} parameters" if layout else None)
+    return info
+
+
 def inspect_checkpoint(path: str | os.PathLike[str], trust: bool = False) -> dict[str, Any]:
-    """Metadata and a tensor table of a checkpoint, for ``trainfleet ckpt inspect``."""
+    """Metadata and a tensor table of a checkpoint file or sharded folder, for ``trainfleet ckpt inspect``."""
     path = ckpt.resolve(path)
+    if ckpt.is_sharded(path):
+        return _inspect_folder(path)
     payload = ckpt.load_file(path, trust=trust)
     native = isinstance(payload, dict) and payload.get("format") == ckpt.FORMAT
     state = ckpt.extract_model_state(payload, path)
@@ -60,7 +108,9 @@ def inspect_checkpoint(path: str | os.PathLike[str], trust: bool = False) -> dic
 
 def format_inspection(info: dict[str, Any]) -> str:
     """Human-readable text of :func:`inspect_checkpoint`."""
-    lines = [f"file:       {info['file']} ({info['bytes'] / 2**20:.2f} MB, CRC32 records verified)",
+    checked = "every shard checked against the index" if info["format"].startswith("sharded") \
+        else "CRC32 records verified"
+    lines = [f"file:       {info['file']} ({info['bytes'] / 2**20:.2f} MB, {checked})",
              f"format:     {info['format']}"]
     meta = info.get("meta")
     if meta:
@@ -82,19 +132,38 @@ def format_inspection(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def convert_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], to_state_dict: bool = False,
-                       trust: bool = False) -> Path:
-    """Write a foreign checkpoint as a trainfleet one, or any checkpoint as a plain state_dict."""
-    payload = ckpt.load_file(src, trust=trust)
-    state = ckpt.to_cpu(ckpt.extract_model_state(payload, src))
-    if to_state_dict:
-        return ckpt.save_atomic(state, dst)
+def _as_native(payload: Any, src: str | os.PathLike[str]) -> dict[str, Any]:
+    if isinstance(payload, dict) and payload.get("format") == ckpt.FORMAT:
+        return dict(payload)
     from trainfleet.engine.state import library_versions
 
-    native = isinstance(payload, dict) and payload.get("format") == ckpt.FORMAT
-    converted = dict(payload) if native else {
-        "format": ckpt.FORMAT, "version": ckpt.FORMAT_VERSION, "model": state, "optimizer": None,
-        "scheduler": None, "precision": {}, "data": None, "rng": None,
-        "meta": {"converted_from": str(src), "versions": library_versions()}, "extra": {},
-    }
-    return ckpt.save_atomic(converted, dst)
+    return {"format": ckpt.FORMAT, "version": ckpt.FORMAT_VERSION,
+            "model": ckpt.to_cpu(ckpt.extract_model_state(payload, src)), "optimizer": None, "scheduler": None,
+            "precision": {}, "data": None, "rng": None,
+            "meta": {"converted_from": str(src), "versions": library_versions()}, "extra": {}}
+
+
+def convert_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], to_state_dict: bool = False,
+                       trust: bool = False, to: str | None = None) -> Path:
+    """Convert between checkpoint layouts.
+
+    Args:
+        to: ``"file"`` (a trainfleet file, the default), ``"sharded"`` (a folder any number of
+            ranks load their shards from) or ``"state_dict"`` (a plain state_dict for other tools).
+            ``src`` may be any of these, or a foreign checkpoint.
+        to_state_dict: the same as ``to="state_dict"``.
+
+    Raises:
+        UsageError: an unknown ``to``, or anything :func:`read_checkpoint` refuses.
+    """
+    to = "state_dict" if to_state_dict else (to or "file")
+    if to not in ("file", "sharded", "state_dict"):
+        raise UsageError(f"--to {to!r}: expected one of ['file', 'sharded', 'state_dict'].")
+    payload = read_checkpoint(src, trust=trust)
+    if to == "state_dict":
+        return ckpt.save_atomic(ckpt.to_cpu(ckpt.extract_model_state(payload, src)), dst)
+    native = _as_native(payload, src)
+    if to == "file":
+        return ckpt.save_atomic(native, dst)
+    tensors, layout = sharded.flatten(native.pop("model"), native.pop("optimizer"))
+    return sharded.write_folder(tensors, {**native, **layout, "layout": "sharded"}, Path(dst))

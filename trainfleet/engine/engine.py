@@ -15,14 +15,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from trainfleet.engine import checkpoint as ckpt
+from trainfleet.engine import sharded as sharded_ckpt
 from trainfleet.engine.data import (DeviceDataLoader, GlobalOrderSampler, _Indexed, checked_collate,
                                     resolve_batch_sizes)
 from trainfleet.engine.precision import build_precision
 from trainfleet.engine.profiling import StepTimer
-from trainfleet.engine.state import (capture_rng, library_versions, load_optimizer_state_by_name,
-                                     optimizer_state_by_name)
+from trainfleet.engine.state import capture_rng, check_optimizer_names, library_versions
 from trainfleet.engine.state import restore_rng as restore_rng_state
 from trainfleet.engine.strategy import Strategy, build_strategy
+from trainfleet.utils.errors import UsageError
 
 
 STOP_REQUEST_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
@@ -84,6 +85,7 @@ class Engine:
         self._saver = ckpt.AsyncSaver()
         seed_everything(seed)
         self.strategy.setup_environment()
+        self._sharded = sharded_ckpt.ShardedCheckpointer(self.strategy, self._saver)
         self.stop_signal: int | None = None  # the signal behind a stop request, once agreed
         self._pending_signal: int | None = None
         if env.get("TRAINFLEET_RUN_ID") and threading.current_thread() is threading.main_thread():
@@ -250,23 +252,13 @@ class Engine:
             print(*args, **kwargs)
 
     # ----- checkpoints ---------------------------------------------------------------
-    def state_dict(self, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
-                   scheduler: Any = None, dataloader: DeviceDataLoader | None = None,
-                   **extra: Any) -> dict[str, Any]:
-        """The checkpoint payload (a collective: every rank contributes its RNG state).
-
-        The model is unwrapped and on the CPU; the optimizer state is keyed by
-        parameter name; ``extra`` values must be weights-only loadable (numbers,
-        strings, tensors and containers of them).
-        """
-        module = self.unwrap(model) if model is not None else None
+    def _common_state(self, scheduler: Any, dataloader: DeviceDataLoader | None,
+                      extra: dict[str, Any]) -> dict[str, Any]:
+        """Everything but the model and optimizer tensors (a collective: every rank's RNG)."""
         rng = self.strategy.all_gather_object(capture_rng())
         return {
             "format": ckpt.FORMAT,
             "version": ckpt.FORMAT_VERSION,
-            "model": ckpt.clean_state_dict(self.precision.module_state(module, module.state_dict()))
-            if module is not None else None,
-            "optimizer": optimizer_state_by_name(optimizer, module) if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "precision": self.precision.state_dict(),
             "data": dataloader.state_dict() if dataloader is not None else None,
@@ -277,23 +269,45 @@ class Engine:
             "extra": extra,
         }
 
+    def state_dict(self, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
+                   scheduler: Any = None, dataloader: DeviceDataLoader | None = None,
+                   **extra: Any) -> dict[str, Any]:
+        """The single-file checkpoint payload (a collective: RNG from every rank; fsdp gathers).
+
+        The model is unwrapped, whole and on the CPU (under fsdp, on global rank 0 only);
+        the optimizer state is keyed by parameter name; ``extra`` values must be weights-only
+        loadable (numbers, strings, tensors and containers of them).
+        """
+        module = self.unwrap(model) if model is not None else None
+        state = self._common_state(scheduler, dataloader, extra)
+        state["model"] = ckpt.clean_state_dict(self.precision.module_state(
+            module, self.strategy.full_model_state(module))) if module is not None else None
+        state["optimizer"] = self.strategy.full_optimizer_state(module, optimizer) if optimizer is not None else None
+        return state
+
     def save(self, path: str | os.PathLike[str], model: torch.nn.Module | None = None,
              optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
              dataloader: DeviceDataLoader | None = None, *, keep_last: int | None = None,
-             asynchronous: bool = False, **extra: Any) -> Path:
-        """Write a checkpoint from global rank 0, atomically. Call it on every rank.
+             asynchronous: bool = False, sharded: bool | None = None, **extra: Any) -> Path:
+        """Write a checkpoint, atomically. Call it on every rank.
 
         Args:
-            keep_last: record the file in its folder's ``latest.json`` and delete the
+            keep_last: record the checkpoint in its folder's ``latest.json`` and delete the
                 checkpoints recorded there beyond the last ``keep_last``.
-            asynchronous: return once the state is copied to the CPU; a background
+            asynchronous: return once the state is copied to CPU memory; a background
                 thread writes it (the next save or :meth:`wait_for_checkpoint` waits for it).
+            sharded: write a folder in which every rank writes its own shards in parallel
+                (torch.distributed.checkpoint) instead of one file from global rank 0. The
+                default is the strategy's: sharded under ``fsdp``, a file otherwise. Either
+                kind loads into any strategy and world size.
             **extra: your own values (``step=``, ``epoch=``), returned by :meth:`load`.
 
         Returns:
             The path written (or being written).
         """
         path = Path(path)
+        if self.strategy.shards_checkpoints if sharded is None else sharded:
+            return self._save_sharded(path, model, optimizer, scheduler, dataloader, keep_last, asynchronous, extra)
         state = self.state_dict(model, optimizer, scheduler, dataloader, **extra)
         if self.is_main:
             self._saver.wait()  # one save at a time; frees the staging buffers
@@ -312,6 +326,21 @@ class Engine:
             self.barrier()
         return path
 
+    def _save_sharded(self, path: Path, model: torch.nn.Module | None, optimizer: Any, scheduler: Any,
+                      dataloader: DeviceDataLoader | None, keep_last: int | None, asynchronous: bool,
+                      extra: dict[str, Any]) -> Path:
+        module = self.unwrap(model) if model is not None else None
+        if optimizer is not None and module is None:
+            raise UsageError("a sharded checkpoint names optimizer state by parameter: pass model= too.")
+        model_state = self.precision.module_state(module, module.state_dict()) if module is not None else None
+        optimizer_state = None
+        if optimizer is not None:
+            with self.precision.optimizer_params(optimizer):  # O2: the fp32 masters' state
+                optimizer_state = sharded_ckpt.optimizer_template(module, optimizer)
+        tensors, layout = sharded_ckpt.flatten(model_state, optimizer_state)
+        sidecar = {**self._common_state(scheduler, dataloader, extra), **layout, "layout": "sharded"}
+        return self._sharded.save(path, tensors, sidecar, keep_last, asynchronous)
+
     def wait_for_checkpoint(self) -> None:
         """Block until an asynchronous save is on disk (raises its error if it failed)."""
         self._saver.wait()
@@ -322,7 +351,8 @@ class Engine:
              trust: bool = False, restore_rng: bool = True, verify: bool = True) -> dict[str, Any]:
         """Restore a checkpoint (or a foreign state_dict) onto this device and world size.
 
-        ``path`` may be a file or a folder written with ``keep_last`` (its latest).
+        ``path`` may be a file, a sharded folder (written by any number of ranks: each rank
+        reads its own part, so it reshards), or a folder written with ``keep_last`` (its latest).
         Tensors land on the current device whatever device they were saved from;
         ``module.``/``_orig_mod.`` prefixes are handled; the data loader continues
         with the next unseen global sample, at any world size.
@@ -337,17 +367,13 @@ class Engine:
             The ``extra`` values given to :meth:`save` (empty for foreign files).
         """
         path = ckpt.resolve(path)
-        payload = ckpt.load_file(path, map_location="cpu", trust=trust, verify=verify)
         module = self.unwrap(model) if model is not None else None
-        if module is not None:
-            model_state = ckpt.extract_model_state(payload, path)
-            ckpt.apply_model_state(module, model_state, strict, path)
-            self.precision.load_module_state(module, model_state)
-        if not (isinstance(payload, dict) and payload.get("format") == ckpt.FORMAT):
-            return {}
-        if optimizer is not None and payload.get("optimizer") is not None:
-            with self.precision.optimizer_params(optimizer):  # O2: state stays fp32
-                load_optimizer_state_by_name(optimizer, module, payload["optimizer"], str(path))
+        if ckpt.is_sharded(path):
+            payload = self._load_sharded(path, module, optimizer, strict)
+        else:
+            payload = self._load_file(path, module, optimizer, strict, trust, verify)
+        if payload is None:
+            return {}  # a foreign checkpoint: model weights only
         if scheduler is not None and payload.get("scheduler") is not None:
             scheduler.load_state_dict(payload["scheduler"])
         if payload.get("precision"):
@@ -358,6 +384,51 @@ class Engine:
             rng_states = payload["rng"]
             restore_rng_state(rng_states[self.rank % len(rng_states)])
         return dict(payload.get("extra") or {})
+
+    def _load_file(self, path: Path, module: torch.nn.Module | None, optimizer: Any, strict: bool,
+                   trust: bool, verify: bool) -> dict[str, Any] | None:
+        payload = ckpt.load_file(path, map_location="cpu", trust=trust, verify=verify)
+        if module is not None:
+            model_state = ckpt.extract_model_state(payload, path)
+            ckpt.apply_model_state(module, model_state, strict, path,
+                                   load=lambda state: self.strategy.load_full_model_state(module, state))
+            self.precision.load_module_state(module, model_state)
+        if not (isinstance(payload, dict) and payload.get("format") == ckpt.FORMAT):
+            return None
+        if optimizer is not None and payload.get("optimizer") is not None:
+            with self.precision.optimizer_params(optimizer):  # O2: state stays fp32
+                self.strategy.load_full_optimizer_state(module, optimizer, payload["optimizer"], str(path))
+        return payload
+
+    def _load_sharded(self, path: Path, module: torch.nn.Module | None, optimizer: Any,
+                      strict: bool) -> dict[str, Any] | None:
+        """Each rank reads its own shards (fsdp) or whole tensors (other strategies) from a folder."""
+        entries, sidecar = sharded_ckpt.open_folder(path)
+        prefix = sharded_ckpt.model_prefix(entries, sidecar)
+        template: dict[str, torch.Tensor] = {}
+        report, current = None, None
+        if module is not None:
+            own = self.precision.module_state(module, module.state_dict())
+            shapes = {k[len(prefix):]: tuple(m.size) for k, m in entries.items()
+                      if k.startswith(prefix) and not k.startswith(sharded_ckpt.OPTIM)}
+            report = ckpt.compare_keys(module, shapes, (), strict, path)
+            template.update((prefix + k, own[k]) for k in report["loaded"])
+        layout = (sidecar or {}).get("optimizer")
+        if optimizer is not None and layout:
+            check_optimizer_names(optimizer, module, layout, str(path))
+            with self.precision.optimizer_params(optimizer):
+                current = sharded_ckpt.optimizer_template(module, optimizer)
+            template.update(sharded_ckpt.flatten(None, current)[0])
+        self._sharded.load(path, template, entries)
+        if report is not None:
+            loaded = {k: template[prefix + k] for k in report["loaded"]}
+            module.load_state_dict(loaded, strict=False)
+            self.precision.load_module_state(module, loaded)
+        if current is not None:
+            with self.precision.optimizer_params(optimizer):
+                sharded_ckpt.load_optimizer(module, optimizer,
+                                            sharded_ckpt.unflatten_optimizer(current, template, layout), str(path))
+        return sidecar
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -375,7 +446,7 @@ class Engine:
         where it stopped. Returns the saved ``extra`` values, or ``{}`` on a fresh start.
         """
         where = Path(path) if path is not None else self.checkpoint_dir
-        if not (where.is_file() or (where / ckpt.MANIFEST).is_file()):
+        if not (where.is_file() or (where / ckpt.MANIFEST).is_file() or ckpt.is_sharded(where)):
             return {}
         path = ckpt.resolve(where)
         extra = self.load(path, model=model, optimizer=optimizer, scheduler=scheduler, dataloader=dataloader)

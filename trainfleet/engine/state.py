@@ -48,6 +48,24 @@ def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, model: torch.
         optimizer.load_state_dict(saved)
         return
     current = optimizer_state_by_name(optimizer, model)
+    wanted = check_optimizer_names(optimizer, model, saved, path, current)
+    position = {name: i for i, name in enumerate(wanted)}
+    groups = []
+    for saved_group, current_group in zip(saved["param_groups"], current["param_groups"]):
+        groups.append({**saved_group, "params": [position[n] for n in current_group["params"]]})
+    state = {position[name]: value for name, value in saved["state"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def check_optimizer_names(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None,
+                          saved: dict[str, Any], path: str = "<checkpoint>",
+                          current: dict[str, Any] | None = None) -> list[str]:
+    """The optimizer's parameter names, after checking that ``saved`` (keyed by name) has the same.
+
+    Raises:
+        UsageError: the saved state is for other parameters (names both ways in the message).
+    """
+    current = current or optimizer_state_by_name(optimizer, model)
     wanted = [name for group in current["param_groups"] for name in group["params"]]
     saved_names = [name for group in saved["param_groups"] for name in group["params"]]
     if sorted(wanted) != sorted(saved_names):
@@ -56,12 +74,7 @@ def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, model: torch.
         raise UsageError(f"optimizer state in {path!r} is for other parameters "
                          f"(not saved: {missing}; not in this model: {extra}).",
                          "load the model only, or build the optimizer over the same parameters.")
-    position = {name: i for i, name in enumerate(wanted)}
-    groups = []
-    for saved_group, current_group in zip(saved["param_groups"], current["param_groups"]):
-        groups.append({**saved_group, "params": [position[n] for n in current_group["params"]]})
-    state = {position[name]: value for name, value in saved["state"].items()}
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return wanted
 
 
 def capture_rng() -> dict[str, Any]:

@@ -14,6 +14,7 @@ import torch
 
 from trainfleet.engine.environment import ClusterEnvironment, device_index, resolve_accelerator
 from trainfleet.engine.precision import Precision, build_precision
+from trainfleet.engine.state import load_optimizer_state_by_name, optimizer_state_by_name
 from trainfleet.utils.errors import UsageError
 from trainfleet.engine.registry import STRATEGIES
 
@@ -30,6 +31,7 @@ class Strategy(ABC):
     """
 
     name = "base"
+    shards_checkpoints = False  # engine.save writes a DCP folder (True) or one file (False) by default
 
     def __init__(self, precision: Precision | str | None = None,
                  env: ClusterEnvironment | None = None, accelerator: str | None = None):
@@ -123,6 +125,24 @@ class Strategy(ABC):
     def no_backward_sync(self, module: torch.nn.Module) -> ContextManager[Any]:
         """Context in which backward does not synchronise gradients (accumulation)."""
         return contextlib.nullcontext()
+
+    # ----- checkpoint state: whole (unsharded), on the CPU of global rank 0 ------------
+    def full_model_state(self, module: torch.nn.Module) -> dict[str, Any]:
+        """The unwrapped module's whole state_dict (a collective for sharded strategies)."""
+        return module.state_dict()
+
+    def full_optimizer_state(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer's whole state keyed by parameter name (a collective for sharded strategies)."""
+        return optimizer_state_by_name(optimizer, module)
+
+    def load_full_model_state(self, module: torch.nn.Module, state: dict[str, Any]) -> None:
+        """Load a whole (unsharded) state_dict whose keys were already checked."""
+        module.load_state_dict(state, strict=False)
+
+    def load_full_optimizer_state(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                                  saved: dict[str, Any], path: str) -> None:
+        """Load what :meth:`full_optimizer_state` returned (or a plain positional state_dict)."""
+        load_optimizer_state_by_name(optimizer, module, saved, path)
 
     # ----- collectives --------------------------------------------------------------
     def all_reduce(self, tensor: torch.Tensor | float, op: str = "mean") -> torch.Tensor:

@@ -1,0 +1,317 @@
+"""Fully sharded data parallel (torch's FSDP2): parameters, gradients and optimizer state split over ranks.
+
+The blocks a wrap policy picks are sharded on their own, innermost first, and then the
+root: each block's parameters are all-gathered just before its forward and backward and
+freed after (``reshard_after_forward``), so a rank holds only its shard plus one block.
+``sharding="hybrid"`` shards inside groups of ``shard_size`` ranks (a node by default) and
+replicates across groups, on a 2-D DeviceMesh (HSDP).
+
+Precision goes through FSDP2's own ``MixedPrecisionPolicy``: the sharded parameters stay
+fp32 and act as master weights, the all-gathered copies the blocks compute with are bf16
+or fp16, and gradients are reduced in fp32 (torchtitan's recipe). fp16 keeps a GradScaler,
+whose inf/NaN check DTensor agrees across ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, ContextManager, Iterator, Sequence
+
+import torch
+
+from trainfleet.engine.ddp import DDPStrategy
+from trainfleet.engine.precision import AutocastPrecision, HalfModelPrecision, Precision
+from trainfleet.engine.registry import check_strategy_options
+from trainfleet.engine.state import check_optimizer_names
+from trainfleet.utils.errors import UsageError
+
+AUTO_WRAP_MIN_PARAMS = 1_000_000
+SHARDINGS = ("full", "hybrid")
+WrapSpec = Any  # "auto" | "none" | "Block,Other" | int | [classes or names] | callable(module) -> bool
+
+
+class FSDPMixedPrecision(AutocastPrecision):
+    """Low-precision compute on fp32 sharded parameters, through FSDP2's MixedPrecisionPolicy.
+
+    No autocast: the blocks receive bf16/fp16 parameters from the all-gather, inputs are
+    cast on the way in and the root's output is cast back to fp32, and gradients are
+    reduce-scattered in fp32 into the fp32 shards the optimizer steps.
+    """
+
+    def forward_context(self) -> ContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def policy(self, root: bool) -> Any:
+        """The MixedPrecisionPolicy of a block (``root``: its output comes back as fp32)."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        return MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32,
+                                    output_dtype=torch.float32 if root else None)
+
+
+def fsdp_precision(precision: Precision) -> Precision:
+    """The precision to use under FSDP.
+
+    ``bf16-mixed`` and ``16-mixed``/``O1``/``O2`` become FSDP2's mixed-precision policy (O2's
+    design, fp32 masters with fp16 compute, is what FSDP2 does natively); ``32`` and ``O3``
+    (a pure fp16 model, sharded as fp16) stay as they are.
+
+    Raises:
+        UsageError: Apex's amp, which cannot see FSDP's sharded parameters.
+    """
+    if precision.name.startswith("apex-"):
+        raise UsageError(f"--amp-backend apex ({precision.name}) does not work with --strategy fsdp.",
+                         "use the native backend: fsdp runs bf16/fp16 through FSDP2's MixedPrecisionPolicy.")
+    if isinstance(precision, AutocastPrecision) and not isinstance(precision, FSDPMixedPrecision):
+        return FSDPMixedPrecision(precision.dtype, precision.name)
+    if isinstance(precision, HalfModelPrecision) and precision.master_weights:
+        return FSDPMixedPrecision(torch.float16, precision.name)
+    return precision
+
+
+def mesh_shape(world_size: int, sharding: str, shard_size: int | None, local_world_size: int) -> tuple[int, ...]:
+    """The DeviceMesh shape: ``(world,)`` for full sharding, ``(replicas, shard_size)`` for hybrid.
+
+    Raises:
+        UsageError: an unknown sharding, ``shard_size`` without hybrid, or a world size the
+            shard groups do not divide.
+    """
+    if sharding not in SHARDINGS:
+        raise UsageError(f"Unknown fsdp sharding {sharding!r}. Available: {list(SHARDINGS)}")
+    if sharding == "full":
+        if shard_size is not None:
+            raise UsageError(f"shard_size={shard_size} applies to sharding=hybrid only.",
+                             "add --strategy-opt sharding=hybrid, or drop shard_size.")
+        return (world_size,)
+    size = local_world_size if shard_size is None else int(shard_size)
+    if size < 1 or world_size % size:
+        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        raise UsageError(f"fsdp hybrid sharding: world size {world_size} does not divide into shard groups "
+                         f"of {size}.", f"use a shard_size in {divisors}.")
+    return (world_size // size, size)
+
+
+def _wrap_predicate(wrap: WrapSpec) -> Callable[[torch.nn.Module, int], bool]:
+    """``predicate(module, unsharded_params_below) -> bool`` for a wrap spec."""
+    if isinstance(wrap, str):
+        text = wrap.strip()
+        if text.lower() == "auto":
+            return _wrap_predicate(AUTO_WRAP_MIN_PARAMS)
+        try:
+            return _wrap_predicate(int(float(text)))
+        except ValueError:
+            return _wrap_predicate([name.strip() for name in text.split(",") if name.strip()])
+    if isinstance(wrap, bool):
+        raise UsageError(f"wrap={wrap!r}: expected 'auto', 'none', class names, a parameter count or a callable.")
+    if isinstance(wrap, (int, float)):
+        if wrap < 1:
+            raise UsageError(f"wrap={wrap}: a parameter count must be at least 1.")
+        return lambda _module, count: count >= wrap
+    if isinstance(wrap, type):
+        wrap = [wrap]
+    if isinstance(wrap, Sequence):
+        names = {w for w in wrap if isinstance(w, str)}
+        classes = tuple(w for w in wrap if isinstance(w, type))
+        return lambda module, _count: isinstance(module, classes) or type(module).__name__ in names
+    if callable(wrap):
+        return lambda module, _count: bool(wrap(module))
+    raise UsageError(f"wrap={wrap!r}: expected 'auto', 'none', class names, a parameter count or a callable.")
+
+
+def _names_classes(wrap: WrapSpec) -> bool:
+    """True when ``wrap`` picks blocks by class (so picking none is a mistake worth reporting)."""
+    if isinstance(wrap, str):
+        text = wrap.strip().lower()
+        try:
+            float(text)
+        except ValueError:
+            return text not in ("auto", "none", "")
+        return False
+    return isinstance(wrap, type) or (isinstance(wrap, Sequence) and not isinstance(wrap, str))
+
+
+def select_blocks(root: torch.nn.Module, wrap: WrapSpec) -> list[torch.nn.Module]:
+    """Submodules to shard on their own, innermost first (the root is always sharded last).
+
+    A parameter count (``wrap=1_000_000``, and ``"auto"``) picks the smallest submodules that
+    hold at least that many parameters not already inside a picked block, as FSDP1's
+    size-based policy did.
+
+    Raises:
+        UsageError: class names that match no submodule (the message lists the classes there are).
+    """
+    if wrap is None or (isinstance(wrap, str) and wrap.strip().lower() in ("none", "")):
+        return []
+    predicate = _wrap_predicate(wrap)
+    chosen: list[torch.nn.Module] = []
+
+    def visit(module: torch.nn.Module) -> int:
+        remaining = sum(p.numel() for p in module.parameters(recurse=False))
+        remaining += sum(visit(child) for child in module.children())
+        if module is not root and predicate(module, remaining):
+            chosen.append(module)
+            return 0
+        return remaining
+
+    visit(root)
+    if not chosen and _names_classes(wrap):
+        classes = sorted({type(m).__name__ for m in root.modules() if m is not root})
+        raise UsageError(f"wrap={wrap!r} matches no submodule of {type(root).__name__}.",
+                         f"its submodule classes are {classes}.")
+    return chosen
+
+
+class FSDPStrategy(DDPStrategy):
+    """Shards parameters, gradients and optimizer state over the ranks with FSDP2.
+
+    Args:
+        wrap: which submodules are sharded as blocks of their own: ``"auto"`` (submodules
+            holding at least 1M parameters), ``"none"`` (the root only), class names
+            (``"TransformerBlock"``, or a list of classes), a parameter count, or a callable
+            ``module -> bool``.
+        reshard_after_forward: free the gathered parameters after each block's forward
+            (less memory; one more all-gather in backward).
+        cpu_offload: keep the sharded parameters, gradients and optimizer state in CPU memory
+            (for CUDA runs; pinned there).
+        activation_checkpointing: recompute each wrapped block's activations in backward.
+        sharding: ``"full"`` (one shard per rank) or ``"hybrid"`` (shard within groups of
+            ``shard_size`` ranks, replicate across them).
+        shard_size: ranks per shard group under hybrid; the node's worker count by default.
+        timeout_s: collective timeout, as for ddp.
+
+    Raises:
+        UsageError: an option of another strategy (``find_unused_parameters``), or a layout
+            the mesh cannot divide.
+    """
+
+    name = "fsdp"
+    shards_checkpoints = True
+
+    def __init__(self, precision: Any = None, env: Any = None, accelerator: str | None = None,
+                 timeout_s: float | None = None, wrap: WrapSpec = "auto", reshard_after_forward: bool = True,
+                 cpu_offload: bool = False, activation_checkpointing: bool = False, sharding: str = "full",
+                 shard_size: int | None = None, **others: Any):
+        check_strategy_options("fsdp", others)
+        super().__init__(precision, env, accelerator, timeout_s)
+        self.precision = fsdp_precision(self.precision)
+        self.wrap, self.reshard_after_forward = wrap, bool(reshard_after_forward)
+        self.cpu_offload, self.activation_checkpointing = bool(cpu_offload), bool(activation_checkpointing)
+        self.sharding, self.shard_size = sharding, shard_size
+        self.mesh_shape = mesh_shape(self.world_size, sharding, shard_size, self.env.local_world_size)
+        self._mesh: Any = None
+        self._replaced: dict[int, tuple[torch.nn.Module, str]] = {}
+
+    @property
+    def device_mesh(self) -> Any:
+        """The DeviceMesh the parameters are sharded over (created on first use)."""
+        if self._mesh is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self.setup_environment()
+            names = ("shard",) if len(self.mesh_shape) == 1 else ("replicate", "shard")
+            self._mesh = init_device_mesh(self.root_device.type, self.mesh_shape, mesh_dim_names=names)
+        return self._mesh
+
+    def _shard_kwargs(self, root: bool) -> dict[str, Any]:
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+        kwargs: dict[str, Any] = {
+            "mesh": self.device_mesh,
+            "reshard_after_forward": self.reshard_after_forward,
+            # Pinned host memory needs a CUDA driver; on a CPU run the shards stay pageable.
+            "offload_policy": CPUOffloadPolicy(pin_memory=self.root_device.type == "cuda")
+            if self.cpu_offload else OffloadPolicy(),
+        }
+        if isinstance(self.precision, FSDPMixedPrecision):
+            kwargs["mp_policy"] = self.precision.policy(root)
+        return kwargs
+
+    def _setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp import fully_shard
+
+        # fully_shard replaces every parameter with a DTensor one; remember the old ones by name so
+        # an optimizer built on them (the usual script order) can be moved over in setup_optimizer.
+        self._replaced.update({id(p): (module, name) for name, p in module.named_parameters()})
+        blocks = select_blocks(module, self.wrap)
+        if self.activation_checkpointing:
+            if not blocks:
+                raise UsageError(f"activation_checkpointing applies to the wrapped blocks, but wrap={self.wrap!r} "
+                                 f"picks none in {type(module).__name__}.", "name the block class: wrap=Block.")
+            # The composable API keeps parameter names (checkpoint_wrapper would add a prefix).
+            from torch.distributed._composable import checkpoint
+
+            for block in blocks:
+                checkpoint(block)
+        for block in blocks:
+            fully_shard(block, **self._shard_kwargs(root=False))
+        fully_shard(module, **self._shard_kwargs(root=True))
+        self.blocks = len(blocks)
+        return module
+
+    def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Point an optimizer built before sharding at the sharded parameters (FSDP2 needs the
+        optimizer over the DTensor parameters; it would otherwise step tensors nobody uses).
+
+        Raises:
+            UsageError: the optimizer already has state (it stepped before setup).
+        """
+        if optimizer.state and any(id(p) in self._replaced for p in optimizer.state):
+            raise UsageError("the optimizer has state from steps taken before engine.setup; fsdp cannot move it "
+                             "onto the sharded parameters.", "call engine.setup(model, optimizer) before training.")
+        for group in optimizer.param_groups:
+            group["params"] = [self._sharded_param(p) for p in group["params"]]
+        return optimizer
+
+    def _sharded_param(self, param: torch.nn.Parameter) -> torch.nn.Parameter:
+        owner = self._replaced.get(id(param))
+        if owner is None:
+            return param  # not a parameter of a sharded module (already sharded, or extra)
+        module, name = owner
+        return module.get_parameter(name)
+
+    def no_backward_sync(self, module: torch.nn.Module) -> ContextManager[Any]:
+        return _gradient_sync_off(module)
+
+    # ----- checkpoint state: full on rank 0 for files, sharded for DCP -----------------
+    def full_model_state(self, module: torch.nn.Module) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def full_optimizer_state(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        state = get_optimizer_state_dict(module, optimizer,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {**state, "keyed_by": "name"} if state else {}
+
+    def load_full_model_state(self, module: torch.nn.Module, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        # set_model_state_dict replaces the values of the dict it is given: hand it a copy.
+        set_model_state_dict(module, dict(state), options=StateDictOptions(full_state_dict=True, strict=False))
+
+    def load_full_optimizer_state(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                                  saved: dict[str, Any], path: str) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        if saved.get("keyed_by") != "name":
+            raise UsageError(f"optimizer state in {path!r} is keyed by position; fsdp needs it keyed by name.",
+                             "load the model only (optimizer=None), or re-save it with trainfleet.")
+        check_optimizer_names(optimizer, module, saved, path)
+        state = {"state": {k: dict(v) for k, v in saved["state"].items()},
+                 "param_groups": [dict(g) for g in saved["param_groups"]]}
+        set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+@contextlib.contextmanager
+def _gradient_sync_off(module: torch.nn.Module) -> Iterator[None]:
+    """No reduce-scatter (and, under hybrid, no all-reduce) of gradients inside: accumulation."""
+    set_sync = getattr(module, "set_requires_gradient_sync", None)
+    if set_sync is None:
+        yield
+        return
+    set_sync(False)
+    try:
+        yield
+    finally:
+        set_sync(True)
