@@ -1,22 +1,37 @@
-"""Strategy parity: single, dp, ddp and horovod give the same losses and weights for the same global batch."""
+"""Strategy parity: single, dp, ddp, fsdp and horovod give the same losses and weights for the same global batch."""
 import json
 
 import pytest
-import torch
 
 from tests.conftest import SCRIPTS, horovod_available
+from trainfleet.engine.ckpt_tools import read_checkpoint
 
 SCRIPT = str(SCRIPTS / "parity_train.py")
+FSDP = ["--strategy", "fsdp"]
+RUNS = {
+    "single": (["--strategy", "single"], []),
+    "ddp": (["--gpus", "2", "--strategy", "ddp"], []),
+    "dp": (["--gpus", "2", "--strategy", "dp"], []),
+    "fsdp2": ([*FSDP, "--gpus", "2"], []),  # LeNet is below the auto policy's 1M: the root only
+    "fsdp4": ([*FSDP, "--gpus", "4", "--strategy-opt", "wrap=Conv2d,Linear"], []),  # every layer a block
+    "fsdp4_hybrid": ([*FSDP, "--gpus", "4", "--strategy-opt", "sharding=hybrid", "--strategy-opt", "shard_size=2",
+                      "--strategy-opt", "wrap=Linear"], []),
+    "fsdp2_options": ([*FSDP, "--gpus", "2", "--strategy-opt", "wrap=Linear",
+                       "--strategy-opt", "reshard_after_forward=false", "--strategy-opt", "cpu_offload=true",
+                       "--strategy-opt", "activation_checkpointing=true"], []),
+    "fsdp2_accumulate": ([*FSDP, "--gpus", "2", "--strategy-opt", "wrap=Linear"], ["--accumulate", "2"]),
+    "ddp2_accumulate": (["--gpus", "2"], ["--accumulate", "2"]),
+}
 
 
-def _run(launch, tmp_path, name, *launch_args):
+def _run(launch, tmp_path, name):
+    launch_args, script_args = RUNS[name]
     out = tmp_path / name
     out.mkdir()
-    result = launch(*launch_args, SCRIPT, str(out), "--steps", "6", "--global-batch-size", "16")
+    result = launch(*launch_args, SCRIPT, str(out), "--steps", "6", "--global-batch-size", "16", *script_args)
     assert result.returncode == 0, result.stderr
-    losses = json.loads((out / "losses.json").read_text())
-    weights = torch.load(out / "final.pt", weights_only=True)["model"]
-    return losses, weights
+    info = json.loads((out / "losses.json").read_text())
+    return info, read_checkpoint(out / "final.pt")["model"]
 
 
 @pytest.fixture(scope="module")
@@ -28,18 +43,14 @@ def runs(tmp_path_factory):
     def launch(*args):
         return run_cli("launch", "--log-dir", str(tmp / "logs"), *args, timeout=180)
 
-    runs = {
-        "single": _run(launch, tmp, "single", "--strategy", "single"),
-        "ddp": _run(launch, tmp, "ddp", "--gpus", "2", "--strategy", "ddp"),
-        "dp": _run(launch, tmp, "dp", "--gpus", "2", "--strategy", "dp"),
-    }
-    if horovod_available():
-        runs["horovod"] = _run(launch, tmp, "horovod", "--gpus", "2", "--strategy", "horovod")
-    return runs
+    names = [*RUNS, *(["horovod"] if horovod_available() else [])]
+    RUNS["horovod"] = (["--gpus", "2", "--strategy", "horovod"], [])
+    return {name: _run(launch, tmp, name) for name in names}
 
 
-OTHERS = ["ddp", "dp", pytest.param("horovod", marks=[pytest.mark.horovod, pytest.mark.skipif(
-    not horovod_available(), reason="Horovod is not installed: run scripts/build-horovod.sh")])]
+OTHERS = ["ddp", "dp", "fsdp2", "fsdp4", "fsdp4_hybrid", "fsdp2_options", "fsdp2_accumulate", "ddp2_accumulate",
+          pytest.param("horovod", marks=[pytest.mark.horovod, pytest.mark.skipif(
+              not horovod_available(), reason="Horovod is not installed: run scripts/build-horovod.sh")])]
 
 
 def _max_diff(a, b):
@@ -48,11 +59,23 @@ def _max_diff(a, b):
 
 
 def test_runs_report_their_strategy_and_world(runs):
-    assert (runs["single"][0]["strategy"], runs["single"][0]["world_size"]) == ("single", 1)
-    assert (runs["ddp"][0]["strategy"], runs["ddp"][0]["world_size"]) == ("ddp", 2)
-    assert (runs["dp"][0]["strategy"], runs["dp"][0]["world_size"]) == ("dp", 1)
-    if "horovod" in runs:
-        assert (runs["horovod"][0]["strategy"], runs["horovod"][0]["world_size"]) == ("horovod", 2)
+    expected = {"single": ("single", 1), "ddp": ("ddp", 2), "dp": ("dp", 1), "fsdp2": ("fsdp", 2),
+                "fsdp4": ("fsdp", 4), "fsdp4_hybrid": ("fsdp", 4), "horovod": ("horovod", 2)}
+    for name, (strategy, world) in expected.items():
+        if name in runs:
+            assert (runs[name][0]["strategy"], runs[name][0]["world_size"]) == (strategy, world), name
+
+
+def test_fsdp_options_take_effect(runs):
+    info = {name: runs[name][0] for name in runs}
+    assert info["single"]["param_type"] == "Parameter" and info["fsdp2"]["param_type"] == "DTensor"
+    assert info["fsdp2"]["sharded_blocks"] == 0  # 61k parameters: below the auto policy's 1M
+    assert info["fsdp4"]["sharded_blocks"] == 5  # 2 Conv2d + 3 Linear
+    assert info["fsdp4_hybrid"]["sharded_blocks"] == 3
+    # Activation checkpointing runs each wrapped block's forward again in backward.
+    assert info["single"]["forward_calls_per_step"] == 1
+    assert info["fsdp2_options"]["forward_calls_per_step"] == 2
+    assert info["fsdp2_accumulate"]["forward_calls_per_step"] == 2  # two micro-batches
 
 
 @pytest.mark.parametrize("other", OTHERS)

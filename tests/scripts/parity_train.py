@@ -1,6 +1,11 @@
 """Trains LeNet on synthetic data through the engine; rank 0 writes losses and weights.
 
-    parity_train.py OUT_DIR [--steps N] [--global-batch-size G] [--accumulate K]
+    parity_train.py OUT_DIR [--steps N] [--global-batch-size G] [--accumulate K] [--precision P]
+
+With ``--accumulate K`` each worker's batch is split into K micro-batches; the first K-1
+backward passes run under ``engine.no_sync``. losses.json also records what the strategy did:
+sharded blocks, the dtype a Linear computes in, forward calls per step (activation
+checkpointing runs a block's forward again in backward).
 """
 import argparse
 import json
@@ -17,6 +22,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("out")
 parser.add_argument("--steps", type=int, default=6)
 parser.add_argument("--global-batch-size", type=int, default=16)
+parser.add_argument("--accumulate", type=int, default=1)
 args = parser.parse_args()
 
 engine = trainfleet.Engine(seed=1)
@@ -26,19 +32,39 @@ optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 model, optimizer = engine.setup(model, optimizer)
 loader = engine.dataloader(dataset, global_batch_size=args.global_batch_size)
 
+seen = {"forward_calls": 0, "compute_dtype": None}
+head = engine.unwrap(model).classifier[1]
+
+
+def on_forward(module, inputs):
+    seen["forward_calls"] += 1
+    seen["compute_dtype"] = str(module.weight.dtype)
+
+
+head.register_forward_pre_hook(on_forward)
 losses, step = [], 0
 while step < args.steps:
     for x, y in loader:
-        loss = F.cross_entropy(model(x), y)
-        engine.backward(loss)
+        total = 0.0
+        for i, (xs, ys) in enumerate(zip(x.chunk(args.accumulate), y.chunk(args.accumulate))):
+            last = i == args.accumulate - 1
+            with engine.no_sync(model) if not last else torch.enable_grad():
+                with engine.autocast():
+                    loss = F.cross_entropy(model(xs), ys) / args.accumulate
+                engine.backward(loss)
+            total += loss.detach().float()
         engine.step(optimizer)
-        losses.append(engine.all_reduce(loss.detach(), op="mean").item())
+        losses.append(engine.all_reduce(total, op="mean").item())
         step += 1
         if step == args.steps:
             break
 
 out = Path(args.out)
 engine.save(out / "final.pt", model=model)
+param = next(engine.unwrap(model).parameters())
 if engine.is_main:
-    (out / "losses.json").write_text(json.dumps({"losses": losses, "world_size": engine.world_size,
-                                                 "strategy": engine.strategy.name}))
+    (out / "losses.json").write_text(json.dumps({
+        "losses": losses, "world_size": engine.world_size, "strategy": engine.strategy.name,
+        "sharded_blocks": getattr(engine.strategy, "blocks", None), "param_type": type(param).__name__,
+        "param_dtype": str(param.dtype), "compute_dtype": seen["compute_dtype"],
+        "forward_calls_per_step": seen["forward_calls"] / args.steps, "precision": engine.precision.name}))

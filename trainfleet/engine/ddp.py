@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from trainfleet.engine.environment import backend_for
+from trainfleet.engine.registry import check_strategy_options
 from trainfleet.engine.strategy import MultiProcessStrategy
 
 _OPS = {
@@ -34,6 +35,7 @@ class DDPStrategy(MultiProcessStrategy):
 
     def __init__(self, precision: Any = None, env: Any = None, accelerator: str | None = None,
                  timeout_s: float | None = None, **ddp_kwargs: Any):
+        check_strategy_options(self.name, ddp_kwargs)
         super().__init__(precision, env, accelerator)
         env_timeout = os.environ.get("TRAINFLEET_COLLECTIVE_TIMEOUT")
         self.timeout_s = float(timeout_s or env_timeout or DEFAULT_TIMEOUT_S)

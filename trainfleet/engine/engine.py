@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import random
 import signal
@@ -65,13 +66,16 @@ class Engine:
         seed: seeds Python, NumPy and torch on every rank alike.
         accelerator: ``auto``, ``cpu`` or ``cuda``; defaults to TRAINFLEET_ACCELERATOR.
         amp_backend: ``native`` (torch.amp, the default) or ``apex``; TRAINFLEET_AMP_BACKEND.
-        **strategy_kwargs: passed to the strategy (``find_unused_parameters=True``, ...).
+        **strategy_kwargs: passed to the strategy (``find_unused_parameters=True``, fsdp's
+            ``wrap=``, ...); under ``launch`` they default to ``--strategy-opt`` (TRAINFLEET_STRATEGY_OPTIONS).
     """
 
     def __init__(self, strategy: str | Strategy | None = None, precision: Any = None,
                  seed: int = 0, accelerator: str | None = None, amp_backend: str | None = None,
                  **strategy_kwargs: Any):
         env = os.environ
+        if strategy is None and not strategy_kwargs and env.get("TRAINFLEET_STRATEGY_OPTIONS"):
+            strategy_kwargs = json.loads(env["TRAINFLEET_STRATEGY_OPTIONS"])
         if not isinstance(strategy, Strategy):
             precision = build_precision(precision or env.get("TRAINFLEET_PRECISION") or None,
                                         amp_backend or env.get("TRAINFLEET_AMP_BACKEND") or None)

@@ -43,7 +43,10 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
         help="rendezvous host (default 127.0.0.1)")
     add("--master-port", "--master_port", dest="master_port", type=int, default=_env_default("master_port"),
         help="rendezvous port (default: a free port)")
-    add("--strategy", default=_env_default("strategy", "ddp"), help="single, dp, ddp or horovod (default ddp)")
+    add("--strategy", default=_env_default("strategy", "ddp"), help="single, dp, ddp, fsdp or horovod (default ddp)")
+    add("--strategy-opt", dest="strategy_opt", action="append", metavar="KEY=VALUE",
+        help="an option of the strategy, repeatable: e.g. fsdp's wrap=Block, sharding=hybrid, "
+             "shard_size=N, reshard_after_forward=false, cpu_offload=true, activation_checkpointing=true")
     add("--precision", default=_env_default("precision", "32"),
         help="32, 16-mixed (fp16), bf16-mixed (bf16), or Apex levels O0-O3 (default 32)")
     add("--amp-backend", dest="amp_backend", default=_env_default("amp_backend", "native"),
@@ -103,6 +106,14 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     add("--job-dir", dest="job_dir", default="runs", help="job folders go below it (default ./runs)")
 
 
+def _strategy_options(given: list[str] | None) -> dict[str, Any]:
+    """``--strategy-opt`` flags (or TRAINFLEET_STRATEGY_OPT, ``;``-separated) as a dict."""
+    from trainfleet.engine.registry import parse_strategy_option
+
+    texts = given or [t for t in os.environ.get("TRAINFLEET_STRATEGY_OPT", "").split(";") if t]
+    return dict(parse_strategy_option(text) for text in texts)
+
+
 def launch_config_from_args(ns: argparse.Namespace, cuda_devices: int | None = None):
     """Turn parsed arguments into a validated LaunchConfig."""
     from trainfleet.launcher.config import LaunchConfig
@@ -110,7 +121,7 @@ def launch_config_from_args(ns: argparse.Namespace, cuda_devices: int | None = N
     return LaunchConfig(cuda_devices=cuda_devices,
         target=ns.target, args=list(ns.args), module=ns.module, nodes=ns.nodes, gpus=ns.gpus,
         node_rank=ns.node_rank, master_addr=ns.master_addr, master_port=ns.master_port,
-        strategy=ns.strategy, precision=ns.precision, amp_backend=ns.amp_backend, debug=ns.debug, cpu=ns.cpu,
+        strategy=ns.strategy, strategy_options=_strategy_options(ns.strategy_opt), precision=ns.precision, amp_backend=ns.amp_backend, debug=ns.debug, cpu=ns.cpu,
         log_dir=ns.log_dir, start_method=ns.start_method, grace_period=ns.grace_period,
         max_restarts=ns.max_restarts, heartbeat_timeout=ns.heartbeat_timeout,
         rendezvous_timeout=ns.rendezvous_timeout, collective_timeout=ns.collective_timeout)

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainfleet.engine.registry import PRECISIONS, STRATEGIES
+from trainfleet.engine.registry import PRECISIONS, STRATEGIES, check_strategy_options
 from trainfleet.launcher.devices import visible_cuda_devices
 from trainfleet.utils.errors import UsageError
 
@@ -31,6 +31,8 @@ class LaunchConfig:
         node_rank: this node's index; None on a single node.
         master_addr, master_port: rendezvous endpoint; a free port is chosen when None.
         strategy, precision: names from the engine's registries.
+        strategy_options: keyword options for the strategy (``--strategy-opt sharding=hybrid``);
+            an option of another strategy is refused before any worker starts.
         amp_backend: ``native`` (torch.amp) or ``apex``.
         debug: run the script inside the launcher's own process (world size 1).
         cpu: run CPU workers even when CUDA devices exist.
@@ -60,6 +62,7 @@ class LaunchConfig:
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
     strategy: str = "ddp"
+    strategy_options: dict = field(default_factory=dict)
     precision: str = "32"
     amp_backend: str = "native"
     debug: bool = False
@@ -139,6 +142,26 @@ class LaunchConfig:
         if self.strategy == "dp" and self.nodes > 1:
             raise UsageError(f"strategy 'dp' runs one process on one node, but --nodes {self.nodes} was given.",
                              "use --strategy ddp for several nodes.")
+        check_strategy_options(self.strategy, self.strategy_options)
+        if self.strategy == "fsdp":
+            self._check_fsdp_mesh()
+
+    def _check_fsdp_mesh(self) -> None:
+        """The same check the fsdp strategy makes, answered before any worker starts."""
+        options = self.strategy_options
+        sharding, shard_size = options.get("sharding", "full"), options.get("shard_size")
+        if sharding not in ("full", "hybrid"):
+            raise UsageError(f"Unknown fsdp sharding {sharding!r}. Available: ['full', 'hybrid']")
+        if shard_size is not None and sharding != "hybrid":
+            raise UsageError(f"--strategy-opt shard_size={shard_size} applies to sharding=hybrid only.",
+                             "add --strategy-opt sharding=hybrid, or drop shard_size.")
+        if sharding == "hybrid":
+            size = self.procs_per_node if shard_size is None else shard_size
+            if not isinstance(size, int) or size < 1 or self.world_size % size:
+                divisors = [d for d in range(1, self.world_size + 1) if self.world_size % d == 0]
+                raise UsageError(f"fsdp hybrid sharding: {self.world_size} workers ({self.nodes} node(s) x "
+                                 f"{self.procs_per_node}) do not divide into shard groups of {size}.",
+                                 f"use a shard_size in {divisors}.")
 
     # ----- derived --------------------------------------------------------------------
     @property

@@ -9,6 +9,7 @@ the servers afterwards, so no other process can take a port in between.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import socket
@@ -91,6 +92,7 @@ def worker_env(cfg: LaunchConfig, node_rank: int, local_rank: int, port: int,
         # Workers join the store node 0's agent hosts instead of rank 0 starting one.
         "TORCHELASTIC_USE_AGENT_STORE": "True" if not cfg.debug else "False",
         "TRAINFLEET_STRATEGY": cfg.strategy, "TRAINFLEET_PRECISION": cfg.precision,
+        "TRAINFLEET_STRATEGY_OPTIONS": json.dumps(cfg.strategy_options),
         "TRAINFLEET_AMP_BACKEND": cfg.amp_backend, "TRAINFLEET_ACCELERATOR": cfg.accelerator,
         "TRAINFLEET_RUN_ID": cfg.run_id, "PYTHONUNBUFFERED": "1",
         # Workers write to files; this tells them whether rank 0's echo lands on a terminal.

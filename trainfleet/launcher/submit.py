@@ -85,6 +85,8 @@ def _inner_launch_args(ns: argparse.Namespace, sub: Submission) -> list[str]:
         value = getattr(ns, dest)
         if value is not None:
             argv += [flag, str(value)]
+    for option in ns.strategy_opt or ():
+        argv += ["--strategy-opt", option]
     return argv
 
 
