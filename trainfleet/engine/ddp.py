@@ -50,12 +50,14 @@ class DDPStrategy(MultiProcessStrategy):
         super()._setup_environment()
         if dist.is_initialized():
             return
+        # A plain `python train.py` (no launcher) is a world of one: an in-memory store, no port.
+        where = {"init_method": "env://"} if self.env.launched else {"store": dist.HashStore()}
         dist.init_process_group(
             backend=self.backend,
-            init_method="env://",
             rank=self.rank,
             world_size=self.world_size,
             timeout=datetime.timedelta(seconds=self.timeout_s),
+            **where,
         )
         self._owns_group = True
 

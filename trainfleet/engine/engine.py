@@ -134,6 +134,8 @@ class Engine:
         Returns:
             ``(model, optimizer)`` when an optimizer is given, else the model.
         """
+        if optimizer is not None:
+            self.strategy.check_optimizer(optimizer)
         model, optimizer = self.precision.connect(model, optimizer)
         model = self.strategy.setup_module(model)
         if optimizer is None:
@@ -462,4 +464,5 @@ class Engine:
         try:
             self._saver.close()
         finally:
+            self._sharded.close()
             self.strategy.teardown()

@@ -254,12 +254,16 @@ class FSDPStrategy(DDPStrategy):
         Raises:
             UsageError: the optimizer already has state (it stepped before setup).
         """
-        if optimizer.state and any(id(p) in self._replaced for p in optimizer.state):
-            raise UsageError("the optimizer has state from steps taken before engine.setup; fsdp cannot move it "
-                             "onto the sharded parameters.", "call engine.setup(model, optimizer) before training.")
+        self.check_optimizer(optimizer)
         for group in optimizer.param_groups:
             group["params"] = [self._sharded_param(p) for p in group["params"]]
         return optimizer
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Refuse an optimizer with state (from steps before setup): it cannot follow the parameters."""
+        if any(optimizer.state.values()):
+            raise UsageError("the optimizer has state from steps taken before engine.setup; fsdp cannot move it "
+                             "onto the sharded parameters.", "call engine.setup(model, optimizer) before training.")
 
     def _sharded_param(self, param: torch.nn.Parameter) -> torch.nn.Parameter:
         owner = self._replaced.get(id(param))
@@ -270,6 +274,10 @@ class FSDPStrategy(DDPStrategy):
 
     def no_backward_sync(self, module: torch.nn.Module) -> ContextManager[Any]:
         return _gradient_sync_off(module)
+
+    def _teardown(self) -> None:
+        self._mesh, self._replaced = None, {}
+        super()._teardown()
 
     # ----- checkpoint state: full on rank 0 for files, sharded for DCP -----------------
     def full_model_state(self, module: torch.nn.Module) -> dict[str, Any]:

@@ -274,6 +274,10 @@ class ShardedCheckpointer:
             self._group = dist.new_group(backend="gloo")
         return self._group
 
+    def close(self) -> None:
+        """Drop the checkpoint group (destroy_process_group then closes its sockets)."""
+        self._group = None
+
     def _temporary(self, path: Path) -> Path:
         name = None
         if self.strategy.is_global_zero:

@@ -98,6 +98,9 @@ class Strategy(ABC):
     def _setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
         """Wrap a module already on the root device (DDP, DataParallel, ...)."""
 
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Refuse an optimizer this strategy cannot take, before the module is wrapped (default: any)."""
+
     def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Wrap the optimizer if the strategy needs to (Horovod does); default unchanged."""
         return optimizer

@@ -147,7 +147,11 @@ class LaunchConfig:
             self._check_fsdp_mesh()
 
     def _check_fsdp_mesh(self) -> None:
-        """The same check the fsdp strategy makes, answered before any worker starts."""
+        """The checks the fsdp strategy makes, answered before any worker starts."""
+        if self.amp_backend == "apex":
+            raise UsageError("--amp-backend apex does not work with --strategy fsdp (apex.amp cannot see "
+                             "sharded parameters).", "drop --amp-backend: fsdp runs bf16/fp16/O2 through "
+                             "FSDP2's MixedPrecisionPolicy.")
         options = self.strategy_options
         sharding, shard_size = options.get("sharding", "full"), options.get("shard_size")
         if sharding not in ("full", "hybrid"):
