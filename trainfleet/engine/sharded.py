@@ -23,13 +23,14 @@ reading any of them.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -47,6 +48,14 @@ _INDEX_CLASSES = {
         "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "TensorProperties",
         "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")),
 }
+
+
+@contextlib.contextmanager
+def _single_process() -> Iterator[None]:
+    """Silence DCP's "assuming the intent is to save/load in a single process": it is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 # ----- reading a folder safely -----------------------------------------------------------------
@@ -222,7 +231,8 @@ def write_folder(tensors: dict[str, torch.Tensor], sidecar: dict[str, Any], path
     ckpt.remove_stale_temporaries(path.parent)
     tmp = path.parent / temporary_name(path)
     try:
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), no_dist=True)
+        with _single_process():
+            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), no_dist=True)
         return finish_folder(tmp, path, sidecar, keep_last)
     except BaseException:
         ckpt.remove_path(tmp)
@@ -235,8 +245,7 @@ def read_all(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | No
 
     entries, sidecar = open_folder(folder)
     tensors = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in entries.items()}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with _single_process():
         dcp.load(tensors, storage_reader=_reader(folder), no_dist=True)
     return tensors, sidecar
 
@@ -313,11 +322,12 @@ class ShardedCheckpointer:
                     ckpt.remove_path(tmp)
                 raise
 
-        if asynchronous:
-            future = dcp.async_save(tensors, storage_writer=writer, process_group=group, no_dist=group is None)
-            self.saver.submit(lambda: finish(future.result))
-            return path
-        finish(lambda: dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=group is None))
+        with _single_process():
+            if asynchronous:
+                future = dcp.async_save(tensors, storage_writer=writer, process_group=group, no_dist=group is None)
+                self.saver.submit(lambda: finish(future.result))
+                return path
+            finish(lambda: dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=group is None))
         self.strategy.barrier()
         return path
 
@@ -332,8 +342,7 @@ class ShardedCheckpointer:
                              f"{' ...' if len(missing) > 3 else ''}.", "was it saved with this optimizer?")
         sharded = any(isinstance(t, DTensor) for t in template.values())
         group = self._process_group() if sharded else None  # whole tensors: each rank reads alone
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        with _single_process():
             dcp.load(template, storage_reader=_reader(folder), process_group=group, no_dist=group is None)
 
 

@@ -206,7 +206,7 @@ def _ckpt_inspect(ns: argparse.Namespace) -> int:
 def _ckpt_convert(ns: argparse.Namespace) -> int:
     from trainfleet.engine.ckpt_tools import convert_checkpoint
 
-    out = convert_checkpoint(ns.src, ns.dst, to_state_dict=ns.to_state_dict, trust=ns.trust_pickle)
+    out = convert_checkpoint(ns.src, ns.dst, to_state_dict=ns.to_state_dict, trust=ns.trust_pickle, to=ns.to)
     print(f"wrote {out}" + (" (plain state_dict)" if ns.to_state_dict else " (trainfleet checkpoint)"))
     return 0
 
@@ -216,12 +216,16 @@ def add_ckpt_commands(sub: Any) -> None:
     ckpt_parser = sub.add_parser("ckpt", help="inspect or convert checkpoints")
     ckpt_sub = ckpt_parser.add_subparsers(dest="ckpt_command", required=True, parser_class=OneLineParser)
     inspect = ckpt_sub.add_parser("inspect", help="metadata and a table of tensors")
-    inspect.add_argument("path", help="a checkpoint file, or a folder with latest.json")
+    inspect.add_argument("path", help="a checkpoint file, a sharded folder, or a folder with latest.json")
     inspect.set_defaults(func=_ckpt_inspect)
-    convert = ckpt_sub.add_parser("convert", help="a foreign checkpoint -> trainfleet (or -> plain state_dict)")
+    convert = ckpt_sub.add_parser("convert", help="between a file, a sharded folder and a plain state_dict "
+                                                  "(foreign checkpoints too)")
     convert.add_argument("src")
     convert.add_argument("dst")
     convert.add_argument("--to-state-dict", action="store_true", help="write a plain state_dict for other tools")
+    convert.add_argument("--to", choices=["file", "sharded", "state_dict"],
+                         help="file (one trainfleet file, default), sharded (a folder for "
+                              "torch.distributed.checkpoint, loads into any world size) or state_dict")
     convert.set_defaults(func=_ckpt_convert)
     for command in (inspect, convert):
         command.add_argument("--trust-pickle", action="store_true",
