@@ -1,0 +1,98 @@
+"""FSDP benchmarks; every comparison is measured side by side in one run:
+
+- fsdp_memory_vs_ddp: parameter + optimizer-state bytes per rank under fsdp(4) against ddp(4) on a
+  model of >= 50 M parameters, after one Adam step (target <= 0.3);
+- fsdp_engine_step_vs_handwritten: the engine's fsdp step against a hand-written FSDP2 loop
+  (fully_shard per block, then the root), alternating rounds in the same 2 workers (target <= 1.03);
+- fsdp_dcp_save_vs_dcp_save: engine.save of a sharded folder against dcp.save called by hand on the
+  same state, throughput ratio (target >= 0.95), and the time an asynchronous save blocks against
+  a synchronous one (informational);
+- fsdp_reshard_load_vs_same_world: 2 workers loading a folder written by 4 against one written by 2
+  (target <= 1.2).
+
+    python -m benchmarks.fsdp_bench [--rounds R] [--quick] [--smoke]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+
+from benchmarks.common import BIN, PROBES, Comparison, run_probe, scratch
+
+PROBE = str(PROBES / "fsdp_probe.py")
+BIG = ["--width", "2048", "--depth", "6"]  # 6 blocks of 2 x (2048 x 2048 + 2048): 50.4 M parameters
+
+
+def _probe(out, gpus: int, mode: str, *args: str, strategy: str = "fsdp") -> dict:
+    run_probe([str(BIN / "launch"), "--strategy", strategy, "--gpus", str(gpus), PROBE, str(out), mode, *args], out,
+              timeout=900)
+    return json.loads((out / f"{mode}.json").read_text())
+
+
+def memory(out) -> Comparison:
+    comparison = Comparison("fsdp_memory_vs_ddp", 0.3)
+    for strategy in ("fsdp", "ddp"):
+        result = _probe(out, 4, "memory", *BIG, "--batch", "4", strategy=strategy)
+        worst = max(r["params"] + r["optimizer"] for r in result["per_rank"])
+        (comparison.ours if strategy == "fsdp" else comparison.peer).append(worst / 2**20)
+    print(f"  model: {result['parameters'] / 1e6:.1f} M parameters; MB per rank (params + Adam state), "
+          f"fsdp4 {comparison.ours[0]:.1f} vs ddp4 {comparison.peer[0]:.1f}")
+    return comparison
+
+
+def step(out, rounds: int, steps: int) -> Comparison:
+    result = _probe(out, 2, "step", "--rounds", str(rounds), "--steps", str(steps), "--width", "1024")
+    return Comparison("fsdp_engine_step_vs_handwritten", 1.03, ours=result["ours"], peer=result["peer"])
+
+
+def save(out, rounds: int) -> list[Comparison]:
+    folder = scratch()
+    try:
+        result = _probe(out, 2, "save", "--rounds", str(rounds), "--width", "1024", "--scratch", str(folder))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    # throughput ratio: the same bytes, so peer time / our time
+    throughput = Comparison("fsdp_dcp_save_vs_dcp_save", 0.95, lower_is_better=False,
+                            ours=[1 / t for t in result["ours"]], peer=[1 / t for t in result["peer"]])
+    blocking = Comparison("fsdp_async_save_blocking_vs_sync", None, ours=result["async_blocking"],
+                          peer=result["sync"])
+    return [throughput, blocking]
+
+
+def load(out, rounds: int) -> Comparison:
+    folder = scratch()
+    try:
+        for gpus in (4, 2):
+            _probe(out, gpus, "write", "--width", "1024", "--scratch", str(folder / f"by{gpus}"))
+        result = _probe(out, 2, "load", "--rounds", str(rounds), "--width", "1024",
+                        "--ckpt-a", str(folder / "by4"), "--ckpt-b", str(folder / "by2"))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return Comparison("fsdp_reshard_load_vs_same_world", 1.2, ours=result["a"], peer=result["b"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="3 rounds")
+    parser.add_argument("--smoke", action="store_true", help="1 round, small steps")
+    args = parser.parse_args(argv)
+    rounds = 1 if args.smoke else (3 if args.quick else args.rounds)
+    steps = 2 if args.smoke else 5
+    out = scratch()
+    try:
+        comparisons = [memory(out), step(out, rounds, steps), *save(out, rounds), load(out, rounds)]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    for comparison in comparisons:
+        print(comparison.line())
+        if len(comparison.ours) > 1:
+            ratios = sorted(a / b for a, b in zip(comparison.ours, comparison.peer))
+            print(f"  per-pair ratios: median {statistics.median(ratios):.3f} "
+                  f"(min {ratios[0]:.3f}, max {ratios[-1]:.3f})")
+
+
+if __name__ == "__main__":
+    main()
