@@ -32,6 +32,18 @@ def test_bench_writes_all_outputs_with_a_skipped_row(tmp_path):
     assert (tmp_path / "bench" / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_fsdp_reports_sharded_memory_per_rank(tmp_path):
+    result = run_cli("trainfleet", "bench", "--model", "lenet", "--strategies", "ddp,fsdp", "--gpus", "2",
+                     "--steps", "2", "--warmup", "1", "--rounds", "1", "--batch-size", "8",
+                     "--out", str(tmp_path / "bench"), "--no-progress", timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = {r["strategy"]: r for r in csv.DictReader(open(tmp_path / "bench" / "results.csv"))}
+    assert rows["fsdp"]["status"] == "ok" and float(rows["fsdp"]["samples_per_s"]) > 0
+    ddp, fsdp = float(rows["ddp"]["state_mb_per_rank"]), float(rows["fsdp"]["state_mb_per_rank"])
+    assert 0.45 < fsdp / ddp < 0.55  # parameters + momentum, each rank holds half under fsdp(2)
+    assert "params+optim MB/rank" in (tmp_path / "bench" / "results.md").read_text()
+
+
 def test_bench_runs_the_users_own_script(tmp_path):
     script = tmp_path / "mine.py"
     script.write_text(

@@ -49,6 +49,7 @@ class BenchResult:
     step_ms: list[float] = field(default_factory=list)
     phases_ms: list[dict[str, float]] = field(default_factory=list)
     peak_mb: list[float] = field(default_factory=list)
+    state_mb: list[float] = field(default_factory=list)
     efficiency: float | None = None
     speedup: float | None = None
 
@@ -95,8 +96,8 @@ def plan(strategies: list[str], precisions: list[str], workers: list[int], cuda_
     return results
 
 
-def _aggregate(records: list[dict]) -> tuple[float, float, dict[str, float], float]:
-    """(samples/s, step ms, phase ms, peak MB) of one run from every rank's record."""
+def _aggregate(records: list[dict]) -> tuple[float, float, dict[str, float], float, float]:
+    """(samples/s, step ms, phase ms, peak MB, params+optimizer MB) of one run; MB: the largest rank's."""
     steps = min(len(r["steps"]) for r in records)
     if steps == 0:
         raise RuntimeError("the run recorded no timed step; raise --steps or check the script")
@@ -106,11 +107,12 @@ def _aggregate(records: list[dict]) -> tuple[float, float, dict[str, float], flo
         samples.append(sum(r["steps"][i]["samples"] for r in records))
     step = statistics.median(step_times)
     phases = {p: 1000 * statistics.median(r["steps"][i][p] for r in records for i in range(steps)) for p in PHASES}
-    return statistics.median(samples) / step, 1000 * step, phases, max(r["peak_mb"] for r in records)
+    state = max((r.get("state_mb") or float("nan") for r in records), default=float("nan"))
+    return statistics.median(samples) / step, 1000 * step, phases, max(r["peak_mb"] for r in records), state
 
 
 def run_once(config: BenchConfig, target: list[str], steps: int, warmup: int, log_dir: Path,
-             timeout: float) -> tuple[float, float, dict[str, float], float]:
+             timeout: float) -> tuple[float, float, dict[str, float], float, float]:
     """One launch of one configuration; returns what :func:`_aggregate` returns."""
     out = Path(tempfile.mkdtemp(prefix="trainfleet-bench-"))
     env = {**os.environ, "TRAINFLEET_BENCH_OUT": str(out), "TRAINFLEET_BENCH_STEPS": str(steps),
@@ -159,7 +161,7 @@ def run_bench(results: list[BenchResult], target: list[str], steps: int, warmup:
                 continue
             bar.set_postfix_str(result.config.label)
             try:
-                sps, step, phases, peak = run_once(result.config, target, steps, warmup, log_dir, timeout)
+                sps, step, phases, peak, state = run_once(result.config, target, steps, warmup, log_dir, timeout)
             except (RuntimeError, subprocess.TimeoutExpired) as err:
                 bar.write(f"bench: {err}")
                 result.skipped = "failed: " + str(err).splitlines()[0]
@@ -169,11 +171,12 @@ def run_bench(results: list[BenchResult], target: list[str], steps: int, warmup:
             result.step_ms.append(step)
             result.phases_ms.append(phases)
             result.peak_mb.append(peak)
+            result.state_mb.append(state)
             bar.update(1)
     bar.close()
     for result in runnable:
         if result.skipped:  # keep only configurations that completed every round
-            result.samples_per_s, result.step_ms, result.phases_ms, result.peak_mb = [], [], [], []
+            result.samples_per_s, result.step_ms, result.phases_ms, result.peak_mb, result.state_mb = [], [], [], [], []
     derive(results)
     return results
 

@@ -195,6 +195,7 @@ class Engine:
             if zero_grad:
                 self.strategy.zero_grad(optimizer)
         if self.timer is not None:
+            self.timer.optimizer = optimizer
             self.timer.step_done()
         return stepped
 

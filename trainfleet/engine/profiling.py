@@ -35,6 +35,7 @@ class StepTimer:
         self.device: Any = None
         self._open: list[str] = []  # phases being timed, innermost last
         self._step_start: float | None = None
+        self.optimizer: Any = None  # set by Engine.step: its tensors give state_mb
 
     @classmethod
     def from_env(cls, rank: int, world_size: int) -> "StepTimer | None":
@@ -101,6 +102,15 @@ class StepTimer:
             sys.stdout.flush()
             raise SystemExit(0)
 
+    def state_mb(self) -> float | None:
+        """MB this rank holds of parameters and optimizer state (its shards only, under fsdp)."""
+        if self.optimizer is None:
+            return None
+        tensors = [p for g in self.optimizer.param_groups for p in g["params"]]
+        tensors += [v for s in self.optimizer.state.values() for v in s.values() if hasattr(v, "numel")]
+        local = (t.to_local() if hasattr(t, "to_local") else t for t in tensors)
+        return sum(t.numel() * t.element_size() for t in local) / 2**20
+
     def write(self) -> None:
         """Write this rank's record: per-step phases after warm-up, peak memory."""
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -110,7 +120,7 @@ class StepTimer:
             peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
         self.out_dir.mkdir(parents=True, exist_ok=True)
         record = {"rank": self.rank, "world_size": self.world_size, "steps": self.records[self.warmup:],
-                  "peak_mb": peak_mb, "memory": "cuda allocated" if self.device is not None
+                  "peak_mb": peak_mb, "state_mb": self.state_mb(), "memory": "cuda allocated" if self.device is not None
                   and self.device.type == "cuda" else "max RSS"}
         (self.out_dir / f"rank{self.rank}.json").write_text(json.dumps(record))
 

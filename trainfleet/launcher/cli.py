@@ -255,7 +255,7 @@ def add_bench_command(sub: Any) -> None:
     add("--model", default="resnet18", help="a registry model (default resnet18)")
     add("--dataset", default="synthetic", help="a registry dataset (default synthetic)")
     add("--script", help="benchmark your own training script (it must use trainfleet.Engine) instead")
-    add("--strategies", type=_csv(str), default=["single", "ddp"], help="comma list (default single,ddp)")
+    add("--strategies", type=_csv(str), default=["single", "ddp"], help="comma list of single, dp, ddp, fsdp, horovod (default single,ddp)")
     add("--precisions", type=_csv(str), default=["32"], help="comma list, e.g. 32,bf16 (default 32)")
     add("--gpus", type=_csv(int), default=[1, 2], help="worker counts, comma list (default 1,2)")
     add("--steps", type=int, default=20, help="timed steps per run (default 20)")
