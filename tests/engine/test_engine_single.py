@@ -29,7 +29,7 @@ def test_collectives_are_identities_in_a_world_of_one():
 
 
 def test_unknown_strategy_lists_the_valid_ones():
-    with pytest.raises(UsageError, match=r"Unknown strategy 'dpp'. Available: \['ddp', 'dp', 'horovod', 'single'\]"):
+    with pytest.raises(UsageError, match=r"Unknown strategy 'dpp'. Available: \['ddp', 'dp', 'fsdp', 'horovod', 'single'\]"):
         build_strategy("dpp")
 
 

@@ -25,7 +25,7 @@ def assert_one_line_error(result, *needles):
     (["--nodes", "0", SCRIPT], ["--nodes 0", "at least 1"]),
     (["no_such_script.py"], ["no_such_script.py", "not found", "HINT"]),
     (["-m", "no_such_module_xyz"], ["no_such_module_xyz", "not found"]),
-    (["--strategy", "dpp", SCRIPT], ["Unknown strategy 'dpp'", "['ddp', 'dp', 'horovod', 'single']", "did you mean"]),
+    (["--strategy", "dpp", SCRIPT], ["Unknown strategy 'dpp'", "['ddp', 'dp', 'fsdp', 'horovod', 'single']", "did you mean"]),
     (["--master-port", "70000", SCRIPT], ["--master-port 70000", "out of range"]),
     (["--master-port", "0", SCRIPT], ["--master-port 0", "out of range"]),
     (["--strategy", "dp", "--nodes", "2", SCRIPT], ["'dp'", "--nodes 2", "ddp"]),
