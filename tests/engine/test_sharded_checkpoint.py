@@ -65,6 +65,17 @@ def test_layout_and_exact_round_trip(engine, saved):
     assert trainfleet.load_state_dict(path).keys() == model.state_dict().keys()
 
 
+def test_each_rank_writes_its_own_rng_state_and_gets_it_back(engine, tmp_path):
+    model = net()
+    engine.save(tmp_path / "r", model=model, sharded=True)
+    expected = torch.get_rng_state()
+    torch.rand(100)  # training moves the generator on
+    engine.load(tmp_path / "r", model=model)
+    assert torch.equal(torch.get_rng_state(), expected)
+    assert torch.load(tmp_path / "r" / "trainfleet.pt", weights_only=True)["rng"] is None  # not gathered
+    assert torch.equal(read_checkpoint(tmp_path / "r")["rng"][0]["torch"], expected)
+
+
 def test_keep_last_deletes_old_folders_and_latest_names_a_whole_one(engine, tmp_path):
     model, optimizer = trained(engine)
     for step in range(1, 5):

@@ -40,11 +40,14 @@ def read_checkpoint(path: str | os.PathLike[str], trust: bool = False) -> Any:
     tensors, sidecar = sharded.read_all(path)
     prefix = sharded.model_prefix(tensors, sidecar)
     model = {k[len(prefix):]: v for k, v in tensors.items()
-             if k.startswith(prefix) and not k.startswith(sharded.OPTIM)}
+             if k.startswith(prefix) and not k.startswith((sharded.OPTIM, sharded.RNG))}
     if sidecar is None:
         return model
     payload = {k: v for k, v in sidecar.items() if k not in ("model_keys", "layout")}
     payload["model"] = model
+    ranks = sorted(int(k[len(sharded.RNG):]) for k in tensors if k.startswith(sharded.RNG))
+    if ranks:
+        payload["rng"] = [sharded.rng_state(tensors[f"{sharded.RNG}{r}"]) for r in ranks]
     if sidecar.get("optimizer"):
         payload["optimizer"] = sharded.optimizer_from_layout(tensors, sidecar["optimizer"])
     return payload
@@ -61,7 +64,7 @@ def _inspect_folder(path: Path) -> dict[str, Any]:
     entries, sidecar = sharded.open_folder(path)
     prefix = sharded.model_prefix(entries, sidecar)
     model = {k[len(prefix):]: m for k, m in sorted(entries.items())
-             if k.startswith(prefix) and not k.startswith(sharded.OPTIM)}
+             if k.startswith(prefix) and not k.startswith((sharded.OPTIM, sharded.RNG))}
     rows = [(name, "x".join(map(str, m.size)) or "scalar", str(m.properties.dtype).replace("torch.", ""),
              torch.Size(m.size).numel() * m.properties.dtype.itemsize / 2**20) for name, m in model.items()]
     files = sorted(p.name for p in path.glob("*.distcp"))
@@ -166,4 +169,6 @@ def convert_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     if to == "file":
         return ckpt.save_atomic(native, dst)
     tensors, layout = sharded.flatten(native.pop("model"), native.pop("optimizer"))
-    return sharded.write_folder(tensors, {**native, **layout, "layout": "sharded"}, Path(dst))
+    tensors.update((f"{sharded.RNG}{rank}", sharded.rng_tensor(state))
+                   for rank, state in enumerate(native.pop("rng", None) or []))
+    return sharded.write_folder(tensors, {**native, **layout, "layout": "sharded", "rng": None}, Path(dst))

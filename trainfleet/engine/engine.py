@@ -259,10 +259,11 @@ class Engine:
             print(*args, **kwargs)
 
     # ----- checkpoints ---------------------------------------------------------------
-    def _common_state(self, scheduler: Any, dataloader: DeviceDataLoader | None,
-                      extra: dict[str, Any]) -> dict[str, Any]:
-        """Everything but the model and optimizer tensors (a collective: every rank's RNG)."""
-        rng = self.strategy.all_gather_object(capture_rng())
+    def _common_state(self, scheduler: Any, dataloader: DeviceDataLoader | None, extra: dict[str, Any],
+                      gather_rng: bool = True) -> dict[str, Any]:
+        """Everything but the model and optimizer tensors; with ``gather_rng`` a collective that
+        brings every rank's RNG state to each (a sharded save has each rank write its own)."""
+        rng = self.strategy.all_gather_object(capture_rng()) if gather_rng else None
         return {
             "format": ckpt.FORMAT,
             "version": ckpt.FORMAT_VERSION,
@@ -345,7 +346,9 @@ class Engine:
             with self.precision.optimizer_params(optimizer):  # O2: the fp32 masters' state
                 optimizer_state = sharded_ckpt.optimizer_template(module, optimizer)
         tensors, layout = sharded_ckpt.flatten(model_state, optimizer_state)
-        sidecar = {**self._common_state(scheduler, dataloader, extra), **layout, "layout": "sharded"}
+        tensors[f"{sharded_ckpt.RNG}{self.rank}"] = sharded_ckpt.rng_tensor(capture_rng())
+        sidecar = {**self._common_state(scheduler, dataloader, extra, gather_rng=False), **layout,
+                   "layout": "sharded"}
         return self._sharded.save(path, tensors, sidecar, keep_last, asynchronous)
 
     def wait_for_checkpoint(self) -> None:
@@ -417,7 +420,7 @@ class Engine:
         if module is not None:
             own = self.precision.module_state(module, module.state_dict())
             shapes = {k[len(prefix):]: tuple(m.size) for k, m in entries.items()
-                      if k.startswith(prefix) and not k.startswith(sharded_ckpt.OPTIM)}
+                      if k.startswith(prefix) and not k.startswith((sharded_ckpt.OPTIM, sharded_ckpt.RNG))}
             report = ckpt.compare_keys(module, shapes, (), strict, path)
             template.update((prefix + k, own[k]) for k in report["loaded"])
         layout = (sidecar or {}).get("optimizer")
@@ -426,7 +429,11 @@ class Engine:
             with self.precision.optimizer_params(optimizer):
                 current = sharded_ckpt.optimizer_template(module, optimizer)
             template.update(sharded_ckpt.flatten(None, current)[0])
+        rng = sharded_ckpt.rng_template(entries, self.rank)
+        template.update(rng)
         self._sharded.load(path, template, entries)
+        if rng and sidecar is not None:
+            sidecar = {**sidecar, "rng": [sharded_ckpt.rng_state(t) for t in rng.values()]}
         if report is not None:
             loaded = {k: template[prefix + k] for k in report["loaded"]}
             module.load_state_dict(loaded, strict=False)

@@ -24,9 +24,11 @@ reading any of them.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pickle
 import re
+import threading
 import uuid
 import warnings
 from pathlib import Path
@@ -258,6 +260,52 @@ def model_prefix(keys: Any, sidecar: dict[str, Any] | None) -> str:
     return "model." if any(k.startswith("model.") for k in keys) else ""
 
 
+class _Background(threading.Thread):
+    """``fn(*args)`` on a thread; :meth:`result` joins it and re-raises its error."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any):
+        super().__init__(name="trainfleet-sidecar", daemon=True)
+        self._call, self._error = (fn, args), None
+        self.start()
+
+    def run(self) -> None:
+        fn, args = self._call
+        try:
+            fn(*args)
+        except BaseException as err:  # re-raised by result()
+            self._error = err
+
+    def result(self, raise_error: bool = True) -> None:
+        self.join()
+        if self._error is not None and raise_error:
+            raise self._error
+
+
+# ----- every rank's RNG state, written by that rank (no gather to rank 0) -------------------------
+RNG = "rng/"
+
+
+def rng_tensor(state: dict[str, Any]) -> torch.Tensor:
+    """This rank's RNG state as bytes in a uint8 tensor (``torch.save`` format, read back weights-only)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+
+def rng_state(tensor: torch.Tensor) -> dict[str, Any]:
+    """What :func:`rng_tensor` encoded; weights-only, so a crafted tensor cannot run code."""
+    return torch.load(io.BytesIO(tensor.numpy().tobytes()), weights_only=True)
+
+
+def rng_template(entries: dict[str, Any], rank: int) -> dict[str, torch.Tensor]:
+    """The RNG entry this rank resumes from (``rank % saved ranks``), as an empty tensor to load into."""
+    saved = sorted(int(k[len(RNG):]) for k in entries if k.startswith(RNG))
+    if not saved:
+        return {}
+    key = f"{RNG}{saved[rank % len(saved)]}"
+    return {key: torch.empty(tuple(entries[key].size), dtype=torch.uint8)}
+
+
 class ShardedCheckpointer:
     """Saves and loads sharded folders for one engine, through its strategy and saver thread.
 
@@ -270,6 +318,8 @@ class ShardedCheckpointer:
     def __init__(self, strategy: Any, saver: ckpt.AsyncSaver):
         self.strategy, self.saver = strategy, saver
         self._group: Any = None
+        self._writer_pid: int | None = None
+        self._saves = 0
 
     def _process_group(self) -> Any:
         """A gloo group of its own: an asynchronous save's collectives run on a background
@@ -288,12 +338,15 @@ class ShardedCheckpointer:
         self._group = None
 
     def _temporary(self, path: Path) -> Path:
-        name = None
+        """The folder every rank writes into: named after rank 0's pid (learnt once) and a save
+        count that every rank keeps alike, so no collective is needed per save."""
+        if self._writer_pid is None:
+            self._writer_pid = self.strategy.broadcast(os.getpid())
+        self._saves += 1
         if self.strategy.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_temporaries(path.parent)
-            name = temporary_name(path)
-        tmp = path.parent / self.strategy.broadcast(name)
+        tmp = path.parent / f".{path.name}.tmp-{self._writer_pid}-{self._saves}"
         tmp.mkdir(parents=True, exist_ok=True)
         return tmp
 
@@ -312,13 +365,20 @@ class ShardedCheckpointer:
         main = self.strategy.is_global_zero
         writer = dcp.FileSystemWriter(str(tmp), sync_files=True)
 
+        # Rank 0 writes the sidecar while DCP writes the shards; the folder is committed after both.
+        side = _Background(ckpt.save_atomic, sidecar, tmp / SIDECAR) if main else None
+
         def finish(wait: Callable[[], Any] = lambda: None) -> None:
             try:
                 wait()
-                if main:
-                    finish_folder(tmp, path, sidecar, keep_last)
+                if side is not None:
+                    side.result()
+                    ckpt.commit_folder(tmp, path)
+                    if keep_last is not None:
+                        ckpt.record_latest(path, keep_last)
             except BaseException:
-                if main:
+                if side is not None:
+                    side.result(raise_error=False)
                     ckpt.remove_path(tmp)
                 raise
 
