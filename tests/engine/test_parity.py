@@ -16,6 +16,8 @@ RUNS = {
     "fsdp4": ([*FSDP, "--gpus", "4", "--strategy-opt", "wrap=Conv2d,Linear"], []),  # every layer a block
     "fsdp4_hybrid": ([*FSDP, "--gpus", "4", "--strategy-opt", "sharding=hybrid", "--strategy-opt", "shard_size=2",
                       "--strategy-opt", "wrap=Linear"], []),
+    "fsdp_hybrid_2nodes": ([*FSDP, "--nodes", "2", "--gpus", "2", "--strategy-opt", "sharding=hybrid",
+                            "--strategy-opt", "wrap=Linear"], []),  # shard within a node, replicate across
     "fsdp2_options": ([*FSDP, "--gpus", "2", "--strategy-opt", "wrap=Linear",
                        "--strategy-opt", "reshard_after_forward=false", "--strategy-opt", "cpu_offload=true",
                        "--strategy-opt", "activation_checkpointing=true"], []),
@@ -48,7 +50,7 @@ def runs(tmp_path_factory):
     return {name: _run(launch, tmp, name) for name in names}
 
 
-OTHERS = ["ddp", "dp", "fsdp2", "fsdp4", "fsdp4_hybrid", "fsdp2_options", "fsdp2_accumulate", "ddp2_accumulate",
+OTHERS = ["ddp", "dp", "fsdp2", "fsdp4", "fsdp4_hybrid", "fsdp_hybrid_2nodes", "fsdp2_options", "fsdp2_accumulate", "ddp2_accumulate",
           pytest.param("horovod", marks=[pytest.mark.horovod, pytest.mark.skipif(
               not horovod_available(), reason="Horovod is not installed: run scripts/build-horovod.sh")])]
 

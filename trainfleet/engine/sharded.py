@@ -394,16 +394,15 @@ class ShardedCheckpointer:
     def load(self, folder: Path, template: dict[str, torch.Tensor], entries: dict[str, Any]) -> None:
         """Fill ``template`` (this rank's shards, or whole tensors) from ``folder`` in place."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.tensor import DTensor
 
         missing = sorted(k for k in template if k not in entries)
         if missing:
             raise UsageError(f"sharded checkpoint {str(folder)!r} has no {', '.join(missing[:3])}"
                              f"{' ...' if len(missing) > 3 else ''}.", "was it saved with this optimizer?")
-        sharded = any(isinstance(t, DTensor) for t in template.values())
-        group = self._process_group() if sharded else None  # whole tensors: each rank reads alone
+        # Every rank reads alone: a DTensor shard knows its own offsets, whole tensors need none,
+        # and loading has nothing to agree on, so DCP's planning collectives are skipped.
         with _single_process():
-            dcp.load(template, storage_reader=_reader(folder), process_group=group, no_dist=group is None)
+            dcp.load(template, storage_reader=_reader(folder), no_dist=True)
 
 
 def optimizer_template(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
