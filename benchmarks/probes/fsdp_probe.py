@@ -136,7 +136,7 @@ def mode_save(engine, args):
         dcp.save(state, checkpoint_id=str(folder / f"peer{i}"))
         dist.barrier()
 
-    samples = {"ours": [], "peer": [], "async_blocking": [], "sync": []}
+    samples = {"ours": [], "peer": [], "async_blocking": []}
     for index in range(args.rounds + 1):
         order = [("ours", ours), ("peer", peer)] if index % 2 == 0 else [("peer", peer), ("ours", ours)]
         for name, fn in order:
@@ -153,7 +153,6 @@ def mode_save(engine, args):
         engine.wait_for_checkpoint()
         if index:
             samples["async_blocking"].append(blocking)
-            samples["sync"].append(samples["ours"][-1])
         if engine.is_main:
             for name in ("ours", "peer", "async"):
                 shutil.rmtree(folder / f"{name}{index}", ignore_errors=True)

@@ -12,9 +12,9 @@ import torch
 from tests.conftest import SCRIPTS, run_cli
 from trainfleet.engine.ckpt_tools import read_checkpoint
 from trainfleet.engine.engine import Engine
-from trainfleet.engine.fsdp import FSDPMixedPrecision, fsdp_precision, mesh_shape, select_blocks
+from trainfleet.engine.fsdp import FSDPMixedPrecision, fsdp_precision, select_blocks
 from trainfleet.engine.precision import build_precision
-from trainfleet.engine.registry import check_strategy_options, parse_strategy_option
+from trainfleet.engine.options import check_strategy_options, mesh_shape, parse_strategy_option
 from trainfleet.utils.errors import UsageError
 
 SCRIPT = str(SCRIPTS / "parity_train.py")
@@ -170,7 +170,7 @@ def test_bad_fsdp_input_is_one_line_and_exit_2(tmp_path):
     cases = [
         (["--strategy-opt", "find_unused_parameters=true"], "is a ddp option; fsdp takes"),
         (["--gpus", "3", "--strategy-opt", "sharding=hybrid", "--strategy-opt", "shard_size=2"],
-         "3 workers (1 node(s) x 3) do not divide into shard groups of 2"),
+         "world size 3 does not divide into shard groups of 2"),
         (["--amp-backend", "apex", "--precision", "O2"], "--amp-backend apex does not work with --strategy fsdp"),
         (["--strategy-opt", "sharding=zero3"], "Unknown fsdp sharding 'zero3'"),
     ]

@@ -23,6 +23,7 @@ RUNS = {
                        "--strategy-opt", "activation_checkpointing=true"], []),
     "fsdp2_accumulate": ([*FSDP, "--gpus", "2", "--strategy-opt", "wrap=Linear"], ["--accumulate", "2"]),
     "ddp2_accumulate": (["--gpus", "2"], ["--accumulate", "2"]),
+    "horovod": (["--gpus", "2", "--strategy", "horovod"], []),
 }
 
 
@@ -45,8 +46,7 @@ def runs(tmp_path_factory):
     def launch(*args):
         return run_cli("launch", "--log-dir", str(tmp / "logs"), *args, timeout=180)
 
-    names = [*RUNS, *(["horovod"] if horovod_available() else [])]
-    RUNS["horovod"] = (["--gpus", "2", "--strategy", "horovod"], [])
+    names = [name for name in RUNS if name != "horovod" or horovod_available()]
     return {name: _run(launch, tmp, name) for name in names}
 
 

@@ -107,7 +107,8 @@ def _aggregate(records: list[dict]) -> tuple[float, float, dict[str, float], flo
         samples.append(sum(r["steps"][i]["samples"] for r in records))
     step = statistics.median(step_times)
     phases = {p: 1000 * statistics.median(r["steps"][i][p] for r in records for i in range(steps)) for p in PHASES}
-    state = max((r.get("state_mb") or float("nan") for r in records), default=float("nan"))
+    states = [r["state_mb"] for r in records if r.get("state_mb") is not None]
+    state = max(states) if states else float("nan")
     return statistics.median(samples) / step, 1000 * step, phases, max(r["peak_mb"] for r in records), state
 
 

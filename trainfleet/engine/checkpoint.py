@@ -59,11 +59,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete temporary files of saves whose process died mid-write (``kill -9``, OOM)."""
+    """Delete temporary files and folders of saves whose process died mid-write (``kill -9``, OOM)."""
     removed = []
     for tmp in [*folder.glob(".*.tmp-*"), *folder.glob(".*.old-*")]:
-        pid = tmp.name.rsplit(".tmp-" if ".tmp-" in tmp.name else ".old-", 1)[1].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        found = re.search(r"\.(?:tmp|old)-(\d+)-", tmp.name)  # .NAME.tmp-PID-..., .NAME.old-PID-...
+        pid = int(found.group(1)) if found else None
+        if pid is not None and pid != os.getpid() and not _pid_alive(pid):
             remove_path(tmp)
             removed.append(tmp)
     return removed

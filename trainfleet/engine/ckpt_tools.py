@@ -37,19 +37,15 @@ def read_checkpoint(path: str | os.PathLike[str], trust: bool = False) -> Any:
     path = ckpt.resolve(path)
     if not ckpt.is_sharded(path):
         return ckpt.load_file(path, trust=trust)
-    tensors, sidecar = sharded.read_all(path)
-    prefix = sharded.model_prefix(tensors, sidecar)
-    model = {k[len(prefix):]: v for k, v in tensors.items()
-             if k.startswith(prefix) and not k.startswith((sharded.OPTIM, sharded.RNG))}
-    if sidecar is None:
+    tensors, side = sharded.read_all(path)
+    model = {name: tensors[key] for name, key in sharded.model_keys(tensors, side).items()}
+    if side is None:
         return model
-    payload = {k: v for k, v in sidecar.items() if k not in ("model_keys", "layout")}
+    payload = {k: v for k, v in side.items() if k != "layout"}
     payload["model"] = model
-    ranks = sorted(int(k[len(sharded.RNG):]) for k in tensors if k.startswith(sharded.RNG))
-    if ranks:
-        payload["rng"] = [sharded.rng_state(tensors[f"{sharded.RNG}{r}"]) for r in ranks]
-    if sidecar.get("optimizer"):
-        payload["optimizer"] = sharded.optimizer_from_layout(tensors, sidecar["optimizer"])
+    payload["rng"] = [sharded.rng_state(tensors[key]) for key in sharded.saved_rng_keys(tensors)]
+    if side.get("optimizer"):
+        payload["optimizer"] = sharded.unflatten_optimizer(tensors, side["optimizer"])
     return payload
 
 
@@ -62,9 +58,7 @@ def _tensor_rows(state: dict[str, Any]) -> list[tuple[str, str, str, float]]:
 def _inspect_folder(path: Path) -> dict[str, Any]:
     """A sharded folder, from its index and sidecar alone (no tensor data is read)."""
     entries, sidecar = sharded.open_folder(path)
-    prefix = sharded.model_prefix(entries, sidecar)
-    model = {k[len(prefix):]: m for k, m in sorted(entries.items())
-             if k.startswith(prefix) and not k.startswith((sharded.OPTIM, sharded.RNG))}
+    model = {name: entries[key] for name, key in sorted(sharded.model_keys(entries, sidecar).items())}
     rows = [(name, "x".join(map(str, m.size)) or "scalar", str(m.properties.dtype).replace("torch.", ""),
              torch.Size(m.size).numel() * m.properties.dtype.itemsize / 2**20) for name, m in model.items()]
     files = sorted(p.name for p in path.glob("*.distcp"))
@@ -169,6 +163,6 @@ def convert_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     if to == "file":
         return ckpt.save_atomic(native, dst)
     tensors, layout = sharded.flatten(native.pop("model"), native.pop("optimizer"))
-    tensors.update((f"{sharded.RNG}{rank}", sharded.rng_tensor(state))
-                   for rank, state in enumerate(native.pop("rng", None) or []))
-    return sharded.write_folder(tensors, {**native, **layout, "layout": "sharded", "rng": None}, Path(dst))
+    tensors.update((sharded.rng_key(rank), sharded.rng_tensor(state))
+                   for rank, state in enumerate(native.get("rng") or []))
+    return sharded.write_folder(tensors, sharded.make_sidecar(native, layout), Path(dst))

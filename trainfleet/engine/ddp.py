@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from trainfleet.engine.environment import backend_for
-from trainfleet.engine.registry import check_strategy_options
+from trainfleet.engine.options import check_strategy_options
 from trainfleet.engine.strategy import MultiProcessStrategy
 
 _OPS = {

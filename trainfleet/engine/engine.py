@@ -346,10 +346,9 @@ class Engine:
             with self.precision.optimizer_params(optimizer):  # O2: the fp32 masters' state
                 optimizer_state = sharded_ckpt.optimizer_template(module, optimizer)
         tensors, layout = sharded_ckpt.flatten(model_state, optimizer_state)
-        tensors[f"{sharded_ckpt.RNG}{self.rank}"] = sharded_ckpt.rng_tensor(capture_rng())
-        sidecar = {**self._common_state(scheduler, dataloader, extra, gather_rng=False), **layout,
-                   "layout": "sharded"}
-        return self._sharded.save(path, tensors, sidecar, keep_last, asynchronous)
+        tensors[sharded_ckpt.rng_key(self.rank)] = sharded_ckpt.rng_tensor(capture_rng())
+        side = sharded_ckpt.make_sidecar(self._common_state(scheduler, dataloader, extra, gather_rng=False), layout)
+        return self._sharded.save(path, tensors, side, keep_last, asynchronous)
 
     def wait_for_checkpoint(self) -> None:
         """Block until an asynchronous save is on disk (raises its error if it failed)."""
@@ -414,15 +413,14 @@ class Engine:
                       strict: bool) -> dict[str, Any] | None:
         """Each rank reads its own shards (fsdp) or whole tensors (other strategies) from a folder."""
         entries, sidecar = sharded_ckpt.open_folder(path)
-        prefix = sharded_ckpt.model_prefix(entries, sidecar)
+        stored = sharded_ckpt.model_keys(entries, sidecar)
         template: dict[str, torch.Tensor] = {}
         report, current = None, None
         if module is not None:
             own = self.precision.module_state(module, module.state_dict())
-            shapes = {k[len(prefix):]: tuple(m.size) for k, m in entries.items()
-                      if k.startswith(prefix) and not k.startswith((sharded_ckpt.OPTIM, sharded_ckpt.RNG))}
+            shapes = {name: tuple(entries[key].size) for name, key in stored.items()}
             report = ckpt.compare_keys(module, shapes, (), strict, path)
-            template.update((prefix + k, own[k]) for k in report["loaded"])
+            template.update((stored[name], own[name]) for name in report["loaded"])
         layout = (sidecar or {}).get("optimizer")
         if optimizer is not None and layout:
             check_optimizer_names(optimizer, module, layout, str(path))
@@ -431,17 +429,17 @@ class Engine:
             template.update(sharded_ckpt.flatten(None, current)[0])
         rng = sharded_ckpt.rng_template(entries, self.rank)
         template.update(rng)
-        self._sharded.load(path, template, entries)
+        sharded_ckpt.read_into(path, template, entries)
         if rng and sidecar is not None:
             sidecar = {**sidecar, "rng": [sharded_ckpt.rng_state(t) for t in rng.values()]}
         if report is not None:
-            loaded = {k: template[prefix + k] for k in report["loaded"]}
+            loaded = {name: template[stored[name]] for name in report["loaded"]}
             module.load_state_dict(loaded, strict=False)
             self.precision.load_module_state(module, loaded)
         if current is not None:
+            keys = {name: list(values) for name, values in current["state"].items()}
             with self.precision.optimizer_params(optimizer):
-                sharded_ckpt.load_optimizer(module, optimizer,
-                                            sharded_ckpt.unflatten_optimizer(current, template, layout), str(path))
+                sharded_ckpt.load_optimizer(module, optimizer, sharded_ckpt.unflatten_optimizer(template, layout, keys))
         return sidecar
 
     @property

@@ -20,12 +20,11 @@ import torch
 
 from trainfleet.engine.ddp import DDPStrategy
 from trainfleet.engine.precision import AutocastPrecision, HalfModelPrecision, Precision
-from trainfleet.engine.registry import check_strategy_options
+from trainfleet.engine.options import check_strategy_options, mesh_shape
 from trainfleet.engine.state import check_optimizer_names
 from trainfleet.utils.errors import UsageError
 
 AUTO_WRAP_MIN_PARAMS = 1_000_000
-SHARDINGS = ("full", "hybrid")
 WrapSpec = Any  # "auto" | "none" | "Block,Other" | int | [classes or names] | callable(module) -> bool
 
 
@@ -68,65 +67,38 @@ def fsdp_precision(precision: Precision) -> Precision:
     return precision
 
 
-def mesh_shape(world_size: int, sharding: str, shard_size: int | None, local_world_size: int) -> tuple[int, ...]:
-    """The DeviceMesh shape: ``(world,)`` for full sharding, ``(replicas, shard_size)`` for hybrid.
-
-    Raises:
-        UsageError: an unknown sharding, ``shard_size`` without hybrid, or a world size the
-            shard groups do not divide.
-    """
-    if sharding not in SHARDINGS:
-        raise UsageError(f"Unknown fsdp sharding {sharding!r}. Available: {list(SHARDINGS)}")
-    if sharding == "full":
-        if shard_size is not None:
-            raise UsageError(f"shard_size={shard_size} applies to sharding=hybrid only.",
-                             "add --strategy-opt sharding=hybrid, or drop shard_size.")
-        return (world_size,)
-    size = local_world_size if shard_size is None else int(shard_size)
-    if size < 1 or world_size % size:
-        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
-        raise UsageError(f"fsdp hybrid sharding: world size {world_size} does not divide into shard groups "
-                         f"of {size}.", f"use a shard_size in {divisors}.")
-    return (world_size // size, size)
-
-
-def _wrap_predicate(wrap: WrapSpec) -> Callable[[torch.nn.Module, int], bool]:
-    """``predicate(module, unsharded_params_below) -> bool`` for a wrap spec."""
-    if isinstance(wrap, str):
-        text = wrap.strip()
-        if text.lower() == "auto":
-            return _wrap_predicate(AUTO_WRAP_MIN_PARAMS)
-        try:
-            return _wrap_predicate(int(float(text)))
-        except ValueError:
-            return _wrap_predicate([name.strip() for name in text.split(",") if name.strip()])
+def _normalise_wrap(wrap: WrapSpec) -> WrapSpec:
+    """``None`` (no blocks), a parameter count, a list of classes/names, or a callable."""
     if isinstance(wrap, bool):
         raise UsageError(f"wrap={wrap!r}: expected 'auto', 'none', class names, a parameter count or a callable.")
-    if isinstance(wrap, (int, float)):
-        if wrap < 1:
-            raise UsageError(f"wrap={wrap}: a parameter count must be at least 1.")
-        return lambda _module, count: count >= wrap
+    if isinstance(wrap, str):
+        text = wrap.strip()
+        if text.lower() in ("none", ""):
+            return None
+        if text.lower() == "auto":
+            return AUTO_WRAP_MIN_PARAMS
+        try:
+            return int(float(text))
+        except ValueError:
+            return [name.strip() for name in text.split(",") if name.strip()]
     if isinstance(wrap, type):
-        wrap = [wrap]
-    if isinstance(wrap, Sequence):
-        names = {w for w in wrap if isinstance(w, str)}
-        classes = tuple(w for w in wrap if isinstance(w, type))
-        return lambda module, _count: isinstance(module, classes) or type(module).__name__ in names
-    if callable(wrap):
-        return lambda module, _count: bool(wrap(module))
+        return [wrap]
+    if wrap is None or isinstance(wrap, (int, float, Sequence)) or callable(wrap):
+        return wrap
     raise UsageError(f"wrap={wrap!r}: expected 'auto', 'none', class names, a parameter count or a callable.")
 
 
-def _names_classes(wrap: WrapSpec) -> bool:
-    """True when ``wrap`` picks blocks by class (so picking none is a mistake worth reporting)."""
-    if isinstance(wrap, str):
-        text = wrap.strip().lower()
-        try:
-            float(text)
-        except ValueError:
-            return text not in ("auto", "none", "")
-        return False
-    return isinstance(wrap, type) or (isinstance(wrap, Sequence) and not isinstance(wrap, str))
+def _predicate(spec: WrapSpec, wrap: WrapSpec) -> Callable[[torch.nn.Module, int], bool]:
+    """``predicate(module, parameters not yet in a block below it)`` for a normalised spec."""
+    if isinstance(spec, (int, float)):
+        if spec < 1:
+            raise UsageError(f"wrap={wrap}: a parameter count must be at least 1.")
+        return lambda _module, count: count >= spec
+    if isinstance(spec, Sequence):
+        names = {w for w in spec if isinstance(w, str)}
+        classes = tuple(w for w in spec if isinstance(w, type))
+        return lambda module, _count: isinstance(module, classes) or type(module).__name__ in names
+    return lambda module, _count: bool(spec(module))
 
 
 def select_blocks(root: torch.nn.Module, wrap: WrapSpec) -> list[torch.nn.Module]:
@@ -139,9 +111,10 @@ def select_blocks(root: torch.nn.Module, wrap: WrapSpec) -> list[torch.nn.Module
     Raises:
         UsageError: class names that match no submodule (the message lists the classes there are).
     """
-    if wrap is None or (isinstance(wrap, str) and wrap.strip().lower() in ("none", "")):
+    spec = _normalise_wrap(wrap)
+    if spec is None:
         return []
-    predicate = _wrap_predicate(wrap)
+    predicate = _predicate(spec, wrap)
     chosen: list[torch.nn.Module] = []
 
     def visit(module: torch.nn.Module) -> int:
@@ -153,7 +126,7 @@ def select_blocks(root: torch.nn.Module, wrap: WrapSpec) -> list[torch.nn.Module
         return remaining
 
     visit(root)
-    if not chosen and _names_classes(wrap):
+    if not chosen and isinstance(spec, Sequence):
         classes = sorted({type(m).__name__ for m in root.modules() if m is not root})
         raise UsageError(f"wrap={wrap!r} matches no submodule of {type(root).__name__}.",
                          f"its submodule classes are {classes}.")
@@ -199,6 +172,7 @@ class FSDPStrategy(DDPStrategy):
         self.mesh_shape = mesh_shape(self.world_size, sharding, shard_size, self.env.local_world_size)
         self._mesh: Any = None
         self._replaced: dict[int, tuple[torch.nn.Module, str]] = {}
+        self.blocks = 0  # how many submodules the wrap policy sharded on their own
 
     @property
     def device_mesh(self) -> Any:
@@ -250,11 +224,7 @@ class FSDPStrategy(DDPStrategy):
     def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Point an optimizer built before sharding at the sharded parameters (FSDP2 needs the
         optimizer over the DTensor parameters; it would otherwise step tensors nobody uses).
-
-        Raises:
-            UsageError: the optimizer already has state (it stepped before setup).
-        """
-        self.check_optimizer(optimizer)
+        :meth:`check_optimizer` has refused one with state already."""
         for group in optimizer.param_groups:
             group["params"] = [self._sharded_param(p) for p in group["params"]]
         return optimizer

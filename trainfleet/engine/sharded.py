@@ -8,7 +8,7 @@ Layout of a folder such as ``checkpoints/step100``::
                          optimizer hyper-parameters, meta, extra (weights-only, from rank 0)
 
 Tensors are stored as ``model/<name>`` and ``optim/<parameter name>/<state>``: by name, never by
-position or rank, so a folder written by N ranks under one strategy loads into M ranks under any
+position or rank (each rank's RNG state is ``rng/<rank>``, written by that rank), so a folder written by N ranks under one strategy loads into M ranks under any
 other (DCP reads each rank's piece of every tensor from whichever files hold it).
 
 A folder is written under a temporary name and renamed into place once the last rank's data,
@@ -38,11 +38,10 @@ import torch
 import torch.distributed as dist
 
 from trainfleet.engine import checkpoint as ckpt
-from trainfleet.engine.state import check_optimizer_names
 from trainfleet.utils.errors import UsageError
 
 SIDECAR = "trainfleet.pt"
-MODEL, OPTIM = "model/", "optim/"
+MODEL, OPTIM, RNG = "model/", "optim/", "rng/"
 _INDEX_CLASSES = {
     ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
     ("collections", "OrderedDict"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
@@ -169,13 +168,12 @@ def flatten(model_state: dict[str, Any] | None, optimizer_state: dict[str, Any] 
         optimizer_state: ``{"state": {param name: {key: value}}, "param_groups": [...]}``.
 
     Returns:
-        ``(tensors, layout)``: layout holds ``model_keys`` and the optimizer's non-tensor parts.
+        ``(tensors, layout)``: layout holds the optimizer's non-tensor parts.
     """
     tensors: dict[str, torch.Tensor] = {}
-    layout: dict[str, Any] = {"model_keys": None, "optimizer": None}
+    layout: dict[str, Any] = {"optimizer": None}
     if model_state is not None:
         tensors.update((MODEL + k, v) for k, v in model_state.items() if isinstance(v, torch.Tensor))
-        layout["model_keys"] = sorted(model_state)
     if optimizer_state:
         values: dict[str, dict[str, Any]] = {}
         for name, entries in optimizer_state["state"].items():
@@ -190,52 +188,66 @@ def flatten(model_state: dict[str, Any] | None, optimizer_state: dict[str, Any] 
     return tensors, layout
 
 
-def unflatten_optimizer(current: dict[str, Any], tensors: dict[str, torch.Tensor],
-                        layout: dict[str, Any]) -> dict[str, Any]:
-    """The optimizer state to load: ``current``'s structure with loaded tensors, saved values and groups."""
-    saved_values = layout["state_values"]
-    state = {name: {key: tensors[f"{OPTIM}{name}/{key}"] if isinstance(value, torch.Tensor)
-                    else saved_values.get(name, {}).get(key, value) for key, value in entries.items()}
-             for name, entries in current["state"].items()}
-    return {"state": state, "param_groups": layout["param_groups"], "keyed_by": "name"}
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], layout: dict[str, Any],
+                        state_keys: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """The optimizer state (keyed by parameter name) that :func:`flatten` split up.
 
-
-def optimizer_from_layout(tensors: dict[str, torch.Tensor], layout: dict[str, Any]) -> dict[str, Any]:
-    """The saved optimizer state rebuilt from a folder alone (no optimizer to shape it: ``ckpt convert``)."""
+    Args:
+        state_keys: ``{param name: [state keys]}`` to rebuild, by default the saved ones
+            (the loading optimizer's own when it shapes the result).
+    """
     state = {}
-    for name, keys in layout["state_keys"].items():
+    for name, keys in (state_keys or layout["state_keys"]).items():
         values = layout["state_values"].get(name, {})
         state[name] = {k: values[k] if k in values else tensors[f"{OPTIM}{name}/{k}"] for k in keys}
     return {"state": state, "param_groups": layout["param_groups"], "keyed_by": "name"}
 
 
+def model_keys(keys: Any, sidecar: dict[str, Any] | None) -> dict[str, str]:
+    """``{model parameter name: stored key}``. trainfleet stores ``model/<name>``, ``dcp.save({"model": sd})``
+    stores ``model.<name>``, and a bare ``dcp.save(sd)`` stores ``<name>``."""
+    keys = list(keys)
+    if sidecar is not None or any(k.startswith(MODEL) for k in keys):
+        prefix = MODEL
+    else:
+        prefix = "model." if any(k.startswith("model.") for k in keys) else ""
+    return {k[len(prefix):]: k for k in keys if k.startswith(prefix) and not k.startswith((OPTIM, RNG))}
+
+
+def make_sidecar(common: dict[str, Any], layout: dict[str, Any]) -> dict[str, Any]:
+    """``trainfleet.pt``: the single-file payload minus the tensors DCP holds (RNG included)."""
+    meta = {**common.get("meta", {}), "checksum": "every shard file checked against the index (present, "
+                                                  "long enough) on load"}
+    return {**common, **layout, "meta": meta, "rng": None, "layout": "sharded"}
+
+
 # ----- writing -----------------------------------------------------------------------------------
-def temporary_name(path: Path) -> str:
-    """The hidden name a folder is written under; a dead writer's leftovers are removed later."""
-    return f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+def temporary_name(path: Path, pid: int, tag: object) -> str:
+    """The hidden name a folder is written under; ``remove_stale_temporaries`` reads the writer's pid from it."""
+    return f".{path.name}.tmp-{pid}-{tag}"
 
 
-def finish_folder(tmp: Path, path: Path, sidecar: dict[str, Any], keep_last: int | None) -> Path:
-    """On one process, after every rank's data and the index are written: sidecar, rename, manifest."""
-    ckpt.save_atomic(sidecar, tmp / SIDECAR)
+def publish(tmp: Path, path: Path, keep_last: int | None) -> Path:
+    """Once every rank's data, the index and the sidecar are in ``tmp``: rename it into place, record it."""
     ckpt.commit_folder(tmp, path)
     if keep_last is not None:
         ckpt.record_latest(path, keep_last)
     return path
 
 
-def write_folder(tensors: dict[str, torch.Tensor], sidecar: dict[str, Any], path: Path,
+def write_folder(tensors: dict[str, torch.Tensor], side: dict[str, Any], path: Path,
                  keep_last: int | None = None) -> Path:
     """Write a sharded folder from this process alone (``ckpt convert``, single-process runs)."""
     import torch.distributed.checkpoint as dcp
 
     path.parent.mkdir(parents=True, exist_ok=True)
     ckpt.remove_stale_temporaries(path.parent)
-    tmp = path.parent / temporary_name(path)
+    tmp = path.parent / temporary_name(path, os.getpid(), uuid.uuid4().hex[:8])
     try:
         with _single_process():
             dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), no_dist=True)
-        return finish_folder(tmp, path, sidecar, keep_last)
+        ckpt.save_atomic(side, tmp / SIDECAR)
+        return publish(tmp, path, keep_last)
     except BaseException:
         ckpt.remove_path(tmp)
         raise
@@ -250,14 +262,6 @@ def read_all(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | No
     with _single_process():
         dcp.load(tensors, storage_reader=_reader(folder), no_dist=True)
     return tensors, sidecar
-
-
-def model_prefix(keys: Any, sidecar: dict[str, Any] | None) -> str:
-    """How model keys are stored: ``model/`` (trainfleet), ``model.`` (``dcp.save({"model": sd})``) or bare."""
-    keys = list(keys)
-    if sidecar is not None or any(k.startswith(MODEL) for k in keys):
-        return MODEL
-    return "model." if any(k.startswith("model.") for k in keys) else ""
 
 
 class _Background(threading.Thread):
@@ -282,7 +286,6 @@ class _Background(threading.Thread):
 
 
 # ----- every rank's RNG state, written by that rank (no gather to rank 0) -------------------------
-RNG = "rng/"
 
 
 def rng_tensor(state: dict[str, Any]) -> torch.Tensor:
@@ -297,17 +300,26 @@ def rng_state(tensor: torch.Tensor) -> dict[str, Any]:
     return torch.load(io.BytesIO(tensor.numpy().tobytes()), weights_only=True)
 
 
+def rng_key(rank: int) -> str:
+    return f"{RNG}{rank}"
+
+
+def saved_rng_keys(keys: Any) -> list[str]:
+    """The stored RNG entries, in rank order."""
+    return [rng_key(r) for r in sorted(int(k[len(RNG):]) for k in keys if k.startswith(RNG))]
+
+
 def rng_template(entries: dict[str, Any], rank: int) -> dict[str, torch.Tensor]:
     """The RNG entry this rank resumes from (``rank % saved ranks``), as an empty tensor to load into."""
-    saved = sorted(int(k[len(RNG):]) for k in entries if k.startswith(RNG))
+    saved = saved_rng_keys(entries)
     if not saved:
         return {}
-    key = f"{RNG}{saved[rank % len(saved)]}"
+    key = saved[rank % len(saved)]
     return {key: torch.empty(tuple(entries[key].size), dtype=torch.uint8)}
 
 
 class ShardedCheckpointer:
-    """Saves and loads sharded folders for one engine, through its strategy and saver thread.
+    """Saves sharded folders for one engine, through its strategy and saver thread.
 
     Args:
         strategy: gives ranks, broadcast and barrier.
@@ -346,13 +358,14 @@ class ShardedCheckpointer:
         if self.strategy.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_temporaries(path.parent)
-        tmp = path.parent / f".{path.name}.tmp-{self._writer_pid}-{self._saves}"
+        tmp = path.parent / temporary_name(path, self._writer_pid, self._saves)
         tmp.mkdir(parents=True, exist_ok=True)
         return tmp
 
-    def save(self, path: Path, tensors: dict[str, torch.Tensor], sidecar: dict[str, Any],
+    def save(self, path: Path, tensors: dict[str, torch.Tensor], side_state: dict[str, Any],
              keep_last: int | None = None, asynchronous: bool = False) -> Path:
-        """Every rank writes its shards of ``tensors`` into ``path``; rank 0 finishes the folder.
+        """Every rank writes its shards of ``tensors`` into ``path``; rank 0 adds ``side_state``
+        (``trainfleet.pt``) and finishes the folder.
 
         With ``asynchronous`` this returns once DCP has staged the shards in CPU memory; the
         writing, the rename and ``latest.json`` happen on the saver thread.
@@ -366,16 +379,14 @@ class ShardedCheckpointer:
         writer = dcp.FileSystemWriter(str(tmp), sync_files=True)
 
         # Rank 0 writes the sidecar while DCP writes the shards; the folder is committed after both.
-        side = _Background(ckpt.save_atomic, sidecar, tmp / SIDECAR) if main else None
+        side = _Background(ckpt.save_atomic, side_state, tmp / SIDECAR) if main else None
 
         def finish(wait: Callable[[], Any] = lambda: None) -> None:
             try:
                 wait()
                 if side is not None:
                     side.result()
-                    ckpt.commit_folder(tmp, path)
-                    if keep_last is not None:
-                        ckpt.record_latest(path, keep_last)
+                    publish(tmp, path, keep_last)
             except BaseException:
                 if side is not None:
                     side.result(raise_error=False)
@@ -391,18 +402,21 @@ class ShardedCheckpointer:
         self.strategy.barrier()
         return path
 
-    def load(self, folder: Path, template: dict[str, torch.Tensor], entries: dict[str, Any]) -> None:
-        """Fill ``template`` (this rank's shards, or whole tensors) from ``folder`` in place."""
-        import torch.distributed.checkpoint as dcp
 
-        missing = sorted(k for k in template if k not in entries)
-        if missing:
-            raise UsageError(f"sharded checkpoint {str(folder)!r} has no {', '.join(missing[:3])}"
-                             f"{' ...' if len(missing) > 3 else ''}.", "was it saved with this optimizer?")
-        # Every rank reads alone: a DTensor shard knows its own offsets, whole tensors need none,
-        # and loading has nothing to agree on, so DCP's planning collectives are skipped.
-        with _single_process():
-            dcp.load(template, storage_reader=_reader(folder), no_dist=True)
+def read_into(folder: Path, template: dict[str, torch.Tensor], entries: dict[str, Any]) -> None:
+    """Fill ``template`` (this rank's shards, or whole tensors) from ``folder`` in place.
+
+    Every rank reads alone: a DTensor shard knows its own offsets, whole tensors need none, and
+    loading has nothing to agree on, so DCP's planning collectives are skipped.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    missing = sorted(k for k in template if k not in entries)
+    if missing:
+        raise UsageError(f"sharded checkpoint {str(folder)!r} has no {', '.join(missing[:3])}"
+                         f"{' ...' if len(missing) > 3 else ''}.", "was it saved with this optimizer?")
+    with _single_process():
+        dcp.load(template, storage_reader=_reader(folder), no_dist=True)
 
 
 def optimizer_template(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -412,11 +426,9 @@ def optimizer_template(module: torch.nn.Module, optimizer: torch.optim.Optimizer
     return get_optimizer_state_dict(module, optimizer)
 
 
-def load_optimizer(module: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                   path: str) -> None:
-    """Put a name-keyed optimizer state (shards or whole tensors) into ``optimizer``."""
+def load_optimizer(module: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Put a name-keyed optimizer state (shards or whole tensors), names already checked, into ``optimizer``."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    check_optimizer_names(optimizer, module, state, path)
     set_optimizer_state_dict(module, optimizer, {"state": state["state"], "param_groups": state["param_groups"]})
 

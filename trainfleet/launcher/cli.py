@@ -108,7 +108,7 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _strategy_options(given: list[str] | None) -> dict[str, Any]:
     """``--strategy-opt`` flags (or TRAINFLEET_STRATEGY_OPT, ``;``-separated) as a dict."""
-    from trainfleet.engine.registry import parse_strategy_option
+    from trainfleet.engine.options import parse_strategy_option
 
     texts = given or [t for t in os.environ.get("TRAINFLEET_STRATEGY_OPT", "").split(";") if t]
     return dict(parse_strategy_option(text) for text in texts)
@@ -121,7 +121,8 @@ def launch_config_from_args(ns: argparse.Namespace, cuda_devices: int | None = N
     return LaunchConfig(cuda_devices=cuda_devices,
         target=ns.target, args=list(ns.args), module=ns.module, nodes=ns.nodes, gpus=ns.gpus,
         node_rank=ns.node_rank, master_addr=ns.master_addr, master_port=ns.master_port,
-        strategy=ns.strategy, strategy_options=_strategy_options(ns.strategy_opt), precision=ns.precision, amp_backend=ns.amp_backend, debug=ns.debug, cpu=ns.cpu,
+        strategy=ns.strategy, strategy_options=_strategy_options(ns.strategy_opt), precision=ns.precision,
+        amp_backend=ns.amp_backend, debug=ns.debug, cpu=ns.cpu,
         log_dir=ns.log_dir, start_method=ns.start_method, grace_period=ns.grace_period,
         max_restarts=ns.max_restarts, heartbeat_timeout=ns.heartbeat_timeout,
         rendezvous_timeout=ns.rendezvous_timeout, collective_timeout=ns.collective_timeout)
@@ -207,7 +208,9 @@ def _ckpt_convert(ns: argparse.Namespace) -> int:
     from trainfleet.engine.ckpt_tools import convert_checkpoint
 
     out = convert_checkpoint(ns.src, ns.dst, to_state_dict=ns.to_state_dict, trust=ns.trust_pickle, to=ns.to)
-    print(f"wrote {out}" + (" (plain state_dict)" if ns.to_state_dict else " (trainfleet checkpoint)"))
+    kind = {"state_dict": "plain state_dict", "sharded": "sharded trainfleet checkpoint"}.get(
+        "state_dict" if ns.to_state_dict else ns.to, "trainfleet checkpoint")
+    print(f"wrote {out} ({kind})")
     return 0
 
 
@@ -255,7 +258,8 @@ def add_bench_command(sub: Any) -> None:
     add("--model", default="resnet18", help="a registry model (default resnet18)")
     add("--dataset", default="synthetic", help="a registry dataset (default synthetic)")
     add("--script", help="benchmark your own training script (it must use trainfleet.Engine) instead")
-    add("--strategies", type=_csv(str), default=["single", "ddp"], help="comma list of single, dp, ddp, fsdp, horovod (default single,ddp)")
+    add("--strategies", type=_csv(str), default=["single", "ddp"],
+        help="comma list of single, dp, ddp, fsdp, horovod (default single,ddp)")
     add("--precisions", type=_csv(str), default=["32"], help="comma list, e.g. 32,bf16 (default 32)")
     add("--gpus", type=_csv(int), default=[1, 2], help="worker counts, comma list (default 1,2)")
     add("--steps", type=int, default=20, help="timed steps per run (default 20)")

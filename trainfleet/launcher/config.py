@@ -10,7 +10,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainfleet.engine.registry import PRECISIONS, STRATEGIES, check_strategy_options
+from trainfleet.engine.options import check_strategy_options, mesh_shape
+from trainfleet.engine.registry import PRECISIONS, STRATEGIES
 from trainfleet.launcher.devices import visible_cuda_devices
 from trainfleet.utils.errors import UsageError
 
@@ -144,28 +145,16 @@ class LaunchConfig:
                              "use --strategy ddp for several nodes.")
         check_strategy_options(self.strategy, self.strategy_options)
         if self.strategy == "fsdp":
-            self._check_fsdp_mesh()
+            self._check_fsdp()
 
-    def _check_fsdp_mesh(self) -> None:
+    def _check_fsdp(self) -> None:
         """The checks the fsdp strategy makes, answered before any worker starts."""
         if self.amp_backend == "apex":
             raise UsageError("--amp-backend apex does not work with --strategy fsdp (apex.amp cannot see "
                              "sharded parameters).", "drop --amp-backend: fsdp runs bf16/fp16/O2 through "
                              "FSDP2's MixedPrecisionPolicy.")
         options = self.strategy_options
-        sharding, shard_size = options.get("sharding", "full"), options.get("shard_size")
-        if sharding not in ("full", "hybrid"):
-            raise UsageError(f"Unknown fsdp sharding {sharding!r}. Available: ['full', 'hybrid']")
-        if shard_size is not None and sharding != "hybrid":
-            raise UsageError(f"--strategy-opt shard_size={shard_size} applies to sharding=hybrid only.",
-                             "add --strategy-opt sharding=hybrid, or drop shard_size.")
-        if sharding == "hybrid":
-            size = self.procs_per_node if shard_size is None else shard_size
-            if not isinstance(size, int) or size < 1 or self.world_size % size:
-                divisors = [d for d in range(1, self.world_size + 1) if self.world_size % d == 0]
-                raise UsageError(f"fsdp hybrid sharding: {self.world_size} workers ({self.nodes} node(s) x "
-                                 f"{self.procs_per_node}) do not divide into shard groups of {size}.",
-                                 f"use a shard_size in {divisors}.")
+        mesh_shape(self.world_size, options.get("sharding", "full"), options.get("shard_size"), self.procs_per_node)
 
     # ----- derived --------------------------------------------------------------------
     @property
