@@ -14,4 +14,10 @@ fi
 # A real two-node SLURM cluster for the tests marked slurm; stopped again on exit.
 eval "$(scripts/dev-slurm.sh start)"
 trap 'scripts/dev-slurm.sh stop' EXIT
+# Every part installed above must be there: a test that needs a missing one fails, and so does any
+# other skip (tests/parts.py). GPU tests are required only where a GPU is visible.
+export TRAINFLEET_REQUIRE=horovod,slurm,multinode
+if command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q GPU; then
+  TRAINFLEET_REQUIRE+=,gpu
+fi
 .venv/bin/python -m pytest "$@"

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import parts
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 BIN = Path(sys.executable).parent
@@ -103,16 +105,63 @@ def no_leaks():
 
 
 def horovod_available() -> bool:
-    try:
-        import horovod.torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return parts.horovod_missing() is None
 
 
-needs_horovod = pytest.mark.skipif(not horovod_available(),
-                                   reason="Horovod is not installed: run scripts/build-horovod.sh "
-                                          "(scripts/test.sh does it)")
+# ----- optional parts: skipped where missing, a failure where scripts/test.sh requires them ----
+MISSING = pytest.StashKey[str]()      # why a required part is missing: the test fails at setup
+HARDWARE_SKIP = pytest.StashKey[bool]()  # a skip for hardware this machine lacks (fewer GPUs)
+
+
+def _missing_part(item: pytest.Item) -> tuple[str, str] | None:
+    for part in parts.PARTS:
+        marker = item.get_closest_marker(part)
+        if marker is None:
+            continue
+        reason = parts.CHECKS[part](**marker.kwargs)
+        if reason is not None:
+            return part, reason
+    return None
+
+
+def pytest_report_header(config):
+    have = ", ".join(f"{p} {'yes' if parts.CHECKS[p]() is None else 'no'}" for p in parts.PARTS)
+    required = ", ".join(sorted(parts.required())) or "none (skips allowed)"
+    return f"trainfleet parts: {have}; required ({parts.REQUIRE_ENV}): {required}"
+
+
+def pytest_collection_modifyitems(config, items):
+    required = parts.required()
+    for item in items:
+        found = _missing_part(item)
+        if found is None:
+            continue
+        part, reason = found
+        if part in required and not (part == "gpu" and parts.gpu_missing() is None):
+            item.stash[MISSING] = f"{part} is required here ({parts.REQUIRE_ENV}) but missing: {reason}"
+        else:
+            # A missing optional part, or a GPU test that needs more devices than the machine has.
+            item.stash[HARDWARE_SKIP] = True
+            item.add_marker(pytest.mark.skip(reason=f"{part}: {reason}"))
+
+
+def pytest_runtest_setup(item):
+    if MISSING in item.stash:
+        pytest.fail(item.stash[MISSING], pytrace=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under scripts/test.sh a skip is a failure, unless it is for a part not required there."""
+    outcome = yield
+    report = outcome.get_result()
+    if not (report.skipped and parts.strict()) or hasattr(report, "wasxfail"):
+        return
+    if item.stash.get(HARDWARE_SKIP, False):  # decided at collection: an optional part, or too few GPUs
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = f"skipped while {parts.REQUIRE_ENV} is set (scripts/test.sh): {reason}"
 
 
 def pid_alive(pid: int) -> bool:

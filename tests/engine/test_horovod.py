@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import SCRIPTS, needs_horovod, run_cli
+from tests.conftest import SCRIPTS, run_cli
 from trainfleet.engine.strategy import build_strategy
 from trainfleet.utils.errors import UsageError
 
@@ -28,7 +28,6 @@ def test_missing_horovod_is_one_line_from_launch(tmp_path):
 
 
 @pytest.mark.horovod
-@needs_horovod
 @pytest.mark.parametrize("before, after", [("ddp2", "horovod2"), ("horovod2", "single"), ("horovod2", "ddp1")])
 def test_resume_across_horovod(tmp_path, before, after):
     from tests.engine import test_resume as resume
@@ -46,7 +45,6 @@ def test_resume_across_horovod(tmp_path, before, after):
 
 
 @pytest.mark.horovod
-@needs_horovod
 def test_horovod_with_mixed_precision_and_accumulation(tmp_path):
     script = tmp_path / "acc.py"
     script.write_text(

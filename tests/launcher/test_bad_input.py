@@ -3,7 +3,7 @@ import socket
 
 import pytest
 
-from tests.conftest import SCRIPTS, run_cli
+from tests.conftest import BIN, SCRIPTS, run_cli
 from trainfleet.launcher import cli, devices
 from trainfleet.launcher.config import LaunchConfig
 from trainfleet.utils.errors import UsageError
@@ -84,3 +84,11 @@ def test_trainfleet_subcommand_and_recipe_errors():
     assert_one_line_error(result, "Unknown model 'resnet19'", "did you mean 'resnet18'")
     result = run_cli("trainfleet", "train", "--epochs", "0")
     assert_one_line_error(result, "--epochs 0")
+
+
+def test_no_sbatch_on_path(tmp_path):
+    """Runs everywhere (no cluster needed): PATH holds only this environment's scripts."""
+    result = run_cli("launch", "--cluster", "slurm", "--cpu", str(SCRIPTS / "record_args.py"), str(tmp_path),
+                     env={"PATH": str(BIN)}, cwd=tmp_path)
+    assert_one_line_error(result, "--cluster slurm needs sbatch, sinfo, sacct on PATH")
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.iterdir())  # nothing submitted, nothing written

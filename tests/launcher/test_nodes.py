@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import BIN, SCRIPTS, needs_horovod, pid_alive, run_cli
+from tests.conftest import BIN, SCRIPTS, pid_alive, run_cli
 
 PARITY = str(SCRIPTS / "parity_train.py")
 
@@ -54,14 +54,13 @@ def test_simulated_two_nodes_by_two_equal_one_by_four(tmp_path, one_by_four):
 
 
 @pytest.mark.horovod
-@needs_horovod
 def test_horovod_across_two_simulated_nodes(tmp_path, one_by_four):
     horovod = parity_run(tmp_path, "hvd", "--nodes", "2", "--gpus", "2", "--strategy", "horovod")
     assert (horovod[0]["strategy"], horovod[0]["world_size"]) == ("horovod", 4)
     assert_same(horovod, one_by_four)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", pytest.param("horovod", marks=[pytest.mark.horovod, needs_horovod])])
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("horovod", marks=pytest.mark.horovod)])
 def test_two_separate_agents_like_two_machines(tmp_path, one_by_four, strategy):
     port = free_port_pair()
     out = tmp_path / "out"

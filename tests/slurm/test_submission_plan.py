@@ -66,7 +66,7 @@ def test_generic_resources_become_sbatch_parameters():
 
 
 def test_the_sbatch_script_submitit_writes_from_them(tmp_path):
-    submitit = pytest.importorskip("submitit", reason="pip install submitit (setup.cfg installs it)")
+    import submitit  # an install dependency: its absence is a failure, not a skip
     executor = submitit.SlurmExecutor(folder=str(tmp_path / "%A"))
     executor.update_parameters(**ClusterResources(nodes=2, workers=2, time_min=30, partition="debug",
                                                   array_parallelism=2).slurm_parameters())

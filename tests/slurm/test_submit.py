@@ -1,20 +1,15 @@
 """`launch --cluster slurm|local|debug` on a real SLURM cluster (scripts/dev-slurm.sh: node1 + node2)."""
 import json
-import os
 import re
-import shutil
 import subprocess
 import time
 
 import pytest
 import torch
 
-from tests.conftest import BIN, SCRIPTS, run_cli
+from tests.conftest import SCRIPTS, run_cli
 
-needs_cluster = pytest.mark.skipif(
-    not (os.environ.get("SLURM_CONF") and shutil.which("sbatch")),
-    reason="no SLURM cluster: run `eval \"$(scripts/dev-slurm.sh start)\"` (scripts/test.sh does it)")
-pytestmark = [pytest.mark.slurm, needs_cluster]
+pytestmark = [pytest.mark.slurm]  # conftest skips without a cluster, fails under scripts/test.sh
 PARITY, PREEMPT = str(SCRIPTS / "parity_train.py"), str(SCRIPTS / "preempt_train.py")
 RECORD = str(SCRIPTS / "record_args.py")
 
@@ -256,10 +251,3 @@ def test_gpus_on_a_partition_without_gpus_points_to_cpu(tmp_path, cli):
     result = cli("launch", "--cluster", "slurm", "--gpus", "2", RECORD, str(tmp_path))
     assert result.returncode == 2
     assert "--gpus 2 per node but partition 'debug' has 0 GPUs per node" in result.stderr and "--cpu" in result.stderr
-
-
-def test_no_sbatch_on_path(tmp_path):
-    result = run_cli("launch", "--cluster", "slurm", "--cpu", RECORD, str(tmp_path), env={"PATH": str(BIN)},
-                     cwd=tmp_path)
-    assert result.returncode == 2 and "--cluster slurm needs sbatch, sinfo, sacct on PATH" in result.stderr
-    assert not (tmp_path / "runs").exists()
