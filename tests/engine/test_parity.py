@@ -1,4 +1,8 @@
-"""Strategy parity: single, dp, ddp, fsdp and horovod give the same losses and weights for the same global batch."""
+"""Strategy parity: single, dp, ddp, fsdp and horovod give the same losses and weights for the same global batch.
+
+dp is compared only on 2+ GPUs: on CPU nn.DataParallel is a pass-through, and comparing it with
+single would compare single with itself (test_dp_on_cpu_is_single_and_says_so checks that instead).
+"""
 import json
 
 import pytest
@@ -11,7 +15,6 @@ FSDP = ["--strategy", "fsdp"]
 RUNS = {
     "single": (["--strategy", "single"], []),
     "ddp": (["--gpus", "2", "--strategy", "ddp"], []),
-    "dp": (["--gpus", "2", "--strategy", "dp"], []),
     "fsdp2": ([*FSDP, "--gpus", "2"], []),  # LeNet is below the auto policy's 1M: the root only
     "fsdp4": ([*FSDP, "--gpus", "4", "--strategy-opt", "wrap=Conv2d,Linear"], []),  # every layer a block
     "fsdp4_hybrid": ([*FSDP, "--gpus", "4", "--strategy-opt", "sharding=hybrid", "--strategy-opt", "shard_size=2",
@@ -21,8 +24,8 @@ RUNS = {
     "fsdp2_options": ([*FSDP, "--gpus", "2", "--strategy-opt", "wrap=Linear",
                        "--strategy-opt", "reshard_after_forward=false", "--strategy-opt", "cpu_offload=true",
                        "--strategy-opt", "activation_checkpointing=true"], []),
-    "fsdp2_accumulate": ([*FSDP, "--gpus", "2", "--strategy-opt", "wrap=Linear"], ["--accumulate", "2"]),
-    "ddp2_accumulate": (["--gpus", "2"], ["--accumulate", "2"]),
+    "fsdp2_accumulate": ([*FSDP, "--gpus", "2", "--strategy-opt", "wrap=Linear"], ["--accumulate", "4"]),
+    "ddp2_accumulate": (["--gpus", "2"], ["--accumulate", "4"]),  # micro-batches of 2 under no_sync
     "horovod": (["--gpus", "2", "--strategy", "horovod"], []),
 }
 
@@ -50,7 +53,7 @@ def runs(tmp_path_factory):
     return {name: _run(launch, tmp, name) for name in names}
 
 
-OTHERS = ["ddp", "dp", "fsdp2", "fsdp4", "fsdp4_hybrid", "fsdp_hybrid_2nodes", "fsdp2_options", "fsdp2_accumulate", "ddp2_accumulate",
+OTHERS = ["ddp", "fsdp2", "fsdp4", "fsdp4_hybrid", "fsdp_hybrid_2nodes", "fsdp2_options", "fsdp2_accumulate", "ddp2_accumulate",
           pytest.param("horovod", marks=pytest.mark.horovod)]
 
 
@@ -60,7 +63,7 @@ def _max_diff(a, b):
 
 
 def test_runs_report_their_strategy_and_world(runs):
-    expected = {"single": ("single", 1), "ddp": ("ddp", 2), "dp": ("dp", 1), "fsdp2": ("fsdp", 2),
+    expected = {"single": ("single", 1), "ddp": ("ddp", 2), "fsdp2": ("fsdp", 2),
                 "fsdp4": ("fsdp", 4), "fsdp4_hybrid": ("fsdp", 4), "horovod": ("horovod", 2)}
     for name, (strategy, world) in expected.items():
         if name in runs:
@@ -76,7 +79,10 @@ def test_fsdp_options_take_effect(runs):
     # Activation checkpointing runs each wrapped block's forward again in backward.
     assert info["single"]["forward_calls_per_step"] == 1
     assert info["fsdp2_options"]["forward_calls_per_step"] == 2
-    assert info["fsdp2_accumulate"]["forward_calls_per_step"] == 2  # two micro-batches
+    assert info["fsdp2_accumulate"]["forward_calls_per_step"] == 4  # four micro-batches
+    assert info["ddp2_accumulate"]["forward_calls_per_step"] == 4
+    assert info["ddp2_accumulate"]["synced_backwards_per_step"] == 1  # three of the four under no_sync
+    assert info["ddp"]["synced_backwards_per_step"] == 1
 
 
 @pytest.mark.parametrize("other", OTHERS)
@@ -91,3 +97,36 @@ def test_same_losses_every_step(runs, other):
 @pytest.mark.parametrize("other", OTHERS)
 def test_same_final_weights(runs, other):
     assert _max_diff(runs["single"][1], runs[other][1]) < 1e-5
+
+
+def test_dp_on_cpu_is_single_and_says_so(tmp_path):
+    from tests.conftest import run_cli
+
+    out = tmp_path / "dp"
+    out.mkdir()
+    result = run_cli("launch", "--log-dir", str(tmp_path / "logs"), "--gpus", "2", "--strategy", "dp", SCRIPT,
+                     str(out), "--steps", "2")
+    assert result.returncode == 0, result.stderr
+    assert "strategy dp runs one CPU process (DataParallel passes through)" in result.stderr
+    info = json.loads((out / "losses.json").read_text())
+    assert (info["strategy"], info["world_size"], info["model_type"]) == ("dp", 1, "LeNet")  # not wrapped
+
+
+@pytest.mark.gpu(devices=2)
+def test_dp_on_gpus_matches_single(tmp_path):
+    """nn.DataParallel over 2 GPUs against one GPU (TF32 off in the script: both sides compute in fp32)."""
+    from tests.conftest import run_cli
+
+    results = {}
+    for name, args in (("single", ["--strategy", "single"]), ("dp", ["--gpus", "2", "--strategy", "dp"])):
+        out = tmp_path / name
+        out.mkdir()
+        result = run_cli("launch", "--log-dir", str(tmp_path / "logs"), *args, SCRIPT, str(out), "--steps", "6",
+                         "--global-batch-size", "16", timeout=300)
+        assert result.returncode == 0, result.stderr
+        results[name] = json.loads((out / "losses.json").read_text()), read_checkpoint(out / "final.pt")["model"]
+    info = results["dp"][0]
+    assert (info["strategy"], info["model_type"], info["device"]) == ("dp", "DataParallel", "cuda:0")
+    for step, (a, b) in enumerate(zip(results["single"][0]["losses"], info["losses"])):
+        assert abs(a - b) < 1e-5, f"step {step}: single {a} vs dp {b}"
+    assert _max_diff(results["single"][1], results["dp"][1]) < 1e-5

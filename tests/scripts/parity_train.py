@@ -1,6 +1,8 @@
 """Trains LeNet on synthetic data through the engine; rank 0 writes losses and weights.
 
-    parity_train.py OUT_DIR [--steps N] [--global-batch-size G] [--accumulate K] [--precision P]
+    parity_train.py OUT_DIR [--steps N] [--global-batch-size G] [--accumulate K]
+
+(precision and strategy come from `launch`)
 
 With ``--accumulate K`` each worker's batch is split into K micro-batches; the first K-1
 backward passes run under ``engine.no_sync``. losses.json also records what the strategy did:
@@ -32,7 +34,8 @@ optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 model, optimizer = engine.setup(model, optimizer)
 loader = engine.dataloader(dataset, global_batch_size=args.global_batch_size)
 
-seen = {"forward_calls": 0, "compute_dtype": None}
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 on GPUs too
+seen = {"forward_calls": 0, "compute_dtype": None, "synced_backwards": 0}
 head = engine.unwrap(model).classifier[1]
 
 
@@ -52,6 +55,7 @@ while step < args.steps:
                 with engine.autocast():
                     loss = F.cross_entropy(model(xs), ys) / args.accumulate
                 engine.backward(loss)
+                seen["synced_backwards"] += int(getattr(model, "require_backward_grad_sync", True))
             total += loss.detach().float()
         engine.step(optimizer)
         losses.append(engine.all_reduce(total, op="mean").item())
@@ -67,4 +71,6 @@ if engine.is_main:
         "losses": losses, "world_size": engine.world_size, "strategy": engine.strategy.name,
         "sharded_blocks": getattr(engine.strategy, "blocks", None), "param_type": type(param).__name__,
         "param_dtype": str(param.dtype), "compute_dtype": seen["compute_dtype"],
-        "forward_calls_per_step": seen["forward_calls"] / args.steps, "precision": engine.precision.name}))
+        "forward_calls_per_step": seen["forward_calls"] / args.steps, "precision": engine.precision.name,
+        "synced_backwards_per_step": seen["synced_backwards"] / args.steps, "model_type": type(model).__name__,
+        "device": str(engine.device)}))
