@@ -89,3 +89,25 @@ def test_loader_advances_epochs_and_keeps_position():
     fresh.load_state_dict(state)
     assert [y.tolist() for _, y in fresh] == rest
     engine.close()
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_starting_an_epoch_leaves_the_global_rng_alone(num_workers):
+    """DataLoader draws its workers' base seed when an iterator starts: from the global RNG unless
+    it has a generator. The engine gives it one, seeded per epoch, so a resumed run draws the
+    same dropout masks as an uninterrupted one, and workers' seeds depend on the epoch only."""
+    from trainfleet.engine.engine import Engine
+
+    engine = Engine(strategy="single", seed=3)
+    dataset = TensorDataset(torch.arange(8).float(), torch.arange(8))
+    loader = engine.dataloader(dataset, global_batch_size=4, num_workers=num_workers)
+    before = torch.get_rng_state()
+    for epoch in range(2):
+        next(iter(loader))
+        assert torch.equal(torch.get_rng_state(), before), f"epoch {epoch} drew from the global RNG"
+    seed = loader.loader.generator.initial_seed()
+    other = engine.dataloader(dataset, global_batch_size=4, num_workers=num_workers)
+    other.load_state_dict({**loader.state_dict(), "epoch": 1, "consumed": 0})
+    next(iter(other))
+    assert other.loader.generator.initial_seed() == seed  # same epoch, same workers' seed
+    engine.close()

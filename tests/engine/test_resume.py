@@ -84,3 +84,25 @@ def test_global_batch_must_divide_at_the_new_world_size(reference):
     assert result.returncode != 0
     assert "global batch size 6 does not divide over 4 workers" in result.stderr
     assert "HINT: use a multiple of 4" in result.stderr
+
+
+def _max_weight_diff(out, tag_a, tag_b):
+    a, b = (read_checkpoint(out / f"final.{t}.pt")["model"] for t in (tag_a, tag_b))
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("layout", ["ddp2", "fsdp2"])
+def test_resume_restores_every_ranks_rng(tmp_path, layout):
+    """With dropout, the masks after the resume are the ones the uninterrupted run drew.
+
+    Each rank draws its own masks, so the reference is the same layout uninterrupted. Resuming
+    without the saved RNG states must differ: it shows the check can see a wrong RNG.
+    """
+    drop = ["--dropout", "0.5"]
+    train(tmp_path, layout, "ref", *drop)
+    train(tmp_path, layout, "a", *drop, "--stop-at", str(STOP))
+    ckpt = str(tmp_path / "ckpt.a.pt")
+    train(tmp_path, layout, "b", *drop, "--resume-from", ckpt)
+    train(tmp_path, layout, "fresh-rng", *drop, "--resume-from", ckpt, "--no-restore-rng")
+    assert _max_weight_diff(tmp_path, "ref", "b") < 1e-5
+    assert _max_weight_diff(tmp_path, "ref", "fresh-rng") > 1e-4

@@ -1,6 +1,7 @@
 """Train LeNet for --total-steps; optionally stop (and save) after --stop-at, or resume from a checkpoint.
 
     resume_train.py OUT --tag T [--stop-at K] [--resume-from CKPT] [--total-steps N] [--global-batch-size G]
+                    [--dropout P] [--no-restore-rng]
 
 Every rank records the dataset indices it trained on, per epoch, in OUT/seen.T.rank<R>.json;
 rank 0 writes the final weights to OUT/final.T.pt.
@@ -37,19 +38,24 @@ parser.add_argument("--total-steps", type=int, default=10)
 parser.add_argument("--stop-at", type=int)
 parser.add_argument("--resume-from")
 parser.add_argument("--global-batch-size", type=int, default=8)
+parser.add_argument("--dropout", type=float, default=0.0, help="a Dropout after the first hidden layer")
+parser.add_argument("--no-restore-rng", action="store_true", help="resume without the saved RNG states")
 args = parser.parse_args()
 out = Path(args.out)
 
 engine = trainfleet.Engine(seed=3)
 dataset = WithIndex(build_dataset("synthetic", num_samples=48, shape=(1, 12, 12), num_classes=4))
 model = build_model("lenet", num_classes=4, in_channels=1)
+if args.dropout:
+    model.classifier.insert(3, torch.nn.Dropout(args.dropout))  # its masks come from each rank's RNG
 optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 model, optimizer = engine.setup(model, optimizer)
 loader = engine.dataloader(dataset, global_batch_size=args.global_batch_size)
 
 step = 0
 if args.resume_from:
-    step = engine.load(args.resume_from, model=model, optimizer=optimizer, dataloader=loader)["step"]
+    step = engine.load(args.resume_from, model=model, optimizer=optimizer, dataloader=loader,
+                       restore_rng=not args.no_restore_rng)["step"]
 
 seen: dict[str, list[int]] = {}
 while step < args.total_steps:

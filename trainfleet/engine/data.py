@@ -196,8 +196,12 @@ class DeviceDataLoader:
     """
 
     def __init__(self, loader: DataLoader, sampler: GlobalOrderSampler, device: torch.device,
-                 timer: Any = None):
+                 timer: Any = None, reseed: bool = False):
         self.loader, self.sampler, self.device, self.timer = loader, sampler, device, timer
+        # With reseed, loader.generator is ours: each epoch seeds it from (seed, epoch, rank), so
+        # starting an epoch does not draw from the global RNG (DataLoader draws its workers' base
+        # seed from it otherwise, and a resumed run would then see other dropout masks).
+        self.reseed = reseed
         self.dataset = loader.dataset.dataset if isinstance(loader.dataset, _Indexed) else loader.dataset
         self._next_epoch = 0
         self._next_start = 0
@@ -224,6 +228,9 @@ class DeviceDataLoader:
         self.sampler.set_epoch(epoch, start)
         self._next_epoch, self._next_start = epoch + 1, 0
         self.consumed = start
+        if self.reseed:
+            self.loader.generator.manual_seed(
+                (self.sampler.seed * 1_000_003 + epoch) * 4_099 + self.sampler.rank)
         batches = iter(self.loader)
         while True:
             waited = time.perf_counter()

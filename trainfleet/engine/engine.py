@@ -169,9 +169,12 @@ class Engine:
         if collate_fn is None:
             dataset, collate_fn = _Indexed(dataset), checked_collate
         loader_kwargs.setdefault("pin_memory", self.device.type == "cuda")
+        reseed = "generator" not in loader_kwargs  # keep iter() off the global RNG (see DeviceDataLoader)
+        if reseed:
+            loader_kwargs["generator"] = torch.Generator()
         loader = DataLoader(dataset, batch_size=per_worker, sampler=sampler, num_workers=num_workers,
                             collate_fn=collate_fn, **loader_kwargs)
-        return DeviceDataLoader(loader, sampler, self.device, timer=self.timer)
+        return DeviceDataLoader(loader, sampler, self.device, timer=self.timer, reseed=reseed)
 
     # ----- the step ------------------------------------------------------------------
     def autocast(self) -> ContextManager[Any]:
