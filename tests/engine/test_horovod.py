@@ -1,4 +1,5 @@
 """Horovod behind the Strategy interface: missing-module error, checkpoints across strategies."""
+import json
 import sys
 
 import pytest
@@ -69,3 +70,42 @@ def test_horovod_with_mixed_precision_and_accumulation(tmp_path):
                      "--log-dir", str(tmp_path / "logs"), str(script))
     assert result.returncode == 0, result.stderr
     assert "ok bf16-mixed" in result.stdout
+
+
+OVERFLOW = '''
+import json, sys, torch, torch.nn.functional as F, trainfleet
+engine = trainfleet.Engine(seed=0)
+model = torch.nn.Linear(8, 2)
+model, opt = engine.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+x = torch.randn(16, 8, generator=torch.Generator().manual_seed(engine.rank)); y = (x[:, 0] > 0).long()
+scales, stepped = [], []
+for step in range(6):
+    with engine.autocast():
+        loss = F.cross_entropy(model(x), y)
+    if step == 2 and engine.rank == 1:
+        loss = loss * float("inf")  # an overflow on one rank only
+    engine.backward(loss)
+    stepped.append(engine.step(opt))
+    scales.append(engine.precision.scaler.get_scale())
+weight = engine.unwrap(model).weight.detach().clone()
+same = torch.equal(engine.broadcast(weight.clone(), src=1), weight)
+with open(f"{sys.argv[1]}/rank{engine.rank}.json", "w") as handle:
+    json.dump({"scales": scales, "stepped": stepped, "skipped": engine.precision.skipped_steps, "same": same,
+               "finite": bool(torch.isfinite(weight).all())}, handle)
+'''
+
+
+@pytest.mark.parametrize("strategy", [pytest.param("horovod", marks=pytest.mark.horovod), "ddp"])
+def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path, strategy):
+    """The scaler must look at the reduced gradients: otherwise only the overflowing rank skips
+    and the ranks' weights part ways. ddp is the reference for the same property."""
+    script = tmp_path / "overflow.py"
+    script.write_text(OVERFLOW)
+    result = run_cli("launch", "--gpus", "2", "--strategy", strategy, "--precision", "16-mixed",
+                     "--log-dir", str(tmp_path / "logs"), str(script), str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1], ranks  # the same steps skipped, the same scale, on both ranks
+    info = ranks[0]
+    assert info["same"] and info["finite"] and info["skipped"] == 1 and info["stepped"][2] is False
+    assert info["scales"][2] == info["scales"][1] / 2  # the scale backs off once

@@ -27,6 +27,11 @@ RUNS = {
     "fsdp2_accumulate": ([*FSDP, "--gpus", "2", "--strategy-opt", "wrap=Linear"], ["--accumulate", "4"]),
     "ddp2_accumulate": (["--gpus", "2"], ["--accumulate", "4"]),  # micro-batches of 2 under no_sync
     "horovod": (["--gpus", "2", "--strategy", "horovod"], []),
+    # fp16 autocast + GradScaler: horovod's scaler path (synchronize, unscale, step) against ddp's
+    "horovod_16mixed": (["--gpus", "2", "--strategy", "horovod", "--precision", "16-mixed"], []),
+    "ddp_16mixed": (["--gpus", "2", "--strategy", "ddp", "--precision", "16-mixed"], []),
+    # gradients all-reduced in fp16: close to fp32, not equal
+    "horovod_fp16_compression": (["--gpus", "2", "--strategy", "horovod", "--strategy-opt", "compression=fp16"], []),
 }
 
 
@@ -49,7 +54,7 @@ def runs(tmp_path_factory):
     def launch(*args):
         return run_cli("launch", "--log-dir", str(tmp / "logs"), *args, timeout=180)
 
-    names = [name for name in RUNS if name != "horovod" or horovod_available()]
+    names = [name for name in RUNS if not name.startswith("horovod") or horovod_available()]
     return {name: _run(launch, tmp, name) for name in names}
 
 
@@ -97,6 +102,26 @@ def test_same_losses_every_step(runs, other):
 @pytest.mark.parametrize("other", OTHERS)
 def test_same_final_weights(runs, other):
     assert _max_diff(runs["single"][1], runs[other][1]) < 1e-5
+
+
+@pytest.mark.horovod
+def test_horovod_16_mixed_equals_ddp_16_mixed(runs):
+    hvd, ddp = runs["horovod_16mixed"][0], runs["ddp_16mixed"][0]
+    assert hvd["precision"] == ddp["precision"] == "16-mixed" and hvd["param_dtype"] == "torch.float32"  # fp32 masters
+    assert hvd["loss_scale"] == ddp["loss_scale"] and hvd["loss_scale"] is not None  # the scaler ran
+    for step, (a, b) in enumerate(zip(ddp["losses"], hvd["losses"])):
+        assert abs(a - b) < 1e-5, f"step {step}: ddp {a} vs horovod {b}"
+    assert _max_diff(runs["ddp_16mixed"][1], runs["horovod_16mixed"][1]) < 1e-5
+    # and fp16 is not fp32 under another name
+    assert _max_diff(runs["single"][1], runs["horovod_16mixed"][1]) > 1e-6
+
+
+@pytest.mark.horovod
+def test_horovod_fp16_compression_is_close_to_fp32_but_not_equal(runs):
+    diff = _max_diff(runs["horovod"][1], runs["horovod_fp16_compression"][1])
+    assert 0 < diff < 1e-3, diff  # gradients rounded to fp16 on the wire
+    for a, b in zip(runs["horovod"][0]["losses"], runs["horovod_fp16_compression"][0]["losses"]):
+        assert abs(a - b) < 1e-3
 
 
 def test_dp_on_cpu_is_single_and_says_so(tmp_path):

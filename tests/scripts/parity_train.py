@@ -73,4 +73,5 @@ if engine.is_main:
         "param_dtype": str(param.dtype), "compute_dtype": seen["compute_dtype"],
         "forward_calls_per_step": seen["forward_calls"] / args.steps, "precision": engine.precision.name,
         "synced_backwards_per_step": seen["synced_backwards"] / args.steps, "model_type": type(model).__name__,
-        "device": str(engine.device)}))
+        "device": str(engine.device),
+        "loss_scale": engine.precision.scaler.get_scale() if getattr(engine.precision, "scaler", None) else None}))
