@@ -27,6 +27,12 @@ RUNS = {
     "fsdp2_accumulate": ([*FSDP, "--gpus", "2", "--strategy-opt", "wrap=Linear"], ["--accumulate", "4"]),
     "ddp2_accumulate": (["--gpus", "2"], ["--accumulate", "4"]),  # micro-batches of 2 under no_sync
     "horovod": (["--gpus", "2", "--strategy", "horovod"], []),
+    # BatchNorm: per-worker statistics differ from one process's; sync_batchnorm makes them global
+    "single_bn": (["--strategy", "single"], ["--batchnorm"]),
+    "ddp2_bn": (["--gpus", "2"], ["--batchnorm"]),
+    "ddp4_syncbn": (["--gpus", "4", "--strategy-opt", "sync_batchnorm=true"], ["--batchnorm"]),
+    "fsdp2_syncbn": ([*FSDP, "--gpus", "2", "--strategy-opt", "sync_batchnorm=true", "--strategy-opt", "wrap=Linear"],
+                     ["--batchnorm"]),
     # fp16 autocast + GradScaler: horovod's scaler path (synchronize, unscale, step) against ddp's
     "horovod_16mixed": (["--gpus", "2", "--strategy", "horovod", "--precision", "16-mixed"], []),
     "ddp_16mixed": (["--gpus", "2", "--strategy", "ddp", "--precision", "16-mixed"], []),
@@ -122,6 +128,23 @@ def test_horovod_fp16_compression_is_close_to_fp32_but_not_equal(runs):
     assert 0 < diff < 1e-3, diff  # gradients rounded to fp16 on the wire
     for a, b in zip(runs["horovod"][0]["losses"], runs["horovod_fp16_compression"][0]["losses"]):
         assert abs(a - b) < 1e-3
+
+
+@pytest.mark.parametrize("other", ["ddp4_syncbn", "fsdp2_syncbn"])
+def test_sync_batchnorm_matches_one_process(runs, other):
+    """Losses, weights and running statistics equal single's at the same global batch."""
+    assert runs[other][0]["synced_batchnorms"] == 1
+    for step, (a, b) in enumerate(zip(runs["single_bn"][0]["losses"], runs[other][0]["losses"])):
+        assert abs(a - b) < 1e-5, f"step {step}: single {a} vs {other} {b}"
+    single, theirs = runs["single_bn"][1], runs[other][1]
+    assert "features.1.running_var" in theirs  # BatchNorm's own names: checkpoints move either way
+    assert _max_diff(single, theirs) < 1e-5
+
+
+def test_without_sync_batchnorm_workers_normalise_their_own_slice(runs):
+    """The limit the option removes, shown: per-worker statistics train another model."""
+    assert runs["ddp2_bn"][0]["synced_batchnorms"] == 0
+    assert _max_diff(runs["single_bn"][1], runs["ddp2_bn"][1]) > 1e-4
 
 
 def test_dp_on_cpu_is_single_and_says_so(tmp_path):

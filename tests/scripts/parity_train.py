@@ -25,11 +25,14 @@ parser.add_argument("out")
 parser.add_argument("--steps", type=int, default=6)
 parser.add_argument("--global-batch-size", type=int, default=16)
 parser.add_argument("--accumulate", type=int, default=1)
+parser.add_argument("--batchnorm", action="store_true", help="a BatchNorm2d after LeNet's first convolution")
 args = parser.parse_args()
 
 engine = trainfleet.Engine(seed=1)
 dataset = build_dataset("synthetic", num_samples=64, shape=(1, 16, 16), num_classes=4)
 model = build_model("lenet", num_classes=4, in_channels=1)
+if args.batchnorm:
+    model.features.insert(1, torch.nn.BatchNorm2d(6))
 optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 model, optimizer = engine.setup(model, optimizer)
 loader = engine.dataloader(dataset, global_batch_size=args.global_batch_size)
@@ -73,5 +76,5 @@ if engine.is_main:
         "param_dtype": str(param.dtype), "compute_dtype": seen["compute_dtype"],
         "forward_calls_per_step": seen["forward_calls"] / args.steps, "precision": engine.precision.name,
         "synced_backwards_per_step": seen["synced_backwards"] / args.steps, "model_type": type(model).__name__,
-        "device": str(engine.device),
+        "device": str(engine.device), "synced_batchnorms": getattr(engine.strategy, "synced_batchnorms", 0),
         "loss_scale": engine.precision.scaler.get_scale() if getattr(engine.precision, "scaler", None) else None}))

@@ -28,14 +28,18 @@ class DDPStrategy(MultiProcessStrategy):
     Args:
         timeout_s: collective timeout; TRAINFLEET_COLLECTIVE_TIMEOUT overrides the
             30-minute default of torch.distributed.
+        sync_batchnorm: normalise with the statistics of the global batch (BatchNorm layers
+            become ``nn.SyncBatchNorm`` on CUDA, :class:`GlobalBatchNorm` on CPU workers).
         **ddp_kwargs: passed to ``DistributedDataParallel`` (``find_unused_parameters``, ...).
     """
 
     name = "ddp"
 
     def __init__(self, precision: Any = None, env: Any = None, accelerator: str | None = None,
-                 timeout_s: float | None = None, **ddp_kwargs: Any):
+                 timeout_s: float | None = None, sync_batchnorm: bool = False, **ddp_kwargs: Any):
         check_strategy_options(self.name, ddp_kwargs)
+        self.sync_batchnorm = bool(sync_batchnorm)
+        self.synced_batchnorms = 0  # BatchNorm layers converted by setup
         super().__init__(precision, env, accelerator)
         env_timeout = os.environ.get("TRAINFLEET_COLLECTIVE_TIMEOUT")
         self.timeout_s = float(timeout_s or env_timeout or DEFAULT_TIMEOUT_S)
@@ -66,7 +70,16 @@ class DDPStrategy(MultiProcessStrategy):
             dist.destroy_process_group()
         self._owns_group = False
 
+    def _convert_batchnorm(self, module: torch.nn.Module) -> torch.nn.Module:
+        if not self.sync_batchnorm:
+            return module
+        from trainfleet.engine.syncbn import convert_batchnorm
+
+        module, self.synced_batchnorms = convert_batchnorm(module, self.root_device.type)
+        return module
+
     def _setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        module = self._convert_batchnorm(module)
         device_ids = [self.root_device.index] if self.root_device.type == "cuda" else None
         wrapped = torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **self.ddp_kwargs)
         if self.timer is not None:

@@ -149,6 +149,7 @@ class FSDPStrategy(DDPStrategy):
         sharding: ``"full"`` (one shard per rank) or ``"hybrid"`` (shard within groups of
             ``shard_size`` ranks, replicate across them).
         shard_size: ranks per shard group under hybrid; the node's worker count by default.
+        sync_batchnorm: BatchNorm statistics over the global batch (see ``DDPStrategy``).
         timeout_s: collective timeout, as for ddp.
 
     Raises:
@@ -162,9 +163,9 @@ class FSDPStrategy(DDPStrategy):
     def __init__(self, precision: Any = None, env: Any = None, accelerator: str | None = None,
                  timeout_s: float | None = None, wrap: WrapSpec = "auto", reshard_after_forward: bool = True,
                  cpu_offload: bool = False, activation_checkpointing: bool = False, sharding: str = "full",
-                 shard_size: int | None = None, **others: Any):
+                 shard_size: int | None = None, sync_batchnorm: bool = False, **others: Any):
         check_strategy_options("fsdp", others)
-        super().__init__(precision, env, accelerator, timeout_s)
+        super().__init__(precision, env, accelerator, timeout_s, sync_batchnorm=sync_batchnorm)
         self.precision = fsdp_precision(self.precision)
         self.wrap, self.reshard_after_forward = wrap, bool(reshard_after_forward)
         self.cpu_offload, self.activation_checkpointing = bool(cpu_offload), bool(activation_checkpointing)
@@ -204,6 +205,7 @@ class FSDPStrategy(DDPStrategy):
 
         # fully_shard replaces every parameter with a DTensor one; remember the old ones by name so
         # an optimizer built on them (the usual script order) can be moved over in setup_optimizer.
+        module = self._convert_batchnorm(module)  # before sharding: it keeps the parameter objects
         self._replaced.update({id(p): (module, name) for name, p in module.named_parameters()})
         blocks = select_blocks(module, self.wrap)
         if self.activation_checkpointing:

@@ -15,10 +15,10 @@ STRATEGY_OPTIONS: dict[str, tuple[str, ...]] = {
     "single": (),
     "dp": (),
     "ddp": ("timeout_s", "find_unused_parameters", "broadcast_buffers", "bucket_cap_mb",
-            "gradient_as_bucket_view", "static_graph"),
+            "gradient_as_bucket_view", "static_graph", "sync_batchnorm"),
     "horovod": ("backward_passes_per_step", "compression"),
     "fsdp": ("timeout_s", "wrap", "reshard_after_forward", "cpu_offload", "activation_checkpointing",
-             "sharding", "shard_size"),
+             "sharding", "shard_size", "sync_batchnorm"),
 }
 
 
