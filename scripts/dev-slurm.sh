@@ -42,9 +42,12 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
 }
 
 start_munge() {
-  mkdir -p /run/munge /etc/munge && chown -R root /run/munge /etc/munge 2>/dev/null || true
+  mkdir -p /run/munge /etc/munge "$ROOT/run" && chown -R root /run/munge /etc/munge 2>/dev/null || true
   [ -f /etc/munge/munge.key ] || { mungekey --create 2>/dev/null || create-munge-key -f; }
-  pgrep -x munged >/dev/null || munged --force
+  # A munged that is already running (the host's own) is used and never stopped by `stop`.
+  if ! pgrep -x munged >/dev/null; then
+    munged --force --pid-file="$ROOT/run/munged.pid"
+  fi
 }
 
 start_mariadb() {
@@ -137,20 +140,43 @@ start() {
   echo "export SLURM_CONF=$CONF"
 }
 
-stop() {
-  scancel --full -u root >/dev/null 2>&1 || true
-  for pid in "$ROOT"/run/slurmd-*.pid "$ROOT/run/slurmctld.pid" "$ROOT/run/slurmdbd.pid"; do
-    running "$pid" && kill "$(cat "$pid")" || true
+# Every daemon this script starts writes a pid file under $ROOT/run; `stop` stops those pids and
+# nothing else, so a host's own SLURM, MariaDB or munge is left alone.
+stop_pid() {  # stop_pid PIDFILE: SIGTERM, then SIGKILL after 10 s
+  local file=$1 pid
+  [ -f "$file" ] || return 0
+  pid=$(cat "$file")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -0 "$pid" 2>/dev/null && { log "pid $pid ($file) still running; killing it"; kill -9 "$pid" || true; }
+  fi
+  rm -f "$file"
+}
+
+our_stepds() {  # slurmstepd processes of this cluster: they hold files under $ROOT
+  local pid
+  for pid in $(pgrep -x slurmstepd 2>/dev/null); do
+    ls -l "/proc/$pid/fd" 2>/dev/null | grep -q -- "$ROOT/" && echo "$pid"
   done
+  return 0
+}
+
+stop() {
+  if [ -f "$CONF" ] && running "$ROOT/run/slurmctld.pid"; then
+    scancel --full -u "$(id -un)" >/dev/null 2>&1 || true  # SLURM_CONF: this cluster only
+    wait_for 15 "this cluster's jobs to end" bash -c '[ -z "$(squeue -h -o %i 2>/dev/null)" ]' || true
+  fi
+  for pid in "$ROOT"/run/slurmd-*.pid "$ROOT/run/slurmctld.pid" "$ROOT/run/slurmdbd.pid"; do
+    stop_pid "$pid"
+  done
+  local stepds; stepds=$(our_stepds)
+  [ -n "$stepds" ] && { log "killing this cluster's slurmstepd: $stepds"; kill -9 $stepds 2>/dev/null || true; }
   if mysqladmin --socket="$SQL_SOCK" ping >/dev/null 2>&1; then
     mysqladmin --socket="$SQL_SOCK" shutdown || true
   fi
-  sleep 1
-  pkill -f "slurmstepd" >/dev/null 2>&1 || true
-  pkill -x munged >/dev/null 2>&1 || true
-  for daemon in slurmd slurmctld slurmdbd mysqld munged; do
-    pgrep -x "$daemon" >/dev/null && { log "$daemon still running; killing it"; pkill -9 -x "$daemon" || true; }
-  done
+  stop_pid "$ROOT/run/mysqld.pid"
+  stop_pid "$ROOT/run/munged.pid"
   log "stopped"
 }
 
