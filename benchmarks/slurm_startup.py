@@ -4,11 +4,15 @@ The peer is what people write by hand: an sbatch script whose srun starts torchr
 each node (static rendezvous on the first node). Both run the same probe on the same
 local cluster (scripts/dev-slurm.sh), one job at a time. Ours includes the `launch`
 command's own start, its sinfo check and submitit's submission. Target: <= 1.0.
+
+A breakdown line follows (medians, seconds after the command started): when the submitting
+command returned, when rank 0's script started (before it imports torch), its first step.
 """
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import shutil
 import subprocess
 import time
@@ -31,8 +35,11 @@ srun bash -c "exec {bin}/torchrun --nnodes 2 --nproc-per-node 2 --node-rank \\$S
 """
 
 
-def _wait_done(job: str, out: Path, timeout: float = 180) -> float:
-    """Rank 0's first-step time, once the job has ended (so jobs never overlap)."""
+BREAKDOWN: dict[str, list[tuple[float, float, float]]] = {"ours": [], "peer": []}
+
+
+def _wait_done(job: str, out: Path, timeout: float = 180) -> dict:
+    """Rank 0's record (first-step and script-start times), once the job has ended (so jobs never overlap)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "State"], capture_output=True,
@@ -43,7 +50,7 @@ def _wait_done(job: str, out: Path, timeout: float = 180) -> float:
     record = out / "first_step.json"
     if not record.is_file():
         raise RuntimeError(f"job {job} ended ({state}) without a first step; see {out}")
-    return json.loads(record.read_text())["t"]
+    return json.loads(record.read_text())
 
 
 def _ours() -> float:
@@ -52,10 +59,15 @@ def _ours() -> float:
     result = subprocess.run([str(BIN / "launch"), "--cluster", "slurm", "--nodes", "2", "--gpus", "2", "--cpu",
                              "--time", "5", "--job-dir", str(out / "runs"), PROBE, str(out)],
                             capture_output=True, text=True, check=True)
+    returned = now()
     job = result.stdout.split("submitted job ")[1].split()[0]
-    elapsed = _wait_done(job, out) - start
+    return _record("ours", _wait_done(job, out), start, returned, out)
+
+
+def _record(side: str, record: dict, start: float, returned: float, out: Path) -> float:
+    BREAKDOWN[side].append((returned - start, record["script_start"] - start, record["t"] - start))
     shutil.rmtree(out)
-    return elapsed
+    return record["t"] - start
 
 
 def _peer() -> float:
@@ -65,9 +77,8 @@ def _peer() -> float:
     start = now()
     job = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True,
                          check=True).stdout.strip()
-    elapsed = _wait_done(job, out) - start
-    shutil.rmtree(out)
-    return elapsed
+    returned = now()
+    return _record("peer", _wait_done(job, out), start, returned, out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,6 +89,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     comparison = interleave(rounds, _ours, _peer, Comparison("slurm_first_step_vs_sbatch_torchrun", target=1.0))
     print(comparison.line(), flush=True)
+    print("slurm_startup breakdown (medians, s after the command): " + " | ".join(
+        f"{side}: command returned {median(0):.2f}, rank 0's script started {median(1):.2f}, first step {median(2):.2f}"
+        for side, median in ((side, _medians(side)) for side in ("ours", "peer"))), flush=True)
+
+
+def _medians(side: str):
+    kept = BREAKDOWN[side][1:] or BREAKDOWN[side]  # the rounds the comparison kept: the first is a warm-up
+    return lambda i: statistics.median(row[i] for row in kept)
 
 
 if __name__ == "__main__":

@@ -23,18 +23,22 @@ TORCH=$("$PY" -c 'import torch; print(torch.__version__.replace("+", "_"))')
 FLAVOUR=$([ "$GPU" = 1 ] && echo nccl || echo gloo)
 CACHE=${TRAINFLEET_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/trainfleet/wheels}/horovod-$VERSION-torch$TORCH-$FLAVOUR
 
-if "$PY" -c "import horovod, horovod.torch as h; assert horovod.__version__ == '$VERSION' and h.gloo_built()" 2>/dev/null; then
+# TRAINFLEET_HOROVOD_REBUILD=1: build again even if installed and cached (the build prints its time).
+REBUILD=${TRAINFLEET_HOROVOD_REBUILD:-0}
+if [ "$REBUILD" != 1 ] && "$PY" -c "import horovod, horovod.torch as h; assert horovod.__version__ == '$VERSION' and h.gloo_built()" 2>/dev/null; then
   log "horovod $VERSION ($FLAVOUR) already installed"
   exit 0
 fi
 
-wheel=$(ls "$CACHE"/horovod-$VERSION-*.whl 2>/dev/null | head -n 1 || true)
+wheel=""
+[ "$REBUILD" = 1 ] || wheel=$(ls "$CACHE"/horovod-$VERSION-*.whl 2>/dev/null | head -n 1 || true)
 if [ -z "$wheel" ]; then
   command -v cmake >/dev/null || { log "installing cmake"; apt-get install -y -q cmake >/dev/null; }
   command -v g++ >/dev/null || { log "installing g++"; apt-get install -y -q g++ >/dev/null; }
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
   log "building horovod $VERSION ($FLAVOUR) from its sdist; about 6 minutes on 2 cores"
+  build_started=$SECONDS
   PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= "$PY" -m pip download -q --no-deps --no-binary :all: \
     "horovod==$VERSION" -d "$work"
   tar -xzf "$work/horovod-$VERSION.tar.gz" -C "$work"
@@ -57,7 +61,7 @@ if [ -z "$wheel" ]; then
   "$PY" -m pip wheel -q --disable-pip-version-check --no-build-isolation --no-deps -w "$CACHE" "$src" \
     > "$work/build.log" 2>&1 || { tail -n 40 "$work/build.log" >&2; log "build failed"; exit 1; }
   wheel=$(ls "$CACHE"/horovod-$VERSION-*.whl | head -n 1)
-  log "built $wheel"
+  log "built $wheel in $((SECONDS - build_started)) s ($(nproc) cores)"
 fi
 "$PY" -m pip install -q --disable-pip-version-check "$wheel" 2> >(grep -v "is ignored" >&2)
 "$PY" -c "import horovod.torch as h; assert h.gloo_built(), 'horovod built without gloo'"

@@ -87,8 +87,9 @@ def _datasets(cfg: TrainConfig):
 def init_from(engine, model, path: str, trust: bool) -> dict[str, list[str]]:
     """Load pretrained weights non-strictly and print which keys matched."""
     from trainfleet.engine import checkpoint as ckpt
+    from trainfleet.engine.ckpt_tools import read_checkpoint
 
-    payload = ckpt.load_file(path, map_location="cpu", trust=trust)
+    payload = read_checkpoint(path, trust=trust)  # any format: timm, Lightning, safetensors, HF, DCP ...
     report = ckpt.apply_model_state(model, ckpt.extract_model_state(payload, path), strict=False, path=path)
     engine.print(f"init-from {path}: " + ", ".join(f"{len(v)} {k}" for k, v in report.items()))
     for kind in ("missing", "unexpected", "mismatched"):

@@ -1,15 +1,19 @@
-"""Rank 0 records the wall-clock time once the first training step is done (init, model, data, one step)."""
-import json
-import sys
+"""Rank 0 records the wall-clock time once the first training step is done (init, model, data, one step),
+and when its script started (before importing torch)."""
 import time
-from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+STARTED = time.time()
 
-import trainfleet
-from trainfleet.datasets import build_dataset
-from trainfleet.models import build_model
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import trainfleet  # noqa: E402
+from trainfleet.datasets import build_dataset  # noqa: E402
+from trainfleet.models import build_model  # noqa: E402
 
 engine = trainfleet.Engine(seed=0)
 model = build_model("lenet", num_classes=10, in_channels=1)
@@ -21,4 +25,4 @@ x, y = next(iter(loader))
 engine.backward(F.cross_entropy(model(x), y))
 engine.step(optimizer)
 if engine.is_main:
-    Path(sys.argv[1], "first_step.json").write_text(json.dumps({"t": time.time(), "world": engine.world_size}))
+    Path(sys.argv[1], "first_step.json").write_text(json.dumps({"t": time.time(), "script_start": STARTED, "world": engine.world_size}))

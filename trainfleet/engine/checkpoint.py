@@ -7,7 +7,9 @@ needs arbitrary unpickling is refused unless the caller trusts it.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import mmap
 import os
 import pickle
 import queue
@@ -15,7 +17,8 @@ import re
 import shutil
 import threading
 import zipfile
-from pathlib import Path
+import zlib
+from pathlib import Path, PosixPath, PurePosixPath
 from typing import Any, Callable, Mapping
 
 import torch
@@ -46,6 +49,31 @@ def clean_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:
             key = key.split(".", 1)[1]
         cleaned[key.replace("._orig_mod.", ".")] = value  # a compiled submodule
     return cleaned
+
+
+def strip_prefix(state: Mapping[str, Any], own_keys: set[str], prefix: str | None = None) -> dict[str, Any]:
+    """``state`` with a submodule prefix removed: ``prefix`` when named, else the one (up to three
+    levels, e.g. Lightning's ``model.``) under which the keys match ``own_keys``, if no key matches as is.
+
+    Raises:
+        UsageError: a named prefix that no key starts with.
+    """
+    if prefix:
+        lead = prefix if prefix.endswith(".") else prefix + "."
+        kept = {k[len(lead):]: v for k, v in state.items() if k.startswith(lead)}
+        if not kept:
+            raise UsageError(f"prefix {lead!r}: no key of the checkpoint starts with it (first keys: "
+                             f"{list(state)[:3]}).", "name the attribute that holds the model, e.g. 'model.'.")
+        return kept
+    if not own_keys or own_keys & state.keys():
+        return dict(state)
+    candidates = {".".join(k.split(".")[:depth]) + "." for k in state for depth in (1, 2, 3)
+                  if k.count(".") >= depth}
+    scored = [(sum(k.startswith(c) and k[len(c):] in own_keys for k in state), c) for c in candidates]
+    hits, best = max(scored, default=(0, ""))
+    if hits == 0:
+        return dict(state)
+    return {k[len(best):]: v for k, v in state.items() if k.startswith(best)}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -122,19 +150,55 @@ def verify_file(path: Path) -> None:
     ``torch.load`` does not check them: a flipped bit in tensor data would load silently.
 
     Raises:
-        UsageError: a record fails its check.
+        UsageError: a record fails its check, or the file is truncated.
+    """
+    problem = _first_bad_record(path)
+    if problem is not None:
+        raise UsageError(f"checkpoint {str(path)!r} is {problem}.", "re-save it, or load an earlier checkpoint.")
+
+
+def _first_bad_record(path: Path) -> str | None:
+    """None when every record's CRC32 matches, else what is wrong ("truncated ...", "corrupt: ...").
+
+    Reads the records through one memory map, with zlib (which releases the GIL), so it can run
+    on a thread beside ``torch.load`` reading the same pages: a verified load then costs about
+    what a plain one does when a second core is free.
     """
     if not zipfile.is_zipfile(path):
-        return  # the legacy (pre-1.6) format carries no checksums
+        return None  # the legacy (pre-1.6) format carries no checksums; a cut zip fails in torch.load
     try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise UsageError(f"checkpoint {str(path)!r} is truncated or corrupt ({err}).",
-                         "re-save it, or load an earlier checkpoint.") from err
-    if bad is not None:
-        raise UsageError(f"checkpoint {str(path)!r} is corrupt: record {bad!r} fails its CRC32 check.",
-                         "re-save it, or load an earlier checkpoint.")
+        with open(path, "rb") as handle, zipfile.ZipFile(handle) as archive:
+            records = archive.infolist()
+            if not records:
+                return None
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                view = memoryview(mapped)
+                try:
+                    return _check_records(archive, records, view)
+                finally:
+                    view.release()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        return f"truncated or corrupt ({err})"
+
+
+def _check_records(archive: zipfile.ZipFile, records: list[zipfile.ZipInfo], view: memoryview) -> str | None:
+    for info in records:
+        if info.compress_type != zipfile.ZIP_STORED:  # torch stores; anything else goes through zipfile
+            with archive.open(info) as member:
+                while member.read(1 << 20):
+                    pass
+            continue
+        header = bytes(view[info.header_offset:info.header_offset + 30])
+        if len(header) < 30 or header[:4] != b"PK\x03\x04":
+            return f"truncated or corrupt (no local header for record {info.filename!r})"
+        start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + \
+            int.from_bytes(header[28:30], "little")
+        end = start + info.compress_size
+        if end > len(view):
+            return f"truncated or corrupt (record {info.filename!r} ends past the end of the file)"
+        if zlib.crc32(view[start:end]) != info.CRC:
+            return f"corrupt: record {info.filename!r} fails its CRC32 check"
+    return None
 
 
 MANIFEST = "latest.json"
@@ -152,9 +216,14 @@ def resolve(path: str | os.PathLike[str]) -> Path:
     if path.is_dir() and not is_sharded(path):
         manifest = path / MANIFEST
         if not manifest.is_file():
-            raise UsageError(f"{str(path)!r} is a folder without a {MANIFEST} or a {DCP_METADATA}.",
-                             "pass a checkpoint file, a sharded checkpoint folder, or a folder written with "
-                             "keep_last=.")
+            from trainfleet.engine.formats import folder_kind
+
+            if folder_kind(path) is not None:  # HF (sharded) weights, an Accelerate save_state folder
+                return path
+            raise UsageError(f"{str(path)!r} is a folder without a {MANIFEST}, a {DCP_METADATA}, a model.safetensors"
+                             "(.index.json) or a pytorch_model.bin(.index.json).",
+                             "pass a checkpoint file, a sharded checkpoint folder, a folder written with "
+                             "keep_last=, or a Hugging Face / Accelerate folder.")
         return path / json.loads(manifest.read_text())["latest"]
     return path
 
@@ -273,6 +342,26 @@ class AsyncSaver:
             self._buffers.clear()
 
 
+# Harmless globals that real checkpoints pickle beside their tensors, allowed under weights_only:
+# timm's train.py stores its argparse.Namespace under "args"; paths appear in such namespaces.
+SAFE_GLOBALS: list[Any] = [argparse.Namespace, PosixPath, PurePosixPath]
+
+
+class _BackgroundCheck(threading.Thread):
+    """:func:`_first_bad_record` on a thread, so the CRC check overlaps ``torch.load``."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(name="trainfleet-crc", daemon=True)
+        self.path, self.problem = path, None
+
+    def run(self) -> None:
+        self.problem = _first_bad_record(self.path)
+
+    def result(self) -> str | None:
+        self.join()
+        return self.problem
+
+
 def load_file(path: str | os.PathLike[str], map_location: Any = "cpu", trust: bool = False,
               verify: bool = True) -> Any:
     """Load a checkpoint file (or a folder's latest), weights-only unless ``trust`` is set.
@@ -280,7 +369,7 @@ def load_file(path: str | os.PathLike[str], map_location: Any = "cpu", trust: bo
     Args:
         map_location: where tensors land, whatever device they were saved from.
         trust: allow full unpickling (only for files you trust: it can run code).
-        verify: check the file's CRC32 records first (one extra read of the file).
+        verify: check the file's CRC32 records, on a second thread while the file loads.
 
     Raises:
         UsageError: the file is missing, truncated or corrupt, or needs full unpickling
@@ -289,28 +378,41 @@ def load_file(path: str | os.PathLike[str], map_location: Any = "cpu", trust: bo
     path = resolve(path)
     if not path.is_file():
         raise UsageError(f"checkpoint {str(path)!r} does not exist.", "check the path.")
-    if verify:
-        verify_file(path)
+    check = _BackgroundCheck(path) if verify else None
+    if check is not None:
+        check.start()
     try:
-        return torch.load(path, map_location=map_location, weights_only=not trust)
-    except pickle.UnpicklingError as err:
-        if "Weights only load failed" in str(err):
-            found = re.search(r"GLOBAL ([\w.]+)", str(err))
-            what = f"it pickles {found.group(1)}" if found else "it contains pickled objects"
-            raise UsageError(
-                f"refusing to load {str(path)!r}: it is not a weights-only checkpoint ({what}, "
-                "which could run code on load).",
-                "if you trust this file, pass trust=True (--trust-pickle).",
-            ) from err
-        raise UsageError(f"checkpoint {str(path)!r} is corrupt: {err}") from err
-    except (AttributeError, ModuleNotFoundError) as err:  # trusted pickle of a class not importable here
-        raise UsageError(f"cannot unpickle {str(path)!r}: {err}.",
-                         "run where the model's code is importable, or save a state_dict instead.") from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise UsageError(
-            f"checkpoint {str(path)!r} is truncated or corrupt ({type(err).__name__}: {err}).",
-            "re-save it, or load an earlier checkpoint.",
-        ) from err
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            payload = torch.load(path, map_location=map_location, weights_only=not trust)
+    except Exception as err:
+        problem = check.result() if check is not None else None
+        if problem is not None:  # the CRC check names the cause better than the unpickler's error
+            raise UsageError(f"checkpoint {str(path)!r} is {problem}.",
+                             "re-save it, or load an earlier checkpoint.") from err
+        raise _load_error(path, err) from err
+    problem = check.result() if check is not None else None
+    if problem is not None:
+        raise UsageError(f"checkpoint {str(path)!r} is {problem}.", "re-save it, or load an earlier checkpoint.")
+    return payload
+
+
+def _load_error(path: Path, err: Exception) -> Exception:
+    """The one-line error for what ``torch.load`` raised."""
+    if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f"it pickles {found.group(1)}" if found else "it contains pickled objects"
+        return UsageError(f"refusing to load {str(path)!r}: it is not a weights-only checkpoint ({what}, "
+                          "which could run code on load).",
+                          "if you trust this file, pass trust=True (--trust-pickle).")
+    if isinstance(err, pickle.UnpicklingError):
+        return UsageError(f"checkpoint {str(path)!r} is corrupt: {err}")
+    if isinstance(err, (AttributeError, ModuleNotFoundError)):  # trusted pickle of a class not importable here
+        return UsageError(f"cannot unpickle {str(path)!r}: {err}.",
+                          "run where the model's code is importable, or save a state_dict instead.")
+    if isinstance(err, (RuntimeError, EOFError, OSError)):
+        return UsageError(f"checkpoint {str(path)!r} is truncated or corrupt ({type(err).__name__}: {err}).",
+                          "re-save it, or load an earlier checkpoint.")
+    return err
 
 
 def extract_model_state(payload: Any, path: str | os.PathLike[str] = "<checkpoint>") -> dict[str, Any]:
@@ -318,7 +420,7 @@ def extract_model_state(payload: Any, path: str | os.PathLike[str] = "<checkpoin
     if isinstance(payload, torch.nn.Module):  # a whole pickled model, loaded with trust=True
         return clean_state_dict(payload.state_dict())
     if isinstance(payload, Mapping):
-        if payload.get("format") == FORMAT:
+        if payload.get("format") in (FORMAT, "foreign"):
             return dict(payload["model"])
         for key in ("state_dict", "model_state_dict", "model"):
             if isinstance(payload.get(key), Mapping):
@@ -333,18 +435,20 @@ def extract_model_state(payload: Any, path: str | os.PathLike[str] = "<checkpoin
 
 def apply_model_state(module: torch.nn.Module, state: Mapping[str, Any], strict: bool = True,
                       path: str | os.PathLike[str] = "<checkpoint>",
-                      load: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, list[str]]:
+                      load: Callable[[dict[str, Any]], Any] | None = None,
+                      prefix: str | None = None) -> dict[str, list[str]]:
     """Load ``state`` into ``module``, reporting what matched.
 
     Keys whose shape differs from the module's are never loaded. With ``strict``
     any missing, unexpected or wrong-shape key is an error naming the file.
     ``load(matching)`` does the loading (a strategy's, for sharded modules); by default
-    ``module.load_state_dict(matching, strict=False)``.
+    ``module.load_state_dict(matching, strict=False)``. ``prefix`` names the attribute the
+    weights sit under (Lightning's ``model.``); by default it is detected (:func:`strip_prefix`).
 
     Returns:
         ``{"loaded": [...], "missing": [...], "unexpected": [...], "mismatched": [...]}``
     """
-    state = clean_state_dict(state)
+    state = strip_prefix(clean_state_dict(state), set(module.state_dict()), prefix)
     shapes = {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
     report = compare_keys(module, shapes, [k for k in state if k not in shapes], strict, path)
     matching = {k: state[k] for k in report["loaded"]}

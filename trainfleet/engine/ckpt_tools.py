@@ -8,35 +8,45 @@ from typing import Any
 import torch
 
 from trainfleet.engine import checkpoint as ckpt
-from trainfleet.engine import sharded
+from trainfleet.engine import formats, sharded
 from trainfleet.utils.errors import UsageError
 
 
-def load_state_dict(path: str | os.PathLike[str], map_location: Any = None,
-                    trust: bool = False) -> dict[str, torch.Tensor]:
+def load_state_dict(path: str | os.PathLike[str], map_location: Any = None, trust: bool = False,
+                    ema: bool = False, prefix: str | None = None) -> dict[str, torch.Tensor]:
     """A plain model state_dict from any checkpoint, on the current device.
 
-    Accepts trainfleet checkpoints (files and sharded folders), plain state_dicts, dicts holding
+    Accepts trainfleet checkpoints (files and sharded folders), timm and Lightning training
+    checkpoints, safetensors files, sharded HF folders (``*.index.json``), ``pytorch_model.bin``,
+    Accelerate ``save_state`` folders, plain state_dicts, dicts holding
     ``state_dict``/``model``/``model_state_dict``, and DP/DDP/compiled ones (prefixes
     stripped). Tensors saved on any ``cuda:N`` or the CPU land on ``map_location``:
     by default the current CUDA device, or the CPU without one.
+
+    Args:
+        ema: timm's EMA weights (``state_dict_ema``) instead of the trained ones.
+        prefix: keep only keys under this attribute, without it (``"model."`` for a
+            LightningModule holding the network as ``self.model``).
 
     Raises:
         UsageError: missing, corrupt or non-weights-only file (unless ``trust``), or no
             model state inside.
     """
-    payload = read_checkpoint(path, trust=trust)
+    payload = read_checkpoint(path, trust=trust, ema=ema)
     state = ckpt.extract_model_state(payload, path)
+    if prefix:
+        state = ckpt.strip_prefix(state, set(), prefix)
     if map_location is None:
         map_location = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     return {k: v.to(map_location) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
-def read_checkpoint(path: str | os.PathLike[str], trust: bool = False) -> Any:
-    """A file's payload, or a sharded folder gathered whole into the single-file layout (on the CPU)."""
+def read_checkpoint(path: str | os.PathLike[str], trust: bool = False, ema: bool = False) -> Any:
+    """A checkpoint's payload (see :func:`formats.read`), or a sharded folder gathered whole into
+    the single-file layout (on the CPU)."""
     path = ckpt.resolve(path)
     if not ckpt.is_sharded(path):
-        return ckpt.load_file(path, trust=trust)
+        return formats.read(path, trust=trust, ema=ema)
     tensors, side = sharded.read_all(path)
     model = {name: tensors[key] for name, key in sharded.model_keys(tensors, side).items()}
     if side is None:
@@ -84,15 +94,25 @@ def inspect_checkpoint(path: str | os.PathLike[str], trust: bool = False) -> dic
     path = ckpt.resolve(path)
     if ckpt.is_sharded(path):
         return _inspect_folder(path)
-    payload = ckpt.load_file(path, trust=trust)
+    payload = formats.read(path, trust=trust)
     native = isinstance(payload, dict) and payload.get("format") == ckpt.FORMAT
     state = ckpt.extract_model_state(payload, path)
+    files = [p for p in path.iterdir() if p.is_file()] if path.is_dir() else [path]
     info: dict[str, Any] = {
-        "file": str(path), "bytes": path.stat().st_size,
-        "format": f"trainfleet v{payload['version']}" if native else "foreign (converted on load)",
+        "file": str(path), "bytes": sum(p.stat().st_size for p in files),
+        "format": f"trainfleet v{payload['version']}" if native else _foreign_format(payload),
         "tensors": _tensor_rows(state),
         "parameters": sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor)),
     }
+    if not native and payload.get("extra"):
+        info["extra"] = {k: v for k, v in payload["extra"].items() if k not in ("args", "hyper_parameters")}
+        for key in ("args", "hyper_parameters"):
+            if payload["extra"].get(key):
+                info["extra"][key] = sorted(payload["extra"][key])  # the names; the values can be long
+    if not native and (payload.get("optimizer") or payload.get("scheduler")):
+        optimizer = payload.get("optimizer")
+        info["optimizer"] = f"state for {len(optimizer['state'])} parameters" if optimizer else None
+        info["scheduler"] = payload.get("scheduler") is not None
     if native:
         info["meta"] = payload.get("meta", {})
         info["data"] = payload.get("data")
@@ -103,10 +123,20 @@ def inspect_checkpoint(path: str | os.PathLike[str], trust: bool = False) -> dic
     return info
 
 
+FOREIGN_NAMES = {"timm": "timm training checkpoint", "lightning": "PyTorch Lightning checkpoint",
+                 "safetensors": "safetensors", "hf-sharded": "sharded Hugging Face weights (index + shards)",
+                 "hf": "Hugging Face weights folder", "accelerate": "Accelerate save_state folder",
+                 "state_dict": "state_dict"}
+
+
+def _foreign_format(payload: dict[str, Any]) -> str:
+    return f"{FOREIGN_NAMES.get(payload.get('source'), 'foreign')} (converted on load)"
+
+
 def format_inspection(info: dict[str, Any]) -> str:
     """Human-readable text of :func:`inspect_checkpoint`."""
     checked = "every shard checked against the index" if info["format"].startswith("sharded") \
-        else "CRC32 records verified"
+        else "header checked" if info["format"].startswith("safetensors") else "CRC32 records verified"
     lines = [f"file:       {info['file']} ({info['bytes'] / 2**20:.2f} MB, {checked})",
              f"format:     {info['format']}"]
     meta = info.get("meta")
@@ -134,29 +164,59 @@ def _as_native(payload: Any, src: str | os.PathLike[str]) -> dict[str, Any]:
         return dict(payload)
     from trainfleet.engine.state import library_versions
 
+    foreign = payload if isinstance(payload, dict) and payload.get("format") == "foreign" else {}
     return {"format": ckpt.FORMAT, "version": ckpt.FORMAT_VERSION,
-            "model": ckpt.to_cpu(ckpt.extract_model_state(payload, src)), "optimizer": None, "scheduler": None,
-            "precision": {}, "data": None, "rng": None,
-            "meta": {"converted_from": str(src), "versions": library_versions()}, "extra": {}}
+            "model": ckpt.to_cpu(ckpt.extract_model_state(payload, src)), "optimizer": foreign.get("optimizer"),
+            "scheduler": foreign.get("scheduler"), "precision": {}, "data": None, "rng": None,
+            "meta": {"converted_from": str(src), "source": foreign.get("source", "state_dict"),
+                     "versions": library_versions()},
+            "extra": _plain(foreign.get("extra") or {})}
+
+
+def _plain(extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` with what a weights-only load cannot read back (a Namespace, paths) as text."""
+    def simple(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): simple(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [simple(v) for v in value]
+        return value if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)) else str(value)
+    return simple(extra)
+
+
+CONVERT_TO = ("file", "sharded", "state_dict", "safetensors")
 
 
 def convert_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], to_state_dict: bool = False,
-                       trust: bool = False, to: str | None = None) -> Path:
+                       trust: bool = False, to: str | None = None, ema: bool = False, prefix: str | None = None,
+                       max_shard_size: int | None = None) -> Path:
     """Convert between checkpoint layouts.
 
     Args:
         to: ``"file"`` (a trainfleet file, the default), ``"sharded"`` (a folder any number of
-            ranks load their shards from) or ``"state_dict"`` (a plain state_dict for other tools).
-            ``src`` may be any of these, or a foreign checkpoint.
+            ranks load their shards from), ``"state_dict"`` (a plain state_dict for other tools)
+            or ``"safetensors"`` (weights only; a folder of shards with an index above
+            ``max_shard_size`` bytes). ``src`` may be any of these, or a foreign checkpoint
+            (see :func:`formats.read`).
         to_state_dict: the same as ``to="state_dict"``.
+        ema: take timm's EMA weights. prefix: keep the keys under this attribute, without it.
 
     Raises:
-        UsageError: an unknown ``to``, or anything :func:`read_checkpoint` refuses.
+        UsageError: an unknown ``to``, ``max_shard_size`` without safetensors, or anything
+            :func:`read_checkpoint` refuses.
     """
     to = "state_dict" if to_state_dict else (to or "file")
-    if to not in ("file", "sharded", "state_dict"):
-        raise UsageError(f"--to {to!r}: expected one of ['file', 'sharded', 'state_dict'].")
-    payload = read_checkpoint(src, trust=trust)
+    if to not in CONVERT_TO:
+        raise UsageError(f"--to {to!r}: expected one of {list(CONVERT_TO)}.")
+    if max_shard_size is not None and to != "safetensors":
+        raise UsageError(f"--max-shard-size applies to --to safetensors, not --to {to}.", "add --to safetensors.")
+    payload = read_checkpoint(src, trust=trust, ema=ema)
+    if prefix:
+        model = ckpt.strip_prefix(ckpt.extract_model_state(payload, src), set(), prefix)
+        payload = {**payload, "model": model} if isinstance(payload, dict) and "model" in payload else model
+    if to == "safetensors":
+        return formats.save_safetensors(ckpt.extract_model_state(payload, src), dst, max_shard_size,
+                                        metadata={"converted_from": Path(src).name})
     if to == "state_dict":
         return ckpt.save_atomic(ckpt.to_cpu(ckpt.extract_model_state(payload, src)), dst)
     native = _as_native(payload, src)

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from trainfleet.engine import checkpoint as ckpt
+from trainfleet.engine import formats
 from trainfleet.engine import sharded as sharded_ckpt
 from trainfleet.engine.data import (DeviceDataLoader, GlobalOrderSampler, _Indexed, checked_collate,
                                     resolve_batch_sizes)
@@ -299,7 +300,8 @@ class Engine:
     def save(self, path: str | os.PathLike[str], model: torch.nn.Module | None = None,
              optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
              dataloader: DeviceDataLoader | None = None, *, keep_last: int | None = None,
-             asynchronous: bool = False, sharded: bool | None = None, **extra: Any) -> Path:
+             asynchronous: bool = False, sharded: bool | None = None, format: str = "trainfleet",
+             **extra: Any) -> Path:
         """Write a checkpoint, atomically. Call it on every rank.
 
         Args:
@@ -311,12 +313,20 @@ class Engine:
                 (torch.distributed.checkpoint) instead of one file from global rank 0. The
                 default is the strategy's: sharded under ``fsdp``, a file otherwise. Either
                 kind loads into any strategy and world size.
+            format: ``"trainfleet"``, or ``"safetensors"`` for the model's weights alone (one
+                file from rank 0, readable by any safetensors/HF tool; ``extra`` goes into its
+                text metadata).
             **extra: your own values (``step=``, ``epoch=``), returned by :meth:`load`.
 
         Returns:
             The path written (or being written).
         """
         path = Path(path)
+        if format not in ("trainfleet", "safetensors"):
+            raise UsageError(f"save(format={format!r}): expected 'trainfleet' or 'safetensors'.")
+        if format == "safetensors":
+            return self._save_weights(path, model, keep_last, asynchronous or bool(sharded) or optimizer
+                                      or scheduler or dataloader, extra)
         if self.strategy.shards_checkpoints if sharded is None else sharded:
             return self._save_sharded(path, model, optimizer, scheduler, dataloader, keep_last, asynchronous, extra)
         state = self.state_dict(model, optimizer, scheduler, dataloader, **extra)
@@ -335,6 +345,22 @@ class Engine:
                 write()
         if not asynchronous:
             self.barrier()
+        return path
+
+    def _save_weights(self, path: Path, model: torch.nn.Module | None, keep_last: int | None, other: Any,
+                      extra: dict[str, Any]) -> Path:
+        """The model's weights as one safetensors file (gathered whole under fsdp)."""
+        if model is None or other:
+            raise UsageError("save(format='safetensors') writes model weights only: pass model= and nothing "
+                             "else (no optimizer, scheduler, dataloader, asynchronous or sharded).",
+                             "save training state in the trainfleet format.")
+        module = self.unwrap(model)
+        state = ckpt.clean_state_dict(self.precision.module_state(module, self.strategy.full_model_state(module)))
+        if self.is_main:
+            formats.save_safetensors(state, path, metadata={str(k): str(v) for k, v in extra.items()})
+            if keep_last is not None:
+                ckpt.record_latest(path, keep_last)
+        self.barrier()
         return path
 
     def _save_sharded(self, path: Path, model: torch.nn.Module | None, optimizer: Any, scheduler: Any,
@@ -360,8 +386,10 @@ class Engine:
     def load(self, path: str | os.PathLike[str], model: torch.nn.Module | None = None,
              optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
              dataloader: DeviceDataLoader | None = None, strict: bool = True,
-             trust: bool = False, restore_rng: bool = True, verify: bool = True) -> dict[str, Any]:
-        """Restore a checkpoint (or a foreign state_dict) onto this device and world size.
+             trust: bool = False, restore_rng: bool = True, verify: bool = True, ema: bool = False,
+             prefix: str | None = None) -> dict[str, Any]:
+        """Restore a checkpoint (or a foreign one: timm, Lightning, safetensors, HF, Accelerate)
+        onto this device and world size.
 
         ``path`` may be a file, a sharded folder (written by any number of ranks: each rank
         reads its own part, so it reshards), or a folder written with ``keep_last`` (its latest).
@@ -373,19 +401,22 @@ class Engine:
             strict: every key must match (else only matching keys load, see the report).
             trust: allow files that need full unpickling (only files you trust).
             restore_rng: put back this rank's RNG state.
-            verify: check the file's CRC32 records first (one extra read of the file).
+            verify: check the file's CRC32 records (on a second thread, while it loads).
+            ema: timm's EMA weights. prefix: the attribute the weights sit under in the
+                checkpoint (Lightning's ``model.``); detected when not given.
 
         Returns:
-            The ``extra`` values given to :meth:`save` (empty for foreign files).
+            The ``extra`` values given to :meth:`save`; for foreign checkpoints what they
+            record (``epoch``, ``step``, ``args``, ``hyper_parameters``).
         """
         path = ckpt.resolve(path)
         module = self.unwrap(model) if model is not None else None
         if ckpt.is_sharded(path):
             payload = self._load_sharded(path, module, optimizer, strict)
         else:
-            payload = self._load_file(path, module, optimizer, strict, trust, verify)
+            payload = self._load_file(path, module, optimizer, strict, trust, verify, ema, prefix)
         if payload is None:
-            return {}  # a foreign checkpoint: model weights only
+            return {}
         if scheduler is not None and payload.get("scheduler") is not None:
             scheduler.load_state_dict(payload["scheduler"])
         if payload.get("precision"):
@@ -398,14 +429,14 @@ class Engine:
         return dict(payload.get("extra") or {})
 
     def _load_file(self, path: Path, module: torch.nn.Module | None, optimizer: Any, strict: bool,
-                   trust: bool, verify: bool) -> dict[str, Any] | None:
-        payload = ckpt.load_file(path, map_location="cpu", trust=trust, verify=verify)
+                   trust: bool, verify: bool, ema: bool, prefix: str | None) -> dict[str, Any] | None:
+        payload = formats.read(path, trust=trust, verify=verify, ema=ema)
         if module is not None:
             model_state = ckpt.extract_model_state(payload, path)
-            ckpt.apply_model_state(module, model_state, strict, path,
+            ckpt.apply_model_state(module, model_state, strict, path, prefix=prefix,
                                    load=lambda state: self.strategy.load_full_model_state(module, state))
             self.precision.load_module_state(module, model_state)
-        if not (isinstance(payload, dict) and payload.get("format") == ckpt.FORMAT):
+        if not (isinstance(payload, dict) and payload.get("format") in (ckpt.FORMAT, "foreign")):
             return None
         if optimizer is not None and payload.get("optimizer") is not None:
             with self.precision.optimizer_params(optimizer):  # O2: state stays fp32

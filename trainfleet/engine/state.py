@@ -45,7 +45,11 @@ def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, model: torch.
                                  saved: dict[str, Any], path: str = "<checkpoint>") -> None:
     """Restore what :func:`optimizer_state_by_name` produced (or a plain positional state_dict)."""
     if saved.get("keyed_by") != "name":
-        optimizer.load_state_dict(saved)
+        try:
+            optimizer.load_state_dict(saved)  # positional: another tool's optimizer.state_dict()
+        except (ValueError, KeyError) as err:
+            raise UsageError(f"optimizer state in {path!r} does not fit this optimizer ({err}).",
+                             "load the model only, or build the optimizer as the checkpoint's was.") from err
         return
     current = optimizer_state_by_name(optimizer, model)
     wanted = check_optimizer_names(optimizer, model, saved, path, current)
