@@ -2,11 +2,16 @@
 
 - ckpt_save_vs_torch_save: engine.save MB/s against torch.save + fsync (target >= 0.95);
 - ckpt_async_blocking: time an asynchronous save blocks against a synchronous save (target <= 0.2);
-- ckpt_load_vs_torch_load: engine.load into a model (CRC verified) against torch.load +
-  load_state_dict (informational; no target: verification reads the file once more), and
-  the same with verify=False;
+- ckpt_load_vs_torch_load: engine.load into a model (CRC verified, the check on a second thread
+  while the file loads) against torch.load + load_state_dict (target <= 1.1), and the same
+  with verify=False (no target);
+- safetensors_load_vs_load_file: engine.load of a .safetensors file into a model against
+  safetensors.torch.load_file + load_state_dict (target <= 1.05);
 - ckpt_load_other_world: loading a checkpoint saved by 2 workers into 1 against loading one
   saved by 1 worker (target <= 1.2).
+
+Loads are short, so they run 3x the rounds; each comparison with pairs also prints the ratio
+of every pair, and a verdict only when their quartiles lie on one side of the target.
 """
 from __future__ import annotations
 
@@ -17,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import (BIN, PROBES, Comparison, interleave, rounds_from_args, run_probe,
-                               scratch)
+from benchmarks.common import (BIN, PROBES, Comparison, interleave, paired_verdict, rounds_from_args,
+                               run_probe, scratch)
 from benchmarks.probes.big_model import build
 from trainfleet.engine.engine import Engine
 
@@ -57,11 +62,23 @@ def measure(rounds: int, folder: Path) -> list[Comparison]:
     def torch_load() -> None:
         target.load_state_dict(torch.load(peer_path, map_location="cpu", weights_only=True))
 
-    load = interleave(rounds, lambda: _timed(lambda: engine.load(ours_path, model=target)),
-                      lambda: _timed(torch_load), Comparison("ckpt_load_vs_torch_load (s)", target=None))
-    unverified = interleave(rounds, lambda: _timed(lambda: engine.load(ours_path, model=target, verify=False)),
+    load_rounds = rounds * 3
+    load = interleave(load_rounds, lambda: _timed(lambda: engine.load(ours_path, model=target)),
+                      lambda: _timed(torch_load), Comparison("ckpt_load_vs_torch_load (s)", target=1.1))
+    unverified = interleave(load_rounds, lambda: _timed(lambda: engine.load(ours_path, model=target, verify=False)),
                             lambda: _timed(torch_load),
                             Comparison("ckpt_load_unverified_vs_torch_load (s)", target=None))
+    safetensors_path = folder / "model.safetensors"
+    engine.save(safetensors_path, model=model, format="safetensors")
+
+    def load_file() -> None:
+        from safetensors.torch import load_file as read
+
+        target.load_state_dict(read(safetensors_path))
+
+    safetensors = interleave(load_rounds, lambda: _timed(lambda: engine.load(safetensors_path, model=target)),
+                             lambda: _timed(load_file),
+                             Comparison("safetensors_load_vs_load_file (s)", target=1.05))
     run_probe([str(BIN / "launch"), "--gpus", "2", str(PROBES / "big_model.py"), str(folder / "world2.pt")], folder)
     run_probe([str(BIN / "launch"), "--gpus", "1", str(PROBES / "big_model.py"), str(folder / "world1.pt")], folder)
     other = interleave(rounds, lambda: _timed(lambda: engine.load(folder / "world2.pt", model=target)),
@@ -70,7 +87,7 @@ def measure(rounds: int, folder: Path) -> list[Comparison]:
     engine.close()
     print(f"  (state {size_mb:.0f} MB; files in the page cache; load includes the CRC check, "
           f"which plain torch.load skips)")
-    return [save, blocking, load, unverified, other]
+    return [save, blocking, load, unverified, safetensors, other]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for comparison in measure(rounds, folder):
             print(comparison.line(), flush=True)
+            if len(comparison.ours) > 1:
+                print("  " + paired_verdict(comparison), flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

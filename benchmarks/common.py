@@ -45,6 +45,19 @@ class Comparison:
                 f"  ours: {spread(self.ours)}\n  peer: {spread(self.peer)}")
 
 
+def paired_verdict(comparison: Comparison) -> str:
+    """The ratio of each interleaved pair, and a verdict that holds on a noisy machine: MET or
+    MISSED only when the middle half of the pairs (quartiles) lies on one side of the target."""
+    ratios = sorted(a / b for a, b in zip(comparison.ours, comparison.peer))
+    q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else ratios * 3
+    line = f"per-pair ratios: median {median:.3f}, quartiles {q1:.3f}-{q3:.3f} (min {ratios[0]:.3f}, max {ratios[-1]:.3f})"
+    if comparison.target is None:
+        return line
+    good = (lambda r: r <= comparison.target) if comparison.lower_is_better else (lambda r: r >= comparison.target)
+    verdict = "MET" if good(q1) and good(q3) else "MISSED" if not good(q1) and not good(q3) else "INCONCLUSIVE"
+    return f"{line}: {verdict} on the pairs"
+
+
 def interleave(rounds: int, ours: Callable[[], float], peer: Callable[[], float], comparison: Comparison,
                warmup: int = 1) -> Comparison:
     """Run ``ours`` and ``peer`` alternately, swapping who goes first every round (A B, B A, ...)

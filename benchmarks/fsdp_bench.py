@@ -17,9 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 
-from benchmarks.common import BIN, PROBES, Comparison, run_probe, scratch
+from benchmarks.common import BIN, PROBES, Comparison, paired_verdict, run_probe, scratch
 
 PROBE = str(PROBES / "fsdp_probe.py")
 BIG = ["--width", "2048", "--depth", "6"]  # 6 blocks of 2 x (2048 x 2048 + 2048): 50.4 M parameters
@@ -90,19 +89,6 @@ def main(argv: list[str] | None = None) -> None:
         print(comparison.line())
         if len(comparison.ours) > 1:
             print("  " + paired_verdict(comparison))
-
-
-def paired_verdict(comparison: Comparison) -> str:
-    """The ratio of each interleaved pair, and a verdict that holds on a noisy machine: MET or
-    MISSED only when the middle half of the pairs (quartiles) lies on one side of the target."""
-    ratios = sorted(a / b for a, b in zip(comparison.ours, comparison.peer))
-    q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else ratios * 3
-    line = f"per-pair ratios: median {median:.3f}, quartiles {q1:.3f}-{q3:.3f} (min {ratios[0]:.3f}, max {ratios[-1]:.3f})"
-    if comparison.target is None:
-        return line
-    good = (lambda r: r <= comparison.target) if comparison.lower_is_better else (lambda r: r >= comparison.target)
-    verdict = "MET" if good(q1) and good(q3) else "MISSED" if not good(q1) and not good(q3) else "INCONCLUSIVE"
-    return f"{line}: {verdict} on the pairs"
 
 
 if __name__ == "__main__":

@@ -73,7 +73,8 @@ def test_bench_bad_input(tmp_path):
     ("launch_ready", ["launch_ready_vs_torchrun: ratio"]),
     ("engine_ddp_vs_handwritten", ["engine_ddp_vs_handwritten: ratio", "engine_accum_vs_no_sync: ratio"]),
     ("ckpt_bench", ["ckpt_save_vs_torch_save (MB/s): ratio", "ckpt_async_blocking (s): ratio",
-                    "ckpt_load_other_world (s): ratio"]),
+                    "ckpt_load_vs_torch_load (s): ratio", "safetensors_load_vs_load_file (s): ratio",
+                    "ckpt_load_other_world (s): ratio", "per-pair ratios: median"]),
     # needs Horovod: without it the benchmark prints "skipped" lines, which must not pass as a result
     pytest.param("horovod_amp_bench", ["horovod_vs_handwritten (samples/s): ratio",
                                        "engine_horovod_vs_engine_ddp (samples/s): ratio",
