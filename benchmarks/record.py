@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command or "/" in args.name:
         parser.error("expected NAME -- COMMAND [ARGS...], NAME without a slash")
-    started, wall = datetime.datetime.now(datetime.timezone.utc), time.monotonic()
+    started, wall, revision = datetime.datetime.now(datetime.timezone.utc), time.monotonic(), commit()
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in process.stdout:
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     code = process.wait()
     header = [f"$ {shlex.join(command)}",
               f"date: {started:%Y-%m-%d %H:%M} UTC; took {time.monotonic() - wall:.0f} s; exit code {code}",
-              f"commit: {commit()}", *machine(), ""]
+              f"commit: {revision}", *machine(), ""]
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{args.name}.txt"
     path.write_text("\n".join(header) + "\n" + "".join(lines))

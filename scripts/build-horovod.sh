@@ -10,7 +10,7 @@
 # (CMake 4 rejects the CMakeLists of the bundled gloo), and, for a CPU build against torch's CUDA
 # wheel on a machine without a CUDA toolkit, Pytorch_CUDA forced off in FindPytorch.cmake.
 # The wheel is cached in $TRAINFLEET_WHEEL_CACHE (default ~/.cache/trainfleet/wheels), keyed by
-# torch version and flavour, and rebuilt only when missing (about 6 minutes on 2 cores).
+# torch version and flavour, and rebuilt only when missing (2-6 minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION=0.28.1
@@ -37,7 +37,7 @@ if [ -z "$wheel" ]; then
   command -v g++ >/dev/null || { log "installing g++"; apt-get install -y -q g++ >/dev/null; }
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
-  log "building horovod $VERSION ($FLAVOUR) from its sdist; about 6 minutes on 2 cores"
+  log "building horovod $VERSION ($FLAVOUR) from its sdist; a few minutes on 2 cores"
   build_started=$SECONDS
   PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= "$PY" -m pip download -q --no-deps --no-binary :all: \
     "horovod==$VERSION" -d "$work"
