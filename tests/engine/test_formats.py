@@ -274,11 +274,17 @@ def test_convert_to_sharded_safetensors_loads_with_huggingface_hub(tmp_path, lig
     same(trainfleet.load_state_dict(out, map_location="cpu"), module.model.state_dict())
 
 
-def test_inspect_names_the_format(timm_checkpoint, lightning_checkpoint):
+def test_inspect_names_the_format(tmp_path, timm_checkpoint, lightning_checkpoint):
+    from huggingface_hub import save_torch_state_dict
+
     text = format_inspection(inspect_checkpoint(timm_checkpoint[0]))
     assert "timm training checkpoint" in text and "epoch=2" in text and "args=['epochs', 'lr', 'model']" in text
     text = format_inspection(inspect_checkpoint(lightning_checkpoint[0]))
     assert "PyTorch Lightning checkpoint" in text and "optimizer:  state for 4 parameters" in text
+    (tmp_path / "hf").mkdir()
+    save_torch_state_dict(mlp(64).state_dict(), tmp_path / "hf", max_shard_size="1KB")
+    text = format_inspection(inspect_checkpoint(tmp_path / "hf"))
+    assert "sharded Hugging Face weights (index + shards)" in text and "model:      4 tensors, 450 values" in text
 
 
 def test_cli_convert_and_its_bad_input(tmp_path, lightning_checkpoint):

@@ -274,3 +274,17 @@ class DeviceDataLoader:
         self._next_epoch, self._next_start = epoch, consumed
         self.sampler.set_epoch(epoch, consumed)
         self.consumed = consumed
+
+
+def build_loader(dataset: Any, sampler: GlobalOrderSampler, device: torch.device, num_workers: int,
+                 collate_fn: Any, timer: Any, loader_kwargs: dict[str, Any]) -> DeviceDataLoader:
+    """The DataLoader over ``sampler``, wrapped to deliver batches on ``device``."""
+    if collate_fn is None:
+        dataset, collate_fn = _Indexed(dataset), checked_collate
+    loader_kwargs.setdefault("pin_memory", device.type == "cuda")
+    reseed = "generator" not in loader_kwargs  # keep iter() off the global RNG (see DeviceDataLoader)
+    if reseed:
+        loader_kwargs["generator"] = torch.Generator()
+    loader = DataLoader(dataset, batch_size=sampler.per_rank, sampler=sampler, num_workers=num_workers,
+                        collate_fn=collate_fn, **loader_kwargs)
+    return DeviceDataLoader(loader, sampler, device, timer=timer, reseed=reseed)

@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any, ContextManager
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from trainfleet.engine import checkpoint as ckpt
 from trainfleet.engine import formats
 from trainfleet.engine import sharded as sharded_ckpt
-from trainfleet.engine.data import (DeviceDataLoader, GlobalOrderSampler, _Indexed, checked_collate,
-                                    resolve_batch_sizes)
+from trainfleet.engine.data import DeviceDataLoader, GlobalOrderSampler, build_loader, resolve_batch_sizes
 from trainfleet.engine.precision import build_precision
 from trainfleet.engine.profiling import StepTimer
 from trainfleet.engine.state import capture_rng, check_optimizer_names, library_versions
@@ -161,21 +160,13 @@ class Engine:
             even: pad the last partial global batch so every rank gets the same number of
                 samples; defaults to ``shuffle`` (training). Use False for evaluation.
         """
-        per_worker, global_batch = resolve_batch_sizes(batch_size, global_batch_size, self.world_size)
+        _, global_batch = resolve_batch_sizes(batch_size, global_batch_size, self.world_size)
         sampler = GlobalOrderSampler(
             len(dataset), global_batch, self.world_size, self.rank, shuffle=shuffle,
             seed=self.seed if seed is None else seed, drop_last=drop_last,
             even=shuffle if even is None else even,
         )
-        if collate_fn is None:
-            dataset, collate_fn = _Indexed(dataset), checked_collate
-        loader_kwargs.setdefault("pin_memory", self.device.type == "cuda")
-        reseed = "generator" not in loader_kwargs  # keep iter() off the global RNG (see DeviceDataLoader)
-        if reseed:
-            loader_kwargs["generator"] = torch.Generator()
-        loader = DataLoader(dataset, batch_size=per_worker, sampler=sampler, num_workers=num_workers,
-                            collate_fn=collate_fn, **loader_kwargs)
-        return DeviceDataLoader(loader, sampler, self.device, timer=self.timer, reseed=reseed)
+        return build_loader(dataset, sampler, self.device, num_workers, collate_fn, self.timer, loader_kwargs)
 
     # ----- the step ------------------------------------------------------------------
     def autocast(self) -> ContextManager[Any]:
