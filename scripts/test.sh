@@ -7,16 +7,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --test
 scripts/build-horovod.sh
-# The two-host tests put agents in network namespaces (ip netns), which needs iproute2.
-if ! command -v ip >/dev/null && [ "$(id -u)" = 0 ]; then
-  apt-get update -q >/dev/null && apt-get install -y -q iproute2 >/dev/null
+# The two-host tests put agents in network namespaces (ip netns), which needs iproute2; the
+# launch --hosts tests run an OpenSSH server in each namespace.
+if { ! command -v ip >/dev/null || [ ! -x /usr/sbin/sshd ] || ! command -v ssh >/dev/null; } && [ "$(id -u)" = 0 ]; then
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q iproute2 openssh-server openssh-client >/dev/null
 fi
 # A real two-node SLURM cluster for the tests marked slurm; stopped again on exit.
 eval "$(scripts/dev-slurm.sh start)"
 trap 'scripts/dev-slurm.sh stop' EXIT
 # Every part installed above must be there: a test that needs a missing one fails, and so does any
 # other skip (tests/parts.py). GPU tests are required only where a GPU is visible.
-export TRAINFLEET_REQUIRE=horovod,slurm,multinode
+export TRAINFLEET_REQUIRE=horovod,slurm,multinode,ssh
 if command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q GPU; then
   TRAINFLEET_REQUIRE+=,gpu
 fi

@@ -1,7 +1,7 @@
 """The optional parts some tests need, and whether this machine has them.
 
 A test declares what it needs with a marker (``horovod``, ``slurm``, ``multinode``,
-``gpu`` or ``gpu(devices=N)``); conftest.py decides what a missing part means. On a
+``ssh``, ``gpu`` or ``gpu(devices=N)``); conftest.py decides what a missing part means. On a
 developer's machine the test is skipped with the reason. Under ``scripts/test.sh`` (and so
 CI) ``TRAINFLEET_REQUIRE`` names the parts that must be there: a test that needs a missing
 one fails, and so does any other skip, so nothing the README claims goes unchecked quietly.
@@ -13,7 +13,7 @@ import shutil
 
 from tests import twohosts
 
-PARTS = ("horovod", "slurm", "multinode", "gpu")
+PARTS = ("horovod", "slurm", "multinode", "ssh", "gpu")
 REQUIRE_ENV = "TRAINFLEET_REQUIRE"
 
 
@@ -38,6 +38,12 @@ def multinode_missing() -> str | None:
     return twohosts.available()
 
 
+def ssh_missing() -> str | None:
+    from tests import sshhosts
+
+    return sshhosts.available()
+
+
 def gpu_missing(devices: int = 1) -> str | None:
     import torch
 
@@ -50,7 +56,7 @@ def gpu_missing(devices: int = 1) -> str | None:
 
 
 CHECKS = {"horovod": horovod_missing, "slurm": slurm_missing, "multinode": multinode_missing,
-          "gpu": gpu_missing}
+          "ssh": ssh_missing, "gpu": gpu_missing}
 
 
 def required() -> set[str]:

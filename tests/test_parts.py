@@ -63,7 +63,7 @@ def test_an_unknown_part_name_is_refused(tmp_path):
     assert result.returncode != 0 and "names ['slrum']" in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("part", ["horovod", "slurm", "multinode"])
+@pytest.mark.parametrize("part", ["horovod", "slurm", "multinode", "ssh"])
 def test_scripts_test_sh_requires_the_parts_ci_installs(part):
     text = (REPO / "scripts" / "test.sh").read_text()
     line = next(line for line in text.splitlines() if line.startswith("export TRAINFLEET_REQUIRE="))

@@ -86,6 +86,7 @@ def test_bench_bad_input(tmp_path):
     pytest.param("slurm_startup", ["slurm_first_step_vs_sbatch_torchrun: ratio",
                                    "slurm_startup breakdown (medians, s after the command): ours: command returned"],
                  marks=pytest.mark.slurm),
+    pytest.param("hosts_startup", ["hosts_first_step_vs_ssh_torchrun: ratio"], marks=pytest.mark.ssh),
 ])
 def test_benchmark_smoke(module, lines):
     result = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--quick", "--smoke"], cwd=REPO,

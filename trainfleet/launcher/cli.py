@@ -70,6 +70,14 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     add("--collective-timeout", dest="collective_timeout", type=float, default=_env_default("collective_timeout"),
         help="seconds before a collective some rank never joins fails, naming rank and call site "
              "(default: torch's 30 min)")
+    add("--hosts", default=_env_default("hosts"), metavar="A,B[:SLOTS]",
+        help="start one node on each host over ssh (node 0 on the first; here when it is this machine)")
+    add("--hostfile", default=_env_default("hostfile"), help="hosts, one 'host slots=N' per line")
+    add("--ssh-opt", dest="ssh_opt", action="append", metavar="OPTS",
+        help="extra ssh options for --hosts, e.g. '-i ~/.ssh/id_cluster -p 2222' (repeatable)")
+    add("--env", dest="env", action="append", metavar="NAME",
+        help="with --hosts: forward this variable to every host (TRAINFLEET_*, NCCL_*, GLOO_*, TORCH_*, "
+             "PYTHONPATH, OMP_NUM_THREADS are forwarded anyway)")
     add("-m", "--module", action="store_true", help="run TARGET as a module, like python -m")
     add("target", nargs="?", help="the training script (or module with -m)")
     add("args", nargs=argparse.REMAINDER, help="arguments for the script")
@@ -161,12 +169,28 @@ def _run_launch(ns: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     if given:
         raise UsageError(f"{given[0]} is for submitted jobs, but no --cluster was given.",
                          f"add --cluster slurm (or local) to submit, or drop {given[0]}.")
+    if ns.hosts or ns.hostfile:
+        return _run_hosts(ns)
     from trainfleet.launcher.local import launch
 
     code = _apply_slurm(ns, argv)
     if code is not None:
         return code
     return launch(launch_config_from_args(ns))
+
+
+def _run_hosts(ns: argparse.Namespace) -> int:
+    """``--hosts``/``--hostfile``: every node started from here over ssh."""
+    from trainfleet.launcher.hosts import plan_from_args, run_hosts, workers_per_host
+
+    plan = plan_from_args(ns.hosts, ns.hostfile, ns.ssh_opt, ns.env)
+    if ns.node_rank is not None:
+        raise UsageError(f"--node-rank {ns.node_rank} with --hosts: the hosts' order gives the node ranks.",
+                         "drop --node-rank.")
+    if ns.nodes not in (1, len(plan.hosts)):
+        raise UsageError(f"--nodes {ns.nodes} but {len(plan.hosts)} hosts were given.", "drop --nodes.")
+    ns.nodes, ns.gpus = len(plan.hosts), workers_per_host(plan, ns.gpus)
+    return run_hosts(launch_config_from_args(ns), plan)
 
 
 def _run_doctor(ns: argparse.Namespace) -> int:

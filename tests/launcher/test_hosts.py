@@ -1,0 +1,183 @@
+"""`launch --hosts` / `--hostfile`: every node started from one command over real ssh.
+
+Two 'hosts' are network namespaces, each with its own address and its own sshd on port 22
+(tests/sshhosts.py). The launcher runs in host A; node 0 runs there, node 1 on host B over ssh.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests import sshhosts
+from tests.conftest import BIN, SCRIPTS, run_cli
+from trainfleet.launcher import hosts as hosts_module
+from trainfleet.utils.errors import UsageError
+
+PARITY, LONG = str(SCRIPTS / "parity_train.py"), str(SCRIPTS / "long_train.py")
+
+
+# ----- parsing (no hosts needed) -------------------------------------------------------------
+def test_host_lists_and_hostfiles(tmp_path):
+    parsed = hosts_module.parse_hosts("a:2, user@b:2,c")
+    assert [(h.name, h.slots) for h in parsed] == [("a", 2), ("user@b", 2), ("c", None)]
+    (tmp_path / "hostfile").write_text("# the cluster\nworker-1 slots=4\n\nworker-2 slots=4  # second\n")
+    assert [(h.name, h.slots) for h in hosts_module.parse_hostfile(str(tmp_path / "hostfile"))] == \
+        [("worker-1", 4), ("worker-2", 4)]
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: hosts_module.parse_hosts("a:0"), "slots '0' must be a positive integer"),
+    (lambda: hosts_module.parse_hosts(","), "names no host"),
+    (lambda: hosts_module.plan_from_args("a,a", None, None, None), "host 'a' is listed twice"),
+    (lambda: hosts_module.plan_from_args("a", None, None, ["TRAINFLEET_NOT_SET_ANYWHERE"]),
+     "--env TRAINFLEET_NOT_SET_ANYWHERE: it is not set here"),
+    (lambda: hosts_module.workers_per_host(hosts_module.plan_from_args("a:2,b:4", None, None, None), None),
+     "different slot counts"),
+    (lambda: hosts_module.workers_per_host(hosts_module.plan_from_args("a:2,b:2", None, None, None), 4),
+     "--gpus 4 but the hosts have 2 slots each"),
+])
+def test_bad_host_lists(call, message):
+    with pytest.raises(UsageError, match=message):
+        call()
+
+
+def test_bad_hostfile_line_and_missing_file_from_launch(tmp_path):
+    (tmp_path / "hostfile").write_text("node1 gpus=4\n")
+    for args, needle in ((["--hostfile", str(tmp_path / "hostfile")], "expected 'host slots=N'"),
+                         (["--hostfile", str(tmp_path / "nope")], "cannot be read"),
+                         (["--hosts", "a,b", "--node-rank", "1"], "the hosts' order gives the node ranks")):
+        result = run_cli("launch", *args, LONG, str(tmp_path))
+        assert result.returncode == 2 and needle in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_forwarded_environment(monkeypatch):
+    monkeypatch.setenv("NCCL_DEBUG", "INFO")
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth9")
+    monkeypatch.setenv("MY_TOKEN", "x")
+    env = hosts_module.forwarded_env(["MY_TOKEN"])
+    assert env["NCCL_DEBUG"] == "INFO" and env["MY_TOKEN"] == "x"
+    assert "GLOO_SOCKET_IFNAME" not in env  # each host finds its own interface to the master
+
+
+# ----- real hosts over ssh -------------------------------------------------------------------
+def launch_on(hosts, tmp_path, *args, key="client", hostlist=None, **popen):
+    env = {k: v for k, v in os.environ.items() if not k.endswith("SOCKET_IFNAME")}
+    hostlist = hostlist or f"{hosts.addrs[0]}:2,{hosts.addrs[1]}:2"
+    command = [str(BIN / "launch"), "--hosts", hostlist, "--ssh-opt", hosts.ssh_opts(key),
+               "--log-dir", str(tmp_path / "logs"), *args]
+    return hosts.popen(0, command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
+
+
+def wait_ready(tmp_path, ranks=4, timeout=90):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all((tmp_path / f"ready.rank{r}").exists() for r in range(ranks)):
+            return {r: int((tmp_path / f"ready.rank{r}").read_text().split()[0]) for r in range(ranks)}
+        time.sleep(0.1)
+    raise AssertionError("the job did not start")
+
+
+@pytest.mark.ssh
+def test_two_hosts_by_two_equal_a_local_one_by_four(tmp_path):
+    local = tmp_path / "local"
+    local.mkdir()
+    result = run_cli("launch", "--gpus", "4", "--log-dir", str(tmp_path / "local-logs"), PARITY, str(local),
+                     "--steps", "6", "--global-batch-size", "16", timeout=240)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "hosts"
+    out.mkdir()
+    with sshhosts.SshHosts(tmp_path) as hosts:
+        launcher = launch_on(hosts, tmp_path, PARITY, str(out), "--steps", "6", "--global-batch-size", "16")
+        stdout, stderr = launcher.communicate(timeout=240)
+        assert launcher.returncode == 0, stderr
+        assert hosts.leftovers() == []
+    ours, theirs = (json.loads((d / "losses.json").read_text()) for d in (out, local))
+    assert ours["world_size"] == 4
+    assert max(abs(a - b) for a, b in zip(ours["losses"], theirs["losses"])) < 1e-5
+    a, b = (torch.load(d / "final.pt", weights_only=True)["model"] for d in (out, local))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert (tmp_path / "logs" / "node1" / "rank3.log").exists()  # node 1's logs, written on host B
+
+
+@pytest.mark.ssh
+@pytest.mark.parametrize("fault", ["kill -9 worker on host B", "lost ssh connection"])
+def test_a_failure_on_host_b_brings_every_host_down(tmp_path, fault):
+    with sshhosts.SshHosts(tmp_path) as hosts:
+        launcher = launch_on(hosts, tmp_path, LONG, str(tmp_path))
+        pids = wait_ready(tmp_path)
+        time.sleep(1.0)
+        started = time.monotonic()
+        if fault.startswith("kill"):
+            os.kill(pids[3], signal.SIGKILL)
+        else:  # the ssh client that carries node 1: its agent sees end-of-file and stops
+            ssh = [p for p in hosts.pids(0) if open(f"/proc/{p}/comm").read().strip() == "ssh"]
+            assert ssh, "no ssh client found"
+            for pid in ssh:
+                os.kill(pid, signal.SIGKILL)
+        _, stderr = launcher.communicate(timeout=60)
+        elapsed = time.monotonic() - started
+        assert launcher.returncode != 0, stderr
+        assert elapsed < 5 if fault.startswith("kill") else elapsed < 15, f"{fault}: down after {elapsed:.1f}s"
+        if fault.startswith("kill"):
+            assert "rank 3 (node 1, local rank 1) failed first: signal SIGKILL" in stderr, stderr
+        assert hosts.leftovers() == [], "processes left on a host"
+
+
+@pytest.mark.ssh
+def test_ctrl_c_stops_every_host(tmp_path):
+    with sshhosts.SshHosts(tmp_path) as hosts:
+        launcher = launch_on(hosts, tmp_path, "--grace-period", "20", LONG, str(tmp_path))
+        wait_ready(tmp_path)
+        time.sleep(0.5)
+        launcher.send_signal(signal.SIGINT)
+        _, stderr = launcher.communicate(timeout=60)
+        assert launcher.returncode == 128 + signal.SIGINT, stderr
+        for rank in range(4):  # every worker on both hosts saw it and stopped at the same step
+            assert (tmp_path / f"stop.rank{rank}").read_text() == str(int(signal.SIGINT))
+        assert hosts.leftovers() == [], "processes left on a host"
+
+
+@pytest.mark.ssh
+@pytest.mark.parametrize("case", ["unreachable host", "wrong key", "script missing on host B"])
+def test_preflight_failures_are_one_line_naming_the_host(tmp_path, case):
+    script_dir = tmp_path / "code"
+    script_dir.mkdir()
+    script = script_dir / "train.py"
+    script.write_text((SCRIPTS / "long_train.py").read_text())
+    hide = script_dir if case == "script missing on host B" else None
+    with sshhosts.SshHosts(tmp_path, hide_on_b=hide) as hosts:
+        absent = hosts.addrs[1].rsplit(".", 1)[0] + ".77"  # in B's subnet, nobody there
+        hostlist = f"{hosts.addrs[0]}:2,{absent if case == 'unreachable host' else hosts.addrs[1]}:2"
+        launcher = launch_on(hosts, tmp_path, str(script), str(tmp_path), hostlist=hostlist,
+                             key="stranger" if case == "wrong key" else "client")
+        _, stderr = launcher.communicate(timeout=120)
+        assert launcher.returncode == 2, stderr
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in stderr, stderr
+        expected = {"unreachable host": f"host {absent} is unreachable over ssh",
+                    "wrong key": f"host {hosts.addrs[1]} refused the ssh login",
+                    "script missing on host B": f"host {hosts.addrs[1]} has no script {script}"}[case]
+        assert expected in lines[0], lines[0]
+        assert not list(tmp_path.glob("ready.rank*")) and hosts.leftovers() == []
+
+
+@pytest.mark.ssh
+def test_a_busy_master_port_is_one_line(tmp_path):
+    with sshhosts.SshHosts(tmp_path) as hosts:
+        holder = hosts.popen(0, [sys.executable, "-c", "import socket, time; s = socket.socket(); "
+                                 f"s.bind(('{hosts.addrs[0]}', 29577)); s.listen(); print('up', flush=True); "
+                                 "time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "up"
+        launcher = launch_on(hosts, tmp_path, "--master-port", "29577", LONG, str(tmp_path))
+        _, stderr = launcher.communicate(timeout=60)
+        holder.kill()
+        holder.wait()
+        assert launcher.returncode == 2 and len(stderr.strip().splitlines()) == 1, stderr
+        assert f"--master-port 29577 on {hosts.addrs[0]} is not available" in stderr
+        assert not list(tmp_path.glob("ready.rank*")) and hosts.leftovers() == []
