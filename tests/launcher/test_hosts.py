@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from tests import sshhosts
+from tests import sshhosts, twohosts
 from tests.conftest import BIN, SCRIPTS, run_cli
 from trainfleet.launcher import hosts as hosts_module
 from trainfleet.utils.errors import UsageError
@@ -74,15 +74,6 @@ def launch_on(hosts, tmp_path, *args, key="client", hostlist=None, **popen):
     return hosts.popen(0, command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
 
 
-def wait_ready(tmp_path, ranks=4, timeout=90):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all((tmp_path / f"ready.rank{r}").exists() for r in range(ranks)):
-            return {r: int((tmp_path / f"ready.rank{r}").read_text().split()[0]) for r in range(ranks)}
-        time.sleep(0.1)
-    raise AssertionError("the job did not start")
-
-
 @pytest.mark.ssh
 def test_two_hosts_by_two_equal_a_local_one_by_four(tmp_path):
     local = tmp_path / "local"
@@ -106,11 +97,25 @@ def test_two_hosts_by_two_equal_a_local_one_by_four(tmp_path):
 
 
 @pytest.mark.ssh
+def test_node_0_on_a_remote_first_host(tmp_path):
+    """The launcher's machine is not in the list's first place: every agent runs over ssh, node 0
+    (the master) on host B, and rank 0's output still comes back to this terminal."""
+    with sshhosts.SshHosts(tmp_path) as hosts:
+        hostlist = f"{hosts.addrs[1]}:2,{hosts.addrs[0]}:2"
+        launcher = launch_on(hosts, tmp_path, LONG, str(tmp_path), "--steps", "5", hostlist=hostlist)
+        stdout, stderr = launcher.communicate(timeout=180)
+        assert launcher.returncode == 0, stderr
+        assert json.loads((tmp_path / "done.json").read_text()) == {"step": 5, "attempt": 0, "world": 4}
+        assert "running 4 CPU worker(s)" in stderr and f"[{hosts.addrs[0]}]" not in stdout
+        assert hosts.leftovers() == []
+
+
+@pytest.mark.ssh
 @pytest.mark.parametrize("fault", ["kill -9 worker on host B", "lost ssh connection"])
 def test_a_failure_on_host_b_brings_every_host_down(tmp_path, fault):
     with sshhosts.SshHosts(tmp_path) as hosts:
         launcher = launch_on(hosts, tmp_path, LONG, str(tmp_path))
-        pids = wait_ready(tmp_path)
+        pids = twohosts.wait_ready(tmp_path)
         time.sleep(1.0)
         started = time.monotonic()
         if fault.startswith("kill"):
@@ -133,7 +138,7 @@ def test_a_failure_on_host_b_brings_every_host_down(tmp_path, fault):
 def test_ctrl_c_stops_every_host(tmp_path):
     with sshhosts.SshHosts(tmp_path) as hosts:
         launcher = launch_on(hosts, tmp_path, "--grace-period", "20", LONG, str(tmp_path))
-        wait_ready(tmp_path)
+        twohosts.wait_ready(tmp_path)
         time.sleep(0.5)
         launcher.send_signal(signal.SIGINT)
         _, stderr = launcher.communicate(timeout=60)

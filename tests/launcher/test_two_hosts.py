@@ -31,15 +31,6 @@ def start_job(hosts, tmp_path, *script_args, gpus=2):
     return agents
 
 
-def wait_ready(tmp_path, ranks=4, timeout=90):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all((tmp_path / f"ready.rank{r}").exists() for r in range(ranks)):
-            return {r: int((tmp_path / f"ready.rank{r}").read_text().split()[0]) for r in range(ranks)}
-        time.sleep(0.1)
-    raise AssertionError("the job did not start")
-
-
 def time_to_exit(agents, since, timeout=60):
     """Seconds from ``since`` until the last agent exited, and their outputs."""
     ended = {}
@@ -72,7 +63,7 @@ def test_training_completes_across_two_hosts(tmp_path):
 def test_fault_takes_both_hosts_down(tmp_path, fault, bound):
     with twohosts.TwoHosts() as hosts:
         agents = start_job(hosts, tmp_path)
-        pids = wait_ready(tmp_path)
+        pids = twohosts.wait_ready(tmp_path)
         time.sleep(1.0)
         injected = time.monotonic()
         hosts.inject(fault, pids, agents)
