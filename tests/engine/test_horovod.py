@@ -109,3 +109,15 @@ def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path, strategy
     info = ranks[0]
     assert info["same"] and info["finite"] and info["skipped"] == 1 and info["stepped"][2] is False
     assert info["scales"][2] == info["scales"][1] / 2  # the scale backs off once
+
+
+@pytest.mark.horovod
+def test_a_cpu_only_horovod_refuses_gpu_training_in_one_line():
+    """The Horovod built here has no CUDA/NCCL: on a GPU node it would fail at the first broadcast."""
+    import horovod.torch as hvd
+
+    from trainfleet.engine.horovod import check_build
+
+    check_build(hvd, "cpu")
+    with pytest.raises(UsageError, match="built for CPU only .* TRAINFLEET_HOROVOD_GPU=1 .* --cpu"):
+        check_build(hvd, "cuda")

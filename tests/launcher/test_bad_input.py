@@ -92,3 +92,22 @@ def test_no_sbatch_on_path(tmp_path):
                      env={"PATH": str(BIN)}, cwd=tmp_path)
     assert_one_line_error(result, "--cluster slurm needs sbatch, sinfo, sacct on PATH")
     assert not (tmp_path / "runs").exists() and not list(tmp_path.iterdir())  # nothing submitted, nothing written
+
+
+def test_simulated_nodes_get_their_own_gpus(monkeypatch):
+    """`launch --nodes 2 --gpus 4` on one host: node n takes visible devices [4n, 4n+4), or the
+    layout is refused when the host has fewer than 8 (ranks 0 and 4 would share cuda:0)."""
+    from trainfleet.launcher.local import worker_env
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(UsageError, match=r"--nodes 2 x 4 GPUs on this one host needs 8 CUDA devices, it has 4.*"
+                                         r"use --gpus 2 \(each simulated node gets its own GPUs\)"):
+        LaunchConfig(SCRIPT, nodes=2, gpus=4, cuda_devices=4)
+    cfg = LaunchConfig(SCRIPT, nodes=2, gpus=4, cuda_devices=8)
+    assert [worker_env(cfg, node, 0, 29500)["CUDA_VISIBLE_DEVICES"] for node in (0, 1)] == ["0,1,2,3", "4,5,6,7"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7,6,5,4")
+    assert worker_env(LaunchConfig(SCRIPT, nodes=2, gpus=2, cuda_devices=4), 1, 1, 29500)["CUDA_VISIBLE_DEVICES"] == "5,4"
+    # a real node (--node-rank) owns its host's GPUs; CPU layouts are untouched
+    assert "CUDA_VISIBLE_DEVICES" not in worker_env(LaunchConfig(SCRIPT, nodes=2, gpus=4, node_rank=1,
+                                                                 cuda_devices=4), 1, 0, 29500)
+    assert LaunchConfig(SCRIPT, nodes=2, gpus=4, cuda_devices=4, cpu=True).world_size == 8

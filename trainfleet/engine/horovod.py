@@ -27,6 +27,19 @@ def import_horovod() -> Any:
     return hvd
 
 
+def check_build(hvd: Any, device_type: str) -> None:
+    """Refuse CUDA training on a Horovod built without GPU support (the default build): its
+    first broadcast of a CUDA tensor would fail deep inside with "not compiled with CUDA".
+
+    Raises:
+        UsageError: ``device_type`` is cuda and Horovod has neither CUDA nor NCCL built in.
+    """
+    if device_type == "cuda" and not (hvd.cuda_built() or hvd.nccl_built()):
+        raise UsageError("strategy 'horovod' on GPUs, but this Horovod was built for CPU only (no CUDA, no NCCL).",
+                         "rebuild it with TRAINFLEET_HOROVOD_GPU=1 scripts/build-horovod.sh (needs the CUDA "
+                         "toolkit and NCCL), or run CPU workers with --cpu.")
+
+
 class HorovodStrategy(MultiProcessStrategy):
     """Data parallel training through Horovod.
 
@@ -62,6 +75,7 @@ class HorovodStrategy(MultiProcessStrategy):
         return self.hvd.local_rank() if self._environment_ready else self.env.local_rank
 
     def _setup_environment(self) -> None:
+        check_build(self.hvd, self.root_device.type)
         self.hvd.init()
         if self.hvd.size() != self.env.world_size and self.env.launched:
             raise UsageError(f"Horovod sees {self.hvd.size()} workers but WORLD_SIZE={self.env.world_size}.",

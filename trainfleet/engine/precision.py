@@ -173,12 +173,20 @@ class HalfModelPrecision(Precision):
         (loss.float() * self.scale).backward()
 
     def _unscaled_grads(self, params: list[torch.nn.Parameter]) -> dict[torch.nn.Parameter, torch.Tensor] | None:
-        grads, inverse = {}, 1.0 / self.scale
-        for p in params:
-            grad = p.grad.float().mul_(inverse)
-            if not torch.isfinite(grad).all():
-                return None
-            grads[p] = grad
+        """fp32 gradients divided by the scale, or None if any is inf/NaN. One fused kernel per
+        device and one device-to-host sync per step (GradScaler's own check), not one per parameter."""
+        grads = {p: p.grad.float() for p in params}
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for grad in grads.values():
+            by_device.setdefault(grad.device, []).append(grad)
+        found = []
+        for device, tensors in by_device.items():
+            found_inf = torch.zeros(1, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                tensors, found_inf, torch.full((1,), 1.0 / self.scale, device=device))
+            found.append(found_inf)
+        if found and bool(torch.stack([f.cpu() for f in found]).sum() > 0):
+            return None
         return grads
 
     def _update_scale(self, finite: bool) -> None:

@@ -190,6 +190,7 @@ def _run_hosts(ns: argparse.Namespace) -> int:
     if ns.nodes not in (1, len(plan.hosts)):
         raise UsageError(f"--nodes {ns.nodes} but {len(plan.hosts)} hosts were given.", "drop --nodes.")
     ns.nodes, ns.gpus = len(plan.hosts), workers_per_host(plan, ns.gpus)
+    ns.node_rank = 0  # validated as node 0 of a real multi-node job (not as nodes simulated on this host)
     return run_hosts(launch_config_from_args(ns), plan)
 
 

@@ -127,6 +127,13 @@ class LaunchConfig:
         if self.gpus is not None and self.cuda_devices and self.gpus > self.cuda_devices:
             raise UsageError(f"--gpus {self.gpus} but this node has {self.cuda_devices} CUDA devices.",
                              f"use --gpus {self.cuda_devices}, or --cpu to run {self.gpus} CPU workers.")
+        if self.simulated_nodes and self.accelerator == "cuda" and \
+                self.nodes * self.devices_per_node > self.cuda_devices:
+            per_node = self.cuda_devices // self.nodes
+            fits = f"--gpus {per_node} (each simulated node gets its own GPUs), " if per_node else ""
+            raise UsageError(f"--nodes {self.nodes} x {self.devices_per_node} GPUs on this one host needs "
+                             f"{self.nodes * self.devices_per_node} CUDA devices, it has {self.cuda_devices}.",
+                             f"use {fits}--cpu, or one agent per machine (--node-rank, --hosts, SLURM).")
         if self.debug and self.nodes > 1:
             raise UsageError(f"--debug runs one process in-process, but --nodes {self.nodes} was given.",
                              "drop --nodes to debug.")
@@ -168,6 +175,11 @@ class LaunchConfig:
         if self.gpus is not None:
             return self.gpus
         return self.cuda_devices if self.accelerator == "cuda" else 1
+
+    @property
+    def simulated_nodes(self) -> bool:
+        """``--nodes N`` without ``--node-rank``: N agents on this host, sharing its devices."""
+        return self.nodes > 1 and self.node_rank is None and not self.debug
 
     @property
     def procs_per_node(self) -> int:

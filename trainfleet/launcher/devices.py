@@ -52,9 +52,10 @@ def visible_cuda_devices(env: Mapping[str, str] | None = None, physical: int | N
     return min(count, physical) if physical else 0
 
 
-def visible_devices_for(count: int, env: Mapping[str, str] | None = None) -> str:
-    """The CUDA_VISIBLE_DEVICES value that keeps the first ``count`` visible devices."""
+def visible_devices_for(count: int, env: Mapping[str, str] | None = None, start: int = 0) -> str:
+    """The CUDA_VISIBLE_DEVICES value that keeps ``count`` of the visible devices from the
+    ``start``-th on (a simulated node n of ``count`` GPUs takes ``start = n * count``)."""
     env = os.environ if env is None else env
     mask = env.get("CUDA_VISIBLE_DEVICES")
-    current = [e.strip() for e in mask.split(",")] if mask else [str(i) for i in range(count)]
-    return ",".join(current[:count])
+    current = [e.strip() for e in mask.split(",")] if mask else [str(i) for i in range(start + count)]
+    return ",".join(current[start:start + count])

@@ -106,7 +106,11 @@ def worker_env(cfg: LaunchConfig, node_rank: int, local_rank: int, port: int,
         for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
             if iface and name not in os.environ:
                 env[name] = iface
-    if cfg.accelerator == "cuda" and cfg.procs_per_node == 1 and cfg.gpus is not None:
+    if cfg.accelerator == "cuda" and cfg.simulated_nodes:
+        # Simulated nodes share this host's GPUs: node n takes its own slice, or ranks 0 and g of
+        # different nodes would open the same device (NCCL: "Duplicate GPU detected").
+        env["CUDA_VISIBLE_DEVICES"] = visible_devices_for(cfg.devices_per_node, start=node_rank * cfg.devices_per_node)
+    elif cfg.accelerator == "cuda" and cfg.procs_per_node == 1 and cfg.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible_devices_for(cfg.devices_per_node)
     if horovod_port is not None:
         env.update(horovod.slot_env(cfg, node_rank, local_rank, horovod_port))
