@@ -9,12 +9,16 @@ openssh-server.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shlex
+import signal
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from benchmarks.common import BIN, PROBES, Comparison, interleave, now, paired_verdict, rounds_from_args, scratch
@@ -24,11 +28,30 @@ PROBE = str(PROBES / "first_step.py")
 PORTS = iter(range(29561, 29761))  # a fresh master port per run: a just-closed one may linger in TIME_WAIT
 
 
-def _first_step(out: Path, started: float, process: subprocess.Popen) -> float:
-    _, stderr = process.communicate(timeout=300)
+LINGER_S = 30
+LINGERED = {"ours": 0, "peer": 0}
+
+
+def _first_step(out: Path, started: float, process: subprocess.Popen, hosts: sshhosts.SshHosts, side: str) -> float:
+    """Seconds to rank 0's first step. A run still going LINGER_S after it is stopped and counted
+    (torchrun's agents can wait in their exit barrier for minutes), and both hosts are cleared."""
     record = out / "first_step.json"
-    if process.returncode != 0 or not record.is_file():
-        raise RuntimeError(f"run failed ({process.returncode}): {stderr[-2000:]}")
+    deadline, stepped = time.monotonic() + 300, None
+    while process.poll() is None and time.monotonic() < deadline:
+        if stepped is None and record.is_file():
+            stepped = time.monotonic()
+        if stepped is not None and time.monotonic() - stepped > LINGER_S:
+            LINGERED[side] += 1
+            break
+        time.sleep(0.1)
+    if process.poll() is None:
+        for host in (0, 1):
+            for pid in hosts.pids(host):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    _, stderr = process.communicate(timeout=30)
+    if not record.is_file():
+        raise RuntimeError(f"{side} run failed ({process.returncode}): {stderr[-2000:]}")
     elapsed = json.loads(record.read_text())["t"] - started
     shutil.rmtree(out)
     return elapsed
@@ -40,7 +63,7 @@ def _ours(hosts: sshhosts.SshHosts) -> float:
                hosts.ssh_opts(), "--master-port", str(next(PORTS)), PROBE, str(out)]
     started = now()
     return _first_step(out, started, hosts.popen(0, command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                                   text=True))
+                                                   text=True), hosts, "ours")
 
 
 def _peer(hosts: sshhosts.SshHosts) -> float:
@@ -53,7 +76,7 @@ def _peer(hosts: sshhosts.SshHosts) -> float:
               "wait")
     started = now()
     return _first_step(out, started, hosts.popen(0, ["bash", "-c", script], stdout=subprocess.DEVNULL,
-                                                   stderr=subprocess.PIPE, text=True))
+                                                   stderr=subprocess.PIPE, text=True), hosts, "peer")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     print(comparison.line(), flush=True)
     if len(comparison.ours) > 1:
         print("  " + paired_verdict(comparison), flush=True)
+    print(f"  runs stopped {LINGER_S} s after their first step because they had not ended: "
+          f"ours {LINGERED['ours']}, peer {LINGERED['peer']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -38,18 +38,37 @@ srun bash -c "exec {bin}/torchrun --nnodes 2 --nproc-per-node 2 --node-rank \\$S
 BREAKDOWN: dict[str, list[tuple[float, float, float]]] = {"ours": [], "peer": []}
 
 
-def _wait_done(job: str, out: Path, timeout: float = 180) -> dict:
-    """Rank 0's record (first-step and script-start times), once the job has ended (so jobs never overlap)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "State"], capture_output=True,
-                               text=True).stdout.split()
-        if state and state[0] not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"):
-            break
-        time.sleep(0.2)
+LINGER_S = 30  # after its first step a job gets this long to end by itself, then it is cancelled
+LINGERED = {"ours": 0, "peer": 0}
+
+
+def _state(job: str) -> str:
+    state = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "State"], capture_output=True,
+                           text=True).stdout.split()
+    return state[0] if state else "UNKNOWN"
+
+
+def _wait_done(job: str, out: Path, side: str, timeout: float = 300) -> dict:
+    """Rank 0's record (first-step and script-start times), once the job has ended (so jobs never
+    overlap). A job still running LINGER_S after its first step is cancelled and counted: torchrun's
+    agents can sit in their exit barrier for minutes, holding the nodes the next round needs."""
     record = out / "first_step.json"
+    deadline, stepped = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        if _state(job) not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "UNKNOWN"):
+            break
+        if stepped is None and record.is_file():
+            stepped = time.monotonic()
+        if stepped is not None and time.monotonic() - stepped > LINGER_S:
+            LINGERED[side] += 1
+            subprocess.run(["scancel", job], capture_output=True)
+            stepped = float("inf")
+        time.sleep(0.2)
+    else:
+        subprocess.run(["scancel", job], capture_output=True)
+        raise RuntimeError(f"job {job} did not end within {timeout:.0f} s ({_state(job)}); see {out}")
     if not record.is_file():
-        raise RuntimeError(f"job {job} ended ({state}) without a first step; see {out}")
+        raise RuntimeError(f"job {job} ended ({_state(job)}) without a first step; see {out}")
     return json.loads(record.read_text())
 
 
@@ -61,7 +80,7 @@ def _ours() -> float:
                             capture_output=True, text=True, check=True)
     returned = now()
     job = result.stdout.split("submitted job ")[1].split()[0]
-    return _record("ours", _wait_done(job, out), start, returned, out)
+    return _record("ours", _wait_done(job, out, "ours"), start, returned, out)
 
 
 def _record(side: str, record: dict, start: float, returned: float, out: Path) -> float:
@@ -78,7 +97,7 @@ def _peer() -> float:
     job = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True,
                          check=True).stdout.strip()
     returned = now()
-    return _record("peer", _wait_done(job, out), start, returned, out)
+    return _record("peer", _wait_done(job, out, "peer"), start, returned, out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     print("slurm_startup breakdown (medians, s after the command): " + " | ".join(
         f"{side}: command returned {median(0):.2f}, rank 0's script started {median(1):.2f}, first step {median(2):.2f}"
         for side, median in ((side, _medians(side)) for side in ("ours", "peer"))), flush=True)
+    print(f"  jobs cancelled {LINGER_S} s after their first step because they had not ended: "
+          f"ours {LINGERED['ours']}, peer {LINGERED['peer']}", flush=True)
 
 
 def _medians(side: str):
