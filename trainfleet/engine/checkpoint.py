@@ -144,21 +144,13 @@ def save_atomic(obj: Any, path: str | os.PathLike[str], writer: Any = None) -> P
     return path
 
 
-def verify_file(path: Path) -> None:
-    """Check the CRC32 that torch's zip writer stores for every record of the file.
-
-    ``torch.load`` does not check them: a flipped bit in tensor data would load silently.
-
-    Raises:
-        UsageError: a record fails its check, or the file is truncated.
-    """
-    problem = _first_bad_record(path)
-    if problem is not None:
-        raise UsageError(f"checkpoint {str(path)!r} is {problem}.", "re-save it, or load an earlier checkpoint.")
+def _corrupt(path: Path, problem: str) -> UsageError:
+    return UsageError(f"checkpoint {str(path)!r} is {problem}.", "re-save it, or load an earlier checkpoint.")
 
 
 def _first_bad_record(path: Path) -> str | None:
-    """None when every record's CRC32 matches, else what is wrong ("truncated ...", "corrupt: ...").
+    """None when every record's CRC32 matches (the checksums torch's zip writer stores and
+    ``torch.load`` never checks), else what is wrong ("truncated ...", "corrupt: ...").
 
     Reads the records through one memory map, with zlib (which releases the GIL), so it can run
     on a thread beside ``torch.load`` reading the same pages: a verified load then costs about
@@ -386,13 +378,11 @@ def load_file(path: str | os.PathLike[str], map_location: Any = "cpu", trust: bo
             payload = torch.load(path, map_location=map_location, weights_only=not trust)
     except Exception as err:
         problem = check.result() if check is not None else None
-        if problem is not None:  # the CRC check names the cause better than the unpickler's error
-            raise UsageError(f"checkpoint {str(path)!r} is {problem}.",
-                             "re-save it, or load an earlier checkpoint.") from err
-        raise _load_error(path, err) from err
+        # the CRC check names the cause better than the unpickler's error
+        raise (_corrupt(path, problem) if problem else _load_error(path, err)) from err
     problem = check.result() if check is not None else None
     if problem is not None:
-        raise UsageError(f"checkpoint {str(path)!r} is {problem}.", "re-save it, or load an earlier checkpoint.")
+        raise _corrupt(path, problem)
     return payload
 
 

@@ -316,8 +316,8 @@ class Engine:
         if format not in ("trainfleet", "safetensors"):
             raise UsageError(f"save(format={format!r}): expected 'trainfleet' or 'safetensors'.")
         if format == "safetensors":
-            return self._save_weights(path, model, keep_last, asynchronous or bool(sharded) or optimizer
-                                      or scheduler or dataloader, extra)
+            return self._save_weights(path, model, keep_last, extra, optimizer=optimizer, scheduler=scheduler,
+                                      dataloader=dataloader, asynchronous=asynchronous, sharded=sharded)
         if self.strategy.shards_checkpoints if sharded is None else sharded:
             return self._save_sharded(path, model, optimizer, scheduler, dataloader, keep_last, asynchronous, extra)
         state = self.state_dict(model, optimizer, scheduler, dataloader, **extra)
@@ -338,13 +338,14 @@ class Engine:
             self.barrier()
         return path
 
-    def _save_weights(self, path: Path, model: torch.nn.Module | None, keep_last: int | None, other: Any,
-                      extra: dict[str, Any]) -> Path:
+    def _save_weights(self, path: Path, model: torch.nn.Module | None, keep_last: int | None,
+                      extra: dict[str, Any], **training_state: Any) -> Path:
         """The model's weights as one safetensors file (gathered whole under fsdp)."""
-        if model is None or other:
-            raise UsageError("save(format='safetensors') writes model weights only: pass model= and nothing "
-                             "else (no optimizer, scheduler, dataloader, asynchronous or sharded).",
-                             "save training state in the trainfleet format.")
+        given = [name for name, value in training_state.items() if value]
+        if model is None or given:
+            what = f"it was given {', '.join(given)}" if given else "no model was given"
+            raise UsageError(f"save(format='safetensors') writes model weights only, but {what}.",
+                             "pass model= alone, and save training state in the trainfleet format.")
         module = self.unwrap(model)
         state = ckpt.clean_state_dict(self.precision.module_state(module, self.strategy.full_model_state(module)))
         if self.is_main:

@@ -69,6 +69,16 @@ def read(path: str | os.PathLike[str], trust: bool = False, verify: bool = True,
             a shard the index names but the folder lacks, or ``ema`` without EMA weights.
     """
     path = ckpt.resolve(path)
+    payload = _read(path, trust, verify)
+    if not ema:
+        return payload
+    if not isinstance(payload, dict) or payload.get("ema") is None:
+        raise UsageError(f"{str(path)!r} holds no EMA weights (ema=True): of the formats read here, only timm "
+                         "checkpoints written with --model-ema carry them.", "load without ema.")
+    return {**payload, "model": payload["ema"]}
+
+
+def _read(path: Path, trust: bool, verify: bool) -> Any:
     kind = folder_kind(path)
     if kind == "hf-sharded":
         index = next(path / name for name in INDEX_FILES if (path / name).is_file())
@@ -83,29 +93,24 @@ def read(path: str | os.PathLike[str], trust: bool = False, verify: bool = True,
         return _foreign("hf-sharded", read_index(path, trust, verify), path)
     if is_safetensors(path):
         return _foreign("safetensors", read_safetensors(path), path)
-    return classify(ckpt.load_file(path, map_location="cpu", trust=trust, verify=verify), path, ema)
+    return classify(ckpt.load_file(path, map_location="cpu", trust=trust, verify=verify), path)
 
 
 def _foreign(source: str, model: dict[str, Any], path: Path, **parts: Any) -> dict[str, Any]:
     payload = {"format": "foreign", "source": source, "model": model, "optimizer": None, "scheduler": None,
-               "extra": {}}
+               "ema": None, "extra": {}}
     payload.update(parts)
     return payload
 
 
-def classify(payload: Any, path: Path, ema: bool = False) -> Any:
+def classify(payload: Any, path: Path) -> Any:
     """A torch-format payload as trainfleet's own, or as a foreign payload naming its source."""
     if isinstance(payload, Mapping) and payload.get("format") == ckpt.FORMAT:
-        if ema:
-            raise UsageError(f"{str(path)!r} is a trainfleet checkpoint: it has no EMA weights (ema=True).",
-                             "load without ema.")
         return payload
     if isinstance(payload, Mapping) and "pytorch-lightning_version" in payload:
-        return _lightning(payload, path, ema)
+        return _lightning(payload, path)
     if isinstance(payload, Mapping) and isinstance(payload.get("state_dict"), Mapping) and "arch" in payload:
-        return _timm(payload, path, ema)
-    if ema:
-        raise UsageError(f"{str(path)!r} holds no EMA weights (ema=True).", "load without ema.")
+        return _timm(payload, path)
     model = ckpt.extract_model_state(payload, path)
     optimizer = None
     if isinstance(payload, Mapping):
@@ -118,29 +123,24 @@ def _is_optimizer_state(obj: Any) -> bool:
     return isinstance(obj, Mapping) and "state" in obj and "param_groups" in obj
 
 
-def _timm(payload: Mapping[str, Any], path: Path, ema: bool) -> dict[str, Any]:
-    key = "state_dict_ema" if ema else "state_dict"
-    if key not in payload:
-        raise UsageError(f"{str(path)!r} (timm) holds no EMA weights (ema=True); it has "
-                         f"{sorted(k for k in payload if k.startswith('state_dict'))}.",
-                         "load without ema, or train with --model-ema.")
+def _timm(payload: Mapping[str, Any], path: Path) -> dict[str, Any]:
     args = payload.get("args")
     extra = {"epoch": payload.get("epoch"), "arch": payload.get("arch"), "metric": payload.get("metric"),
              "args": dict(vars(args)) if args is not None and hasattr(args, "__dict__") else args}
     optimizer = payload.get("optimizer") if _is_optimizer_state(payload.get("optimizer")) else None
-    return _foreign("timm", ckpt.clean_state_dict(payload[key]), path, optimizer=optimizer,
+    ema = payload.get("state_dict_ema")
+    return _foreign("timm", ckpt.clean_state_dict(payload["state_dict"]), path, optimizer=optimizer,
+                    ema=ckpt.clean_state_dict(ema) if isinstance(ema, Mapping) else None,
                     extra={k: v for k, v in extra.items() if v is not None})
 
 
-def _lightning(payload: Mapping[str, Any], path: Path, ema: bool) -> dict[str, Any]:
-    if ema:
-        raise UsageError(f"{str(path)!r} (Lightning) holds no EMA weights (ema=True).", "load without ema.")
+def _lightning(payload: Mapping[str, Any], path: Path) -> dict[str, Any]:
     optimizers = payload.get("optimizer_states") or []
     schedulers = payload.get("lr_schedulers") or []
     extra = {"epoch": payload.get("epoch"), "step": payload.get("global_step"),
              "hyper_parameters": dict(payload.get("hyper_parameters") or {}),
              "lightning_version": payload.get("pytorch-lightning_version")}
-    # One optimizer and scheduler map onto the engine's; several are left in extra.
+    # One optimizer and one scheduler map onto the engine's; with several, none is restored.
     return _foreign("lightning", dict(payload["state_dict"]), path,
                     optimizer=optimizers[0] if len(optimizers) == 1 else None,
                     scheduler=schedulers[0] if len(schedulers) == 1 else None,

@@ -310,11 +310,10 @@ def run_hosts(cfg: LaunchConfig, plan: HostsPlan) -> int:
     spec = {"config": config, "env": forwarded_env(plan.env_names), "cwd": os.getcwd()}
     processes: list[subprocess.Popen] = []
     codes: list[int | None] = [None] * len(plan.hosts)
-    stopping: dict[str, int | None] = {"signal": None}
 
     def relay(signum: int, _frame: Any) -> None:  # node 0's agent relays it to every node
-        stopping["signal"] = signum
-        _send(processes[0], f"signal {signum}\n")
+        if processes:
+            _send(processes[0], f"signal {signum}\n")
 
     previous = {signum: signal.signal(signum, relay) for signum in RELAYED_SIGNALS}
     try:
