@@ -104,3 +104,66 @@ def wait_ready(tmp_path, ranks=4, timeout=90):
             return {r: int((tmp_path / f"ready.rank{r}").read_text().split()[0]) for r in range(ranks)}
         time.sleep(0.1)
     raise AssertionError("the job did not start")
+
+
+class ManyHosts:
+    """N 'hosts' (namespaces, 10.232.S.1..N) on one switch: a bridge in a namespace of its own.
+
+    ``cut(h)`` takes host h's cable out (its end of the veth goes down): h and the others
+    stop hearing each other, while the others still hear one another.
+    """
+
+    def __init__(self, count: int) -> None:
+        tag = f"{os.getpid() % 100000}"
+        self.count = count
+        self.switch = f"tfsw{tag}"
+        self.names = tuple(f"tfh{i}{tag}" for i in range(count))
+        self.links = tuple(f"tvh{i}{tag}" for i in range(count))
+        subnet = 10 + os.getpid() % 240
+        self.addrs = tuple(f"10.232.{subnet}.{i + 1}" for i in range(count))
+
+    def __enter__(self) -> "ManyHosts":
+        _ip("netns", "add", self.switch)
+        _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
+        _ip("-n", self.switch, "link", "set", "br0", "up")
+        for i, (name, link, addr) in enumerate(zip(self.names, self.links, self.addrs)):
+            _ip("netns", "add", name)
+            _ip("link", "add", link, "type", "veth", "peer", "name", f"{link}s")
+            _ip("link", "set", link, "netns", name)
+            _ip("link", "set", f"{link}s", "netns", self.switch)
+            _ip("-n", self.switch, "link", "set", f"{link}s", "master", "br0")
+            _ip("-n", self.switch, "link", "set", f"{link}s", "up")
+            _ip("-n", name, "addr", "add", f"{addr}/24", "dev", link)
+            _ip("-n", name, "link", "set", link, "up")
+            _ip("-n", name, "link", "set", "lo", "up")
+        return self
+
+    def popen(self, host: int, command: list[str], **kwargs) -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", self.names[host], *command], **kwargs)
+
+    def cut(self, host: int) -> None:
+        _ip("-n", self.names[host], "link", "set", self.links[host], "down")
+
+    def pids(self, host: int) -> list[int]:
+        out = subprocess.run(["ip", "netns", "pids", self.names[host]], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def leftovers(self, wait: float = 3.0) -> list[int]:
+        deadline = time.monotonic() + wait
+        while True:
+            left = [pid for host in range(self.count) for pid in self.pids(host)]
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.1)
+
+    def __exit__(self, *exc) -> None:
+        for host in range(self.count):
+            for pid in self.pids(host):
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.2)
+        for name in (*self.names, self.switch):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)

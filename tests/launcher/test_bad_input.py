@@ -97,6 +97,7 @@ def test_no_sbatch_on_path(tmp_path):
 def test_simulated_nodes_get_their_own_gpus(monkeypatch):
     """`launch --nodes 2 --gpus 4` on one host: node n takes visible devices [4n, 4n+4), or the
     layout is refused when the host has fewer than 8 (ranks 0 and 4 would share cuda:0)."""
+    from trainfleet.launcher.elastic import Placement
     from trainfleet.launcher.local import worker_env
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -104,10 +105,17 @@ def test_simulated_nodes_get_their_own_gpus(monkeypatch):
                                          r"use --gpus 2 \(each simulated node gets its own GPUs\)"):
         LaunchConfig(SCRIPT, nodes=2, gpus=4, cuda_devices=4)
     cfg = LaunchConfig(SCRIPT, nodes=2, gpus=4, cuda_devices=8)
-    assert [worker_env(cfg, node, 0, 29500)["CUDA_VISIBLE_DEVICES"] for node in (0, 1)] == ["0,1,2,3", "4,5,6,7"]
+    assert [worker_env(cfg, Placement(node, node, 2), 0, 29500)["CUDA_VISIBLE_DEVICES"]
+            for node in (0, 1)] == ["0,1,2,3", "4,5,6,7"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7,6,5,4")
-    assert worker_env(LaunchConfig(SCRIPT, nodes=2, gpus=2, cuda_devices=4), 1, 1, 29500)["CUDA_VISIBLE_DEVICES"] == "5,4"
+    assert worker_env(LaunchConfig(SCRIPT, nodes=2, gpus=2, cuda_devices=4), Placement(1, 1, 2), 1,
+                      29500)["CUDA_VISIBLE_DEVICES"] == "5,4"
+    # an elastic job that lost node 1: node 2 runs as index 1 (ranks 2-3) and keeps its own GPUs
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    elastic = LaunchConfig(SCRIPT, nodes=3, min_nodes=2, gpus=2, cuda_devices=6)
+    env = worker_env(elastic, Placement(2, 1, 2), 1, 29500)
+    assert (env["CUDA_VISIBLE_DEVICES"], env["RANK"], env["WORLD_SIZE"], env["GROUP_RANK"]) == ("4,5", "3", "4", "1")
     # a real node (--node-rank) owns its host's GPUs; CPU layouts are untouched
     assert "CUDA_VISIBLE_DEVICES" not in worker_env(LaunchConfig(SCRIPT, nodes=2, gpus=4, node_rank=1,
-                                                                 cuda_devices=4), 1, 0, 29500)
+                                                                 cuda_devices=4), Placement(1, 1, 2), 0, 29500)
     assert LaunchConfig(SCRIPT, nodes=2, gpus=4, cuda_devices=4, cpu=True).world_size == 8

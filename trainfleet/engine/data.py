@@ -19,6 +19,27 @@ from torch.utils.data._utils.collate import default_collate
 from trainfleet.utils.errors import UsageError
 
 
+def elastic_global_batch(batch_size: int | None, global_batch_size: int | None, sizes: list[int],
+                         spec: str) -> int:
+    """The global batch of an elastic job: the same at every world size in ``sizes``.
+
+    ``global_batch_size`` is kept; a ``batch_size`` alone is the per-worker batch at the
+    largest size. Either must divide over every size, so a lost node never changes the
+    training: the error comes when the job starts, not hours later when a node dies.
+    """
+    total = global_batch_size if global_batch_size is not None else (batch_size or 1) * sizes[-1]
+    bad = [size for size in sizes if total % size]
+    if bad:
+        step = math.lcm(*sizes)
+        given = f"global batch size {total}" + ("" if global_batch_size is not None else
+                                                 f" (batch_size={batch_size} x {sizes[-1]} workers)")
+        raise UsageError(f"{given} does not divide over {', '.join(map(str, bad))} workers, world sizes "
+                         f"that --nodes {spec} can run at ({', '.join(map(str, sizes))}).",
+                         f"use a global batch size that is a multiple of {step}, e.g. {step} or {2 * step}, "
+                         "or narrow --nodes.")
+    return total
+
+
 def resolve_batch_sizes(batch_size: int | None, global_batch_size: int | None,
                         world_size: int) -> tuple[int, int]:
     """Return ``(per_worker, global)`` batch sizes from either one of them.

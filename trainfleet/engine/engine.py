@@ -18,13 +18,16 @@ from torch.utils.data import Dataset
 from trainfleet.engine import checkpoint as ckpt
 from trainfleet.engine import formats
 from trainfleet.engine import sharded as sharded_ckpt
-from trainfleet.engine.data import DeviceDataLoader, GlobalOrderSampler, build_loader, resolve_batch_sizes
+from trainfleet.engine.data import (DeviceDataLoader, GlobalOrderSampler, build_loader, elastic_global_batch,
+                                   resolve_batch_sizes)
+from trainfleet.engine.environment import ElasticInfo, note_resume
 from trainfleet.engine.precision import build_precision
 from trainfleet.engine.profiling import StepTimer
-from trainfleet.engine.state import capture_rng, check_optimizer_names, library_versions
+from trainfleet.engine.state import capture_rng, library_versions
 from trainfleet.engine.state import restore_rng as restore_rng_state
 from trainfleet.engine.strategy import Strategy, build_strategy
 from trainfleet.utils.errors import UsageError
+from trainfleet.utils.process import EARLY_SIGNALS
 
 
 STOP_REQUEST_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
@@ -95,6 +98,8 @@ class Engine:
         if env.get("TRAINFLEET_RUN_ID") and threading.current_thread() is threading.main_thread():
             for signum in STOP_REQUEST_SIGNALS:  # only under launch: a plain script keeps Python's defaults
                 signal.signal(signum, self._on_signal)
+            self._pending_signal = EARLY_SIGNALS[-1] if EARLY_SIGNALS else None  # came before this Engine
+        self.elastic = ElasticInfo.from_env() if env.get("TRAINFLEET_RUN_ID") else None  # launch --nodes MIN:MAX
         self.timer = StepTimer.from_env(self.rank, self.world_size)  # trainfleet bench only
         if self.timer is not None:
             self.timer.device = self.device
@@ -126,6 +131,17 @@ class Engine:
     @property
     def precision(self):
         return self.strategy.precision
+
+    @property
+    def world_changed(self) -> bool:
+        """True in an elastic job's attempt that runs on other nodes than the one before (a node
+        was lost or joined): :meth:`resume` continues at this world size, same global batch."""
+        return self.elastic is not None and self.elastic.world_changed
+
+    @property
+    def restart_count(self) -> int:
+        """Attempts of this job before this one (torchrun's TORCHELASTIC_RESTART_COUNT)."""
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
 
     # ----- setup ---------------------------------------------------------------------
     def setup(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
@@ -160,6 +176,10 @@ class Engine:
             even: pad the last partial global batch so every rank gets the same number of
                 samples; defaults to ``shuffle`` (training). Use False for evaluation.
         """
+        if self.elastic is not None:  # one global batch at every size the job may shrink or grow to
+            e = self.elastic
+            global_batch_size = elastic_global_batch(batch_size, global_batch_size, e.world_sizes, f"{e.low}:{e.high}")
+            batch_size = None
         _, global_batch = resolve_batch_sizes(batch_size, global_batch_size, self.world_size)
         sampler = GlobalOrderSampler(
             len(dataset), global_batch, self.world_size, self.rank, shuffle=shuffle,
@@ -438,35 +458,7 @@ class Engine:
     def _load_sharded(self, path: Path, module: torch.nn.Module | None, optimizer: Any,
                       strict: bool) -> dict[str, Any] | None:
         """Each rank reads its own shards (fsdp) or whole tensors (other strategies) from a folder."""
-        entries, sidecar = sharded_ckpt.open_folder(path)
-        stored = sharded_ckpt.model_keys(entries, sidecar)
-        template: dict[str, torch.Tensor] = {}
-        report, current = None, None
-        if module is not None:
-            own = self.precision.module_state(module, module.state_dict())
-            shapes = {name: tuple(entries[key].size) for name, key in stored.items()}
-            report = ckpt.compare_keys(module, shapes, (), strict, path)
-            template.update((stored[name], own[name]) for name in report["loaded"])
-        layout = (sidecar or {}).get("optimizer")
-        if optimizer is not None and layout:
-            check_optimizer_names(optimizer, module, layout, str(path))
-            with self.precision.optimizer_params(optimizer):
-                current = sharded_ckpt.optimizer_template(module, optimizer)
-            template.update(sharded_ckpt.flatten(None, current)[0])
-        rng = sharded_ckpt.rng_template(entries, self.rank)
-        template.update(rng)
-        sharded_ckpt.read_into(path, template, entries)
-        if rng and sidecar is not None:
-            sidecar = {**sidecar, "rng": [sharded_ckpt.rng_state(t) for t in rng.values()]}
-        if report is not None:
-            loaded = {name: template[stored[name]] for name in report["loaded"]}
-            module.load_state_dict(loaded, strict=False)
-            self.precision.load_module_state(module, loaded)
-        if current is not None:
-            keys = {name: list(values) for name, values in current["state"].items()}
-            with self.precision.optimizer_params(optimizer):
-                sharded_ckpt.load_optimizer(module, optimizer, sharded_ckpt.unflatten_optimizer(template, layout, keys))
-        return sidecar
+        return sharded_ckpt.load_folder(path, module, optimizer, strict, self.precision, self.rank)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -484,11 +476,14 @@ class Engine:
         where it stopped. Returns the saved ``extra`` values, or ``{}`` on a fresh start.
         """
         where = Path(path) if path is not None else self.checkpoint_dir
-        if not (where.is_file() or (where / ckpt.MANIFEST).is_file() or ckpt.is_sharded(where)):
-            return {}
-        path = ckpt.resolve(where)
-        extra = self.load(path, model=model, optimizer=optimizer, scheduler=scheduler, dataloader=dataloader)
-        self.print(f"resumed from {path}")
+        found = where.is_file() or (where / ckpt.MANIFEST).is_file() or ckpt.is_sharded(where)
+        extra = {}
+        if found:
+            path = ckpt.resolve(where)
+            extra = self.load(path, model=model, optimizer=optimizer, scheduler=scheduler, dataloader=dataloader)
+            self.print(f"resumed from {path}")
+        if self.elastic is not None and self.elastic.record and self.is_main:  # for launch's report
+            note_resume(self.elastic.record, path if found else None, dataloader)
         return extra
 
     def close(self) -> None:

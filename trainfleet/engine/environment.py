@@ -115,3 +115,49 @@ def device_index(local_rank: int, local_world_size: int, cuda_count: int) -> int
 def backend_for(device_type: str) -> str:
     """The collective backend for a device type: NCCL on CUDA, gloo everywhere else."""
     return "nccl" if device_type == "cuda" else "gloo"
+
+
+@dataclass(frozen=True)
+class ElasticInfo:
+    """What ``launch --nodes MIN:MAX`` tells each worker of an elastic job.
+
+    Attributes:
+        low, high: the node range. per_node: workers per node.
+        world_changed: this attempt runs on other nodes than the one before.
+        restart_count: attempts before this one (torchrun's TORCHELASTIC_RESTART_COUNT).
+        record: where rank 0 notes what it resumed from, for the launcher's report.
+    """
+
+    low: int
+    high: int
+    per_node: int
+    world_changed: bool = False
+    restart_count: int = 0
+    record: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "ElasticInfo | None":
+        env = os.environ if env is None else env
+        spec = env.get("TRAINFLEET_NODES", "")
+        if ":" not in spec:
+            return None
+        low, high = (int(part) for part in spec.split(":"))
+        return cls(low, high, int(env.get("LOCAL_WORLD_SIZE", "1")), env.get("TRAINFLEET_WORLD_CHANGED") == "1",
+                   int(env.get("TORCHELASTIC_RESTART_COUNT", "0")), env.get("TRAINFLEET_RESUME_RECORD"))
+
+    @property
+    def world_sizes(self) -> list[int]:
+        """Every world size the job may run at, smallest first."""
+        return [nodes * self.per_node for nodes in range(self.low, self.high + 1)]
+
+
+def note_resume(record: str, path: object, dataloader: object) -> None:
+    """Write what rank 0 resumed from (or that it started fresh) for the launcher's report,
+    atomically: the launcher reads it while the job runs."""
+    import json
+
+    state = dataloader.state_dict() if dataloader is not None else None
+    tmp = f"{record}.tmp"
+    with open(tmp, "w") as handle:
+        json.dump({"path": str(path) if path is not None else None, "data": state}, handle)
+    os.replace(tmp, record)

@@ -432,3 +432,40 @@ def load_optimizer(module: torch.nn.Module, optimizer: torch.optim.Optimizer, st
 
     set_optimizer_state_dict(module, optimizer, {"state": state["state"], "param_groups": state["param_groups"]})
 
+
+
+def load_folder(path: Path, module: torch.nn.Module | None, optimizer: Any, strict: bool, precision: Any,
+                rank: int) -> dict[str, Any] | None:
+    """Load a sharded folder: each rank reads its own shards (fsdp) or whole tensors (other
+    strategies), whatever the world size that wrote it. Returns the sidecar (this rank's RNG in it)."""
+    from trainfleet.engine.state import check_optimizer_names
+
+    entries, sidecar = open_folder(path)
+    stored = model_keys(entries, sidecar)
+    template: dict[str, torch.Tensor] = {}
+    report, current = None, None
+    if module is not None:
+        own = precision.module_state(module, module.state_dict())
+        shapes = {name: tuple(entries[key].size) for name, key in stored.items()}
+        report = ckpt.compare_keys(module, shapes, (), strict, path)
+        template.update((stored[name], own[name]) for name in report["loaded"])
+    layout = (sidecar or {}).get("optimizer")
+    if optimizer is not None and layout:
+        check_optimizer_names(optimizer, module, layout, str(path))
+        with precision.optimizer_params(optimizer):
+            current = optimizer_template(module, optimizer)
+        template.update(flatten(None, current)[0])
+    rng = rng_template(entries, rank)
+    template.update(rng)
+    read_into(path, template, entries)
+    if rng and sidecar is not None:
+        sidecar = {**sidecar, "rng": [rng_state(t) for t in rng.values()]}
+    if report is not None:
+        loaded = {name: template[stored[name]] for name in report["loaded"]}
+        module.load_state_dict(loaded, strict=False)
+        precision.load_module_state(module, loaded)
+    if current is not None:
+        keys = {name: list(values) for name, values in current["state"].items()}
+        with precision.optimizer_params(optimizer):
+            load_optimizer(module, optimizer, unflatten_optimizer(template, layout, keys))
+    return sidecar

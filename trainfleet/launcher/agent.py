@@ -14,6 +14,9 @@ How a job fails, and how fast the last agent exits:
 - an agent dies or freezes, or a link is cut: its heartbeats stop and the master (or,
   cut off from the master, the node itself) declares the peer lost after
   ``heartbeat_timeout``.
+
+An elastic job (``--nodes MIN:MAX``) goes on instead, on the nodes left: see
+:mod:`trainfleet.launcher.elastic`.
 """
 from __future__ import annotations
 
@@ -27,9 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainfleet.launcher import control, horovod
+from trainfleet.launcher import control, elastic, horovod
 from trainfleet.launcher.config import LaunchConfig
 from trainfleet.launcher.control import ControlChannel, Failure
+from trainfleet.launcher.elastic import Coordinator, Placement
 from trainfleet.launcher.workers import WorkerGroup
 from trainfleet.utils.errors import UsageError
 
@@ -49,13 +53,9 @@ def say(message: str) -> None:
 class Outcome:
     """How one attempt ended on this node."""
 
-    kind: str  # "ok", "failed", "lost", "signal"
+    kind: str  # "ok", "failed", "lost", "signal", "resize" (nodes join), "behind" (the job moved on)
     failure: Failure | None = None
     signum: int | None = None
-
-    @property
-    def restartable(self) -> bool:
-        return self.kind == "failed" and self.failure is not None and self.failure.rank is not None
 
 
 class NodeAgent:
@@ -80,6 +80,10 @@ class NodeAgent:
         self.signum: int | None = None
         self.started = time.monotonic()
         self.exit_hard = False
+        self.members: list[int] = list(range(cfg.nodes))
+        self.placement = Placement(node_rank, node_rank, cfg.nodes)
+        self.coordinator: Coordinator | None = None  # node 0: decides who is in each attempt
+        self.ended: str | None = None  # why an elastic job ended here (for the report)
 
     # ----- control plane -------------------------------------------------------------
     def _connect(self) -> None:
@@ -119,7 +123,7 @@ class NodeAgent:
 
     def _layout(self) -> dict[str, Any]:
         cfg = self.cfg
-        return {"nodes": cfg.nodes, "gpus": cfg.procs_per_node, "strategy": cfg.strategy,
+        return {"nodes": cfg.nodes_spec, "gpus": cfg.procs_per_node, "strategy": cfg.strategy,
                 "precision": cfg.precision, "host": socket.gethostname()}
 
     def _preflight(self) -> None:
@@ -128,18 +132,10 @@ class NodeAgent:
         store.set(f"layout/{self.node_rank}", json.dumps(self._layout()))
         timeout = self.cfg.rendezvous_timeout
         if self.is_master:
-            mine = self._layout()
-            for node in range(1, self.cfg.nodes):
-                if not _wait_key(store, f"layout/{node}", timeout):
-                    self._fail_preflight(f"node {node} did not join within {timeout:.0f}s.",
-                                         f"start `launch --node-rank {node}` on that machine.")
-                theirs = json.loads(store.get(f"layout/{node}"))
-                for key in ("nodes", "gpus", "strategy", "precision"):
-                    if theirs[key] != mine[key]:
-                        self._fail_preflight(
-                            f"node {node} ({theirs['host']}) was started with {_flag(key)} {theirs[key]} but "
-                            f"node 0 ({mine['host']}) with {_flag(key)} {mine[key]}.",
-                            "start every node with the same --nodes, --gpus, --strategy and --precision.")
+            self.members = self._gather()
+            self.channel.members = self.members
+            self.coordinator = Coordinator(self.cfg, self.channel, self._layout(), say)
+            store.set("members/0", json.dumps(self.members))
             store.set("preflight", "ok")
             return
         if not _wait_key(store, "preflight", timeout):
@@ -147,9 +143,60 @@ class NodeAgent:
         if store.get("preflight").decode() != "ok":
             raise UsageError(store.get("preflight").decode())
 
+    def _gather(self) -> list[int]:
+        """Node 0: the nodes of the first attempt. Every node must come within the rendezvous
+        timeout; an elastic job starts with those that came when at least MIN did."""
+        cfg, store, mine = self.cfg, self.channel.store, self._layout()
+        timeout = cfg.rendezvous_timeout
+        deadline = time.monotonic() + timeout
+        joined = [0]
+        for node in range(1, cfg.nodes):
+            if not _wait_key(store, f"layout/{node}", deadline - time.monotonic()):
+                if not cfg.elastic:
+                    self._fail_preflight(f"node {node} did not join within {timeout:.0f}s.",
+                                         f"start `launch --node-rank {node}` on that machine.")
+                continue
+            problem = elastic.layout_problem(node, json.loads(store.get(f"layout/{node}")), mine)
+            if problem is not None:
+                self._fail_preflight(*problem)
+            joined.append(node)
+        missing = ", ".join(str(node) for node in range(cfg.nodes) if node not in joined)
+        if len(joined) < cfg.min_nodes:
+            self._fail_preflight(f"only {len(joined)} of --nodes {cfg.nodes_spec} joined within {timeout:.0f}s "
+                                 f"(missing: node {missing}).",
+                                 "start `launch --node-rank K` on the missing machines, or lower MIN.")
+        if missing:
+            say(f"starting on {len(joined)} of --nodes {cfg.nodes_spec}; node {missing} did not come within "
+                f"{timeout:.0f}s and may join later.")
+        return joined
+
     def _fail_preflight(self, message: str, hint: str) -> None:
         self.channel.store.set("preflight", str(UsageError(message, hint)))
         raise UsageError(message, hint)
+
+    def _enter(self, attempt: int, members: list[int]) -> int:
+        """Take this node's place among ``members`` for ``attempt``."""
+        previous = self.members if attempt else None
+        self.members = members
+        self.channel.members = members
+        self.placement = elastic.placement(members, self.node_rank, previous)
+        self.channel.clear_failure()
+        return attempt
+
+    def _first_attempt(self) -> int:
+        """0, or for a node joining a running elastic job the first attempt that takes it."""
+        if self.is_master:
+            return self._enter(0, self.members)
+        store, node = self.channel.store, self.node_rank
+        attempt = int(store.get("job/attempt")) if store.check(["job/attempt"]) else 0
+        members = json.loads(store.get(f"members/{attempt}"))
+        if node in members:
+            return self._enter(attempt, members)
+        if not self.cfg.elastic:
+            raise UsageError(f"node {node}: the job already runs without it.", "start every node together.")
+        say(f"node {node}: asking to join the running job (attempt {attempt}, nodes {members}).")
+        latest, members = elastic.wait_to_join(self.channel, node, self._layout(), self.cfg.rendezvous_timeout)
+        return self._enter(latest, members)
 
     # ----- attempts ------------------------------------------------------------------
     def _attempt_ports(self, attempt: int) -> tuple[int, int | None]:
@@ -181,7 +228,7 @@ class NodeAgent:
         self.attempt_servers.append(control.connect(self.cfg.master_addr, store_sock.getsockname()[1], 300,
                                                     is_master=True, listen_fd=store_sock.detach()))
         if pending["horovod"] is not None:
-            self.attempt_servers.append(horovod.RendezvousService(pending["horovod"], self.cfg))
+            self.attempt_servers.append(horovod.RendezvousService(pending["horovod"], self.cfg, len(self.members)))
 
     def _stop_attempt_servers(self) -> None:
         for server in self.attempt_servers:
@@ -209,71 +256,132 @@ class NodeAgent:
         return outcome
 
     def _monitor(self, group: WorkerGroup, attempt: int) -> Outcome:
-        channel = self.channel
         forwarded: set[tuple[str, int]] = set()
         finished = False
+        resumed = attempt == 0 or not self.cfg.elastic or not self.is_master
+        grow_asked: float | None = None
         while True:
             exited = group.reap(POLL)
-            for origin, signum in (("local", self.signum), ("remote", channel.signal)):
-                if signum is None or (origin, signum) in forwarded:
-                    continue
-                forwarded.add((origin, signum))
-                if origin == "local":  # relay to every node; theirs forward it to their workers
-                    self.signum = None
-                    channel.report_signal(signum)
-                    forwarded.add(("remote", signum))
-                group.forward(signum)
-                if signum in STOP_SIGNALS:  # the workers get the grace period in _run_attempt
-                    return Outcome("signal", signum=signum)
-            for worker in exited:
-                if worker.exitcode != 0:
-                    lines = _tail(group, worker.spec.rank)
-                    failure = Failure(self.node_rank, worker.spec.rank, worker.describe_exit(), lines,
-                                      worker.spec.local_rank, time.monotonic() - worker.started,
-                                      _failed_at(worker.spec.error_file), _peer_error(lines))
-                    channel.report_failure(failure)
-                    return Outcome("failed", channel.failure or failure)
-            frozen = group.frozen(self.cfg.heartbeat_timeout)
-            if frozen is not None:
-                failure = Failure(self.node_rank, frozen.spec.rank,
-                                  f"frozen: stopped (state T) for over {self.cfg.heartbeat_timeout:.0f}s",
-                                  _tail(group, frozen.spec.rank), frozen.spec.local_rank)
-                channel.report_failure(failure)
-                return Outcome("failed", channel.failure or failure)
-            if channel.failure is not None:
-                return Outcome("failed", channel.failure)
-            if channel.lost is None and not self.is_master and channel.silent_for() > self.cfg.heartbeat_timeout:
-                channel.lost = f"lost the master (node 0): no answer for {channel.silent_for():.1f}s"
-            if channel.lost is not None:
-                failure = Failure(self.node_rank, None, channel.lost)
-                channel.report_failure(failure)
-                return Outcome("lost", failure)
+            outcome = (self._relay_signals(group, forwarded, attempt) or self._check_workers(group, exited)
+                       or self._check_job(attempt))
+            if outcome is not None:
+                return outcome
+            if not resumed:  # node 0 of an elastic job: say where rank 0 resumed, once it has
+                resumed = self.coordinator.note_resume(attempt)
+            if self.coordinator is not None and grow_asked is None and self.coordinator.pending():
+                grow_asked = time.monotonic()
+                self.channel.report_signal(signal.SIGUSR1, attempt)  # every node's workers: checkpoint and return
+                forwarded.add(("remote", signal.SIGUSR1))
+                group.forward(signal.SIGUSR1)
+            if grow_asked is not None and time.monotonic() - grow_asked > elastic.GROW_WAIT and group.alive():
+                failure = Failure(0, None, f"stopped the workers for a node to join: they did not return within "
+                                           f"{elastic.GROW_WAIT:.0f}s of SIGUSR1")
+                self.channel.report_failure(failure)
+                return Outcome("resize", failure)
             if not group.alive() and not finished:
                 finished = True
-                channel.mark_done(attempt)
-            if finished and channel.done_attempt >= attempt:
-                return Outcome("ok")
+                self.channel.mark_done(attempt)
+            outcome = self._finished(attempt) if finished else None
+            if outcome is not None:
+                return outcome
 
-    def _advance(self, attempt: int) -> bool:
-        """After a restartable failure: wait until every node stopped, then start the next attempt."""
-        store, nodes = self.channel.store, self.cfg.nodes
-        self.channel.count(f"stopped/{attempt}")
-        deadline = time.monotonic() + self.cfg.heartbeat_timeout * 2
+    def _relay_signals(self, group: WorkerGroup, forwarded: set[tuple[str, int]], attempt: int) -> Outcome | None:
+        """Pass this agent's signals to every node (the master's relay) and to this node's workers.
+        A stop signal to a node of an elastic job other than node 0 takes only that node out."""
+        channel = self.channel
+        relayed = channel.signal if channel.signal_attempt == attempt else None  # not one for an earlier attempt
+        for origin, signum in (("local", self.signum), ("remote", relayed)):
+            if signum is None or (origin, signum) in forwarded:
+                continue
+            forwarded.add((origin, signum))
+            if origin == "local":
+                self.signum = None
+                if not (self.cfg.elastic and not self.is_master and signum in STOP_SIGNALS):
+                    self.channel.report_signal(signum, attempt)  # every node forwards it to its workers
+                    forwarded.add(("remote", signum))
+            group.forward(signum)
+            if signum in STOP_SIGNALS:  # the workers get the grace period in _run_attempt
+                return Outcome("signal", signum=signum)
+        return None
+
+    def _check_workers(self, group: WorkerGroup, exited: list[Any]) -> Outcome | None:
+        """A worker of this node exited non-zero or is frozen: the attempt fails everywhere."""
+        for worker in exited:
+            if worker.exitcode != 0:
+                lines = _tail(group, worker.spec.rank)
+                failure = Failure(self.node_rank, worker.spec.rank, worker.describe_exit(), lines,
+                                  worker.spec.local_rank, time.monotonic() - worker.started,
+                                  _failed_at(worker.spec.error_file), _peer_error(lines))
+                self.channel.report_failure(failure)
+                return Outcome("failed", self.channel.failure or failure)
+        frozen = group.frozen(self.cfg.heartbeat_timeout)
+        if frozen is not None:
+            failure = Failure(self.node_rank, frozen.spec.rank,
+                              f"frozen: stopped (state T) for over {self.cfg.heartbeat_timeout:.0f}s",
+                              _tail(group, frozen.spec.rank), frozen.spec.local_rank)
+            self.channel.report_failure(failure)
+            return Outcome("failed", self.channel.failure or failure)
+        return None
+
+    def _check_job(self, attempt: int) -> Outcome | None:
+        """The rest of the job: a failure elsewhere, a lost node or master, the job moving on."""
+        channel = self.channel
+        if channel.failure is not None:
+            return Outcome("failed", channel.failure)
+        if not self.is_master and (channel.attempt > attempt or channel.ended is not None):
+            return Outcome("behind")
         if self.is_master:
-            while int(store.add(f"stopped/{attempt}", 0)) < nodes:
-                if time.monotonic() > deadline or self.channel.lost:
-                    return False
-                time.sleep(POLL)
-            store.set("job/failure", "")
-            self.channel.clear_failure()
-            store.set("job/attempt", str(attempt + 1))
-            return True
-        while self.channel.attempt <= attempt:
-            if time.monotonic() > deadline or self.channel.lost:
-                return False
-            time.sleep(POLL)
-        self.channel.clear_failure()
-        return True
+            lost = next(((n, why) for n, why in sorted(channel.lost_nodes.items()) if n in self.members), None)
+            if lost is not None:
+                failure = Failure(lost[0], None, f"lost node {lost[0]}: {lost[1]}")
+                channel.report_failure(failure)
+                return Outcome("lost", failure)
+            return None
+        if channel.lost is None and channel.silent_for() > self.cfg.heartbeat_timeout:
+            channel.lost = f"lost the master (node 0): no answer for {channel.silent_for():.1f}s"
+        if channel.lost is not None:
+            failure = Failure(self.node_rank, None, channel.lost)
+            channel.report_failure(failure)
+            return Outcome("lost", failure)
+        return None
+
+    def _finished(self, attempt: int) -> Outcome | None:
+        """This node's workers all exited 0: the attempt is over once every member's are."""
+        channel = self.channel
+        if not self.is_master:
+            return Outcome("ok") if channel.done_attempt >= attempt else None
+        if channel.done_count < len(self.members):
+            return None
+        if self.coordinator is not None and self.coordinator.pending():
+            return Outcome("resize")  # they stopped for the joiners (or finished): the next attempt takes them
+        channel.post("job/done", str(attempt))
+        return Outcome("ok")
+
+    def _next(self, attempt: int, outcome: Outcome) -> int | None:
+        """After an attempt that did not finish the job: the next attempt this node runs, or None."""
+        if outcome.kind in ("ok", "signal"):
+            return None
+        if not self.cfg.elastic:
+            failure = outcome.failure
+            restartable = outcome.kind == "failed" and failure is not None and failure.rank is not None
+            if not restartable or attempt >= self.cfg.max_restarts:
+                return None
+        self.channel.post(f"stopped/{attempt}/{self.node_rank}", "1")
+        if self.is_master:
+            members = self.coordinator.decide(attempt, outcome, self.members)
+            if members is None:
+                self.ended = self.coordinator.ended
+                return None
+            return self._enter(attempt + 1, members)
+        return self._follow(attempt)
+
+    def _follow(self, attempt: int) -> int | None:
+        """A node other than 0: wait for the master's decision (the next attempt, or the end)."""
+        decision = elastic.follow(self.channel, self.node_rank, attempt, 2 * self.cfg.heartbeat_timeout + 5)
+        if isinstance(decision, str) or decision is None:
+            self.ended = decision
+            return None
+        return self._enter(*decision)
 
     # ----- the whole run -------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -285,16 +393,10 @@ class NodeAgent:
         try:
             self._connect()
             self._preflight()
-            for attempt in range(self.cfg.max_restarts + 1):
+            attempt: int | None = self._first_attempt()
+            while attempt is not None:
                 outcome = self._run_attempt(attempt)
-                if not outcome.restartable or attempt == self.cfg.max_restarts:
-                    break
-                if self.is_master:
-                    f = self.channel.first_failure() or outcome.failure
-                    say(f"rank {f.rank} on node {f.node} failed ({f.how}); restarting every node "
-                        f"(restart {attempt + 1} of {self.cfg.max_restarts}).")
-                if not self._advance(attempt):
-                    break
+                attempt = self._next(attempt, outcome)
             return self._report(outcome)  # before closing: the master reads every node's record
         finally:
             for signum, handler in previous.items():
@@ -315,6 +417,13 @@ class NodeAgent:
         self.server = None
 
     def _report(self, outcome: Outcome) -> int:
+        if self.coordinator is not None and self.coordinator.history:
+            say(f"elastic: {len(self.coordinator.history)} change(s) of nodes in this job:")
+            for line in self.coordinator.summary():
+                print(f"  | {line}", file=sys.stderr)
+        if self.ended:
+            say(self.ended)
+            return 1
         if outcome.kind == "ok":
             return 0
         if outcome.kind == "signal":
@@ -367,22 +476,20 @@ def _failed_at(error_file: str) -> float:
         return time.time()
 
 
-def _flag(key: str) -> str:
-    return {"gpus": "--gpus"}.get(key, f"--{key}")
-
-
 def _tail(group: WorkerGroup, rank: int) -> list[str]:
     group.tailer.stop()
     return group.tailer.last_lines(rank)
 
 
 def _wait_key(store: Any, key: str, timeout: float) -> bool:
+    """True once ``key`` is in the store (looked at least once), False after ``timeout``."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         try:
             if store.check([key]):
                 return True
         except RuntimeError:
             pass
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.1)
-    return False

@@ -33,8 +33,9 @@ def _env_flag(dest: str) -> bool:
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``launch`` flags (shared by ``launch`` and ``trainfleet launch``)."""
     add = parser.add_argument
-    add("--nodes", "--nnodes", dest="nodes", type=int, default=_env_default("nodes", 1),
-        help="number of nodes (torchrun --nnodes)")
+    add("--nodes", "--nnodes", dest="nodes", default=_env_default("nodes", "1"), metavar="N|MIN:MAX",
+        help="number of nodes (torchrun --nnodes); MIN:MAX keeps going on the survivors when nodes are lost, "
+             "down to MIN, and takes nodes that (re)join up to MAX")
     add("--gpus", "--nproc-per-node", "--nproc_per_node", dest="gpus", type=int,
         default=_env_default("gpus"), help="workers per node; default: every visible GPU, or 1 CPU worker")
     add("--node-rank", "--node_rank", dest="node_rank", type=int, default=_env_default("node_rank"),
@@ -122,12 +123,23 @@ def _strategy_options(given: list[str] | None) -> dict[str, Any]:
     return dict(parse_strategy_option(text) for text in texts)
 
 
+def split_nodes(ns: argparse.Namespace) -> None:
+    """``--nodes N`` or ``MIN:MAX`` -> ``ns.nodes`` (the most) and ``ns.min_nodes``."""
+    from trainfleet.launcher.elastic import parse_nodes
+
+    if not isinstance(ns.nodes, int):
+        ns.min_nodes, ns.nodes = parse_nodes(ns.nodes)
+    elif getattr(ns, "min_nodes", None) is None:
+        ns.min_nodes = ns.nodes
+
+
 def launch_config_from_args(ns: argparse.Namespace, cuda_devices: int | None = None):
     """Turn parsed arguments into a validated LaunchConfig."""
     from trainfleet.launcher.config import LaunchConfig
 
+    split_nodes(ns)
     return LaunchConfig(cuda_devices=cuda_devices,
-        target=ns.target, args=list(ns.args), module=ns.module, nodes=ns.nodes, gpus=ns.gpus,
+        target=ns.target, args=list(ns.args), module=ns.module, nodes=ns.nodes, min_nodes=ns.min_nodes, gpus=ns.gpus,
         node_rank=ns.node_rank, master_addr=ns.master_addr, master_port=ns.master_port,
         strategy=ns.strategy, strategy_options=_strategy_options(ns.strategy_opt), precision=ns.precision,
         amp_backend=ns.amp_backend, debug=ns.debug, cpu=ns.cpu,
@@ -160,6 +172,7 @@ def _apply_slurm(ns: argparse.Namespace, argv: Sequence[str]) -> int | None:
 
 
 def _run_launch(ns: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    split_nodes(ns)
     if ns.cluster:
         from trainfleet.launcher.submit import submit
 
@@ -188,7 +201,9 @@ def _run_hosts(ns: argparse.Namespace) -> int:
         raise UsageError(f"--node-rank {ns.node_rank} with --hosts: the hosts' order gives the node ranks.",
                          "drop --node-rank.")
     if ns.nodes not in (1, len(plan.hosts)):
-        raise UsageError(f"--nodes {ns.nodes} but {len(plan.hosts)} hosts were given.", "drop --nodes.")
+        raise UsageError(f"--nodes {ns.nodes} but {len(plan.hosts)} hosts were given.",
+                         f"drop --nodes, or give --nodes MIN:{len(plan.hosts)} for an elastic job.")
+    ns.min_nodes = ns.min_nodes if ns.nodes == len(plan.hosts) else len(plan.hosts)
     ns.nodes, ns.gpus = len(plan.hosts), workers_per_host(plan, ns.gpus)
     ns.node_rank = 0  # validated as node 0 of a real multi-node job (not as nodes simulated on this host)
     return run_hosts(launch_config_from_args(ns), plan)

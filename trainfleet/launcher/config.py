@@ -26,7 +26,9 @@ class LaunchConfig:
         target: the script path, or a module name when ``module`` is set.
         args: arguments passed to the script.
         module: run ``target`` as ``python -m target``.
-        nodes: number of nodes (torchrun ``--nnodes``).
+        nodes: number of nodes (torchrun ``--nnodes``); with ``min_nodes`` the most.
+        min_nodes: an elastic job (``--nodes MIN:MAX``) keeps going on the survivors down to
+            this many nodes; None: ``nodes`` (every node is needed).
         gpus: workers per node (torchrun ``--nproc-per-node``); defaults to the
             visible CUDA devices, or 1 CPU worker without any.
         node_rank: this node's index; None on a single node.
@@ -58,6 +60,7 @@ class LaunchConfig:
     args: list[str] = field(default_factory=list)
     module: bool = False
     nodes: int = 1
+    min_nodes: int | None = None
     gpus: int | None = None
     node_rank: int | None = None
     master_addr: str = "127.0.0.1"
@@ -118,6 +121,10 @@ class LaunchConfig:
     def _check_topology(self) -> None:
         if self.nodes < 1:
             raise UsageError(f"--nodes {self.nodes}: expected at least 1 node.")
+        if self.min_nodes is None:
+            self.min_nodes = self.nodes
+        if not 1 <= self.min_nodes <= self.nodes:
+            raise UsageError(f"--nodes {self.min_nodes}:{self.nodes}: expected 1 <= MIN <= MAX.")
         if self.gpus is not None and self.gpus < 1:
             raise UsageError(f"--gpus {self.gpus}: expected at least 1 worker per node.",
                              "omit --gpus to use every visible GPU (or 1 CPU worker).")
@@ -161,7 +168,9 @@ class LaunchConfig:
                              "sharded parameters).", "drop --amp-backend: fsdp runs bf16/fp16/O2 through "
                              "FSDP2's MixedPrecisionPolicy.")
         options = self.strategy_options
-        mesh_shape(self.world_size, options.get("sharding", "full"), options.get("shard_size"), self.procs_per_node)
+        for nodes in range(self.min_nodes, self.nodes + 1):  # every size an elastic job may run at
+            mesh_shape(nodes * self.procs_per_node, options.get("sharding", "full"), options.get("shard_size"),
+                       self.procs_per_node)
 
     # ----- derived --------------------------------------------------------------------
     @property
@@ -187,6 +196,15 @@ class LaunchConfig:
         if self.debug or self.strategy in ("dp", "single"):
             return 1
         return self.devices_per_node
+
+    @property
+    def elastic(self) -> bool:
+        """``--nodes MIN:MAX`` with MIN < MAX: the job goes on when nodes are lost."""
+        return self.min_nodes is not None and self.min_nodes < self.nodes
+
+    @property
+    def nodes_spec(self) -> str:
+        return f"{self.min_nodes}:{self.nodes}" if self.elastic else str(self.nodes)
 
     @property
     def world_size(self) -> int:

@@ -9,7 +9,8 @@ supervision loop never blocks on the network:
   hosts' clocks differ), the others track the master's ``hb/master``;
 - the first failure of the job, ``job/failure`` (compare-and-set: the first one wins);
 - signals to forward to every node, ``job/signal``;
-- attempts: ``job/attempt`` and, per attempt, the worker store's port.
+- attempts: ``job/attempt``, its members ``members/<attempt>`` and the worker store's port;
+- elastic jobs: ``join/<node>`` (a node asking to join), ``left/<node>`` (a node leaving).
 """
 from __future__ import annotations
 
@@ -60,8 +61,8 @@ class ControlChannel(threading.Thread):
     Args:
         store: a client of the control store (timeouts short: a cut link must not
             stall the thread for long).
-        node: this node's rank; node 0 also watches every other node.
-        nodes: number of nodes.
+        node: this node's id; node 0 also watches the other members and the nodes asking to join.
+        nodes: the most nodes the job can have (node ids are 0..nodes-1).
         interval: seconds between heartbeats and polls.
         timeout: a peer whose heartbeat did not move for this long is lost.
     """
@@ -72,10 +73,16 @@ class ControlChannel(threading.Thread):
         self.interval, self.timeout = interval, timeout
         self.lock = threading.Lock()
         self.failure: Failure | None = None
-        self.lost: str | None = None  # why a peer (or the master) is considered gone
+        self.lost: str | None = None  # why the master is considered gone (other nodes)
+        self.lost_nodes: dict[int, str] = {}  # node 0: members considered gone, and why
+        self.members: list[int] = list(range(nodes))  # this attempt's members (the agent sets them)
+        self.joiners: dict[int, dict] = {}  # node 0: nodes asking to join, with their layout
         self.signal: int | None = None
+        self.signal_attempt = -1  # the attempt whose workers the signal is for
         self.attempt = 0
         self.done_attempt = -1
+        self.done_count = 0  # node 0: members whose workers finished the current attempt
+        self.ended: str | None = None  # the master ended the job (job/end), with its reason
         self._seen: dict[str, tuple[int, float]] = {}
         self._last_contact = time.monotonic()
         self._last_beat = 0.0
@@ -101,16 +108,17 @@ class ControlChannel(threading.Thread):
         """
         found: dict[int, Failure] = {}
         deadline = time.monotonic() + wait
+        members = list(self.members)
         while True:
             try:
-                for node in range(self.nodes):
+                for node in members:
                     if node not in found and self.store.check([f"failure/{node}"]):
                         text = self.store.get(f"failure/{node}")
                         if text:
                             found[node] = Failure.from_json(text)
             except RuntimeError:
                 break
-            if len(found) == self.nodes or time.monotonic() > deadline:
+            if len(found) == len(members) or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
         candidates = list(found.values()) + ([self.failure] if self.failure else [])
@@ -118,9 +126,10 @@ class ControlChannel(threading.Thread):
         # reaped it), so a peer's "connection reset" can look earlier: causes beat consequences.
         return min(candidates, key=lambda f: (f.secondary, f.at)) if candidates else None
 
-    def report_signal(self, signum: int) -> None:
-        """Ask every node to forward ``signum`` to its workers."""
-        self._send("job/signal", str(signum))
+    def report_signal(self, signum: int, attempt: int) -> None:
+        """Ask every node to forward ``signum`` to its workers of ``attempt`` (a relay read
+        late must not reach the next attempt's workers)."""
+        self._send("job/signal", f"{attempt} {signum}")
 
     def count(self, key: str) -> None:
         """Add one to a counter in the store (through the thread)."""
@@ -143,25 +152,33 @@ class ControlChannel(threading.Thread):
         """This node's workers all finished attempt ``attempt`` successfully."""
         self._send(f"done/{attempt}", "", counter=True)
 
+    def post(self, key: str, value: str) -> None:
+        """Set ``key`` in the store (through the thread)."""
+        self._send(key, value)
+
     def clear_failure(self) -> None:
         """Forget the last failure (a restart is starting)."""
         with self.lock:
             self.failure, self.signal = None, None
-        for node in range(self.nodes):
-            self._send(f"failure/{node}", "")
+
+    def silent(self, node: int) -> float:
+        """Node 0: seconds since ``node``'s heartbeat last moved (0 when never watched)."""
+        seen = self._seen.get(str(node))
+        return time.monotonic() - seen[1] if seen else 0.0
 
     def leave(self, wait_for_all: bool) -> None:
         """Say this agent is leaving. The master (whose store is local) waits, bounded,
-        until every node said so, so nobody loses the store before reading the job's
+        until every member said so, so nobody loses the store before reading the job's
         final state; the others wait at most a second for their message to go out."""
-        self._send("left", "", counter=True)
+        self._send(f"left/{self.node}", "1")
         self._flushed.wait(1.0)
         if not wait_for_all:
             return
         deadline = time.monotonic() + self.timeout
         try:
-            while int(self.store.add("left", 0)) < self.nodes and not self.lost:
-                if time.monotonic() > deadline:
+            while time.monotonic() < deadline:  # members already lost are not waited for
+                waiting = [node for node in self.members if node not in self.lost_nodes]
+                if all(self.store.check([f"left/{node}"]) for node in waiting):
                     break
                 time.sleep(0.05)
         except RuntimeError:
@@ -177,14 +194,30 @@ class ControlChannel(threading.Thread):
             self.store.add(f"hb/{MASTER if self.node == 0 else self.node}", 1)
             self._last_beat = time.monotonic()
 
-    def _watch(self, name: str, now: float) -> None:
+    def _watch(self, name: str, now: float) -> str | None:
+        """Why ``name`` is lost (its heartbeat did not move for ``timeout``), else None."""
         count = int(self.store.add(f"hb/{name}", 0))
         previous = self._seen.get(name)
         if previous is None or previous[0] != count:
             self._seen[name] = (count, now)
         elif now - previous[1] > self.timeout:
-            who = "the master (node 0)" if name == MASTER else f"node {name}"
-            self.lost = f"lost {who}: no heartbeat for {now - previous[1]:.1f}s"
+            return f"no heartbeat for {now - previous[1]:.1f}s"
+        return None
+
+    def _watch_nodes(self, now: float) -> None:
+        """Node 0: the members (lost when silent, or when they said they left) and the joiners."""
+        for node in [n for n in self.members if n != 0 and n not in self.lost_nodes]:
+            why = "left the job" if self.store.check([f"left/{node}"]) else self._watch(str(node), now)
+            if why is not None:
+                self.lost_nodes[node] = why
+                self.lost = self.lost or f"lost node {node}: {why}"
+        for node in range(1, self.nodes):
+            if node in self.members or not self.store.check([f"join/{node}"]):
+                continue
+            if self._watch(str(node), now) is None and not self.store.check([f"left/{node}"]):
+                self.joiners.setdefault(node, json.loads(self.store.get(f"join/{node}")))
+            else:
+                self.joiners.pop(node, None)
 
     def _poll(self) -> None:
         if self.store.check(["job/failure"]):
@@ -193,13 +226,16 @@ class ControlChannel(threading.Thread):
                 with self.lock:
                     self.failure = self.failure or Failure.from_json(text)
         if self.store.check(["job/signal"]):
-            self.signal = int(self.store.get("job/signal"))
+            attempt, _, signum = self.store.get("job/signal").decode().partition(" ")
+            self.signal, self.signal_attempt = (int(signum), int(attempt)) if signum else (None, -1)
         if self.store.check(["job/attempt"]):
             self.attempt = int(self.store.get("job/attempt"))
-        if self.node == 0 and int(self.store.add(f"done/{self.attempt}", 0)) >= self.nodes:
-            self.store.set("job/done", str(self.attempt))
+        if self.node == 0:
+            self.done_count = int(self.store.add(f"done/{self.attempt}", 0))
         if self.store.check(["job/done"]):
             self.done_attempt = int(self.store.get("job/done"))
+        if self.store.check(["job/end"]):
+            self.ended = self.store.get("job/end").decode()
 
     def _flush_outbox(self) -> None:
         with self.lock:
@@ -228,10 +264,11 @@ class ControlChannel(threading.Thread):
                 self._beat()
                 self._flush_outbox()
                 if self.node == 0:
-                    for other in range(1, self.nodes):
-                        self._watch(str(other), now)
+                    self._watch_nodes(now)
                 else:
-                    self._watch(MASTER, now)
+                    why = self._watch(MASTER, now)
+                    if why is not None:
+                        self.lost = f"lost the master (node 0): {why}"
                 self._poll()
                 self._last_contact = time.monotonic()
             except RuntimeError:  # timed out or refused: the agent's loop judges silent_for()

@@ -11,6 +11,7 @@ import threading
 from typing import Any
 
 from trainfleet.launcher.config import LaunchConfig
+from trainfleet.launcher.elastic import Placement
 from trainfleet.launcher.network import interface_for
 
 
@@ -22,14 +23,14 @@ def rendezvous_port(cfg: LaunchConfig) -> int | None:
     return cfg.master_port + 1 if cfg.master_port else None
 
 
-def slot_env(cfg: LaunchConfig, node_rank: int, local_rank: int, port: int) -> dict[str, str]:
-    """HOROVOD_* variables of one worker (ranks laid out node by node)."""
+def slot_env(cfg: LaunchConfig, place: Placement, local_rank: int, port: int) -> dict[str, str]:
+    """HOROVOD_* variables of one worker (ranks laid out node by node, in this attempt's order)."""
     procs = cfg.procs_per_node
     env = {
-        "HOROVOD_HOSTNAME": f"node{node_rank}",
-        "HOROVOD_RANK": node_rank * procs + local_rank, "HOROVOD_SIZE": cfg.world_size,
+        "HOROVOD_HOSTNAME": f"node{place.index}",
+        "HOROVOD_RANK": place.index * procs + local_rank, "HOROVOD_SIZE": place.nodes * procs,
         "HOROVOD_LOCAL_RANK": local_rank, "HOROVOD_LOCAL_SIZE": procs,
-        "HOROVOD_CROSS_RANK": node_rank, "HOROVOD_CROSS_SIZE": cfg.nodes,
+        "HOROVOD_CROSS_RANK": place.index, "HOROVOD_CROSS_SIZE": place.nodes,
         "HOROVOD_GLOO_RENDEZVOUS_ADDR": cfg.master_addr, "HOROVOD_GLOO_RENDEZVOUS_PORT": port,
         "HOROVOD_CONTROLLER": "gloo", "HOROVOD_CPU_OPERATIONS": "gloo",
         "HOROVOD_GLOO_IFACE": interface_for(cfg.master_addr) or "lo",
@@ -37,19 +38,19 @@ def slot_env(cfg: LaunchConfig, node_rank: int, local_rank: int, port: int) -> d
     return {key: str(value) for key, value in env.items()}
 
 
-def _slots(cfg: LaunchConfig) -> list[Any]:
+def _slots(cfg: LaunchConfig, nodes: int) -> list[Any]:
     from horovod.runner.common.util.hosts import SlotInfo
 
     procs = cfg.procs_per_node
-    return [SlotInfo(hostname=f"node{n}", rank=n * procs + r, local_rank=r, cross_rank=n, size=cfg.world_size,
-                     local_size=procs, cross_size=cfg.nodes)
-            for n in range(cfg.nodes) for r in range(procs)]
+    return [SlotInfo(hostname=f"node{n}", rank=n * procs + r, local_rank=r, cross_rank=n, size=nodes * procs,
+                     local_size=procs, cross_size=nodes)
+            for n in range(nodes) for r in range(procs)]
 
 
 class RendezvousService:
     """Horovod's rendezvous HTTP server on a socket that is already bound and listening."""
 
-    def __init__(self, sock: socket.socket, cfg: LaunchConfig):
+    def __init__(self, sock: socket.socket, cfg: LaunchConfig, nodes: int):
         from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
 
         class AdoptedServer(RendezvousHTTPServer):
@@ -63,7 +64,7 @@ class RendezvousService:
                 pass
 
         self.server = AdoptedServer(sock.getsockname()[:2], RendezvousHandler, 0)
-        self.server.init(_slots(cfg))
+        self.server.init(_slots(cfg, nodes))
         self.thread = threading.Thread(target=self.server.serve_forever, name="horovod-rendezvous", daemon=True)
         self.thread.start()
 

@@ -319,13 +319,13 @@ def run_hosts(cfg: LaunchConfig, plan: HostsPlan) -> int:
     try:
         for node in range(len(plan.hosts)):
             processes.append(_start_node(plan, node, node == 0 and local_first, spec))
-        codes = _wait(processes, cfg.heartbeat_timeout + cfg.grace_period + 5)
+        codes = _wait(processes, cfg.heartbeat_timeout + cfg.grace_period + 5, cfg.elastic)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         _stop(processes, cfg.grace_period + 5)
     first = next((code for code in codes if code not in (0, None)), 0)
-    return codes[0] if codes[0] not in (0, None) else first
+    return codes[0] if codes[0] not in (0, None) or cfg.elastic else first
 
 
 def _send(process: subprocess.Popen, text: str) -> None:
@@ -336,14 +336,16 @@ def _send(process: subprocess.Popen, text: str) -> None:
         pass
 
 
-def _wait(processes: list[subprocess.Popen], linger: float) -> list[int | None]:
-    """Exit codes once every node ended, or ``linger`` s after the first failure (then None for the rest)."""
+def _wait(processes: list[subprocess.Popen], linger: float, elastic: bool = False) -> list[int | None]:
+    """Exit codes once every node ended, or ``linger`` s after the first failure (then None for the rest).
+    An elastic job goes on without a node that left: only node 0's exit ends it."""
     failed_at = None
     while True:
         codes = [p.poll() for p in processes]
         if all(code is not None for code in codes):
             return codes
-        if failed_at is None and any(code not in (0, None) for code in codes):
+        ending = codes[0] is not None if elastic else any(code not in (0, None) for code in codes)
+        if failed_at is None and ending:
             failed_at = time.monotonic()
         if failed_at is not None and time.monotonic() - failed_at > linger:
             return codes

@@ -24,6 +24,7 @@ from trainfleet.launcher import horovod
 from trainfleet.launcher.agent import FORWARDED_SIGNALS, NodeAgent, say
 from trainfleet.launcher.config import LaunchConfig
 from trainfleet.launcher.devices import visible_devices_for
+from trainfleet.launcher.elastic import Placement
 from trainfleet.launcher.network import interface_for
 from trainfleet.launcher.worker import WorkerSpec, run_target
 from trainfleet.launcher.workers import PRELOAD, killpg
@@ -77,15 +78,15 @@ def reserve_port(addr: str, port: int | None) -> socket.socket:
     return sock
 
 
-def worker_env(cfg: LaunchConfig, node_rank: int, local_rank: int, port: int,
+def worker_env(cfg: LaunchConfig, place: Placement, local_rank: int, port: int,
                horovod_port: int | None = None, attempt: int = 0) -> dict[str, str]:
     """The environment torchrun gives a worker, plus trainfleet's own (and Horovod's) settings."""
     procs = cfg.procs_per_node
-    rank = node_rank * procs + local_rank
+    rank, world = place.index * procs + local_rank, place.nodes * procs
     env: dict[str, Any] = {
-        "RANK": rank, "LOCAL_RANK": local_rank, "WORLD_SIZE": cfg.world_size,
-        "LOCAL_WORLD_SIZE": procs, "GROUP_RANK": node_rank, "GROUP_WORLD_SIZE": cfg.nodes,
-        "ROLE_RANK": rank, "ROLE_WORLD_SIZE": cfg.world_size, "ROLE_NAME": "default",
+        "RANK": rank, "LOCAL_RANK": local_rank, "WORLD_SIZE": world,
+        "LOCAL_WORLD_SIZE": procs, "GROUP_RANK": place.index, "GROUP_WORLD_SIZE": place.nodes,
+        "ROLE_RANK": rank, "ROLE_WORLD_SIZE": world, "ROLE_NAME": "default",
         "MASTER_ADDR": cfg.master_addr, "MASTER_PORT": port,
         "TORCHELASTIC_RUN_ID": cfg.run_id, "TORCHELASTIC_RESTART_COUNT": attempt,
         "TORCHELASTIC_MAX_RESTARTS": cfg.max_restarts,
@@ -94,12 +95,15 @@ def worker_env(cfg: LaunchConfig, node_rank: int, local_rank: int, port: int,
         "TRAINFLEET_STRATEGY": cfg.strategy, "TRAINFLEET_PRECISION": cfg.precision,
         "TRAINFLEET_STRATEGY_OPTIONS": json.dumps(cfg.strategy_options),
         "TRAINFLEET_AMP_BACKEND": cfg.amp_backend, "TRAINFLEET_ACCELERATOR": cfg.accelerator,
-        "TRAINFLEET_RUN_ID": cfg.run_id, "PYTHONUNBUFFERED": "1",
+        "TRAINFLEET_RUN_ID": cfg.run_id, "TRAINFLEET_NODE": place.node, "PYTHONUNBUFFERED": "1",
         # Workers write to files; this tells them whether rank 0's echo lands on a terminal.
         "TRAINFLEET_TTY": int(sys.stdout.isatty()),
     }
     if cfg.collective_timeout:
         env["TRAINFLEET_COLLECTIVE_TIMEOUT"] = cfg.collective_timeout
+    if cfg.elastic:  # the engine checks the global batch against every size the job may run at
+        env.update(TRAINFLEET_NODES=cfg.nodes_spec, TRAINFLEET_WORLD_CHANGED=int(place.changed),
+                   TRAINFLEET_RESUME_RECORD=str(log_dir(cfg) / f"resume.attempt{attempt}.json"))
     if cfg.nodes > 1 or cfg.master_addr not in ("127.0.0.1", "localhost"):
         # gloo/NCCL otherwise pick the interface of the hostname, often 127.0.0.1.
         iface = interface_for(cfg.master_addr)
@@ -109,11 +113,11 @@ def worker_env(cfg: LaunchConfig, node_rank: int, local_rank: int, port: int,
     if cfg.accelerator == "cuda" and cfg.simulated_nodes:
         # Simulated nodes share this host's GPUs: node n takes its own slice, or ranks 0 and g of
         # different nodes would open the same device (NCCL: "Duplicate GPU detected").
-        env["CUDA_VISIBLE_DEVICES"] = visible_devices_for(cfg.devices_per_node, start=node_rank * cfg.devices_per_node)
+        env["CUDA_VISIBLE_DEVICES"] = visible_devices_for(cfg.devices_per_node, start=place.node * cfg.devices_per_node)
     elif cfg.accelerator == "cuda" and cfg.procs_per_node == 1 and cfg.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible_devices_for(cfg.devices_per_node)
     if horovod_port is not None:
-        env.update(horovod.slot_env(cfg, node_rank, local_rank, horovod_port))
+        env.update(horovod.slot_env(cfg, place, local_rank, horovod_port))
     return {key: str(value) for key, value in env.items()}
 
 
@@ -130,14 +134,14 @@ def log_dir(cfg: LaunchConfig) -> Path:
 
 def worker_specs(agent: NodeAgent, attempt: int, port: int, horovod_port: int | None) -> list[WorkerSpec]:
     """The workers of ``agent``'s node for one attempt (logs: LOG_DIR/node<N>/rank<R>.log)."""
-    cfg, node = agent.cfg, agent.node_rank
+    cfg, node, place = agent.cfg, agent.node_rank, agent.placement
     procs = cfg.procs_per_node
     threads = threads_per_worker(procs)
     folder = log_dir(cfg) / f"node{node}"
     suffix = f".attempt{attempt}" if attempt else ""
     specs = []
     for local_rank in range(procs):
-        env = worker_env(cfg, node, local_rank, port, horovod_port, attempt)
+        env = worker_env(cfg, place, local_rank, port, horovod_port, attempt)
         env.setdefault("OMP_NUM_THREADS", str(threads))
         rank = int(env["RANK"])
         specs.append(WorkerSpec(
@@ -227,12 +231,15 @@ def run_simulated_nodes(cfg: LaunchConfig) -> int:
             for n, agent in enumerate(agents):
                 if agent.exitcode is not None and n not in codes:
                     codes[n] = agent.exitcode
-            if any(code != 0 for code in codes.values()):
+            # An elastic job goes on without a node that left; node 0's exit ends it either way.
+            if 0 in codes or (not cfg.elastic and any(code != 0 for code in codes.values())):
                 _stop_processes(agents, cfg.heartbeat_timeout + cfg.grace_period)
     finally:
         _stop_processes(agents, 0)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    if cfg.elastic:
+        return codes.get(0, 1)
     return codes.get(0, 1) if codes.get(0, 1) != 0 else next((c for c in codes.values() if c), 0)
 
 
@@ -251,7 +258,7 @@ def run_in_process(cfg: LaunchConfig) -> int:
     sock = reserve_port(cfg.master_addr, cfg.master_port)
     port = sock.getsockname()[1]
     sock.close()  # rank 0 starts the store itself in a world of one
-    os.environ.update(worker_env(cfg, 0, 0, port))
+    os.environ.update(worker_env(cfg, Placement(0, 0, 1), 0, port))
     os.environ["TRAINFLEET_STRATEGY"] = "single" if cfg.strategy == "ddp" else cfg.strategy
     try:
         run_target(cfg.target, list(cfg.args), cfg.module)

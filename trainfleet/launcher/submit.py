@@ -68,6 +68,8 @@ def plan(ns: argparse.Namespace) -> Submission:
         exclusive=ns.exclusive, job_name=ns.job_name or Path(cfg.target).stem, signal=ns.signal,
         signal_delay_s=ns.signal_delay, array_parallelism=ns.array_parallelism,
         extra=parse_slurm_opts(ns.slurm_opt or []))
+    if cfg.elastic:  # a failed node must not end the allocation: the survivors go on
+        resources.extra.setdefault("no-kill", True)
     if ns.cluster == "slurm":
         from trainfleet.slurm.cluster import check_request, require_sbatch
 
@@ -78,7 +80,7 @@ def plan(ns: argparse.Namespace) -> Submission:
 
 
 def _inner_launch_args(ns: argparse.Namespace, sub: Submission) -> list[str]:
-    argv = ["--nodes", str(sub.cfg.nodes), "--gpus", str(sub.resources.workers)]
+    argv = ["--nodes", sub.cfg.nodes_spec, "--gpus", str(sub.resources.workers)]
     if ns.cpu:
         argv.append("--cpu")
     for dest, flag in FORWARDED:

@@ -17,7 +17,8 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from trainfleet.utils.process import die_with_parent
+from trainfleet.utils.errors import UsageError
+from trainfleet.utils.process import die_with_parent, hold_checkpoint_requests
 
 
 @dataclass
@@ -89,6 +90,7 @@ def worker_main(spec: WorkerSpec) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    hold_checkpoint_requests()
     _redirect_output(spec.log_path)
     os.environ.update(spec.env)
     if spec.threads and "torch" in sys.modules:
@@ -102,6 +104,10 @@ def worker_main(spec: WorkerSpec) -> None:
         code = 0
     except SystemExit as err:
         code = _exit_code(err)
+    except UsageError as err:  # bad input found in the worker (e.g. a batch size): one line, exit 2
+        print(f"error: {err}", file=sys.stderr)
+        _write_error_file(spec.error_file, err)
+        code = 2
     except BaseException as err:  # report every failure, KeyboardInterrupt included
         traceback.print_exc()
         _write_error_file(spec.error_file, err)

@@ -28,3 +28,14 @@ def process_state(pid: int) -> str | None:
             return handle.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return None
+
+
+EARLY_SIGNALS: list[int] = []  # checkpoint requests that came before the script's Engine existed
+
+
+def hold_checkpoint_requests() -> None:
+    """In a worker, before the script runs: SIGUSR1/SIGUSR2 (checkpoint requests relayed by the
+    launcher) are kept for the Engine instead of killing the process. A request can come at
+    any time, e.g. while the script still imports; the Engine takes it over when it starts."""
+    for signum in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, lambda number, _frame: EARLY_SIGNALS.append(number))

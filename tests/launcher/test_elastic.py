@@ -1,0 +1,216 @@
+"""Elastic jobs (``launch --nodes MIN:MAX``): lose a node, go on with the survivors, take it back,
+and end with the weights an uninterrupted run gets.
+
+Every run trains tests/scripts/elastic_train.py (36 samples, global batch 6, 24 steps = 4 epochs,
+a checkpoint every 4 steps). "Exact" means: final weights within 1e-5 of an uninterrupted
+3-node run's, every step trained on the same global batch as in that run, and in every epoch
+each sample trained on exactly once (the steps a node's loss interrupted are counted from
+the attempt that completed them).
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import twohosts
+from tests.conftest import BIN, SCRIPTS
+
+SCRIPT = str(SCRIPTS / "elastic_train.py")
+STEPS, SAMPLES = 24, 36
+SLOW_STEP = ["--step-sleep", "0.25"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(*args: str) -> list[str]:
+    return [str(BIN / "launch"), *args]
+
+
+def script(out: Path, *extra: str) -> list[str]:
+    return [SCRIPT, str(out), "--steps", str(STEPS), *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 3-node run."""
+    out = tmp_path_factory.mktemp("reference")
+    result = subprocess.run(launch("--nodes", "3", "--gpus", "1", "--log-dir", str(out / "logs"), *script(out)),
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+# ----- reading what the runs did ------------------------------------------------------------
+def progress(out: Path) -> tuple[int, int]:
+    try:
+        attempt, step = (out / "progress").read_text().split()
+        return int(attempt), int(step)
+    except (OSError, ValueError):
+        return -1, 0
+
+
+def wait_for(out: Path, step: int, attempt: int = 0, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if progress(out) >= (attempt, step):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} of attempt {attempt} within {timeout}s (at {progress(out)})")
+
+
+def agent_of(out: Path, node: int) -> int:
+    """The pid of node ``node``'s agent, from its newest worker's record."""
+    newest = max((out / "pids").glob(f"node{node}.r*"), key=lambda p: p.stat().st_mtime)
+    return int(newest.read_text().split()[1])
+
+
+def pids_recorded(out: Path) -> list[int]:
+    return [int(pid) for f in (out / "pids").iterdir() for pid in f.read_text().split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] if Path(f"/proc/{pid}").exists() else "X"
+    return state != "Z"
+
+
+def committed(out: Path) -> dict[int, list[dict]]:
+    """step -> the records of every rank, from the last attempt that ran the step."""
+    latest: dict[int, int] = {}
+    records: dict[tuple[int, int], list[dict]] = {}
+    for path in (out / "trace").glob("a*.r*.jsonl"):
+        attempt = int(path.name[1:].split(".")[0])
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            records.setdefault((attempt, record["step"]), []).append(record)
+            latest[record["step"]] = max(latest.get(record["step"], -1), attempt)
+    return {step: records[(attempt, step)] for step, attempt in latest.items()}
+
+
+def assert_exact(out: Path, reference: Path) -> None:
+    from trainfleet import load_state_dict
+
+    mine, theirs = load_state_dict(out / "final.pt"), load_state_dict(reference / "final.pt")
+    worst = max((mine[k] - theirs[k]).abs().max().item() for k in theirs)
+    assert worst < 1e-5, f"final weights differ by {worst}"
+    ours, uninterrupted = committed(out), committed(reference)
+    assert sorted(ours) == list(range(1, STEPS + 1))
+    by_epoch: dict[int, list[int]] = {}
+    for step, recs in ours.items():
+        assert len(recs) == recs[0]["world"], f"step {step}: {len(recs)} ranks recorded of {recs[0]['world']}"
+        batch = sorted(i for r in recs for i in r["idx"])
+        assert batch == sorted(i for r in uninterrupted[step] for i in r["idx"]), f"step {step} trained another batch"
+        by_epoch.setdefault(recs[0]["epoch"], []).extend(batch)
+    for epoch, seen in by_epoch.items():
+        assert sorted(seen) == list(range(SAMPLES)), f"epoch {epoch}: samples repeated or skipped"
+
+
+def worlds(out: Path) -> list[int]:
+    """World size of each step as it was finally trained."""
+    return [recs[0]["world"] for _, recs in sorted(committed(out).items())]
+
+
+# ----- nodes simulated on this host -----------------------------------------------------------
+def test_agent_killed_job_goes_on_on_two_nodes_exactly(tmp_path, reference):
+    out = tmp_path / "out"
+    job = subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--log-dir", str(tmp_path / "logs"),
+                                  *script(out, *SLOW_STEP)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(out, 6)
+    os.kill(agent_of(out, 2), signal.SIGKILL)
+    _, stderr = job.communicate(timeout=180)
+    assert job.returncode == 0, stderr
+    assert "lost node 2" in stderr and "attempt 1 on nodes 0,1 (2 of --nodes 2:3)" in stderr, stderr
+    assert "attempt 1: rank 0 resumed from" in stderr, stderr
+    assert worlds(out)[0] == 3 and worlds(out)[-1] == 2
+    assert_exact(out, reference)
+    assert not [pid for pid in pids_recorded(out) if alive(pid)]
+
+
+def test_below_min_stops_with_one_report_naming_the_lost_nodes(tmp_path):
+    out = tmp_path / "out"
+    job = subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--log-dir", str(tmp_path / "logs"),
+                                  *script(out, *SLOW_STEP)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(out, 4)
+    for node in (1, 2):
+        os.kill(agent_of(out, node), signal.SIGKILL)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 1, stderr
+    assert "the job stopped: 1 node(s) left, fewer than MIN of --nodes 2:3" in stderr, stderr
+    assert "node 1: " in stderr and "node 2: " in stderr, stderr
+    assert "Traceback" not in stderr.split("the job stopped")[1]
+    time.sleep(1)
+    assert not [pid for pid in pids_recorded(out) if alive(pid)]
+
+
+def test_global_batch_that_some_size_cannot_divide_is_refused_at_start(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(launch("--nodes", "2:3", "--gpus", "1", "--log-dir", str(tmp_path / "logs"),
+                                   *script(out, "--global-batch-size", "8")), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert ("global batch size 8 does not divide over 3 workers, world sizes that --nodes 2:3 can run at (2, 3)"
+            in result.stderr), result.stderr
+    assert "multiple of 6" in result.stderr
+
+
+@pytest.mark.parametrize("nodes, why", [("3:2", "expected 1 <= MIN <= MAX"), ("two", "expected a number of nodes"),
+                                        ("0:2", "expected 1 <= MIN <= MAX")])
+def test_bad_node_range_is_one_line(tmp_path, nodes, why):
+    result = subprocess.run(launch("--nodes", nodes, SCRIPT, str(tmp_path)), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and why in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+# ----- three hosts in network namespaces ------------------------------------------------------------
+def start_host(hosts, node: int, out: Path, logs: Path, port: int) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.endswith("SOCKET_IFNAME")}
+    command = launch("--nodes", "2:3", "--gpus", "1", "--node-rank", str(node), "--master-addr", hosts.addrs[0],
+                     "--master-port", str(port), "--log-dir", str(logs), "--rendezvous-timeout", "60",
+                     *script(out, *SLOW_STEP))
+    return hosts.popen(node, command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.mark.multinode
+@pytest.mark.parametrize("fault", ["kill -9 agent", "link cut", "frozen agent", "rejoin"])
+def test_three_hosts_lose_one_and_end_exactly(tmp_path, reference, fault):
+    """Host 2 of a 3-host ``--nodes 2:3`` job: its agent killed, its link cut, its agent frozen,
+    or killed and started again (3 -> 2 -> 3). The job ends on the others with the weights of
+    an uninterrupted run, and nothing is left on any host."""
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    with twohosts.ManyHosts(3) as hosts:
+        agents = [start_host(hosts, node, out, logs, 29600) for node in range(3)]
+        wait_for(out, 6)
+        victim = agent_of(out, 2)
+        if fault == "link cut":
+            hosts.cut(2)
+        else:
+            os.kill(victim, signal.SIGSTOP if fault == "frozen agent" else signal.SIGKILL)
+        if fault == "rejoin":
+            wait_for(out, 1, attempt=1)
+            agents.append(start_host(hosts, 2, out, logs, 29600))
+        outputs = [agents[n].communicate(timeout=240) for n in (0, 1)]
+        assert [agents[n].returncode for n in (0, 1)] == [0, 0], outputs
+        master = outputs[0][1]
+        if fault == "rejoin":
+            assert "node 2 joined; attempt 2 on nodes 0,1,2 (3 of --nodes 2:3)" in master, master
+            assert agents[3].wait(timeout=30) == 0, agents[3].communicate()
+            assert 3 in worlds(out)[-4:] and 2 in worlds(out), worlds(out)
+        else:
+            assert worlds(out)[-1] == 2, worlds(out)
+        assert "lost node 2" in master and "attempt 1 on nodes 0,1 (2 of --nodes 2:3)" in master, master
+        if fault == "frozen agent":
+            os.kill(victim, signal.SIGCONT)  # it wakes up to a job that went on without it, and leaves
+        assert agents[2].wait(timeout=60) != 0
+        assert_exact(out, reference)
+        assert hosts.leftovers(wait=10) == [], "processes left in the namespaces"

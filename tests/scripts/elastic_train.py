@@ -1,0 +1,90 @@
+"""An elastic-ready script: resumes from its checkpoint folder, checkpoints every few steps and
+when ``engine.should_stop()``, and records what every rank trained on.
+
+    elastic_train.py OUT [--steps N] [--save-every K] [--step-sleep S] [--global-batch-size G]
+
+Checkpoints go to OUT/ckpt. Each rank appends one JSON line per step to
+OUT/trace/a<attempt>.r<rank>.jsonl (step, epoch, dataset indices, world size); it writes
+``<pid> <agent pid>`` to OUT/pids/node<N>.r<rank> when it starts. Rank 0 writes
+OUT/progress (``attempt step``) every step and OUT/final.pt at the end.
+"""
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+import trainfleet
+from trainfleet.datasets import build_dataset
+from trainfleet.models import build_model
+
+
+class WithIndex(Dataset):
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, index):
+        x, y = self.inner[index]
+        return x, y, index
+
+
+parser = argparse.ArgumentParser()
+parser.add_argument("out")
+parser.add_argument("--steps", type=int, default=24)
+parser.add_argument("--save-every", type=int, default=4)
+parser.add_argument("--step-sleep", type=float, default=0.0)
+parser.add_argument("--global-batch-size", type=int, default=6)
+args = parser.parse_args()
+out = Path(args.out)
+for folder in ("trace", "pids", "ckpt"):
+    (out / folder).mkdir(parents=True, exist_ok=True)
+
+engine = trainfleet.Engine(seed=11)
+attempt = engine.restart_count
+(out / "pids" / f"node{os.environ.get('TRAINFLEET_NODE', '0')}.r{engine.rank}").write_text(
+    f"{os.getpid()} {os.getppid()}")
+dataset = WithIndex(build_dataset("synthetic", num_samples=36, shape=(1, 12, 12), num_classes=4))
+model = build_model("lenet", num_classes=4, in_channels=1)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+model, optimizer = engine.setup(model, optimizer)
+loader = engine.dataloader(dataset, global_batch_size=args.global_batch_size)
+step = engine.resume(model, optimizer, dataloader=loader, path=out / "ckpt").get("step", 0)
+engine.print(f"attempt {attempt}: world size {engine.world_size}, from step {step}, "
+             f"world changed: {engine.world_changed}")
+trace = open(out / "trace" / f"a{attempt}.r{engine.rank}.jsonl", "a")
+
+
+def save() -> None:
+    engine.save(out / "ckpt" / f"step{step}.pt", model=model, optimizer=optimizer, dataloader=loader,
+                keep_last=2, step=step)
+
+
+while step < args.steps:
+    for x, y, index in loader:
+        loss = F.cross_entropy(model(x), y)
+        engine.backward(loss)
+        engine.step(optimizer)
+        step += 1
+        trace.write(json.dumps({"step": step, "epoch": loader.epoch, "idx": index.tolist(),
+                                "world": engine.world_size}) + "\n")
+        trace.flush()
+        if engine.is_main:
+            (out / "progress").write_text(f"{attempt} {step}")
+        time.sleep(args.step_sleep)
+        if step == args.steps:
+            break
+        if engine.should_stop():
+            save()
+            engine.print(f"stopped at step {step} (signal {engine.stop_signal}): checkpoint saved")
+            raise SystemExit(0)
+        if step % args.save_every == 0:
+            save()
+
+engine.save(out / "final.pt", model=model)

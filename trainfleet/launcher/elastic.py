@@ -1,0 +1,312 @@
+"""Elastic jobs (``--nodes MIN:MAX``): who is in each attempt, and what the report says.
+
+A node is known by its id: its ``--node-rank``, its place in ``--hosts``, SLURM's node id,
+or its index among simulated nodes. Each attempt runs on a set of members; a member's
+position in that set is its GROUP_RANK, so ranks stay contiguous whatever was lost. Node 0
+hosts the control store and is in every attempt: losing it ends the job, as losing the
+rendezvous host ends a torchrun job.
+
+The master decides every change:
+
+- **lost**: a member's heartbeat stopped (agent killed or frozen, link cut), or after a
+  failure it did not check in while its heartbeat was silent. It is dropped; the survivors
+  restart from the script's latest checkpoint. Free: not counted in ``--max-restarts``.
+- **failed**: a worker exited non-zero. The same members restart while ``--max-restarts``
+  lasts; after that the failing node is dropped (a node whose workers keep failing).
+- **joined**: a node started later with the same master (``--node-rank K``) asks to join.
+  Every worker gets SIGUSR1, so :meth:`Engine.should_stop` turns true at the next step and
+  the script checkpoints and returns; the next attempt, with the newcomer, resumes from that
+  checkpoint. Nothing is recomputed. A script that does not stop within ``GROW_WAIT``
+  seconds is stopped and resumes from its latest checkpoint.
+
+The job fails when fewer than MIN nodes remain.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainfleet.utils.errors import UsageError
+
+GROW_WAIT = 60.0  # seconds the workers get to checkpoint and return after a join request
+SILENT_AFTER_FAILURE = 3.0  # after a failure, a member this silent that did not check in is lost
+
+
+def parse_nodes(text: str | int) -> tuple[int, int]:
+    """``"3"`` -> (3, 3); ``"2:3"`` -> (2, 3) (torchrun's ``--nnodes MIN:MAX``)."""
+    raw = str(text).strip()
+    parts = raw.split(":")
+    try:
+        low, high = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (None, None)
+    except ValueError:
+        low = high = None
+    if low is None or high is None:
+        raise UsageError(f"--nodes {raw!r}: expected a number of nodes or a range MIN:MAX (e.g. 2 or 2:4).")
+    if len(parts) == 1 and low < 1:
+        raise UsageError(f"--nodes {raw}: expected at least 1 node.")
+    if low < 1 or high < low:
+        raise UsageError(f"--nodes {raw}: expected 1 <= MIN <= MAX.",
+                         "e.g. --nodes 2:4 runs on 4 nodes and keeps going down to 2.")
+    return low, high
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one node sits in one attempt.
+
+    Attributes:
+        node: the node's id (on simulated nodes also its slice of this host's GPUs).
+        index: its position among the attempt's members (torchrun's GROUP_RANK).
+        nodes: members in this attempt (GROUP_WORLD_SIZE).
+        changed: the members differ from the previous attempt's.
+    """
+
+    node: int
+    index: int
+    nodes: int
+    changed: bool = False
+
+
+def placement(members: list[int], node: int, previous: list[int] | None) -> Placement:
+    return Placement(node, members.index(node), len(members), previous is not None and previous != members)
+
+
+@dataclass
+class Change:
+    """One change of membership, for the report."""
+
+    attempt: int  # the attempt that starts with the new members
+    at: float  # seconds since the job started
+    members: list[int]
+    lost: dict[int, str] = field(default_factory=dict)
+    joined: list[int] = field(default_factory=list)
+    restarted: str | None = None  # same members after a worker failure
+    resumed: str | None = None  # what rank 0 of the new attempt resumed from
+
+    def describe(self, low: int, high: int) -> str:
+        what = [f"lost node {node} ({why})" for node, why in sorted(self.lost.items())]
+        what += [f"node {node} joined" for node in self.joined]
+        if self.restarted:
+            what.append(self.restarted)
+        nodes = ",".join(map(str, self.members))
+        return (f"+{self.at:.1f}s: {'; '.join(what)}; attempt {self.attempt} on nodes {nodes} "
+                f"({len(self.members)} of --nodes {low}:{high})")
+
+
+def world_sizes(low: int, high: int, procs: int) -> list[int]:
+    """The world sizes an elastic job can run at."""
+    return [nodes * procs for nodes in range(low, high + 1)]
+
+
+def resume_line(record: Any) -> str:
+    """``resumed from PATH at epoch E, sample S`` from rank 0's record, or why it did not."""
+    if not record or not record.get("path"):
+        return "started fresh (no checkpoint found)"
+    data = record.get("data") or {}
+    where = f" at epoch {data['epoch']}, sample {data['consumed']}" if "epoch" in data else ""
+    return f"resumed from {record['path']}{where}"
+
+
+def read_record(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+LAYOUT_KEYS = ("nodes", "gpus", "strategy", "precision")
+
+
+def layout_problem(node: int, theirs: dict[str, Any], mine: dict[str, Any]) -> tuple[str, str] | None:
+    """(message, hint) when node ``node`` was started with another layout than node 0."""
+    for key in LAYOUT_KEYS:
+        if theirs[key] != mine[key]:
+            flag = "--gpus" if key == "gpus" else f"--{key}"
+            return (f"node {node} ({theirs['host']}) was started with {flag} {theirs[key]} but node 0 "
+                    f"({mine['host']}) with {flag} {mine[key]}.",
+                    "start every node with the same --nodes, --gpus, --strategy and --precision.")
+    return None
+
+
+class Coordinator:
+    """Node 0's side of every attempt boundary: who stopped, who is lost, who joins.
+
+    Args:
+        cfg: the job's LaunchConfig. channel: node 0's ControlChannel (its store is local).
+        layout: node 0's layout, that joiners must match. say: prints one launcher line.
+    """
+
+    def __init__(self, cfg: Any, channel: Any, layout: dict[str, Any], say: Any):
+        self.cfg, self.channel, self.layout, self.say = cfg, channel, layout, say
+        self.started = time.monotonic()
+        self.history: list[Change] = []
+        self.restarts = 0
+        self.ended = ""  # why the job ended at a boundary ("": the failure itself is the report)
+        self._refused: set[int] = set()
+        self._announced: set[int] = set()
+
+    # ----- joiners ------------------------------------------------------------------------
+    def pending(self) -> list[int]:
+        """Nodes asking to join whose layout matches; the others are refused in one line."""
+        if not self.cfg.elastic:
+            return []
+        ready = []
+        for node, theirs in sorted(self.channel.joiners.items()):
+            if node in self._refused:
+                continue
+            problem = layout_problem(node, theirs, self.layout)
+            if problem is not None:
+                self._refused.add(node)
+                self.channel.post(f"join/{node}/answer", str(UsageError(*problem)))
+                self.say(f"refused node {node}: {problem[0]}")
+                continue
+            if node not in self._announced:
+                self._announced.add(node)
+                self.say(f"node {node} ({theirs['host']}) asks to join: the workers checkpoint and stop "
+                         "at their next step (SIGUSR1), then every node restarts with it.")
+            ready.append(node)
+        return ready
+
+    # ----- the boundary -------------------------------------------------------------------
+    def _check_ins(self, attempt: int, members: list[int]) -> dict[int, str]:
+        """Members that did not stop and check in after a failure, and why they count as lost."""
+        channel, store = self.channel, self.channel.store
+        lost = {node: why for node, why in channel.lost_nodes.items() if node in members}
+        waiting = [node for node in members if node != 0 and node not in lost]
+        limit = 2 * self.cfg.heartbeat_timeout
+        deadline = time.monotonic() + limit
+        while waiting:
+            for node in list(waiting):
+                if store.check([f"stopped/{attempt}/{node}"]):
+                    waiting.remove(node)
+                elif node in channel.lost_nodes or channel.silent(node) > SILENT_AFTER_FAILURE:
+                    lost[node] = channel.lost_nodes.get(node) or \
+                        f"no heartbeat for {channel.silent(node):.1f}s after the failure"
+                    waiting.remove(node)
+            if waiting and time.monotonic() > deadline:
+                lost.update((node, f"did not stop its workers within {limit:.0f}s") for node in waiting)
+                break
+            time.sleep(0.1)
+        return lost
+
+    def decide(self, attempt: int, outcome: Any, members: list[int]) -> list[int] | None:
+        """The members of attempt ``attempt + 1``, posted to every node; None: the job ends here
+        (``job/end`` says why; an empty reason leaves the report to the failure itself)."""
+        cfg = self.cfg
+        finished = outcome.kind == "resize" and outcome.failure is None  # every member stopped cleanly
+        lost = {} if finished else self._check_ins(attempt, members)
+        failure = self.channel.first_failure() if outcome.failure is not None else None
+        restarted = None
+        if failure is not None and failure.rank is not None and not lost and outcome.kind == "failed":
+            if failure.how == "exit code 2" or (self.restarts >= cfg.max_restarts and not cfg.elastic):
+                return self._end("")  # bad input in the script, or no restarts left: the failure is the report
+            if self.restarts < cfg.max_restarts:
+                self.restarts += 1
+                restarted = (f"rank {failure.rank} on node {failure.node} failed ({failure.how}); "
+                             f"restarting every node (restart {self.restarts} of {cfg.max_restarts})")
+            elif failure.node != 0:
+                lost[failure.node] = f"its workers keep failing: rank {failure.rank} {failure.how}"
+            else:
+                return self._end("")
+        if lost and not cfg.elastic:
+            return self._end("")
+        survivors = [node for node in members if node not in lost]
+        if len(survivors) < cfg.min_nodes:
+            gone = "; ".join(f"node {node}: {why}" for node, why in sorted(lost.items()))
+            return self._end(f"the job stopped: {len(survivors)} node(s) left, fewer than MIN of --nodes "
+                             f"{cfg.nodes_spec} (lost {gone}).")
+        joined = self.pending()
+        for node in joined:
+            self.channel.joiners.pop(node, None)
+            self.channel.store.delete_key(f"join/{node}")
+        new = sorted(set(survivors) | set(joined))
+        self._post(attempt + 1, new)
+        if cfg.elastic:
+            change = Change(attempt + 1, time.monotonic() - self.started, new, lost, joined, restarted)
+            self.history.append(change)
+            self.say(change.describe(cfg.min_nodes, cfg.nodes))
+        else:
+            self.say(f"{restarted}.")
+        return new
+
+    def _post(self, attempt: int, members: list[int]) -> None:
+        store = self.channel.store
+        store.set(f"members/{attempt}", json.dumps(members))
+        store.set("job/failure", "")
+        for node in range(self.cfg.nodes):
+            store.set(f"failure/{node}", "")
+        store.set("job/signal", "")
+        store.set("job/attempt", str(attempt))
+        self.channel.lost_nodes = {n: why for n, why in self.channel.lost_nodes.items() if n not in members}
+
+    def _end(self, reason: str) -> None:
+        self.ended = reason
+        self.channel.store.set("job/end", reason or " ")
+        return None
+
+    # ----- the report -----------------------------------------------------------------------
+    def note_resume(self, attempt: int) -> bool:
+        """Once rank 0 of ``attempt`` resumed (or started fresh), say so and keep it for the
+        summary; False while it has not yet."""
+        from trainfleet.launcher.local import log_dir
+
+        record = read_record(str(log_dir(self.cfg) / f"resume.attempt{attempt}.json"))
+        if record is None:
+            return False
+        line = resume_line(record)
+        for change in self.history:
+            if change.attempt == attempt:
+                change.resumed = line
+        self.say(f"attempt {attempt}: rank 0 {line}.")
+        return True
+
+    def summary(self) -> list[str]:
+        return [f"{change.describe(self.cfg.min_nodes, self.cfg.nodes)}; rank 0 "
+                f"{change.resumed or 'did not call engine.resume()'}" for change in self.history]
+
+
+# ----- a node other than 0 ---------------------------------------------------------------------
+def wait_to_join(channel: Any, node: int, layout: dict[str, Any], timeout: float) -> tuple[int, list[int]]:
+    """Ask node 0 to take this node into the running job; wait for the attempt that does.
+
+    Raises:
+        UsageError: node 0 refused it (another layout), the job ended, or it was not taken in time.
+    """
+    store = channel.store
+    if store.check([f"left/{node}"]):  # this node's earlier agent said it left
+        store.delete_key(f"left/{node}")
+    store.set(f"join/{node}", json.dumps(layout))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not channel.lost and channel.ended is None:
+        if store.check([f"join/{node}/answer"]):
+            raise UsageError(store.get(f"join/{node}/answer").decode())
+        latest = channel.attempt
+        if latest > 0 and store.check([f"members/{latest}"]):
+            members = json.loads(store.get(f"members/{latest}"))
+            if node in members:
+                return latest, members
+        time.sleep(0.1)
+    raise UsageError(f"node {node}: the job did not take this node within {timeout:.0f}s.",
+                     "check node 0's output; --rendezvous-timeout sets the wait.")
+
+
+def follow(channel: Any, node: int, attempt: int, limit: float) -> tuple[int, list[int]] | str | None:
+    """After ``attempt`` ended: the next (attempt, members) node 0 posted, or why this node stops
+    (a reason to print, or None when the failure already says it)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and not channel.lost:
+        if channel.ended is not None:
+            reason = channel.ended.strip()
+            return f"node {node}: stopping, the master ended the job: {reason}" if reason else None
+        latest = channel.attempt
+        if latest > attempt:
+            members = json.loads(channel.store.get(f"members/{latest}"))
+            if node not in members:
+                return (f"node {node}: the job went on without this node at attempt {latest} "
+                        f"(nodes {members}); start it again to rejoin.")
+            return latest, members
+        time.sleep(0.1)
+    return None
