@@ -87,6 +87,7 @@ def test_bench_bad_input(tmp_path):
                                    "slurm_startup breakdown (medians, s after the command): ours: command returned"],
                  marks=pytest.mark.slurm),
     pytest.param("hosts_startup", ["hosts_first_step_vs_ssh_torchrun: ratio"], marks=pytest.mark.ssh),
+    ("elastic_recovery", ["elastic_fault_to_first_step_vs_torchrun: ratio", "goal: <= 15 s"]),
 ])
 def test_benchmark_smoke(module, lines):
     result = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--quick", "--smoke"], cwd=REPO,
