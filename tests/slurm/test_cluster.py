@@ -53,3 +53,38 @@ def test_allocation_that_does_not_match_the_request(tmp_path):
     assert state == "FAILED"
     assert "SLURM gave 2 node(s) (node1,node2) but --nodes 3 was requested" in err
     assert "Traceback" not in err
+
+
+def test_elastic_job_goes_on_when_a_node_of_the_allocation_is_lost(tmp_path):
+    """`launch --nodes 1:2` in a 2-node allocation: kill -9 of node 1's agent (SLURM: task 1 killed)
+    and the job completes on node 0, with the weights of an uninterrupted run."""
+    import os
+    import signal
+
+    from tests.launcher import test_elastic as elastic
+
+    reference = tmp_path / "reference"
+    result = run_cli("launch", "--nodes", "3", "--gpus", "1", "--log-dir", str(reference / "logs"),
+                     *elastic.script(reference))
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    job = subprocess.run(["sbatch", "--parsable", "--no-kill", "-N", "2", "--ntasks-per-node=1",
+                          "-o", str(tmp_path / "out.txt"), "-e", str(tmp_path / "err.txt"), "--wrap",
+                          " ".join([str(BIN / "launch"), "--nodes", "1:2", "--gpus", "1", "--log-dir",
+                                    str(tmp_path / "logs"), *elastic.script(out, *elastic.SLOW_STEP)])],
+                         capture_output=True, text=True, check=True, cwd=tmp_path).stdout.strip()
+    try:
+        elastic.wait_for(out, 6, timeout=180)
+        os.kill(elastic.agent_of(out, 1), signal.SIGKILL)
+        deadline, state = time.monotonic() + 180, ""
+        while time.monotonic() < deadline and state not in ("COMPLETED", "FAILED", "CANCELLED"):
+            time.sleep(0.5)
+            state = (subprocess.run(["sacct", "-j", job, "-n", "-X", "-o", "State"], capture_output=True,
+                                    text=True).stdout.split() or [""])[0]
+    finally:
+        subprocess.run(["scancel", job])
+    err = (tmp_path / "err.txt").read_text()
+    assert state == "COMPLETED", err
+    assert "lost node 1" in err and "attempt 1 on nodes 0 (1 of --nodes 1:2)" in err, err
+    assert elastic.worlds(out)[0] == 2 and elastic.worlds(out)[-1] == 1
+    elastic.assert_exact(out, reference)

@@ -84,3 +84,29 @@ def test_the_sbatch_script_submitit_writes_from_them(tmp_path):
 def test_bad_resources(kwargs, message):
     with pytest.raises(UsageError, match=message):
         ClusterResources(**kwargs)
+
+
+def test_an_elastic_submission_keeps_its_range_and_survives_a_node_failure(tmp_path):
+    """`launch --cluster ... --nodes 1:2`: MAX nodes are asked for, sbatch gets --no-kill (a failed
+    node must not end the allocation) and the job's own launch line keeps the range."""
+    import argparse
+
+    import submitit
+
+    from trainfleet.launcher.cli import add_cluster_arguments, add_launch_arguments, split_nodes
+    from trainfleet.launcher.submit import _inner_launch_args, plan
+
+    parser = argparse.ArgumentParser()
+    add_launch_arguments(parser)
+    add_cluster_arguments(parser)
+    script = tmp_path / "train.py"
+    script.write_text("")
+    ns = parser.parse_args(["--cluster", "local", "--nodes", "1:2", "--gpus", "1", str(script)])
+    split_nodes(ns)
+    sub = plan(ns)
+    assert (sub.cfg.nodes, sub.cfg.min_nodes, sub.resources.nodes) == (2, 1, 2)
+    assert _inner_launch_args(ns, sub)[:2] == ["--nodes", "1:2"]
+    executor = submitit.SlurmExecutor(folder=str(tmp_path / "%A"))
+    executor.update_parameters(**sub.resources.slurm_parameters())
+    text = executor._make_submission_file_text("python -m x", "uid")
+    assert "#SBATCH --no-kill" in text and "#SBATCH --nodes=2" in text

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from trainfleet.utils.errors import UsageError
@@ -151,19 +152,20 @@ def launch_config_from_args(ns: argparse.Namespace, cuda_devices: int | None = N
 def _apply_slurm(ns: argparse.Namespace, argv: Sequence[str]) -> int | None:
     """Inside a SLURM allocation: re-run through srun (batch shell), or take this task's
     node rank and master from SLURM (inside srun). Returns an exit code when done here."""
-    from trainfleet.slurm.allocation import allocation, check_geometry, job_port, node_address, srun_command
+    from trainfleet.slurm.allocation import allocation, check_geometry, job_port, node_address, run_srun
 
+    split_nodes(ns)
     found = allocation(os.environ)
     if found is None or ns.node_rank is not None or ns.debug:
         return None
     where, task = found
     if where == "batch" and task.nnodes == 1 and ns.nodes == 1:
         return None  # one node: run right here
+    if ns.min_nodes <= task.nnodes < ns.nodes:  # an elastic job on an allocation of MIN..MAX nodes
+        ns.nodes = task.nnodes
     check_geometry(task, ns.nodes, os.environ)
     if where == "batch":
-        import subprocess
-
-        return subprocess.call(srun_command(task, sys.executable, argv))
+        return run_srun(task, sys.executable, argv, elastic=ns.min_nodes < ns.nodes)
     ns.node_rank = task.node_rank
     if ns.master_addr in ("127.0.0.1", "localhost") and "TRAINFLEET_MASTER_ADDR" not in os.environ:
         ns.master_addr = node_address(task.master_addr)
@@ -189,7 +191,10 @@ def _run_launch(ns: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     code = _apply_slurm(ns, argv)
     if code is not None:
         return code
-    return launch(launch_config_from_args(ns))
+    code = launch(launch_config_from_args(ns))
+    if ns.node_rank == 0 and os.environ.get("TRAINFLEET_EXIT_FILE"):  # the batch step's launch reports it
+        Path(os.environ["TRAINFLEET_EXIT_FILE"]).write_text(str(code))
+    return code
 
 
 def _run_hosts(ns: argparse.Namespace) -> int:

@@ -58,7 +58,13 @@ def plan(ns: argparse.Namespace) -> Submission:
 
     gpus = 0 if ns.cpu else (ns.gpus or 1)
     # The job's nodes, not this machine, have the devices: do not check --gpus here.
-    cfg = launch_config_from_args(ns, cuda_devices=gpus)
+    # Validated as node 0 of a job whose nodes are separate machines (SLURM's), not as nodes
+    # simulated on one host, which would have to share one host's GPUs.
+    given_rank, ns.node_rank = ns.node_rank, (0 if ns.node_rank is None and ns.cluster != "debug" else ns.node_rank)
+    try:
+        cfg = launch_config_from_args(ns, cuda_devices=gpus)
+    finally:
+        ns.node_rank = given_rank
     if ns.cluster == "debug" and (ns.nodes > 1 or len(tasks) > 1):
         raise UsageError("--cluster debug runs one process in this one, but more than one node or task was asked.",
                          "drop --nodes/--array/--sweep to debug, or use --cluster local.")

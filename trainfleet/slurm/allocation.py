@@ -69,8 +69,30 @@ def node_address(name: str) -> str:
     return name
 
 
-def srun_command(task: SlurmTask, python: str, argv: Sequence[str]) -> list[str]:
-    """The srun line that starts one ``launch`` agent on every node of the allocation."""
+def srun_command(task: SlurmTask, python: str, argv: Sequence[str], elastic: bool = False) -> list[str]:
+    """The srun line that starts one ``launch`` agent on every node of the allocation. An elastic
+    job's step goes on when one node's agent dies (the survivors continue without it)."""
     n = task.nnodes
-    return ["srun", f"--nodes={n}", f"--ntasks={n}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
-            python, "-m", "trainfleet.launcher.cli", "launch", *argv]
+    return ["srun", f"--nodes={n}", f"--ntasks={n}", "--ntasks-per-node=1",
+            f"--kill-on-bad-exit={0 if elastic else 1}", python, "-m", "trainfleet.launcher.cli", "launch", *argv]
+
+
+def run_srun(task: SlurmTask, python: str, argv: Sequence[str], elastic: bool) -> int:
+    """Run the step from the batch script. srun exits with the worst task's status; an elastic
+    job's result is node 0's (a node lost on the way is not a failure), which its agent writes
+    to TRAINFLEET_EXIT_FILE. Node 0's task runs on this, the batch, host."""
+    import os
+    import subprocess
+    import tempfile
+
+    if not elastic:
+        return subprocess.call(srun_command(task, python, argv))
+    handle, path = tempfile.mkstemp(prefix="trainfleet-exit-")
+    os.close(handle)
+    try:
+        code = subprocess.call(srun_command(task, python, argv, elastic=True),
+                               env={**os.environ, "TRAINFLEET_EXIT_FILE": path})
+        text = open(path).read().strip()
+        return int(text) if text else code
+    finally:
+        os.unlink(path)
