@@ -186,3 +186,29 @@ def test_a_busy_master_port_is_one_line(tmp_path):
         assert launcher.returncode == 2 and len(stderr.strip().splitlines()) == 1, stderr
         assert f"--master-port 29577 on {hosts.addrs[0]} is not available" in stderr
         assert not list(tmp_path.glob("ready.rank*")) and hosts.leftovers() == []
+
+
+@pytest.mark.ssh
+def test_elastic_job_goes_on_when_a_hosts_connection_is_lost(tmp_path):
+    """`launch --hosts A:1,B:1 --nodes 1:2`: the ssh client carrying node 1 is killed. Node 1's
+    agent sees end-of-file and leaves (its SIGTERM is not relayed to the job); the workers stop at
+    a checkpoint and node 0 goes on alone, with the weights of an uninterrupted run."""
+    from tests.launcher import test_elastic as elastic
+
+    reference = tmp_path / "reference"
+    result = run_cli("launch", "--gpus", "1", "--log-dir", str(reference / "logs"), *elastic.script(reference),
+                     timeout=240)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    with sshhosts.SshHosts(tmp_path) as hosts:
+        launcher = launch_on(hosts, tmp_path, "--nodes", "1:2", *elastic.script(out, *elastic.SLOW_STEP),
+                             hostlist=f"{hosts.addrs[0]}:1,{hosts.addrs[1]}:1")
+        elastic.wait_for(out, 6, timeout=180)
+        for pid in [p for p in hosts.pids(0) if open(f"/proc/{p}/comm").read().strip() == "ssh"]:
+            os.kill(pid, signal.SIGKILL)
+        _, stderr = launcher.communicate(timeout=240)
+        assert launcher.returncode == 0, stderr
+        assert "lost node 1 (left the job)" in stderr and "attempt 1 on nodes 0 (1 of --nodes 1:2)" in stderr, stderr
+        assert hosts.leftovers() == [], "processes left on a host"
+    assert elastic.worlds(out)[0] == 2 and elastic.worlds(out)[-1] == 1
+    elastic.assert_exact(out, reference)
