@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import BIN, REPO, Comparison, interleave, paired_verdict, rounds_from_args, scratch
+from tests.launcher.test_elastic import progress
 
 SCRIPT = str(REPO / "tests" / "scripts" / "elastic_train.py")
 FAULT_AT = 6
@@ -50,19 +51,11 @@ def _command(tool: str, node: int, port: int, out: Path) -> list[str]:
             "--rdzv-conf", "last_call_timeout=1", *job]
 
 
-def _progress(out: Path) -> tuple[int, int]:
-    try:
-        attempt, step = (out / "progress").read_text().split()
-        return int(attempt), int(step)
-    except (OSError, ValueError):
-        return -1, 0
-
-
 def _wait(out: Path, done, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
-    while not done(_progress(out)):
+    while not done(progress(out)):
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} within {timeout:.0f}s (progress {_progress(out)})")
+            raise RuntimeError(f"{what} within {timeout:.0f}s (progress {progress(out)})")
         time.sleep(0.005)
 
 

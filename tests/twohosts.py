@@ -27,7 +27,26 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
-class TwoHosts:
+def _bring_up(name: str, link: str, addr: str) -> None:
+    """Give namespace ``name`` its address on ``link`` and bring the link and loopback up."""
+    _ip("-n", name, "addr", "add", f"{addr}/24", "dev", link)
+    _ip("-n", name, "link", "set", link, "up")
+    _ip("-n", name, "link", "set", "lo", "up")
+
+
+class _Namespaces:
+    names: tuple[str, ...]
+
+    def popen(self, host: int, command: list[str], **kwargs) -> subprocess.Popen:
+        """Start ``command`` inside host ``host``; `ip netns exec` execs, so the pid is the command's."""
+        return subprocess.Popen(["ip", "netns", "exec", self.names[host], *command], **kwargs)
+
+    def pids(self, host: int) -> list[int]:
+        out = subprocess.run(["ip", "netns", "pids", self.names[host]], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+
+class TwoHosts(_Namespaces):
     """Namespaces A (10.231.N.1) and B (10.231.N.2) on one link that a test can cut."""
 
     def __init__(self) -> None:
@@ -44,14 +63,8 @@ class TwoHosts:
         _ip("link", "add", va, "type", "veth", "peer", "name", vb)
         for link, name, addr in ((va, a, self.addrs[0]), (vb, b, self.addrs[1])):
             _ip("link", "set", link, "netns", name)
-            _ip("-n", name, "addr", "add", f"{addr}/24", "dev", link)
-            _ip("-n", name, "link", "set", link, "up")
-            _ip("-n", name, "link", "set", "lo", "up")
+            _bring_up(name, link, addr)
         return self
-
-    def popen(self, host: int, command: list[str], **kwargs) -> subprocess.Popen:
-        """Start ``command`` inside host 0 (A) or 1 (B); `ip netns exec` execs, so the pid is the command's."""
-        return subprocess.Popen(["ip", "netns", "exec", self.names[host], *command], **kwargs)
 
     def cut(self) -> None:
         """Take the link down on host A: both sides stop hearing each other."""
@@ -69,10 +82,6 @@ class TwoHosts:
             self.cut()
         else:
             raise ValueError(f"unknown fault {fault!r}; expected one of {FAULTS}")
-
-    def pids(self, host: int) -> list[int]:
-        out = subprocess.run(["ip", "netns", "pids", self.names[host]], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
 
     def leftovers(self, wait: float = 3.0) -> list[int]:
         """Processes still running in either namespace after up to ``wait`` seconds."""
@@ -106,7 +115,7 @@ def wait_ready(tmp_path, ranks=4, timeout=90):
     raise AssertionError("the job did not start")
 
 
-class ManyHosts:
+class ManyHosts(_Namespaces):
     """N 'hosts' (namespaces, 10.232.S.1..N) on one switch: a bridge in a namespace of its own.
 
     ``cut(h)`` takes host h's cable out (its end of the veth goes down): h and the others
@@ -133,20 +142,11 @@ class ManyHosts:
             _ip("link", "set", f"{link}s", "netns", self.switch)
             _ip("-n", self.switch, "link", "set", f"{link}s", "master", "br0")
             _ip("-n", self.switch, "link", "set", f"{link}s", "up")
-            _ip("-n", name, "addr", "add", f"{addr}/24", "dev", link)
-            _ip("-n", name, "link", "set", link, "up")
-            _ip("-n", name, "link", "set", "lo", "up")
+            _bring_up(name, link, addr)
         return self
-
-    def popen(self, host: int, command: list[str], **kwargs) -> subprocess.Popen:
-        return subprocess.Popen(["ip", "netns", "exec", self.names[host], *command], **kwargs)
 
     def cut(self, host: int) -> None:
         _ip("-n", self.names[host], "link", "set", self.links[host], "down")
-
-    def pids(self, host: int) -> list[int]:
-        out = subprocess.run(["ip", "netns", "pids", self.names[host]], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
 
     def leftovers(self, wait: float = 3.0) -> list[int]:
         deadline = time.monotonic() + wait

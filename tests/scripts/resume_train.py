@@ -12,23 +12,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 import trainfleet
 from trainfleet.datasets import build_dataset
 from trainfleet.models import build_model
 
-
-class WithIndex(Dataset):
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __len__(self):
-        return len(self.inner)
-
-    def __getitem__(self, index):
-        x, y = self.inner[index]
-        return x, y, index
+from indexed import WithIndex  # tests/scripts, next to this script
 
 
 parser = argparse.ArgumentParser()
