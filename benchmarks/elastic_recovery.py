@@ -75,7 +75,9 @@ def _node_dies(out: Path, port: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def _stop_all() -> None:
+def _stop_all(out: Path | None = None) -> None:
+    """Kill every agent's process group, then every worker recorded in ``out``: torchrun's workers
+    run in sessions of their own and outlive a killed agent."""
     for process in STARTED:
         try:
             os.killpg(process.pid, signal.SIGCONT)
@@ -84,6 +86,12 @@ def _stop_all() -> None:
             pass
         process.wait()
     STARTED.clear()
+    for record in (out / "pids").glob("*") if out is not None and (out / "pids").is_dir() else ():
+        for pid in record.read_text().split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
 
 
 def trial(tool: str) -> float | None:
@@ -110,7 +118,7 @@ def trial(tool: str) -> float | None:
             return CAP
         return time.monotonic() - fault
     finally:
-        _stop_all()
+        _stop_all(out)
         shutil.rmtree(out, ignore_errors=True)
 
 
