@@ -7,6 +7,7 @@ live here too, as pure functions, so the CUDA/NCCL paths are testable on a CPU b
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Mapping
@@ -124,7 +125,6 @@ class ElasticInfo:
     Attributes:
         low, high: the node range. per_node: workers per node.
         world_changed: this attempt runs on other nodes than the one before.
-        restart_count: attempts before this one (torchrun's TORCHELASTIC_RESTART_COUNT).
         record: where rank 0 notes what it resumed from, for the launcher's report.
     """
 
@@ -132,7 +132,6 @@ class ElasticInfo:
     high: int
     per_node: int
     world_changed: bool = False
-    restart_count: int = 0
     record: str | None = None
 
     @classmethod
@@ -143,7 +142,7 @@ class ElasticInfo:
             return None
         low, high = (int(part) for part in spec.split(":"))
         return cls(low, high, int(env.get("LOCAL_WORLD_SIZE", "1")), env.get("TRAINFLEET_WORLD_CHANGED") == "1",
-                   int(env.get("TORCHELASTIC_RESTART_COUNT", "0")), env.get("TRAINFLEET_RESUME_RECORD"))
+                   env.get("TRAINFLEET_RESUME_RECORD"))
 
     @property
     def world_sizes(self) -> list[int]:
@@ -154,8 +153,6 @@ class ElasticInfo:
 def note_resume(record: str, path: object, dataloader: object) -> None:
     """Write what rank 0 resumed from (or that it started fresh) for the launcher's report,
     atomically: the launcher reads it while the job runs."""
-    import json
-
     state = dataloader.state_dict() if dataloader is not None else None
     tmp = f"{record}.tmp"
     with open(tmp, "w") as handle:

@@ -352,7 +352,7 @@ class NodeAgent:
             return Outcome("ok") if channel.done_attempt >= attempt else None
         if channel.done_count < len(self.members):
             return None
-        if self.coordinator is not None and self.coordinator.pending():
+        if self.coordinator.pending():
             return Outcome("resize")  # they stopped for the joiners (or finished): the next attempt takes them
         channel.post("job/done", str(attempt))
         return Outcome("ok")

@@ -131,10 +131,6 @@ class ControlChannel(threading.Thread):
         late must not reach the next attempt's workers)."""
         self._send("job/signal", f"{attempt} {signum}")
 
-    def count(self, key: str) -> None:
-        """Add one to a counter in the store (through the thread)."""
-        self._send(key, "", counter=True)
-
     def _send(self, key: str, value: str, first_only: bool = False, counter: bool = False) -> None:
         """Queue a write for the thread: on a cut link a store call can block indefinitely
         (the client's timeout does not cover every receive), and the agent must not."""
@@ -210,7 +206,6 @@ class ControlChannel(threading.Thread):
             why = "left the job" if self.store.check([f"left/{node}"]) else self._watch(str(node), now)
             if why is not None:
                 self.lost_nodes[node] = why
-                self.lost = self.lost or f"lost node {node}: {why}"
         for node in range(1, self.nodes):
             if node in self.members or not self.store.check([f"join/{node}"]):
                 continue

@@ -95,11 +95,6 @@ class Change:
                 f"({len(self.members)} of --nodes {low}:{high})")
 
 
-def world_sizes(low: int, high: int, procs: int) -> list[int]:
-    """The world sizes an elastic job can run at."""
-    return [nodes * procs for nodes in range(low, high + 1)]
-
-
 def resume_line(record: Any) -> str:
     """``resumed from PATH at epoch E, sample S`` from rank 0's record, or why it did not."""
     if not record or not record.get("path"):
@@ -124,9 +119,8 @@ def layout_problem(node: int, theirs: dict[str, Any], mine: dict[str, Any]) -> t
     """(message, hint) when node ``node`` was started with another layout than node 0."""
     for key in LAYOUT_KEYS:
         if theirs[key] != mine[key]:
-            flag = "--gpus" if key == "gpus" else f"--{key}"
-            return (f"node {node} ({theirs['host']}) was started with {flag} {theirs[key]} but node 0 "
-                    f"({mine['host']}) with {flag} {mine[key]}.",
+            return (f"node {node} ({theirs['host']}) was started with --{key} {theirs[key]} but node 0 "
+                    f"({mine['host']}) with --{key} {mine[key]}.",
                     "start every node with the same --nodes, --gpus, --strategy and --precision.")
     return None
 
