@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import (BIN, PROBES, Comparison, interleave, paired_verdict, rounds_from_args,
+from benchmarks.common import (BIN, PROBES, Comparison, cleans_up, interleave, paired_verdict, rounds_from_args,
                                run_probe, scratch)
 from benchmarks.probes.big_model import build
 from trainfleet.engine.engine import Engine
@@ -90,6 +90,7 @@ def measure(rounds: int, folder: Path) -> list[Comparison]:
     return [save, blocking, load, unverified, safetensors, other]
 
 
+@cleans_up
 def main(argv: list[str] | None = None) -> None:
     rounds = rounds_from_args(__doc__, argv, rounds=7, quick=2)
     folder = scratch()

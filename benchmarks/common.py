@@ -1,9 +1,12 @@
-"""Shared helpers: interleaved rounds, medians, and the one-line verdict each benchmark prints."""
+"""Shared helpers: interleaved rounds, medians, the one-line verdict each benchmark prints, and
+the clean-up every benchmark's main gets (no process of it outlives it, Ctrl-C included)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -16,6 +19,46 @@ from typing import Callable
 REPO = Path(__file__).resolve().parents[1]
 PROBES = Path(__file__).resolve().parent / "probes"
 BIN = Path(sys.executable).parent
+TAG = "TRAINFLEET_BENCH_RUN"  # set in every process a benchmark starts, to the benchmark's pid
+
+
+def kill_tagged() -> None:
+    """Kill every process this benchmark started, wherever it went: torchrun's workers run in
+    sessions of their own and outlive a killed agent, and a worker still in its rendezvous was
+    never recorded anywhere. Stopped ones are continued first so they can take the signal."""
+    from trainfleet.utils.process import processes_with
+
+    owner = os.environ.get(TAG)
+    for _ in range(100):
+        found = [pid for pid in processes_with(TAG, owner) if pid != os.getpid()] if owner else []
+        if not found:
+            return
+        for pid in found:
+            for signum in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.05)
+
+
+def cleans_up(main: Callable) -> Callable:
+    """A benchmark's main: every process it starts inherits TAG; when it returns or fails, or on
+    Ctrl-C or SIGTERM, they are all killed. Nested mains (benchmarks/run.py) leave it to the
+    outermost."""
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None):
+        if os.environ.get(TAG) == str(os.getpid()):
+            return main(argv)
+        os.environ[TAG] = str(os.getpid())
+        previous = signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+        try:
+            return main(argv)
+        finally:
+            kill_tagged()
+            signal.signal(signal.SIGTERM, previous)
+            del os.environ[TAG]
+    return wrapper
 
 
 @dataclass

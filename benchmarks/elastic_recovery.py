@@ -11,8 +11,9 @@ the time runs until rank 0 writes its first step of the next attempt (TORCHELAST
 1). The peer is torchrun ``--nnodes 2:3 --max-restarts 3`` with the c10d rendezvous and
 ``last_call_timeout=1`` (its default, 30 s, would make every shrink wait 30 s). A round in
 which either job did not start on all 3 nodes is run again. A torchrun run that is not training
-again 60 s after the fault is stopped and counted as 60 s (said in the output). Every process
-group started is killed on exit, Ctrl-C included.
+again 60 s after the fault is stopped and counted as 60 s (said in the output). Every
+process started (found by the variable every one inherits) is killed after each trial and on
+exit, Ctrl-C included.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import BIN, REPO, Comparison, interleave, paired_verdict, rounds_from_args, scratch
+from benchmarks.common import (BIN, REPO, Comparison, cleans_up, interleave, kill_tagged, paired_verdict,
+                               rounds_from_args, scratch)
 from tests.launcher.test_elastic import progress
 
 SCRIPT = str(REPO / "tests" / "scripts" / "elastic_train.py")
@@ -75,9 +77,9 @@ def _node_dies(out: Path, port: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def _stop_all(out: Path | None = None) -> None:
-    """Kill every agent's process group, then every worker recorded in ``out``: torchrun's workers
-    run in sessions of their own and outlive a killed agent."""
+def _stop_all() -> None:
+    """Kill every agent's process group, then every other process of the trial (its workers:
+    torchrun's run in sessions of their own and outlive a killed agent)."""
     for process in STARTED:
         try:
             os.killpg(process.pid, signal.SIGCONT)
@@ -86,12 +88,7 @@ def _stop_all(out: Path | None = None) -> None:
             pass
         process.wait()
     STARTED.clear()
-    for record in (out / "pids").glob("*") if out is not None and (out / "pids").is_dir() else ():
-        for pid in record.read_text().split():
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
+    kill_tagged()
 
 
 def trial(tool: str) -> float | None:
@@ -118,7 +115,7 @@ def trial(tool: str) -> float | None:
             return CAP
         return time.monotonic() - fault
     finally:
-        _stop_all(out)
+        _stop_all()
         shutil.rmtree(out, ignore_errors=True)
 
 
@@ -130,16 +127,11 @@ def _retrying(tool: str) -> float:
     raise RuntimeError(f"{tool}: the job did not start on 3 nodes in 3 tries")
 
 
+@cleans_up
 def main(argv: list[str] | None = None) -> int:
     rounds = rounds_from_args(__doc__, argv, rounds=3, quick=2)
-    previous = {signum: signal.signal(signum, lambda s, f: sys.exit(128 + s)) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        comparison = interleave(rounds, lambda: _retrying("trainfleet"), lambda: _retrying("torchrun"),
-                                Comparison("elastic_fault_to_first_step_vs_torchrun", target=1.0), warmup=0)
-    finally:
-        _stop_all()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    comparison = interleave(rounds, lambda: _retrying("trainfleet"), lambda: _retrying("torchrun"),
+                            Comparison("elastic_fault_to_first_step_vs_torchrun", target=1.0), warmup=0)
     print(comparison.line())
     if CAPPED:
         print(f"torchrun was still not training {CAP:.0f} s after the fault in {len(CAPPED)} of "

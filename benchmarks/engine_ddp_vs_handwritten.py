@@ -8,7 +8,7 @@ Interleaved rounds; the median step time of each round is one sample.
 """
 from __future__ import annotations
 
-from benchmarks.common import Comparison, interleave, median_step, step_benchmark_args
+from benchmarks.common import Comparison, cleans_up, interleave, median_step, step_benchmark_args
 
 TWO = ["--gpus", "2"]
 
@@ -24,6 +24,7 @@ def measure(rounds: int, steps: int, model: str) -> list[Comparison]:
     return [plain, accumulated]
 
 
+@cleans_up
 def main(argv: list[str] | None = None) -> None:
     args = step_benchmark_args(__doc__, argv, rounds=5, steps=20, quick=(2, 4))
     for comparison in measure(args.rounds, args.steps, args.model):

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import BIN, REPO
+from benchmarks.common import BIN, REPO, cleans_up
 from tests import twohosts
 
 SCRIPT = str(REPO / "tests" / "scripts" / "long_train.py")
@@ -63,6 +63,7 @@ def trial(tool: str, fault: str, cap: float) -> float:
         shutil.rmtree(out, ignore_errors=True)
 
 
+@cleans_up
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--trials", type=int, default=10)

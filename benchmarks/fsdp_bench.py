@@ -18,7 +18,7 @@ import argparse
 import json
 import shutil
 
-from benchmarks.common import BIN, PROBES, Comparison, paired_verdict, run_probe, scratch
+from benchmarks.common import BIN, PROBES, Comparison, cleans_up, paired_verdict, run_probe, scratch
 
 PROBE = str(PROBES / "fsdp_probe.py")
 BIG = ["--width", "2048", "--depth", "6"]  # 6 blocks of 2 x (2048 x 2048 + 2048): 50.4 M parameters
@@ -72,6 +72,7 @@ def load(out, rounds: int) -> Comparison:
     return Comparison("fsdp_reshard_load_vs_same_world", 1.2, ours=result["a"], peer=result["b"])
 
 
+@cleans_up
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=7)

@@ -15,7 +15,7 @@ import importlib.util
 import statistics
 import time
 
-from benchmarks.common import Comparison, median_step, step_benchmark_args
+from benchmarks.common import Comparison, cleans_up, median_step, step_benchmark_args
 
 
 def horovod(rounds: int, steps: int, model: str) -> list[Comparison]:
@@ -88,6 +88,7 @@ def amp(rounds: int, steps: int, model_name: str) -> Comparison:
     return result
 
 
+@cleans_up
 def main(argv: list[str] | None = None) -> None:
     args = step_benchmark_args(__doc__, argv, rounds=5, steps=15, quick=(2, 4))
     if importlib.util.find_spec("horovod") is None:

@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import BIN, PROBES, Comparison, interleave, now, paired_verdict, rounds_from_args, scratch
+from benchmarks.common import (BIN, PROBES, Comparison, cleans_up, interleave, now, paired_verdict, rounds_from_args,
+                               scratch)
 from tests import sshhosts
 
 PROBE = str(PROBES / "first_step.py")
@@ -79,6 +80,7 @@ def _peer(hosts: sshhosts.SshHosts) -> float:
                                                    stderr=subprocess.PIPE, text=True), hosts, "peer")
 
 
+@cleans_up
 def main(argv: list[str] | None = None) -> None:
     rounds = rounds_from_args(__doc__, argv, rounds=5, quick=3)
     reason = sshhosts.available()

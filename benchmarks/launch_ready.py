@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import shutil
 
-from benchmarks.common import (BIN, PROBES, Comparison, interleave, now, read_json_files, rounds_from_args,
+from benchmarks.common import (BIN, PROBES, Comparison, cleans_up, interleave, now, read_json_files, rounds_from_args,
                                run_probe, scratch)
 
 PROBE = str(PROBES / "ready.py")
@@ -28,6 +28,7 @@ def measure(rounds: int) -> Comparison:
     return interleave(rounds, ours, peer, Comparison("launch_ready_vs_torchrun", target=0.65))
 
 
+@cleans_up
 def main(argv: list[str] | None = None) -> None:
     rounds = rounds_from_args(__doc__, argv, rounds=7, quick=3)
     print(measure(rounds).line(), flush=True)

@@ -18,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from benchmarks.common import BIN, PROBES, Comparison, interleave, now, rounds_from_args, scratch
+from benchmarks.common import BIN, PROBES, Comparison, cleans_up, interleave, now, rounds_from_args, scratch
 
 PROBE = str(PROBES / "first_step.py")
 PEER_SCRIPT = """#!/bin/bash
@@ -100,6 +100,7 @@ def _peer() -> float:
     return _record("peer", _wait_done(job, out, "peer"), start, returned, out)
 
 
+@cleans_up
 def main(argv: list[str] | None = None) -> None:
     rounds = rounds_from_args(__doc__, argv, rounds=5, quick=3)
     if not (os.environ.get("SLURM_CONF") and shutil.which("sbatch")):

@@ -1,5 +1,5 @@
 """Shared fixtures. The autouse ones fail a test that leaks an environment variable,
-a process group, a child process or a listening socket."""
+a process group, a child process, an orphaned worker or a listening socket."""
 from __future__ import annotations
 
 import os
@@ -64,11 +64,22 @@ def _listening_inodes() -> set[str]:
     return listening
 
 
+def _orphan_workers() -> set[int]:
+    """Workers (trainfleet's or torchrun's: they carry TORCHELASTIC_RUN_ID) adopted by init:
+    their launcher is gone. They are not this process's children, e.g. when a test killed
+    an agent whose workers run in sessions of their own."""
+    from trainfleet.utils.process import processes_with
+
+    return {pid for pid, parent in processes_with("TORCHELASTIC_RUN_ID").items() if parent == 1}
+
+
 @pytest.fixture(autouse=True)
 def no_leaks():
-    """Fail the test if it leaves env vars, a process group, children or listeners behind."""
+    """Fail the test if it leaves env vars, a process group, children, orphaned workers or listeners
+    behind."""
     env_before = dict(os.environ)
     listeners_before = _listening_inodes()
+    orphans_before = _orphan_workers()
     yield
     problems = []
     changed = {k for k in set(env_before) | set(os.environ)
@@ -87,12 +98,15 @@ def no_leaks():
             dist.destroy_process_group()
             problems.append("a torch.distributed process group was left initialized")
     deadline = time.monotonic() + 5
-    while _children(os.getpid()) and time.monotonic() < deadline:
+    while (_children(os.getpid()) or _orphan_workers() - orphans_before) and time.monotonic() < deadline:
         time.sleep(0.05)
-    leftover = _children(os.getpid())
+    leftover, orphans = _children(os.getpid()), _orphan_workers() - orphans_before
     if leftover:
         problems.append(f"child processes left running: {sorted(leftover)}")
-        for pid in leftover:
+    if orphans:
+        problems.append(f"workers left running after their launcher died: {sorted(orphans)}")
+    if leftover or orphans:
+        for pid in leftover | orphans:
             try:
                 os.kill(pid, 9)
             except ProcessLookupError:

@@ -96,3 +96,37 @@ def test_benchmark_smoke(module, lines):
     for line in lines:
         assert line in result.stdout, result.stdout
     assert "(target" in result.stdout and ": skipped" not in result.stdout
+
+
+BENCHMARK_THAT_ORPHANS = """
+import subprocess, sys, time
+from benchmarks.common import cleans_up
+
+@cleans_up
+def main(argv=None):
+    # a grandchild in a session of its own whose parent exits at once: adopted by init
+    subprocess.run(["bash", "-c", "setsid sleep 300 >/dev/null 2>&1 & echo $!"], stdout=sys.stdout, check=True)
+    sys.stdout.flush()
+    if argv == ["--return"]:
+        return 0
+    time.sleep(300)
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("how", ["--return", "SIGINT", "SIGTERM"])
+def test_no_process_of_a_benchmark_outlives_it(how):
+    import signal
+
+    from tests.conftest import pid_alive
+
+    process = subprocess.Popen([sys.executable, "-c", BENCHMARK_THAT_ORPHANS, how], cwd=REPO, text=True,
+                               stdout=subprocess.PIPE)
+    orphan = int(process.stdout.readline())
+    assert pid_alive(orphan)
+    if how != "--return":
+        process.send_signal(getattr(signal, how))
+    # Ctrl-C ends Python by its own SIGINT once clean-up ran; SIGTERM exits 128 + 15
+    assert process.wait(timeout=30) == {"--return": 0, "SIGINT": -signal.SIGINT, "SIGTERM": 143}[how]
+    assert not pid_alive(orphan)

@@ -12,18 +12,16 @@ from trainfleet.utils.errors import UsageError
 
 def stale_workers() -> list[str]:
     """Workers of earlier trainfleet/torchrun runs whose launcher is gone (adopted by init)."""
+    from trainfleet.utils.process import processes_with
+
     found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes()
-            if b"TORCHELASTIC_RUN_ID=" not in environ:
-                continue
-            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            if ppid == 1:
+    for pid, parent in sorted(processes_with("TORCHELASTIC_RUN_ID").items()):
+        if parent == 1:
+            try:
                 command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-                found.append(f"pid {pid} ({command[:60]})")
-        except (OSError, ValueError, IndexError):
-            continue
+            except OSError:
+                continue
+            found.append(f"pid {pid} ({command[:60]})")
     return found
 
 

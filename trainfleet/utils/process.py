@@ -1,5 +1,5 @@
 """Process hygiene shared by the launcher and the SLURM job: children die with their parent;
-a process's state from /proc."""
+a process's state from /proc; the processes that carry an environment variable."""
 from __future__ import annotations
 
 import ctypes
@@ -28,6 +28,26 @@ def process_state(pid: int) -> str | None:
             return handle.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return None
+
+
+def processes_with(variable: str, value: str | None = None) -> dict[int, int]:
+    """``{pid: parent pid}`` of the live processes whose environment sets ``variable`` (to
+    ``value`` when given). An environment is inherited, so this finds a job's workers even
+    after they were adopted by init or moved to sessions of their own."""
+    needle = b"\0" + f"{variable}=".encode() + (value.encode() + b"\0" if value is not None else b"")
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                if needle not in b"\0" + handle.read().rstrip(b"\0") + b"\0":
+                    continue
+            with open(f"/proc/{pid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z":
+            found[int(pid)] = int(fields[1])
+    return found
 
 
 EARLY_SIGNALS: list[int] = []  # checkpoint requests that came before the script's Engine existed
