@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import Mapping
 
 NVIDIA_PROC = Path("/proc/driver/nvidia/gpus")
+DEV = Path("/dev")
 
 
-def physical_cuda_devices() -> int:
-    """GPUs the NVIDIA driver exposes on this host (0 without a driver)."""
-    if NVIDIA_PROC.is_dir():
-        return sum(1 for _ in NVIDIA_PROC.iterdir())
+def physical_cuda_devices(proc: Path = NVIDIA_PROC, dev: Path = DEV) -> int:
+    """GPUs this process can open (0 without a driver). The driver lists every GPU of the host
+    under ``proc``, also in a container given only some of them: a GPU counts when its device
+    node (``/dev/nvidia<minor>``, the minor from its ``information`` file) exists here."""
+    if proc.is_dir():
+        return sum(1 for gpu in proc.iterdir() if _openable(gpu / "information", dev))
     if shutil.which("nvidia-smi"):
         try:
             out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
@@ -26,6 +29,19 @@ def physical_cuda_devices() -> int:
             return 0
         return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
     return 0
+
+
+def _openable(information: Path, dev: Path) -> bool:
+    try:
+        text = information.read_text()
+    except OSError:
+        return True  # no minor to check: trust the driver's list
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "Device Minor" and value.strip().isdigit():
+            node = dev / f"nvidia{int(value)}"
+            return node.exists() and os.access(node, os.R_OK | os.W_OK)
+    return True
 
 
 def visible_cuda_devices(env: Mapping[str, str] | None = None, physical: int | None = None) -> int:
