@@ -105,3 +105,35 @@ def test_engine_round_trip_unwrapped_on_cpu(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
     assert fresh_opt.state_dict()["state"][0]["step"] == 1
     engine.close()
+
+
+def test_cuda_generator_states_follow_the_rank_not_the_device_index():
+    from trainfleet.engine.state import cuda_states_for
+
+    gens = [torch.full((4,), float(i)) for i in range(8)]  # stand-ins for 8 GPUs' generator states
+    # rank 3 of an 8-GPU node computed on cuda:3 (all 8 visible); resumed with CUDA_VISIBLE_DEVICES
+    # masking it to one GPU, its state goes to cuda:0, not index 0's state to cuda:0
+    saved = {"cuda": gens, "cuda_own": gens[3], "cuda_every_gpu": False}
+    restored = cuda_states_for(saved, torch.device("cuda", 0), count=1)
+    assert list(restored) == [0] and torch.equal(restored[0], gens[3])
+    assert torch.equal(cuda_states_for(saved, torch.device("cuda", 1), count=2)[1], gens[3])
+    # dp drove every GPU: each gets its own back when as many are visible, else the first's goes to cuda:0
+    dp = {"cuda": gens[:2], "cuda_own": gens[0], "cuda_every_gpu": True}
+    assert {i: int(t[0]) for i, t in cuda_states_for(dp, torch.device("cuda", 0), count=2).items()} == {0: 0, 1: 1}
+    assert {i: int(t[0]) for i, t in cuda_states_for(dp, torch.device("cuda", 0), count=4).items()} == {0: 0}
+    # a CPU resume of a GPU checkpoint touches no GPU; an older checkpoint restores by index, as it was written
+    assert cuda_states_for(saved, torch.device("cpu"), count=0) == {}
+    assert list(cuda_states_for({"cuda": gens}, torch.device("cuda", 0), count=2)) == [0, 1]
+
+
+def test_async_staging_keeps_one_copy_of_the_last_state():
+    saver = ckpt.AsyncSaver()
+    first = saver.stage({"model": {"w": torch.ones(3, 4), "b": torch.zeros(4)}, "optimizer": {}})
+    reused = saver.stage({"model": {"w": torch.full((3, 4), 2.0), "b": torch.ones(4)}, "optimizer": {}})
+    assert reused["model"]["w"].data_ptr() == first["model"]["w"].data_ptr()  # the same buffer, refilled
+    assert torch.equal(reused["model"]["w"], torch.full((3, 4), 2.0))
+    # the model grew a layer and lost one: the old buffer is freed, not kept for the engine's life
+    saver.stage({"model": {"w": torch.ones(5, 4), "extra": torch.ones(2)}, "optimizer": {}})
+    assert sorted((key[0], key[1]) for key in saver._buffers) == [(("model", "extra"), (2,)), (("model", "w"), (5, 4))]
+    saver.close()
+    assert not saver._buffers

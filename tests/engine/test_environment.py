@@ -2,7 +2,7 @@
 import pytest
 
 from trainfleet.engine.environment import ClusterEnvironment, backend_for, device_index, resolve_accelerator
-from trainfleet.launcher.devices import visible_cuda_devices, visible_devices_for
+from trainfleet.launcher.devices import physical_cuda_devices, visible_cuda_devices, visible_devices_for
 from trainfleet.utils.errors import UsageError
 
 
@@ -61,3 +61,39 @@ def test_cuda_visible_devices(mask, physical, expected):
 def test_visible_devices_for_dp():
     assert visible_devices_for(2, {}) == "0,1"
     assert visible_devices_for(2, {"CUDA_VISIBLE_DEVICES": "3,5,6"}) == "3,5"
+
+
+def test_gpus_a_container_cannot_open_are_not_counted(tmp_path):
+    # The driver's /proc lists all four GPUs of the host; the container was given /dev/nvidia1
+    # and /dev/nvidia3 only (as `docker --gpus '"device=1,3"'` does).
+    proc, dev = tmp_path / "proc", tmp_path / "dev"
+    dev.mkdir()
+    for minor in range(4):
+        gpu = proc / f"0000:{minor + 0x17:02x}:00.0"
+        gpu.mkdir(parents=True)
+        (gpu / "information").write_text(f"Model: \t\t NVIDIA H100\nIRQ:   \t\t 100\nDevice Minor: \t {minor}\n")
+    for minor in (1, 3):
+        (dev / f"nvidia{minor}").write_bytes(b"")
+    assert physical_cuda_devices(proc, dev) == 2
+    (proc / "0000:17:00.0" / "information").unlink()  # nothing to check: the driver's word stands
+    assert physical_cuda_devices(proc, dev) == 3
+
+
+def test_nccl_group_is_bound_to_the_rank_gpu_and_aborted_after_a_failure():
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from trainfleet.engine.ddp import group_options, release_by, release_group
+
+    gpu = torch.device("cuda", 3)
+    assert group_options("nccl", gpu, 60) == {"backend": "nccl", "timeout": datetime.timedelta(seconds=60),
+                                              "device_id": gpu}
+    assert "device_id" not in group_options("gloo", torch.device("cpu"), 60)  # gloo takes no device
+    assert release_by("nccl", failed=True) == "abort"
+    assert release_by("nccl", failed=False) == release_by("gloo", failed=True) == "destroy"
+    dist.init_process_group(store=dist.HashStore(), rank=0, world_size=1,
+                            **group_options("gloo", torch.device("cpu"), 60))
+    release_group("gloo", failed=True)
+    assert not dist.is_initialized()

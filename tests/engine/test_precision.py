@@ -168,3 +168,57 @@ def test_precision_names_and_apex():
         build_precision("O2", amp_backend="apex")
     with pytest.raises(UsageError, match="Unknown amp backend 'cuda'"):
         build_precision("O1", amp_backend="cuda")
+
+
+RANK_SEEDED_O2 = """
+import sys
+import torch
+import trainfleet
+
+engine = trainfleet.Engine()
+torch.manual_seed(100 + engine.rank)  # every rank starts from weights of its own
+model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+model, optimizer = engine.setup(model, optimizer)
+x, y = torch.randn(4, 6, generator=torch.Generator().manual_seed(engine.rank)), torch.tensor([0, 1, 2, 0])
+engine.backward(torch.nn.functional.cross_entropy(model(x.half()).float(), y))
+engine.step(optimizer)
+weights = [p.detach().float() for p in engine.unwrap(model).parameters()]
+masters = list(engine.precision.masters.values())
+torch.save({"weights": weights, "masters": masters}, sys.argv[1] + f"/rank{engine.rank}.pt")
+"""
+
+
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("horovod", marks=pytest.mark.horovod)])
+def test_o2_masters_are_rank_zeros_after_the_wrap(launch, tmp_path, strategy):
+    # DDP and Horovod copy rank 0's weights to every rank when they wrap the model; O2's fp32
+    # masters, taken before, must follow, or the first step puts each rank's own start back.
+    script = tmp_path / "train.py"
+    script.write_text(RANK_SEEDED_O2)
+    result = launch("--gpus", "2", "--cpu", "--strategy", strategy, "--precision", "O2", str(script), str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for a, b in zip(ranks[0]["weights"] + ranks[0]["masters"], ranks[1]["weights"] + ranks[1]["masters"]):
+        assert torch.equal(a, b)
+
+
+def test_dp_replicas_compute_in_the_precision_dtype():
+    # DataParallel's replica threads enter autocast with the device's default dtype; run like
+    # one (a fresh thread, autocast on without a dtype: bf16 on CPU) with fp16 asked for.
+    import threading
+
+    from trainfleet.engine.dp import AutocastInReplicas
+
+    wrapped = AutocastInReplicas(torch.nn.Linear(4, 2), torch.float16)
+    seen = {}
+
+    def replica():
+        with torch.amp.autocast("cpu", enabled=True):
+            seen["autocast"] = wrapped(torch.ones(3, 4)).dtype
+        seen["plain"] = wrapped(torch.ones(3, 4)).dtype  # autocast off: left alone
+
+    thread = threading.Thread(target=replica)
+    thread.start()
+    thread.join()
+    assert seen == {"autocast": torch.float16, "plain": torch.float32}
+    assert Engine(strategy="single").unwrap(wrapped) is wrapped.module

@@ -289,19 +289,29 @@ class AsyncSaver:
             finally:
                 self._idle.set()
 
-    def stage(self, obj: Any, path: tuple[Any, ...] = ()) -> Any:
-        """A CPU copy of ``obj`` in reused buffers. Call only after :meth:`wait`."""
+    def stage(self, obj: Any) -> Any:
+        """A CPU copy of ``obj`` in reused buffers, each of its tensor's exact size. Call only after
+        :meth:`wait`. Buffers the previous save had and this one does not use (a tensor that
+        changed shape or went away) are freed: what stays pinned is one copy of the last state."""
+        used: set[tuple[Any, ...]] = set()
+        staged = self._stage(obj, (), used)
+        for key in set(self._buffers) - used:
+            del self._buffers[key]
+        return staged
+
+    def _stage(self, obj: Any, path: tuple[Any, ...], used: set[tuple[Any, ...]]) -> Any:
         if isinstance(obj, torch.Tensor):
             key = (path, tuple(obj.shape), obj.dtype)
             buffer = self._buffers.get(key)
             if buffer is None:
                 buffer = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
                 self._buffers[key] = buffer
+            used.add(key)
             return buffer.copy_(obj.detach(), non_blocking=obj.is_cuda)
         if isinstance(obj, Mapping):
-            return type(obj)((k, self.stage(v, path + (k,))) for k, v in obj.items())
+            return type(obj)((k, self._stage(v, path + (k,), used)) for k, v in obj.items())
         if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-            return type(obj)(self.stage(v, path + (i,)) for i, v in enumerate(obj))
+            return type(obj)(self._stage(v, path + (i,), used) for i, v in enumerate(obj))
         return obj
 
     def submit(self, job: Callable[[], Any]) -> None:

@@ -22,6 +22,30 @@ _OPS = {
 DEFAULT_TIMEOUT_S = 1800.0
 
 
+def group_options(backend: str, device: torch.device, timeout_s: float) -> dict[str, Any]:
+    """init_process_group's backend, timeout and, on NCCL, ``device_id``: the communicator is
+    bound to this rank's GPU at once (eager init) instead of at the first collective, where
+    NCCL would have to guess the device (and a barrier would pick the wrong one)."""
+    options: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
+    if backend == "nccl":
+        options["device_id"] = device
+    return options
+
+
+def release_by(backend: str, failed: bool) -> str:
+    """How to leave the default process group: ``abort`` after a failure on NCCL (destroying it
+    would wait for collectives the failed rank's peers may never finish), else ``destroy``."""
+    can_abort = hasattr(dist.distributed_c10d, "_abort_process_group")
+    return "abort" if failed and backend == "nccl" and can_abort else "destroy"
+
+
+def release_group(backend: str, failed: bool) -> None:
+    if release_by(backend, failed) == "abort":
+        dist.distributed_c10d._abort_process_group()
+    else:
+        dist.destroy_process_group()
+
+
 class DDPStrategy(MultiProcessStrategy):
     """Wraps the module in DDP and joins the process group from env:// variables.
 
@@ -34,6 +58,7 @@ class DDPStrategy(MultiProcessStrategy):
     """
 
     name = "ddp"
+    broadcasts_weights = True
 
     def __init__(self, precision: Any = None, env: Any = None, accelerator: str | None = None,
                  timeout_s: float | None = None, sync_batchnorm: bool = False, **ddp_kwargs: Any):
@@ -45,6 +70,7 @@ class DDPStrategy(MultiProcessStrategy):
         self.timeout_s = float(timeout_s or env_timeout or DEFAULT_TIMEOUT_S)
         self.ddp_kwargs = ddp_kwargs
         self._owns_group = False
+        self._host_group: Any = None  # gloo beside NCCL, for max_on_host
 
     @property
     def backend(self) -> str:
@@ -56,19 +82,14 @@ class DDPStrategy(MultiProcessStrategy):
             return
         # A plain `python train.py` (no launcher) is a world of one: an in-memory store, no port.
         where = {"init_method": "env://"} if self.env.launched else {"store": dist.HashStore()}
-        dist.init_process_group(
-            backend=self.backend,
-            rank=self.rank,
-            world_size=self.world_size,
-            timeout=datetime.timedelta(seconds=self.timeout_s),
-            **where,
-        )
+        dist.init_process_group(rank=self.rank, world_size=self.world_size, **where,
+                                **group_options(self.backend, self.root_device, self.timeout_s))
         self._owns_group = True
 
-    def _teardown(self) -> None:
+    def _teardown(self, failed: bool = False) -> None:
         if self._owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-        self._owns_group = False
+            release_group(self.backend, failed)
+        self._owns_group, self._host_group = False, None
 
     def _convert_batchnorm(self, module: torch.nn.Module) -> torch.nn.Module:
         if not self.sync_batchnorm:
@@ -100,6 +121,16 @@ class DDPStrategy(MultiProcessStrategy):
         if op == "mean":
             work = work.div_(self.world_size) if work.is_floating_point() else work / self.world_size
         return work.to(tensor.device)
+
+    def _max_on_host(self, value: int) -> int:
+        """On NCCL over a gloo group of CPU tensors (made at the first call, which every rank makes
+        at the same step), so the flag does not wait behind the step's kernels."""
+        self.setup_environment()
+        if self.backend == "nccl" and self._host_group is None:
+            self._host_group = dist.new_group(backend="gloo")
+        flag = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._host_group)
+        return int(flag.item())
 
     def _barrier(self, name: str | None) -> None:
         self.setup_environment()

@@ -27,4 +27,27 @@ class DataParallelStrategy(SingleProcessStrategy):
     def _setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
         if not self._uses_cuda():
             return module
+        dtype = getattr(self.precision, "dtype", None)
+        if dtype is not None:
+            module = AutocastInReplicas(module, dtype)
         return torch.nn.DataParallel(module, device_ids=list(range(torch.cuda.device_count())))
+
+
+class AutocastInReplicas(torch.nn.Module):
+    """Runs the module's forward under autocast with ``dtype`` whenever its thread has autocast on.
+
+    DataParallel runs each replica on a thread of its own and re-enters autocast there with the
+    device's default dtype (fp16 on CUDA) rather than the caller's: bf16 would silently run as
+    fp16, without a loss scaler. ``engine.unwrap`` sees through it (``.module``).
+    """
+
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.module, self.dtype = module, dtype
+
+    def forward(self, *args, **kwargs):
+        device_type = next((p.device.type for p in self.module.parameters()), "cpu")
+        if not torch.is_autocast_enabled(device_type):
+            return self.module(*args, **kwargs)
+        with torch.autocast(device_type, dtype=self.dtype):
+            return self.module(*args, **kwargs)

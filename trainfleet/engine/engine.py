@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import sys
 import threading
 import traceback
 from pathlib import Path
@@ -104,7 +105,7 @@ class Engine:
         if self.timer is not None:
             self.timer.device = self.device
             self.strategy.timer = self.timer
-        atexit.register(self.close)
+        atexit.register(self._close_at_exit)
 
     # ----- where we are --------------------------------------------------------------
     @property
@@ -232,8 +233,8 @@ class Engine:
         ``launch`` relays those signals to every worker of every node and gives them
         ``--grace-period`` seconds before SIGKILL. :attr:`stop_signal` says which signal.
         """
-        flag = torch.tensor([float(self._pending_signal or 0)], device=self.device)
-        agreed = int(self.all_reduce(flag, op="max").item())
+        with self._collective("should_stop"):  # on the host: no wait for the GPU's queue
+            agreed = self.strategy.max_on_host(int(self._pending_signal or 0))
         if agreed:
             self.stop_signal = agreed
         return bool(agreed)
@@ -274,11 +275,14 @@ class Engine:
             print(*args, **kwargs)
 
     # ----- checkpoints ---------------------------------------------------------------
+    def _rng(self) -> dict[str, Any]:
+        return capture_rng(self.device, every_gpu=self.strategy.name == "dp")  # dp computes on every GPU
+
     def _common_state(self, scheduler: Any, dataloader: DeviceDataLoader | None, extra: dict[str, Any],
                       gather_rng: bool = True) -> dict[str, Any]:
         """Everything but the model and optimizer tensors; with ``gather_rng`` a collective that
         brings every rank's RNG state to each (a sharded save has each rank write its own)."""
-        rng = self.strategy.all_gather_object(capture_rng()) if gather_rng else None
+        rng = self.strategy.all_gather_object(self._rng()) if gather_rng else None
         return {
             "format": ckpt.FORMAT,
             "version": ckpt.FORMAT_VERSION,
@@ -387,7 +391,7 @@ class Engine:
             with self.precision.optimizer_params(optimizer):  # O2: the fp32 masters' state
                 optimizer_state = sharded_ckpt.optimizer_template(module, optimizer)
         tensors, layout = sharded_ckpt.flatten(model_state, optimizer_state)
-        tensors[sharded_ckpt.rng_key(self.rank)] = sharded_ckpt.rng_tensor(capture_rng())
+        tensors[sharded_ckpt.rng_key(self.rank)] = sharded_ckpt.rng_tensor(self._rng())
         side = sharded_ckpt.make_sidecar(self._common_state(scheduler, dataloader, extra, gather_rng=False), layout)
         return self._sharded.save(path, tensors, side, keep_last, asynchronous)
 
@@ -437,7 +441,7 @@ class Engine:
             dataloader.load_state_dict(payload["data"])
         if restore_rng and payload.get("rng"):
             rng_states = payload["rng"]
-            restore_rng_state(rng_states[self.rank % len(rng_states)])
+            restore_rng_state(rng_states[self.rank % len(rng_states)], self.device)
         return dict(payload.get("extra") or {})
 
     def _load_file(self, path: Path, module: torch.nn.Module | None, optimizer: Any, strict: bool,
@@ -486,10 +490,14 @@ class Engine:
             note_resume(self.elastic.record, path if found else None, dataloader)
         return extra
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         """Finish a pending asynchronous save, then tear the strategy down; called at exit too."""
         try:
             self._saver.close()
         finally:
             self._sharded.close()
-            self.strategy.teardown()
+            self.strategy.teardown(failed)
+
+    def _close_at_exit(self) -> None:
+        # Python keeps an uncaught exception in sys.last_value for this (the worker does the same)
+        self.close(failed=getattr(sys, "last_value", None) is not None)

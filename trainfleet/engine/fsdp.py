@@ -158,6 +158,7 @@ class FSDPStrategy(DDPStrategy):
     """
 
     name = "fsdp"
+    broadcasts_weights = False  # each rank keeps its shard of its own start: scripts seed alike
     shards_checkpoints = True
 
     def __init__(self, precision: Any = None, env: Any = None, accelerator: str | None = None,
@@ -247,9 +248,9 @@ class FSDPStrategy(DDPStrategy):
     def no_backward_sync(self, module: torch.nn.Module) -> ContextManager[Any]:
         return _gradient_sync_off(module)
 
-    def _teardown(self) -> None:
+    def _teardown(self, failed: bool = False) -> None:
         self._mesh, self._replaced = None, {}
-        super()._teardown()
+        super()._teardown(failed)
 
     # ----- checkpoint state: full on rank 0 for files, sharded for DCP -----------------
     def full_model_state(self, module: torch.nn.Module) -> dict[str, Any]:

@@ -50,6 +50,7 @@ class HorovodStrategy(MultiProcessStrategy):
     """
 
     name = "horovod"
+    broadcasts_weights = True
 
     def __init__(self, precision: Any = None, env: Any = None, accelerator: str | None = None,
                  backward_passes_per_step: int = 1, compression: str = "none"):
@@ -82,7 +83,7 @@ class HorovodStrategy(MultiProcessStrategy):
                              "start horovod jobs with `launch --strategy horovod`.")
         super()._setup_environment()
 
-    def _teardown(self) -> None:
+    def _teardown(self, failed: bool = False) -> None:
         self.hvd.shutdown()
 
     # ----- modules and optimizers -----------------------------------------------------
@@ -136,6 +137,10 @@ class HorovodStrategy(MultiProcessStrategy):
             tensor.copy_(result)
             return tensor
         return result.to(tensor.device)
+
+    def _max_on_host(self, value: int) -> int:
+        self.setup_environment()  # a CPU tensor takes Horovod's CPU path (gloo/MPI), beside the GPU's
+        return int(self.hvd.allreduce(torch.tensor([value], dtype=torch.int64), op=self.hvd.Max).item())
 
     def _barrier(self, name: str | None) -> None:
         self.setup_environment()

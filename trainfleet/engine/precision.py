@@ -106,10 +106,14 @@ class AutocastPrecision(Precision):
         if self.scaler is None:
             optimizer.step()
             return True
-        before = self.scaler.get_scale()
+        # The one host sync of a scaled step is GradScaler's own check for inf/NaN before it steps:
+        # unscaling first lets this read the same flags at the same point, right after it (asking
+        # the scale afterwards would also wait for the optimizer's kernels, at every step).
+        self.scaler.unscale_(optimizer)
+        found = self.scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+        stepped = not sum(flag.item() for flag in found.values())
         self.scaler.step(optimizer)
         self.scaler.update()
-        stepped = self.scaler.get_scale() >= before  # the scale drops exactly when a step is skipped
         self.skipped_steps += not stepped
         return stepped
 

@@ -81,11 +81,16 @@ def check_optimizer_names(optimizer: torch.optim.Optimizer, model: torch.nn.Modu
     return wanted
 
 
-def capture_rng() -> dict[str, Any]:
-    """This process's RNG states in weights-only loadable types (tensors, ints, tuples)."""
+def capture_rng(device: torch.device | None = None, every_gpu: bool = False) -> dict[str, Any]:
+    """This process's RNG states in weights-only loadable types (tensors, ints, tuples). On CUDA,
+    ``cuda_own`` is the generator of ``device`` (the rank's GPU, whatever its index here) and
+    ``cuda`` every visible GPU's; ``every_gpu``: the process computes on all of them (dp)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_every_gpu"] = every_gpu
+        if device is not None and device.type == "cuda":
+            state["cuda_own"] = torch.cuda.get_rng_state(device)
     numpy = sys.modules.get("numpy")
     if numpy is not None:
         kind, keys, pos, has_gauss, gauss = numpy.random.get_state()
@@ -93,13 +98,28 @@ def capture_rng() -> dict[str, Any]:
     return state
 
 
-def restore_rng(state: dict[str, Any]) -> None:
+def cuda_states_for(state: dict[str, Any], device: torch.device | None, count: int) -> dict[int, torch.Tensor]:
+    """Which saved CUDA generator state goes to which device index of this process. A rank's own
+    GPU gets the state of the GPU it computed on (its index may differ between layouts: cuda:3 of
+    8 visible then, cuda:0 of 1 now); every visible GPU gets its own only when the process drives
+    several (dp) and sees as many as were saved."""
+    saved_all, own = state.get("cuda") or [], state.get("cuda_own")
+    if state.get("cuda_every_gpu") and len(saved_all) == count:
+        return dict(enumerate(saved_all))
+    if own is not None and device is not None and device.type == "cuda":
+        return {device.index or 0: own}
+    if "cuda_every_gpu" not in state:  # written before trainfleet kept the rank's own: by index, as then
+        return dict(enumerate(saved_all[:count]))
+    return {}
+
+
+def restore_rng(state: dict[str, Any], device: torch.device | None = None) -> None:
     """Put back what :func:`capture_rng` returned."""
     torch.set_rng_state(state["torch"])
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        devices = min(len(state["cuda"]), torch.cuda.device_count())
-        torch.cuda.set_rng_state_all(state["cuda"][:devices])
+    if torch.cuda.is_available():
+        for index, generator in cuda_states_for(state, device, torch.cuda.device_count()).items():
+            torch.cuda.set_rng_state(generator, index)
     numpy = sys.modules.get("numpy")
     if numpy is not None and "numpy" in state:
         kind, keys, pos, has_gauss, gauss = state["numpy"]

@@ -31,6 +31,7 @@ class Strategy(ABC):
     """
 
     name = "base"
+    broadcasts_weights = False  # wrapping a module copies rank 0's weights to every rank (ddp, horovod)
     shards_checkpoints = False  # engine.save writes a DCP folder (True) or one file (False) by default
 
     def __init__(self, precision: Precision | str | None = None,
@@ -76,13 +77,14 @@ class Strategy(ABC):
         if self.root_device.type == "cuda":
             torch.cuda.set_device(self.root_device)
 
-    def teardown(self) -> None:
-        """Release process groups and devices; safe to call twice."""
+    def teardown(self, failed: bool = False) -> None:
+        """Release process groups and devices; safe to call twice. ``failed``: the script is
+        ending on an error, so collectives may be left unfinished (NCCL aborts instead of waiting)."""
         if self._environment_ready:
-            self._teardown()
+            self._teardown(failed)
             self._environment_ready = False
 
-    def _teardown(self) -> None:
+    def _teardown(self, failed: bool = False) -> None:
         pass
 
     # ----- modules and optimizers ---------------------------------------------------
@@ -92,7 +94,21 @@ class Strategy(ABC):
             raise UsageError(f"setup expects a torch.nn.Module, got {type(module).__name__}.")
         self.setup_environment()
         module = self.precision.convert_module(module.to(self.root_device))
-        return self._setup_module(module)
+        wrapped = self._setup_module(module)
+        self._share_masters()
+        return wrapped
+
+    def _share_masters(self) -> None:
+        """O2 copies the fp32 masters from this rank's weights before the wrap broadcasts rank 0's:
+        take rank 0's masters too, or the first step would put each rank's own start back."""
+        masters = list(getattr(self.precision, "masters", {}).values())
+        if not masters or not self.broadcasts_weights or self.world_size == 1:
+            return
+        flat = self.broadcast(torch.cat([m.reshape(-1) for m in masters]), 0)
+        offset = 0
+        for master in masters:
+            master.copy_(flat[offset:offset + master.numel()].view_as(master))
+            offset += master.numel()
 
     @abstractmethod
     def _setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -175,6 +191,17 @@ class Strategy(ABC):
         if self.world_size == 1:
             return obj
         return self._broadcast(obj, src)
+
+    def max_on_host(self, value: int) -> int:
+        """The largest of every rank's ``value``, reduced in host memory: the GPU's queue is not
+        waited for, so a per-step call (``should_stop``) costs no device sync."""
+        if self.world_size == 1:
+            return value
+        return self._max_on_host(value)
+
+    def _max_on_host(self, value: int) -> int:
+        flag = torch.tensor([value], dtype=torch.int64)
+        return int(self._all_reduce(flag, "max").item())
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (picklable), in rank order, on every rank."""

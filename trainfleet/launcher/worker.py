@@ -111,6 +111,7 @@ def worker_main(spec: WorkerSpec) -> None:
     except BaseException as err:  # report every failure, KeyboardInterrupt included
         traceback.print_exc()
         _write_error_file(spec.error_file, err)
+        sys.last_type, sys.last_value, sys.last_traceback = type(err), err, err.__traceback__  # as Python does
         code = 1
     finally:
         try:
