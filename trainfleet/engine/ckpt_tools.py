@@ -12,16 +12,17 @@ from trainfleet.engine import formats, sharded
 from trainfleet.utils.errors import UsageError
 
 
-def load_state_dict(path: str | os.PathLike[str], map_location: Any = None, trust: bool = False,
+def load_state_dict(path: str | os.PathLike[str], map_location: Any = "cpu", trust: bool = False,
                     ema: bool = False, prefix: str | None = None) -> dict[str, torch.Tensor]:
-    """A plain model state_dict from any checkpoint, on the current device.
+    """A plain model state_dict from any checkpoint, on the CPU unless ``map_location`` says otherwise.
 
     Accepts trainfleet checkpoints (files and sharded folders), timm and Lightning training
     checkpoints, safetensors files, sharded HF folders (``*.index.json``), ``pytorch_model.bin``,
     Accelerate ``save_state`` folders, plain state_dicts, dicts holding
     ``state_dict``/``model``/``model_state_dict``, and DP/DDP/compiled ones (prefixes
-    stripped). Tensors saved on any ``cuda:N`` or the CPU land on ``map_location``:
-    by default the current CUDA device, or the CPU without one.
+    stripped). Tensors saved on any ``cuda:N`` or the CPU land on ``map_location``, the CPU by
+    default: ``model.load_state_dict`` copies them to wherever the model is, and nothing lands on
+    (or initialises) the current GPU, which is cuda:0 in every process that has not set its own.
 
     Args:
         ema: timm's EMA weights (``state_dict_ema``) instead of the trained ones.
@@ -36,8 +37,6 @@ def load_state_dict(path: str | os.PathLike[str], map_location: Any = None, trus
     state = ckpt.extract_model_state(payload, path)
     if prefix:
         state = ckpt.strip_prefix(state, set(), prefix)
-    if map_location is None:
-        map_location = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     return {k: v.to(map_location) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
