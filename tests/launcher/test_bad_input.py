@@ -119,3 +119,18 @@ def test_simulated_nodes_get_their_own_gpus(monkeypatch):
     assert "CUDA_VISIBLE_DEVICES" not in worker_env(LaunchConfig(SCRIPT, nodes=2, gpus=4, node_rank=1,
                                                                  cuda_devices=4), Placement(1, 1, 2), 0, 29500)
     assert LaunchConfig(SCRIPT, nodes=2, gpus=4, cuda_devices=4, cpu=True).world_size == 8
+
+
+def test_collective_timeout_on_nccl_raises_in_the_script(monkeypatch):
+    """NCCL's watchdog would SIGABRT a worker at the collective timeout; with --collective-timeout
+    on GPUs the workers wait blocking, so the engine's error names the rank and line."""
+    from trainfleet.launcher.elastic import Placement
+    from trainfleet.launcher.local import worker_env
+
+    monkeypatch.delenv("TORCH_NCCL_BLOCKING_WAIT", raising=False)
+    gpu = LaunchConfig(SCRIPT, gpus=2, cuda_devices=2, collective_timeout=30)
+    assert worker_env(gpu, Placement(0, 0, 1), 0, 29500)["TORCH_NCCL_BLOCKING_WAIT"] == "1"
+    for cfg in (LaunchConfig(SCRIPT, gpus=2, cuda_devices=2), LaunchConfig(SCRIPT, gpus=2, collective_timeout=30)):
+        assert "TORCH_NCCL_BLOCKING_WAIT" not in worker_env(cfg, Placement(0, 0, 1), 0, 29500)
+    monkeypatch.setenv("TORCH_NCCL_BLOCKING_WAIT", "0")  # the user's own choice is kept
+    assert "TORCH_NCCL_BLOCKING_WAIT" not in worker_env(gpu, Placement(0, 0, 1), 0, 29500)

@@ -1,5 +1,6 @@
 """Restarts, signals reaching every worker, collective timeouts and pre-flight checks."""
 import json
+import os
 import signal
 import subprocess
 import time
@@ -81,6 +82,49 @@ def test_rank_divergent_collective_times_out_naming_rank_and_line(tmp_path, time
     assert "rank 1 (node 0, local rank 1) failed first" in result.stderr
     waited = ended - float(entered.read_text())
     assert timeout_s <= waited < timeout_s + 5, f"the job ended {waited:.1f}s after rank 1 entered the barrier"
+
+
+def test_nccl_watchdog_abort_is_explained(tmp_path):
+    # Without a blocking wait, NCCL's watchdog prints this line and aborts the worker (no GPU
+    # here: the worker prints torch 2.13's line and aborts itself, as the watchdog does).
+    script = tmp_path / "watchdog.py"
+    script.write_text(
+        "import os, sys, time, trainfleet\n"
+        "engine = trainfleet.Engine()\n"
+        "if engine.rank == 1:\n"
+        "    print('[rank1]:[E1124 15:02:11.5 ProcessGroupNCCL.cpp:685] [PG ID 0 PG GUID 0(default_pg) Rank 1] '\n"
+        "          'Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7, OpType=ALLREDUCE, NumelIn=1, '\n"
+        "          'NumelOut=1, Timeout(ms)=5000) ran for 5087 milliseconds before timing out.', file=sys.stderr)\n"
+        "    sys.stderr.flush(); os.abort()\n"
+        "time.sleep(60)\n")
+    result = run_cli("launch", "--gpus", "2", "--log-dir", str(tmp_path / "logs"), str(script), timeout=120)
+    assert result.returncode == 128 + 6, result.stderr
+    assert "rank 1 (node 0, local rank 1) failed first: signal SIGABRT after" in result.stderr
+    assert ("s: NCCL's watchdog ended it: its collective #7 (ALLREDUCE) waited 5s for ranks that never joined. "
+            "HINT: do all ranks reach the same collectives?") in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_worker_that_left_a_daemon_behind_is_still_seen_to_fail(tmp_path):
+    # The daemon inherits the worker's end of the pipe the agent watches for its exit: the
+    # worker's exit shows only as a zombie. The job must still end at once, not with the daemon.
+    script = tmp_path / "daemon.py"
+    script.write_text(
+        "import os, pathlib, sys, time, trainfleet\n"
+        "engine = trainfleet.Engine()\n"
+        "if engine.rank == 1:\n"
+        "    if os.fork() == 0:\n"
+        "        os.setsid(); pathlib.Path(sys.argv[1]).write_text(str(os.getpid())); time.sleep(120); os._exit(0)\n"
+        "    sys.exit('rank 1 gives up')\n"
+        "time.sleep(60)\n")
+    daemon = tmp_path / "daemon.pid"
+    try:
+        result = run_cli("launch", "--gpus", "2", "--log-dir", str(tmp_path / "logs"), str(script), str(daemon),
+                         timeout=45)
+        assert result.returncode == 1, result.stderr
+        assert "rank 1 (node 0, local rank 1) failed first: exit code 1" in result.stderr
+    finally:
+        os.kill(int(daemon.read_text()), signal.SIGKILL)
 
 
 def test_preflight_unreachable_master(tmp_path):

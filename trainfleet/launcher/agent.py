@@ -34,7 +34,7 @@ from trainfleet.launcher import control, elastic, horovod
 from trainfleet.launcher.config import LaunchConfig
 from trainfleet.launcher.control import ControlChannel, Failure
 from trainfleet.launcher.elastic import Coordinator, Placement
-from trainfleet.launcher.workers import WorkerGroup
+from trainfleet.launcher.workers import WorkerGroup, exit_reason
 from trainfleet.utils.errors import UsageError
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -311,7 +311,7 @@ class NodeAgent:
                 lines = _tail(group, worker.spec.rank)
                 failure = Failure(self.node_rank, worker.spec.rank, worker.describe_exit(), lines,
                                   worker.spec.local_rank, time.monotonic() - worker.started,
-                                  _failed_at(worker.spec.error_file), _peer_error(lines))
+                                  _failed_at(worker.spec.error_file), _peer_error(lines), exit_reason(lines))
                 self.channel.report_failure(failure)
                 return Outcome("failed", self.channel.failure or failure)
         frozen = group.frozen(self.cfg.heartbeat_timeout)
@@ -439,7 +439,8 @@ class NodeAgent:
                  if failure.rank is not None else f"node {failure.node}")
         if self.is_master or failure.node == self.node_rank and failure.rank is None:
             after = f" after {failure.elapsed:.1f}s" if failure.elapsed is not None else ""
-            say(f"{where} failed first: {failure.how}{after}; stopped the workers on every node.")
+            why = f": {failure.why}" if failure.why else ""
+            say(f"{where} failed first: {failure.how}{after}{why}; stopped the workers on every node.")
             if failure.lines:
                 say("last lines of its log:")
                 for line in failure.lines:

@@ -36,6 +36,7 @@ class Failure:
     elapsed: float | None = None  # seconds from the worker's start to its failure
     at: float = field(default_factory=time.time)  # wall clock: the earliest failure is the cause
     secondary: bool = False  # it failed because a peer went away (connection reset/closed)
+    why: str = ""  # what the log says beyond the exit code (NCCL's watchdog)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)

@@ -101,6 +101,10 @@ def worker_env(cfg: LaunchConfig, place: Placement, local_rank: int, port: int,
     }
     if cfg.collective_timeout:
         env["TRAINFLEET_COLLECTIVE_TIMEOUT"] = cfg.collective_timeout
+        if cfg.accelerator == "cuda" and "TORCH_NCCL_BLOCKING_WAIT" not in os.environ:
+            # NCCL's watchdog would abort the worker at the timeout (SIGABRT); a blocking wait
+            # raises in the script instead, where the engine names the rank and the line.
+            env["TORCH_NCCL_BLOCKING_WAIT"] = 1
     if cfg.elastic:  # the engine checks the global batch against every size the job may run at
         env.update(TRAINFLEET_NODES=cfg.nodes_spec, TRAINFLEET_WORLD_CHANGED=int(place.changed),
                    TRAINFLEET_RESUME_RECORD=str(log_dir(cfg) / f"resume.attempt{attempt}.json"))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import signal
 import sys
 import threading
@@ -17,6 +18,10 @@ from trainfleet.utils.process import process_state
 
 PRELOAD = ("torch", "torch.distributed", "torch.nn.parallel", "trainfleet.engine.engine")
 TAIL_LINES = 20
+KILL_WAIT = 30.0  # a worker still there this long after SIGKILL is stuck in the kernel (a GPU driver call)
+# What NCCL's watchdog prints before it aborts a process whose collective outlived the timeout.
+WATCHDOG = re.compile(r"Watchdog caught collective operation timeout: WorkNCCL\(SeqNum=(\d+), OpType=(\w+)"
+                      r".*?Timeout\(ms\)=(\d+)")
 
 
 def killpg(pid: int, signum: int) -> None:
@@ -40,6 +45,18 @@ class Worker:
     def describe_exit(self) -> str:
         code = self.exitcode
         return f"exit code {code}" if code is not None and code > 0 else f"signal {signal.Signals(-code).name}"
+
+
+def exit_reason(lines: list[str]) -> str:
+    """Why a worker ended, when its last log lines say what the exit code cannot ("" otherwise)."""
+    for line in reversed(lines):
+        found = WATCHDOG.search(line)
+        if found:
+            seq, op, limit = found.group(1), found.group(2), int(found.group(3)) / 1000
+            return (f"NCCL's watchdog ended it: its collective #{seq} ({op}) waited {limit:g}s for ranks that "
+                    "never joined. HINT: do all ranks reach the same collectives? With --collective-timeout "
+                    "the script raises instead, naming the line")
+    return ""
 
 
 class LogTailer(threading.Thread):
@@ -127,7 +144,8 @@ class WorkerGroup:
         ready = set(wait([w.process.sentinel for w in alive], timeout=timeout))
         done = []
         for worker in alive:
-            if worker.process.sentinel in ready:
+            # A daemon the worker started keeps its end of the sentinel open: a zombie has exited too.
+            if worker.process.sentinel in ready or process_state(worker.process.pid) in (None, "Z"):
                 worker.process.join()
                 worker.exitcode = worker.process.exitcode
                 done.append(worker)
@@ -165,8 +183,14 @@ class WorkerGroup:
             self.reap(timeout=min(0.05, max(deadline - time.monotonic(), 0)))
         for worker in self.alive():
             killpg(worker.process.pid, signal.SIGKILL)
-        while self.alive():
-            self.reap(timeout=1.0)
+        deadline = time.monotonic() + KILL_WAIT
+        while self.alive() and time.monotonic() < deadline:
+            self.reap(timeout=0.2)
+        for worker in self.alive():  # waiting longer would hang the agent, and the job, with it
+            print(f"launch: rank {worker.spec.rank} (pid {worker.process.pid}) is still there {KILL_WAIT:.0f}s after "
+                  f"SIGKILL (state {process_state(worker.process.pid)}: stuck in the kernel, e.g. in a GPU driver "
+                  "call); leaving it behind", file=sys.stderr, flush=True)
+            worker.exitcode = -signal.SIGKILL
         for worker in self.workers:  # grandchildren left in an exited worker's group
             killpg(worker.process.pid, signal.SIGKILL)
 
