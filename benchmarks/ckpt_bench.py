@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import (BIN, PROBES, Comparison, cleans_up, interleave, paired_verdict, rounds_from_args,
-                               run_probe, scratch)
+from benchmarks.common import BIN, PROBES, Comparison, cleans_up, interleave, rounds_from_args, run_probe, scratch
 from benchmarks.probes.big_model import build
 from trainfleet.engine.engine import Engine
 
@@ -97,8 +96,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for comparison in measure(rounds, folder):
             print(comparison.line(), flush=True)
-            if len(comparison.ours) > 1:
-                print("  " + paired_verdict(comparison), flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -63,7 +63,12 @@ def cleans_up(main: Callable) -> Callable:
 
 @dataclass
 class Comparison:
-    """Samples of ours against a peer's, gathered in interleaved rounds (A B A B ...)."""
+    """Samples of ours against a peer's, gathered in interleaved pairs (A B, B A, ...).
+
+    The ratio is the median of the per-pair ratios (ours / peer): each pair ran side by side, so
+    the machine's drift between pairs cancels. The verdict is MET or MISSED only when the middle
+    half of the pair ratios (the quartiles) lies on one side of the target, else INCONCLUSIVE.
+    """
 
     name: str
     target: float | None
@@ -71,42 +76,53 @@ class Comparison:
     ours: list[float] = field(default_factory=list)
     peer: list[float] = field(default_factory=list)
 
+    def pair_ratios(self) -> list[float]:
+        return sorted(a / b for a, b in zip(self.ours, self.peer))
+
     @property
     def ratio(self) -> float:
-        return statistics.median(self.ours) / statistics.median(self.peer)
+        return statistics.median(self.pair_ratios())
 
-    def met(self) -> bool:
-        return self.ratio <= self.target if self.lower_is_better else self.ratio >= self.target
+    def quartiles(self) -> tuple[float, float]:
+        ratios = self.pair_ratios()
+        if len(ratios) < 2:
+            return ratios[0], ratios[0]
+        q1, _, q3 = statistics.quantiles(ratios, n=4)
+        return q1, q3
+
+    def verdict(self) -> str:
+        if self.target is None:
+            return "(no target)"
+        good = (lambda r: r <= self.target) if self.lower_is_better else (lambda r: r >= self.target)
+        q1, q3 = self.quartiles()
+        return "MET" if good(q1) and good(q3) else "MISSED" if not good(q1) and not good(q3) else "INCONCLUSIVE"
+
+    def decided(self) -> bool:
+        return self.verdict() != "INCONCLUSIVE"
 
     def line(self) -> str:
-        """``name: ratio X (target T)``, followed by the medians and ranges it comes from."""
+        """``name: ratio X (target T) VERDICT``, then the samples and the per-pair ratios."""
         sign = "<=" if self.lower_is_better else ">="
         spread = lambda xs: f"median {statistics.median(xs):.4g} (min {min(xs):.4g}, max {max(xs):.4g}, n={len(xs)})"
-        verdict = "(no target)" if self.target is None else \
-            f"(target {sign} {self.target}) {'MET' if self.met() else 'MISSED'}"
-        return (f"{self.name}: ratio {self.ratio:.3f} {verdict}\n"
-                f"  ours: {spread(self.ours)}\n  peer: {spread(self.peer)}")
-
-
-def paired_verdict(comparison: Comparison) -> str:
-    """The ratio of each interleaved pair, and a verdict that holds on a noisy machine: MET or
-    MISSED only when the middle half of the pairs (quartiles) lies on one side of the target."""
-    ratios = sorted(a / b for a, b in zip(comparison.ours, comparison.peer))
-    q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else ratios * 3
-    line = f"per-pair ratios: median {median:.3f}, quartiles {q1:.3f}-{q3:.3f} (min {ratios[0]:.3f}, max {ratios[-1]:.3f})"
-    if comparison.target is None:
-        return line
-    good = (lambda r: r <= comparison.target) if comparison.lower_is_better else (lambda r: r >= comparison.target)
-    verdict = "MET" if good(q1) and good(q3) else "MISSED" if not good(q1) and not good(q3) else "INCONCLUSIVE"
-    return f"{line}: {verdict} on the pairs"
+        target = "" if self.target is None else f"(target {sign} {self.target}) "
+        ratios, (q1, q3) = self.pair_ratios(), self.quartiles()
+        return (f"{self.name}: ratio {self.ratio:.3f} {target}{self.verdict()}\n"
+                f"  ours: {spread(self.ours)}\n  peer: {spread(self.peer)}\n"
+                f"  per-pair ratios: median {self.ratio:.3f}, quartiles {q1:.3f}-{q3:.3f} "
+                f"(min {ratios[0]:.3f}, max {ratios[-1]:.3f}, {len(ratios)} pairs)")
 
 
 def interleave(rounds: int, ours: Callable[[], float], peer: Callable[[], float], comparison: Comparison,
-               warmup: int = 1) -> Comparison:
+               warmup: int = 1, max_rounds: int | None = None) -> Comparison:
     """Run ``ours`` and ``peer`` alternately, swapping who goes first every round (A B, B A, ...)
     so neither always pays for the other's after-effects (writeback, cache); the first
-    ``warmup`` pairs are discarded."""
-    for index in range(warmup + rounds):
+    ``warmup`` pairs are discarded. With ``max_rounds``, pairs are added beyond ``rounds`` while
+    the verdict is INCONCLUSIVE, up to that many."""
+    index, limit = 0, max(rounds, max_rounds or rounds)
+    while True:
+        done = len(comparison.ours)
+        if done >= limit or done >= rounds and comparison.decided():
+            return comparison
         if index % 2 == 0:
             a, b = ours(), peer()
         else:
@@ -114,7 +130,7 @@ def interleave(rounds: int, ours: Callable[[], float], peer: Callable[[], float]
         if index >= warmup:
             comparison.ours.append(a)
             comparison.peer.append(b)
-    return comparison
+        index += 1
 
 
 def run_probe(cmd: list[str], out_dir: Path, timeout: float = 300, env: dict | None = None) -> None:
@@ -126,7 +142,8 @@ def run_probe(cmd: list[str], out_dir: Path, timeout: float = 300, env: dict | N
 
 
 def median_step(mode: str, launch_args: list[str], steps: int, model: str, *probe_args: str) -> dict:
-    """Run the step probe under ``launch``; returns its median step time and samples/s."""
+    """Run the step probe under ``launch``; returns its median step time and samples/s (of the
+    first loop, for a ``a+b`` mode), and ``steps``: every loop's median step time."""
     import shutil
 
     out = scratch()
@@ -135,7 +152,21 @@ def median_step(mode: str, launch_args: list[str], steps: int, model: str, *prob
     record = json.loads((out / f"{mode}.json").read_text())
     shutil.rmtree(out)
     step = statistics.median(record["step_times"])
-    return {"step": step, "samples_per_s": record["samples_per_step"] / step}
+    loops = {key.split(".", 1)[1]: statistics.median(times) for key, times in record.items()
+             if key.startswith("step_times.")}
+    return {"step": step, "samples_per_s": record["samples_per_step"] / step, "steps": loops}
+
+
+def paired_steps(comparison: Comparison, rounds: int, mode: str, launch_args: list[str], steps: int, model: str,
+                 *probe_args: str) -> Comparison:
+    """``rounds`` runs of an ``ours+peer`` probe mode: in each, the two loops take turns step by
+    step in the same workers, and their median step times are one pair."""
+    ours, peer = mode.split("+")
+    for _ in range(rounds):
+        medians = median_step(mode, launch_args, steps, model, *probe_args)["steps"]
+        comparison.ours.append(medians[ours])
+        comparison.peer.append(medians[peer])
+    return comparison
 
 
 def rounds_from_args(doc: str, argv: list[str] | None, rounds: int, quick: int) -> int:

@@ -4,23 +4,24 @@
   DistributedSampler (target <= 1.02);
 - engine_accum_vs_no_sync: a step of 4 accumulated micro-batches (engine.no_sync)
   against the same loop with DDP's no_sync written by hand (target <= 1.03).
-Interleaved rounds; the median step time of each round is one sample.
+
+Both loops run in the same two workers (step_probe.py ``engine+ddp_hand``), one step of each in
+turn, the first of each pair alternating: a pair of step times shares its process, threads and
+moment, so the machine's drift between separate runs (a few % here) stays out of the ratio.
+Each round is one run; its two median step times are one pair.
 """
 from __future__ import annotations
 
-from benchmarks.common import Comparison, cleans_up, interleave, median_step, step_benchmark_args
+from benchmarks.common import Comparison, cleans_up, paired_steps, step_benchmark_args
 
 TWO = ["--gpus", "2"]
 
 
 def measure(rounds: int, steps: int, model: str) -> list[Comparison]:
-    plain = interleave(rounds, lambda: median_step("engine", TWO, steps, model)["step"],
-                       lambda: median_step("ddp_hand", TWO, steps, model)["step"],
-                       Comparison("engine_ddp_vs_handwritten", target=1.02), warmup=0)
-    accum = ["--accumulate", "4"]
-    accumulated = interleave(rounds, lambda: median_step("engine", TWO, steps, model, *accum)["step"],
-                             lambda: median_step("ddp_hand", TWO, steps, model, *accum)["step"],
-                             Comparison("engine_accum_vs_no_sync", target=1.03), warmup=0)
+    plain = paired_steps(Comparison("engine_ddp_vs_handwritten", target=1.02), rounds, "engine+ddp_hand", TWO,
+                         steps, model)
+    accumulated = paired_steps(Comparison("engine_accum_vs_no_sync", target=1.03), rounds, "engine+ddp_hand",
+                               TWO, steps, model, "--accumulate", "4")
     return [plain, accumulated]
 
 

@@ -21,8 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import (BIN, PROBES, Comparison, cleans_up, interleave, now, paired_verdict, rounds_from_args,
-                               scratch)
+from benchmarks.common import BIN, PROBES, Comparison, cleans_up, interleave, now, rounds_from_args, scratch
 from tests import sshhosts
 
 PROBE = str(PROBES / "first_step.py")
@@ -95,8 +94,6 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     print(comparison.line(), flush=True)
-    if len(comparison.ours) > 1:
-        print("  " + paired_verdict(comparison), flush=True)
     print(f"  runs stopped {LINGER_S} s after their first step because they had not ended: "
           f"ours {LINGERED['ours']}, peer {LINGERED['peer']}", flush=True)
 

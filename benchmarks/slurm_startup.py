@@ -3,7 +3,8 @@
 The peer is what people write by hand: an sbatch script whose srun starts torchrun on
 each node (static rendezvous on the first node). Both run the same probe on the same
 local cluster (scripts/dev-slurm.sh), one job at a time. Ours includes the `launch`
-command's own start, its sinfo check and submitit's submission. Target: <= 1.0.
+command's own start, its sinfo check and submitit's submission. Target: <= 1.0. Every job
+of a run carries one name, cancelled when the run ends, Ctrl-C included.
 
 A breakdown line follows (medians, seconds after the command started): when the submitting
 command returned, when rank 0's script started (before it imports torch), its first step.
@@ -21,7 +22,9 @@ from pathlib import Path
 from benchmarks.common import BIN, PROBES, Comparison, cleans_up, interleave, now, rounds_from_args, scratch
 
 PROBE = str(PROBES / "first_step.py")
+JOB_NAME = f"trainfleet-bench-{os.getpid()}"  # every job of this run: scancel --name cleans up
 PEER_SCRIPT = """#!/bin/bash
+#SBATCH --job-name={name}
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
 #SBATCH --cpus-per-task=2
@@ -76,7 +79,7 @@ def _ours() -> float:
     out = scratch()
     start = now()
     result = subprocess.run([str(BIN / "launch"), "--cluster", "slurm", "--nodes", "2", "--gpus", "2", "--cpu",
-                             "--time", "5", "--job-dir", str(out / "runs"), PROBE, str(out)],
+                             "--time", "5", "--job-name", JOB_NAME, "--job-dir", str(out / "runs"), PROBE, str(out)],
                             capture_output=True, text=True, check=True)
     returned = now()
     job = result.stdout.split("submitted job ")[1].split()[0]
@@ -92,7 +95,7 @@ def _record(side: str, record: dict, start: float, returned: float, out: Path) -
 def _peer() -> float:
     out = scratch()
     script = out / "job.sh"
-    script.write_text(PEER_SCRIPT.format(out=out, bin=BIN, probe=PROBE))
+    script.write_text(PEER_SCRIPT.format(name=JOB_NAME, out=out, bin=BIN, probe=PROBE))
     start = now()
     job = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True,
                          check=True).stdout.strip()
@@ -107,7 +110,10 @@ def main(argv: list[str] | None = None) -> None:
         print("slurm_first_step_vs_sbatch_torchrun: skipped, no SLURM cluster "
               "(eval \"$(scripts/dev-slurm.sh start)\")", flush=True)
         return
-    comparison = interleave(rounds, _ours, _peer, Comparison("slurm_first_step_vs_sbatch_torchrun", target=1.0))
+    try:
+        comparison = interleave(rounds, _ours, _peer, Comparison("slurm_first_step_vs_sbatch_torchrun", target=1.0))
+    finally:  # Ctrl-C or a failure included: no job of this run stays queued or running
+        subprocess.run(["scancel", "--name", JOB_NAME], capture_output=True)
     print(comparison.line(), flush=True)
     print("slurm_startup breakdown (medians, s after the command): " + " | ".join(
         f"{side}: command returned {median(0):.2f}, rank 0's script started {median(1):.2f}, first step {median(2):.2f}"

@@ -5,11 +5,14 @@
 MODE: ``engine`` (trainfleet.Engine, strategy and precision from the launcher),
 ``ddp_hand`` (init_process_group + DDP + DistributedSampler), ``hvd_hand`` (hvd.init +
 DistributedOptimizer + broadcasts, the Horovod tutorial loop), ``single_hand`` (a plain
-loop; ``--autocast bf16`` wraps its forward in torch.autocast).
-Rank 0 writes OUT_DIR/<MODE>.json with the step times after warm-up.
+loop; ``--autocast bf16`` wraps its forward in torch.autocast), or ``engine+ddp_hand``: both
+of the first two in the same workers, one step of each in turn (who goes first alternates),
+so the pair of step times shares the process, its threads and the machine's moment.
+Rank 0 writes OUT_DIR/<MODE>.json with the step times after warm-up (one list per loop).
 """
 import argparse
 import contextlib
+import copy
 import json
 import os
 import time
@@ -23,7 +26,7 @@ from trainfleet.models import build_model
 
 parser = argparse.ArgumentParser()
 parser.add_argument("out")
-parser.add_argument("mode", choices=["engine", "ddp_hand", "hvd_hand", "single_hand"])
+parser.add_argument("mode", choices=["engine", "ddp_hand", "hvd_hand", "single_hand", "engine+ddp_hand"])
 parser.add_argument("--steps", type=int, default=20)
 parser.add_argument("--warmup", type=int, default=3)
 parser.add_argument("--model", default="resnet18")
@@ -36,17 +39,18 @@ torch.manual_seed(0)
 world = int(os.environ.get("WORLD_SIZE", 1))
 samples = args.batch * world * (args.steps + args.warmup) * args.accumulate
 data = TensorDataset(torch.randn(samples, 3, 32, 32), torch.randint(0, 10, (samples,)))
-model = build_model(args.model, num_classes=10)
-optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-rank = 0
+first_model = build_model(args.model, num_classes=10)
 
-if args.mode == "engine":
+
+def sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+def engine_loop(model):
     import trainfleet
 
     engine = trainfleet.Engine(seed=0)
-    model, optimizer = engine.setup(model, optimizer)
-    loader = engine.dataloader(data, batch_size=args.batch)
-    rank = engine.rank
+    model, optimizer = engine.setup(model, sgd(model))
 
     def train_step(batches):
         for micro, (x, y) in enumerate(batches):
@@ -55,27 +59,31 @@ if args.mode == "engine":
                     loss = F.cross_entropy(model(x), y) / len(batches)
                 engine.backward(loss)
         engine.step(optimizer)
-elif args.mode == "ddp_hand":
-    import torch.distributed as dist
+    return train_step, iter(engine.dataloader(data, batch_size=args.batch)), engine.rank
 
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    model = torch.nn.parallel.DistributedDataParallel(model)
-    loader = DataLoader(data, batch_size=args.batch, sampler=DistributedSampler(data, seed=0))
-elif args.mode == "hvd_hand":
-    import horovod.torch as hvd
 
-    hvd.init()
-    rank = hvd.rank()
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
-    optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
-    loader = DataLoader(data, batch_size=args.batch,
-                        sampler=DistributedSampler(data, num_replicas=hvd.size(), rank=hvd.rank(), seed=0))
-else:
-    loader = DataLoader(data, batch_size=args.batch, shuffle=True)
+def hand_loop(model, mode):
+    optimizer, rank = sgd(model), 0
+    if mode == "ddp_hand":
+        import torch.distributed as dist
 
-if args.mode != "engine":
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        model = torch.nn.parallel.DistributedDataParallel(model)
+        loader = DataLoader(data, batch_size=args.batch, sampler=DistributedSampler(data, seed=0))
+    elif mode == "hvd_hand":
+        import horovod.torch as hvd
+
+        hvd.init()
+        rank = hvd.rank()
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+        optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+        loader = DataLoader(data, batch_size=args.batch,
+                            sampler=DistributedSampler(data, num_replicas=hvd.size(), rank=hvd.rank(), seed=0))
+    else:
+        loader = DataLoader(data, batch_size=args.batch, shuffle=True)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.autocast == "bf16" \
         else contextlib.nullcontext
 
@@ -88,14 +96,26 @@ if args.mode != "engine":
                 loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+    return train_step, iter(loader), rank
 
-times = []
-batches = iter(loader)
+
+names = args.mode.split("+")
+loops = {}
+for index, name in enumerate(names):
+    model = first_model if index == 0 else copy.deepcopy(first_model)
+    loops[name] = engine_loop(model) if name == "engine" else hand_loop(model, name)
+rank = loops[names[0]][2]
+
+times = {name: [] for name in names}
 for step in range(args.warmup + args.steps):
-    start = time.perf_counter()
-    train_step([next(batches) for _ in range(args.accumulate)])
-    times.append(time.perf_counter() - start)
+    for name in names if step % 2 == 0 else reversed(names):
+        train_step, batches, _ = loops[name]
+        start = time.perf_counter()
+        train_step([next(batches) for _ in range(args.accumulate)])
+        times[name].append(time.perf_counter() - start)
 if rank == 0:
+    record = {"samples_per_step": args.batch * world * args.accumulate}
+    record.update({f"step_times.{name}": t[args.warmup:] for name, t in times.items()})
+    record["step_times"] = times[names[0]][args.warmup:]
     with open(os.path.join(args.out, f"{args.mode}.json"), "w") as handle:
-        json.dump({"step_times": times[args.warmup:], "samples_per_step": args.batch * world * args.accumulate},
-                  handle)
+        json.dump(record, handle)

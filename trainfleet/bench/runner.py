@@ -71,6 +71,10 @@ def skip_reason(config: BenchConfig, cuda_devices: int, horovod_installed: bool)
         return "Horovod is not installed (scripts/build-horovod.sh)"
     if cuda_devices and config.workers > cuda_devices:
         return f"{config.workers} workers but {cuda_devices} CUDA devices"
+    if not cuda_devices and config.precision.startswith("bf16"):
+        from trainfleet.utils.cpu import bf16_emulated
+
+        return bf16_emulated()
     return None
 
 

@@ -176,24 +176,28 @@ def _fields(sample: Any) -> list[tuple[str, Any]]:
     return [("0", sample)]
 
 
-def _check_shapes(indices: Sequence[int], samples: Sequence[Any]) -> None:
+def _shape_problem(indices: Sequence[int], samples: Sequence[Any]) -> str | None:
     first = {name: tuple(value.shape) for name, value in _fields(samples[0]) if hasattr(value, "shape")}
     for index, sample in zip(indices[1:], samples[1:]):
         for name, value in _fields(sample):
             if hasattr(value, "shape") and name in first and tuple(value.shape) != first[name]:
-                raise DatasetShapeError(
-                    f"dataset sample {index} has shape {tuple(value.shape)} in field {name}, but sample "
-                    f"{indices[0]} of the same batch has {first[name]}. HINT: resize or crop samples to "
-                    "one shape (e.g. a Resize transform), or pass collate_fn= to pad them."
-                )
+                return (f"dataset sample {index} has shape {tuple(value.shape)} in field {name}, but sample "
+                        f"{indices[0]} of the same batch has {first[name]}. HINT: resize or crop samples to "
+                        "one shape (e.g. a Resize transform), or pass collate_fn= to pad them.")
+    return None
 
 
 def checked_collate(batch: Sequence[tuple[int, Any]]) -> Any:
-    """``default_collate`` that first checks shapes and names the bad sample's index."""
-    indices = [index for index, _ in batch]
+    """``default_collate``; when it fails on samples of different shapes, the error names them.
+    The shapes are compared only then: checking every batch cost ~90 us a step (32 samples)."""
     samples = [sample for _, sample in batch]
-    _check_shapes(indices, samples)
-    return default_collate(samples)
+    try:
+        return default_collate(samples)
+    except Exception:
+        problem = _shape_problem([index for index, _ in batch], samples)
+        if problem is None:
+            raise
+    raise DatasetShapeError(problem)
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:
@@ -256,9 +260,11 @@ class DeviceDataLoader:
         while True:
             waited = time.perf_counter()
             try:
-                batch = move_to_device(next(batches), self.device)
+                batch = next(batches)
             except StopIteration:
                 return
+            if self.device.type != "cpu":
+                batch = move_to_device(batch, self.device)
             if self.timer is not None:
                 self.timer.batch(time.perf_counter() - waited, self.batch_size)
             self.consumed = min(self.consumed + self.global_batch_size, self.sampler.epoch_length())
