@@ -19,6 +19,7 @@ from typing import Callable
 REPO = Path(__file__).resolve().parents[1]
 PROBES = Path(__file__).resolve().parent / "probes"
 BIN = Path(sys.executable).parent
+MIN_PAIRS = 3  # fewer timed pairs (--quick, --smoke) get no verdict: their quartiles say little
 TAG = "TRAINFLEET_BENCH_RUN"  # set in every process a benchmark starts, to the benchmark's pid
 
 
@@ -67,7 +68,8 @@ class Comparison:
 
     The ratio is the median of the per-pair ratios (ours / peer): each pair ran side by side, so
     the machine's drift between pairs cancels. The verdict is MET or MISSED only when the middle
-    half of the pair ratios (the quartiles) lies on one side of the target, else INCONCLUSIVE.
+    half of the pair ratios (the quartiles) lies on one side of the target, else INCONCLUSIVE;
+    timed comparisons of fewer than MIN_PAIRS pairs get no verdict.
     """
 
     name: str
@@ -75,6 +77,7 @@ class Comparison:
     lower_is_better: bool = True
     ours: list[float] = field(default_factory=list)
     peer: list[float] = field(default_factory=list)
+    counted: bool = False  # bytes or counts, not times: one pair decides
 
     def pair_ratios(self) -> list[float]:
         return sorted(a / b for a, b in zip(self.ours, self.peer))
@@ -94,11 +97,13 @@ class Comparison:
         if self.target is None:
             return "(no target)"
         good = (lambda r: r <= self.target) if self.lower_is_better else (lambda r: r >= self.target)
+        if len(self.ours) < MIN_PAIRS and not self.counted:
+            return f"INCONCLUSIVE (timed: a verdict takes {MIN_PAIRS} pairs)"
         q1, q3 = self.quartiles()
         return "MET" if good(q1) and good(q3) else "MISSED" if not good(q1) and not good(q3) else "INCONCLUSIVE"
 
     def decided(self) -> bool:
-        return self.verdict() != "INCONCLUSIVE"
+        return not self.verdict().startswith("INCONCLUSIVE")
 
     def line(self) -> str:
         """``name: ratio X (target T) VERDICT``, then the samples and the per-pair ratios."""
@@ -116,9 +121,11 @@ def interleave(rounds: int, ours: Callable[[], float], peer: Callable[[], float]
                warmup: int = 1, max_rounds: int | None = None) -> Comparison:
     """Run ``ours`` and ``peer`` alternately, swapping who goes first every round (A B, B A, ...)
     so neither always pays for the other's after-effects (writeback, cache); the first
-    ``warmup`` pairs are discarded. With ``max_rounds``, pairs are added beyond ``rounds`` while
-    the verdict is INCONCLUSIVE, up to that many."""
+    ``warmup`` pairs are discarded (not in a one-round smoke run, which only checks it runs).
+    With ``max_rounds``, pairs are added beyond ``rounds`` while the verdict is INCONCLUSIVE, up
+    to that many."""
     index, limit = 0, max(rounds, max_rounds or rounds)
+    warmup = warmup if rounds > 1 else 0
     while True:
         done = len(comparison.ours)
         if done >= limit or done >= rounds and comparison.decided():

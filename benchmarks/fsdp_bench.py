@@ -1,7 +1,7 @@
 """FSDP benchmarks; every comparison is measured side by side in one run:
 
 - fsdp_memory_vs_ddp: parameter + optimizer-state bytes per rank under fsdp(4) against ddp(4) on a
-  model of >= 50 M parameters, after one Adam step (target <= 0.3);
+  model of >= 50 M parameters (3.2 M under --smoke), after one Adam step (target <= 0.3);
 - fsdp_engine_step_vs_handwritten: the engine's fsdp step against a hand-written FSDP2 loop
   (fully_shard per block, then the root), alternating rounds in the same 2 workers (target <= 1.03);
 - fsdp_dcp_save_vs_dcp_save: engine.save of a sharded folder against dcp.save called by hand on the
@@ -22,6 +22,7 @@ from benchmarks.common import BIN, PROBES, Comparison, cleans_up, run_probe, scr
 
 PROBE = str(PROBES / "fsdp_probe.py")
 BIG = ["--width", "2048", "--depth", "6"]  # 6 blocks of 2 x (2048 x 2048 + 2048): 50.4 M parameters
+SMALL = ["--width", "512", "--depth", "6"]  # --smoke: 3.2 M parameters, the same sharding (bytes / 4)
 
 
 def _probe(out, gpus: int, mode: str, *args: str, strategy: str = "fsdp") -> dict:
@@ -30,10 +31,10 @@ def _probe(out, gpus: int, mode: str, *args: str, strategy: str = "fsdp") -> dic
     return json.loads((out / f"{mode}.json").read_text())
 
 
-def memory(out) -> Comparison:
-    comparison = Comparison("fsdp_memory_vs_ddp", 0.3)
+def memory(out, model: list[str]) -> Comparison:
+    comparison = Comparison("fsdp_memory_vs_ddp", 0.3, counted=True)
     for strategy in ("fsdp", "ddp"):
-        result = _probe(out, 4, "memory", *BIG, "--batch", "4", strategy=strategy)
+        result = _probe(out, 4, "memory", *model, "--batch", "4", strategy=strategy)
         worst = max(r["params"] + r["optimizer"] for r in result["per_rank"])
         (comparison.ours if strategy == "fsdp" else comparison.peer).append(worst / 2**20)
     print(f"  model: {result['parameters'] / 1e6:.1f} M parameters; MB per rank (params + Adam state), "
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     steps = 2 if args.smoke else 10
     out = scratch()
     try:
-        comparisons = [memory(out), step(out, rounds, steps), *save(out, rounds), load(out, rounds)]
+        comparisons = [memory(out, SMALL if args.smoke else BIG), step(out, rounds, steps), *save(out, rounds),
+                       load(out, rounds)]
     finally:
         shutil.rmtree(out, ignore_errors=True)
     for comparison in comparisons:
