@@ -5,9 +5,9 @@
 MODE: ``engine`` (trainfleet.Engine, strategy and precision from the launcher),
 ``ddp_hand`` (init_process_group + DDP + DistributedSampler), ``hvd_hand`` (hvd.init +
 DistributedOptimizer + broadcasts, the Horovod tutorial loop), ``single_hand`` (a plain
-loop; ``--autocast bf16`` wraps its forward in torch.autocast), or ``engine+ddp_hand``: both
-of the first two in the same workers, one step of each in turn (who goes first alternates),
-so the pair of step times shares the process, its threads and the machine's moment.
+loop; ``--autocast bf16`` wraps its forward in torch.autocast), or ``engine+ddp_hand`` /
+``engine+hvd_hand``: both loops in the same workers, one step of each in turn (who goes first
+alternates), so the pair of step times shares the process, its threads and the machine's moment.
 Rank 0 writes OUT_DIR/<MODE>.json with the step times after warm-up (one list per loop).
 """
 import argparse
@@ -26,7 +26,8 @@ from trainfleet.models import build_model
 
 parser = argparse.ArgumentParser()
 parser.add_argument("out")
-parser.add_argument("mode", choices=["engine", "ddp_hand", "hvd_hand", "single_hand", "engine+ddp_hand"])
+parser.add_argument("mode", choices=["engine", "ddp_hand", "hvd_hand", "single_hand", "engine+ddp_hand",
+                                     "engine+hvd_hand"])
 parser.add_argument("--steps", type=int, default=20)
 parser.add_argument("--warmup", type=int, default=3)
 parser.add_argument("--model", default="resnet18")
