@@ -161,7 +161,8 @@ def median_step(mode: str, launch_args: list[str], steps: int, model: str, *prob
     step = statistics.median(record["step_times"])
     loops = {key.split(".", 1)[1]: statistics.median(times) for key, times in record.items()
              if key.startswith("step_times.")}
-    return {"step": step, "samples_per_s": record["samples_per_step"] / step, "steps": loops}
+    return {"step": step, "samples_per_s": record["samples_per_step"] / step, "steps": loops,
+            "samples_per_step": record["samples_per_step"]}
 
 
 def paired_steps(comparison: Comparison, rounds: int, mode: str, launch_args: list[str], steps: int, model: str,

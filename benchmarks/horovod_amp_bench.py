@@ -1,11 +1,13 @@
 """Horovod and bf16 autocast through the engine, against the hand-written equivalents:
 
 - horovod_vs_handwritten: samples/s of the engine's horovod against the Horovod tutorial
-  loop (hvd.DistributedOptimizer + broadcasts), 2 workers under launch (target >= 0.97);
+  loop (hvd.DistributedOptimizer + broadcasts), 2 workers under launch, both loops in the same
+  workers taking turns step by step (target >= 0.97);
 - engine_horovod_vs_engine_ddp: samples/s of the two engine strategies (no target);
 - amp_bf16_speedup_vs_handwritten: the bf16 autocast speedup over fp32 through the engine
   (Engine(precision="bf16")) against the same speedup of a hand-written torch.autocast
-  loop, in one process on the same model and batch (target >= 0.95). Skipped, with the CPU's
+  loop, in one process on the same model and batch, the four loops taking turns step by step
+  (target >= 0.95). Skipped, with the CPU's
   flags, where bf16 is emulated (no AVX-512 BF16/AMX): a step there is ~45x slower than fp32.
 Horovod's lines are skipped, with the reason, when Horovod is not installed.
 """
@@ -21,35 +23,41 @@ from trainfleet.utils.cpu import bf16_emulated
 
 
 def horovod(rounds: int, steps: int, model: str, max_rounds: int | None = None) -> list[Comparison]:
-    """Rounds of three runs; while the verdict against the hand-written loop is INCONCLUSIVE,
-    rounds are added up to ``max_rounds``."""
+    """Per round: one run of the engine's and the tutorial's loops in the same workers (a step of
+    each in turn), and one run each of the engine's horovod and ddp. While the verdict against
+    the tutorial loop is INCONCLUSIVE, rounds are added up to ``max_rounds``."""
     hvd, ddp = ["--gpus", "2", "--strategy", "horovod"], ["--gpus", "2"]
     versus_hand = Comparison("horovod_vs_handwritten (samples/s)", 0.97, lower_is_better=False)
     versus_ddp = Comparison("engine_horovod_vs_engine_ddp (samples/s)", None, lower_is_better=False)
     index = 0
     while index < rounds or index < (max_rounds or 0) and not versus_hand.decided():
-        # one engine-horovod run per round serves both comparisons
-        order = ["engine", "hand", "ddp"] if index % 2 == 0 else ["ddp", "hand", "engine"]
+        order = ["pair", "engine", "ddp"] if index % 2 == 0 else ["ddp", "engine", "pair"]
         got = {}
         for which in order:
-            mode, args = {"engine": ("engine", hvd), "hand": ("hvd_hand", hvd), "ddp": ("engine", ddp)}[which]
-            got[which] = median_step(mode, args, steps, model)["samples_per_s"]
-        versus_hand.ours.append(got["engine"])
-        versus_hand.peer.append(got["hand"])
-        versus_ddp.ours.append(got["engine"])
-        versus_ddp.peer.append(got["ddp"])
+            mode, args = {"pair": ("engine+hvd_hand", hvd), "engine": ("engine", hvd), "ddp": ("engine", ddp)}[which]
+            got[which] = median_step(mode, args, steps, model)
+        paired = got["pair"]
+        versus_hand.ours.append(paired["samples_per_step"] / paired["steps"]["engine"])
+        versus_hand.peer.append(paired["samples_per_step"] / paired["steps"]["hvd_hand"])
+        versus_ddp.ours.append(got["engine"]["samples_per_s"])
+        versus_ddp.peer.append(got["ddp"]["samples_per_s"])
         index += 1
     return [versus_hand, versus_ddp]
 
 
-def _step_time(train_step, steps: int) -> float:
-    train_step()  # warm-up
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        train_step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _interleaved_step_times(loops: dict, steps: int, first: bool) -> dict[str, float]:
+    """Median step time of each loop, the loops taking turns step by step (their order reversed
+    every step): each loop's steps meet the machine at the same moments as the others'."""
+    names = list(loops) if first else list(reversed(loops))
+    for name in names:
+        loops[name]()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(steps):
+        for name in names if index % 2 == 0 else reversed(names):
+            start = time.perf_counter()
+            loops[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def amp(rounds: int, steps: int, model_name: str) -> Comparison:
@@ -88,8 +96,7 @@ def amp(rounds: int, steps: int, model_name: str) -> Comparison:
     loops = {"e32": engine_loop("32"), "ebf16": engine_loop("bf16"), "h32": hand_loop(False), "hbf16": hand_loop(True)}
     result = Comparison("amp_bf16_speedup_vs_handwritten", 0.95, lower_is_better=False)
     for index in range(rounds):
-        order = list(loops) if index % 2 == 0 else list(reversed(loops))
-        t = {name: _step_time(loops[name], steps) for name in order}
+        t = _interleaved_step_times(loops, steps, first=index % 2 == 0)
         result.ours.append(t["e32"] / t["ebf16"])
         result.peer.append(t["h32"] / t["hbf16"])
     return result
