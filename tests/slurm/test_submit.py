@@ -46,6 +46,14 @@ def wait_for(predicate, timeout=120, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def release(job: str, requeued_at: float) -> None:
+    """Start a requeued job now instead of after SLURM's ~2-minute hold. Not within the second
+    of the requeue: slurmd refuses a job whose new credential is no newer than its revocation
+    (one-second resolution: "Job credential revoked"), and the job then fails."""
+    time.sleep(max(0.0, requeued_at + 2.0 - time.time()))
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+
+
 def weights(path):
     return torch.load(path, weights_only=True)["model"]
 
@@ -133,7 +141,7 @@ def test_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(t
     assert 4 <= int(stopped_at.removeprefix("step").removesuffix(".pt")) < 16
     # SLURM holds a requeued job ~2 minutes (BeginTime); release it now.
     wait_for(lambda: sacct_state(job) == "PENDING", what="the requeued job to pend")
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    release(job, state()["requeued_at"])
     wait_for(lambda: sacct_state(job) == "COMPLETED", timeout=180, what="the resumed job to complete")
     assert state()["requeues"] == 1 and state()["exit_code"] == 0
     assert f"resumed from {folder / 'checkpoints' / stopped_at}" in (folder / "logs/node0/rank0.log").read_text()
@@ -160,7 +168,7 @@ def test_a_preempted_array_task_is_requeued_alone(tmp_path, cli):
     task1 = tmp_path / "runs" / job / "task1"
     wait_for(lambda: json.loads((task1 / "task.json").read_text())["state"] == "REQUEUED", what="the requeue")
     wait_for(lambda: sacct_state(f"{job}_1") == "PENDING", what="task 1 to pend")
-    subprocess.run(["scontrol", "update", f"JobId={job}_1", "StartTime=now"], check=True)
+    release(f"{job}_1", json.loads((task1 / "task.json").read_text())["requeued_at"])
     wait_for(lambda: sacct_state(f"{job}_1") == "COMPLETED", timeout=180, what="task 1 to complete")
     wait_for(lambda: sacct_state(f"{job}_0") == "COMPLETED", what="task 0 to complete")
     status = cli("trainfleet", "status", job).stdout
