@@ -174,3 +174,27 @@ def test_sigusr1_to_one_agent_reaches_every_worker_on_every_node(tmp_path):
     assert done["world"] == 2 and f"step-{done['step']}.pt" == latest  # the last step is checkpointed
     for rank in range(2):
         assert not pid_alive(int((tmp_path / f"ready.rank{rank}").read_text().split()[0]))
+
+
+SIBLING = """
+import os, signal, time
+rank = int(os.environ["RANK"])
+if rank == 1:
+    if {hold_sentinel} and os.fork() == 0:  # a daemon-like child keeps the worker's sentinel open
+        time.sleep(30)
+        os._exit(0)
+    time.sleep({kill_at})
+    os.kill(os.getpid(), signal.SIGKILL)
+time.sleep(1.0)
+raise RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:1234: Connection reset by peer")
+"""
+
+
+@pytest.mark.parametrize("hold_sentinel, kill_at", [(True, 0.99), (False, 1.1)],
+                         ids=["reaped in the same poll", "reaped a moment after its peer"])
+def test_the_killed_rank_is_named_not_the_sibling_that_lost_its_connection(tmp_path, hold_sentinel, kill_at):
+    script = tmp_path / "sibling.py"
+    script.write_text(SIBLING.format(hold_sentinel=hold_sentinel, kill_at=kill_at))
+    result = run_cli("launch", "--gpus", "2", str(script), timeout=60)
+    assert result.returncode != 0
+    assert "rank 1 (node 0, local rank 1) failed first: signal SIGKILL" in result.stderr, result.stderr

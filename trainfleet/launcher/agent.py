@@ -27,12 +27,11 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from trainfleet.launcher import control, elastic, horovod
 from trainfleet.launcher.config import LaunchConfig
-from trainfleet.launcher.control import ControlChannel, Failure
+from trainfleet.launcher.control import ControlChannel, Failure, failed_at, peer_error
 from trainfleet.launcher.elastic import Coordinator, Placement
 from trainfleet.launcher.workers import WorkerGroup, exit_reason
 from trainfleet.utils.errors import UsageError
@@ -40,6 +39,7 @@ from trainfleet.utils.errors import UsageError
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 POLL = 0.1
+SIBLING_WAIT = 0.3  # seconds a 'connection reset' failure waits for the sibling that caused it
 HEARTBEAT_INTERVAL = 0.5
 FAILURE_GRACE = 1.0  # after a failure the survivors' state is moot: SIGKILL soon
 
@@ -306,14 +306,20 @@ class NodeAgent:
 
     def _check_workers(self, group: WorkerGroup, exited: list[Any]) -> Outcome | None:
         """A worker of this node exited non-zero or is frozen: the attempt fails everywhere."""
+        failed = [w for w in exited if w.exitcode != 0]
+        if failed and all(peer_error(_tail(group, w.spec.rank)) for w in failed):
+            exited = exited + group.reap(SIBLING_WAIT)  # the peer it lost may be a sibling reaped a moment later
+        failures = []
         for worker in exited:
             if worker.exitcode != 0:
                 lines = _tail(group, worker.spec.rank)
-                failure = Failure(self.node_rank, worker.spec.rank, worker.describe_exit(), lines,
-                                  worker.spec.local_rank, time.monotonic() - worker.started,
-                                  _failed_at(worker.spec.error_file), _peer_error(lines), exit_reason(lines))
-                self.channel.report_failure(failure)
-                return Outcome("failed", self.channel.failure or failure)
+                failures.append(Failure(self.node_rank, worker.spec.rank, worker.describe_exit(), lines,
+                                        worker.spec.local_rank, time.monotonic() - worker.started,
+                                        failed_at(worker.spec.error_file), peer_error(lines), exit_reason(lines)))
+        if failures:  # reaped together: a rank killed outright beats the peer that lost its connection to it
+            failure = min(failures, key=lambda f: (f.secondary, f.at))
+            self.channel.report_failure(failure)
+            return Outcome("failed", self.channel.failure or failure)
         frozen = group.frozen(self.cfg.heartbeat_timeout)
         if frozen is not None:
             failure = Failure(self.node_rank, frozen.spec.rank,
@@ -447,34 +453,7 @@ class NodeAgent:
                     print(f"  | {line}", file=sys.stderr)
         else:
             say(f"node {self.node_rank}: stopping, {where} failed: {failure.how}")
-        return _exit_code(failure, self.node_rank)
-
-
-def _exit_code(failure: Failure, node: int) -> int:
-    """Every agent exits with the failing rank's code (128 + signal when it was killed)."""
-    words = failure.how.split()
-    if failure.how.startswith("exit code"):
-        return int(words[2])
-    if failure.how.startswith("signal SIG"):
-        return 128 + signal.Signals[words[1]].value
-    return 1
-
-
-PEER_ERRORS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
-               "Connection refused", "NCCL communicator was aborted", "remote process exited")
-
-
-def _peer_error(lines: list[str]) -> bool:
-    """True when the log ends in an error caused by a peer going away."""
-    return any(marker in line for line in lines[-5:] for marker in PEER_ERRORS)
-
-
-def _failed_at(error_file: str) -> float:
-    """When the worker raised (its error file's timestamp), else now."""
-    try:
-        return float(json.loads(Path(error_file).read_text())["timestamp"])
-    except (OSError, ValueError, KeyError):
-        return time.time()
+        return failure.exit_code()
 
 
 def _tail(group: WorkerGroup, rank: int) -> list[str]:

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import datetime
 import json
+import signal
 import threading
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +46,32 @@ class Failure:
     @classmethod
     def from_json(cls, text: str | bytes) -> "Failure":
         return cls(**json.loads(text))
+
+    def exit_code(self) -> int:
+        """Every agent exits with the failing rank's code (128 + signal when it was killed)."""
+        words = self.how.split()
+        if self.how.startswith("exit code"):
+            return int(words[2])
+        if self.how.startswith("signal SIG"):
+            return 128 + signal.Signals[words[1]].value
+        return 1
+
+
+PEER_ERRORS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+               "Connection refused", "NCCL communicator was aborted", "remote process exited")
+
+
+def peer_error(lines: list[str]) -> bool:
+    """True when the log ends in an error caused by a peer going away."""
+    return any(marker in line for line in lines[-5:] for marker in PEER_ERRORS)
+
+
+def failed_at(error_file: str) -> float:
+    """When the worker raised (its error file's timestamp), else now."""
+    try:
+        return float(json.loads(Path(error_file).read_text())["timestamp"])
+    except (OSError, ValueError, KeyError):
+        return time.time()
 
 
 def connect(addr: str, port: int, timeout_s: float, is_master: bool = False, listen_fd: int | None = None) -> Any:
@@ -96,7 +124,7 @@ class ControlChannel(threading.Thread):
     def report_failure(self, failure: Failure) -> None:
         """Publish this node's failure; the job fails on the first one to arrive."""
         with self.lock:
-            if self.failure is None:
+            if self.failure is None or (self.failure.secondary and not failure.secondary):
                 self.failure = failure
         self._send(f"failure/{self.node}", failure.to_json())
         self._send("job/failure", failure.to_json(), first_only=True)
