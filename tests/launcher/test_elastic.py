@@ -138,6 +138,27 @@ def test_agent_killed_job_goes_on_on_two_nodes_exactly(tmp_path, reference):
     assert not [pid for pid in pids_recorded(out) if alive(pid)]
 
 
+def test_an_agent_started_again_at_once_waits_for_its_node_to_be_dropped_then_rejoins_exactly(tmp_path, reference):
+    """Node 2's agent dies and is started again before node 0 noticed (its id still held by
+    the dead agent): the new agent waits until node 0 drops the old one, then joins (3 -> 2 -> 3)."""
+    out, port = tmp_path / "out", free_port()
+    job = subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--master-port", str(port), "--log-dir",
+                                  str(tmp_path / "logs"), *script(out, *SLOW_STEP)),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(out, 6)
+    os.kill(agent_of(out, 2), signal.SIGKILL)
+    again = subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--node-rank", "2", "--master-port", str(port),
+                                    "--log-dir", str(tmp_path / "logs2"), *script(out, *SLOW_STEP)),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, stderr = job.communicate(timeout=180)
+    assert job.returncode == 0, stderr
+    assert again.wait(timeout=30) == 0, again.communicate()
+    assert "lost node 2" in stderr and "node 2 joined; attempt 2 on nodes 0,1,2 (3 of --nodes 2:3)" in stderr, stderr
+    assert worlds(out)[-1] == 3 and 2 in worlds(out), worlds(out)
+    assert_exact(out, reference)
+    assert not [pid for pid in pids_recorded(out) if alive(pid)]
+
+
 def test_below_min_stops_with_one_report_naming_the_lost_nodes(tmp_path):
     out = tmp_path / "out"
     job = subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--log-dir", str(tmp_path / "logs"),
@@ -162,6 +183,30 @@ def test_global_batch_that_some_size_cannot_divide_is_refused_at_start(tmp_path)
     assert ("global batch size 8 does not divide over 3 workers, world sizes that --nodes 2:3 can run at (2, 3)"
             in result.stderr), result.stderr
     assert "multiple of 6" in result.stderr
+
+
+@pytest.mark.parametrize("nodes", ["2", "2:3"], ids=["static", "elastic"])
+def test_a_second_agent_with_a_node_rank_in_use_is_refused_and_the_job_is_untouched(tmp_path, reference, nodes):
+    out, port = tmp_path / "out", free_port()
+    job = subprocess.Popen(launch("--nodes", nodes, "--gpus", "1", "--master-port", str(port), "--log-dir",
+                                  str(tmp_path / "logs"), *script(out, *SLOW_STEP)),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(out, 2)
+    started = time.monotonic()
+    duplicate = subprocess.run(launch("--nodes", nodes, "--gpus", "1", "--node-rank", "1", "--master-port", str(port),
+                                      "--rendezvous-timeout", "3", "--log-dir", str(tmp_path / "dup"), *script(out)),
+                               capture_output=True, text=True, timeout=60)
+    assert duplicate.returncode == 2, duplicate.stderr
+    lines = [line for line in duplicate.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "another agent (" in lines[0] and "runs as --node-rank 1 in this job." in lines[0] \
+        and "give each machine its own --node-rank (0..%d)" % (int(nodes[-1]) - 1) in lines[0], lines
+    assert time.monotonic() - started < 20
+    assert not (tmp_path / "dup").exists() or not list((tmp_path / "dup").rglob("rank*.log"))
+    _, stderr = job.communicate(timeout=180)
+    assert job.returncode == 0, stderr
+    assert "lost node" not in stderr and set(worlds(out)) == {int(nodes[-1])}, (stderr, worlds(out))
+    if nodes == "2:3":
+        assert_exact(out, reference)
 
 
 @pytest.mark.parametrize("nodes, why", [("3:2", "expected 1 <= MIN <= MAX"), ("two", "expected a number of nodes"),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import socket
 import sys
@@ -96,8 +97,25 @@ class NodeAgent:
             self.cfg = cfg = dataclasses.replace(cfg, master_port=port)
             self.server = control.connect(cfg.master_addr, port, 30, is_master=True, listen_fd=sock.detach())
         client = self._client(timeout=2.0)
+        if not self.is_master:
+            self._claim(client)  # before the first heartbeat: a duplicate must not look like the node
         self.channel = ControlChannel(client, self.node_rank, cfg.nodes, HEARTBEAT_INTERVAL, cfg.heartbeat_timeout)
         self.channel.start()
+
+    def _claim(self, store: Any) -> None:
+        """Hold this node id in the job, so that a second agent started with the same
+        --node-rank is refused instead of running the same ranks twice. In an elastic job it
+        waits (up to the rendezvous timeout) for node 0 to drop an earlier agent of this node,
+        which releases the id: an agent restarted after its node was lost takes it back."""
+        cfg, node, key = self.cfg, self.node_rank, f"agent/{self.node_rank}"
+        token = f"{socket.gethostname()}:{os.getpid()}"
+        deadline = time.monotonic() + cfg.rendezvous_timeout
+        while (holder := store.compare_set(key, "", token).decode()) != token:
+            if not cfg.elastic or time.monotonic() > deadline:
+                when = f"after {cfg.rendezvous_timeout:.0f}s, " if cfg.elastic else ""
+                raise UsageError(f"node {node}: {when}another agent ({holder}) runs as --node-rank {node} in this job.",
+                                 f"give each machine its own --node-rank (0..{cfg.nodes - 1}), or stop the other agent.")
+            time.sleep(0.2)
 
     def _client(self, timeout: float) -> Any:
         """A control-store client; waits for the master up to the rendezvous timeout."""

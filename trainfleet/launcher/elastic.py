@@ -207,6 +207,8 @@ class Coordinator:
                 return self._end("")
         if lost and not cfg.elastic:
             return self._end("")
+        for node in lost:  # an agent started again for a lost node may take its id back
+            self.channel.store.delete_key(f"agent/{node}")
         survivors = [node for node in members if node not in lost]
         if len(survivors) < cfg.min_nodes:
             gone = "; ".join(f"node {node}: {why}" for node, why in sorted(lost.items()))
