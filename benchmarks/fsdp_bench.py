@@ -25,34 +25,27 @@ BIG = ["--width", "2048", "--depth", "6"]  # 6 blocks of 2 x (2048 x 2048 + 2048
 SMALL = ["--width", "512", "--depth", "6"]  # --smoke: 3.2 M parameters, the same sharding (bytes / 4)
 
 
-def _probe(out, gpus: int, mode: str, *args: str, strategy: str = "fsdp") -> dict:
-    run_probe([str(BIN / "launch"), "--strategy", strategy, "--gpus", str(gpus), PROBE, str(out), mode, *args], out,
+def _probe(out, gpus: int, modes: str, *args: str, strategy: str = "fsdp") -> dict[str, dict]:
+    """Run the probe's ``modes`` (comma-separated) in one launch; their results by mode."""
+    run_probe([str(BIN / "launch"), "--strategy", strategy, "--gpus", str(gpus), PROBE, str(out), modes, *args], out,
               timeout=900)
-    return json.loads((out / f"{mode}.json").read_text())
+    return {mode: json.loads((out / f"{mode}.json").read_text()) for mode in modes.split(",")}
 
 
-def memory(out, model: list[str]) -> Comparison:
+def memory(fsdp: dict, ddp: dict) -> Comparison:
     comparison = Comparison("fsdp_memory_vs_ddp", 0.3, counted=True)
-    for strategy in ("fsdp", "ddp"):
-        result = _probe(out, 4, "memory", *model, "--batch", "4", strategy=strategy)
-        worst = max(r["params"] + r["optimizer"] for r in result["per_rank"])
-        (comparison.ours if strategy == "fsdp" else comparison.peer).append(worst / 2**20)
-    print(f"  model: {result['parameters'] / 1e6:.1f} M parameters; MB per rank (params + Adam state), "
+    for result, side in ((fsdp, comparison.ours), (ddp, comparison.peer)):
+        side.append(max(r["params"] + r["optimizer"] for r in result["per_rank"]) / 2**20)
+    print(f"  model: {fsdp['parameters'] / 1e6:.1f} M parameters; MB per rank (params + Adam state), "
           f"fsdp4 {comparison.ours[0]:.1f} vs ddp4 {comparison.peer[0]:.1f}")
     return comparison
 
 
-def step(out, rounds: int, steps: int) -> Comparison:
-    result = _probe(out, 2, "step", "--rounds", str(rounds), "--steps", str(steps), "--width", "1024")
+def step(result: dict) -> Comparison:
     return Comparison("fsdp_engine_step_vs_handwritten", 1.03, ours=result["ours"], peer=result["peer"])
 
 
-def save(out, rounds: int) -> list[Comparison]:
-    folder = scratch()
-    try:
-        result = _probe(out, 2, "save", "--rounds", str(rounds), "--width", "1024", "--scratch", str(folder))
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+def save(result: dict) -> list[Comparison]:
     # throughput ratio: the same bytes, so peer time / our time
     throughput = Comparison("fsdp_dcp_save_vs_dcp_save", 0.95, lower_is_better=False,
                             ours=[1 / t for t in result["ours"]], peer=[1 / t for t in result["peer"]])
@@ -61,16 +54,31 @@ def save(out, rounds: int) -> list[Comparison]:
     return [throughput, blocking]
 
 
-def load(out, rounds: int) -> Comparison:
-    folder = scratch()
-    try:
-        for gpus in (4, 2):
-            _probe(out, gpus, "write", "--width", "1024", "--scratch", str(folder / f"by{gpus}"))
-        result = _probe(out, 2, "load", "--rounds", str(rounds), "--width", "1024",
-                        "--ckpt-a", str(folder / "by4"), "--ckpt-b", str(folder / "by2"))
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+def load(result: dict) -> Comparison:
     return Comparison("fsdp_reshard_load_vs_same_world", 1.2, ours=result["a"], peer=result["b"])
+
+
+def full(out, folder, rounds: int, steps: int) -> list[Comparison]:
+    """A launch per measurement: the 50 M-parameter model for memory, width 1024 for the rest."""
+    fsdp, ddp = (_probe(out, 4, "memory", *BIG, "--batch", "4", strategy=name)["memory"] for name in ("fsdp", "ddp"))
+    timed = ["--rounds", str(rounds), "--width", "1024"]
+    stepped = _probe(out, 2, "step", *timed, "--steps", str(steps))["step"]
+    saved = _probe(out, 2, "save", *timed, "--scratch", str(folder / "save"))["save"]
+    for gpus in (4, 2):
+        _probe(out, gpus, "write", "--width", "1024", "--write-to", str(folder / f"by{gpus}"))
+    loaded = _probe(out, 2, "load", *timed, "--ckpt-a", str(folder / "by4"), "--ckpt-b", str(folder / "by2"))["load"]
+    return [memory(fsdp, ddp), step(stepped), *save(saved), load(loaded)]
+
+
+def smoke(out, folder) -> list[Comparison]:
+    """--smoke: every comparison once on the 3.2 M-parameter model, in 3 launches instead of 7
+    (the 4-worker fsdp launch also writes the folder the 2-worker one loads)."""
+    by4, by2 = str(folder / "by4"), str(folder / "by2")
+    fsdp = _probe(out, 4, "memory,write", *SMALL, "--batch", "4", "--write-to", by4)["memory"]
+    ddp = _probe(out, 4, "memory", *SMALL, "--batch", "4", strategy="ddp")["memory"]
+    two = _probe(out, 2, "step,save,write,load", *SMALL, "--rounds", "1", "--steps", "2", "--scratch",
+                 str(folder / "save"), "--write-to", by2, "--ckpt-a", by4, "--ckpt-b", by2)
+    return [memory(fsdp, ddp), step(two["step"]), *save(two["save"]), load(two["load"])]
 
 
 @cleans_up
@@ -80,14 +88,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="3 rounds")
     parser.add_argument("--smoke", action="store_true", help="1 round, small steps")
     args = parser.parse_args(argv)
-    rounds = 1 if args.smoke else (3 if args.quick else args.rounds)
-    steps = 2 if args.smoke else 10
-    out = scratch()
+    rounds, steps = (3 if args.quick else args.rounds), 10
+    out, folder = scratch(), scratch()
     try:
-        comparisons = [memory(out, SMALL if args.smoke else BIG), step(out, rounds, steps), *save(out, rounds),
-                       load(out, rounds)]
+        comparisons = smoke(out, folder) if args.smoke else full(out, folder, rounds, steps)
     finally:
         shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
     for comparison in comparisons:
         print(comparison.line())
 

@@ -177,14 +177,15 @@ def mode_load(engine, args):
 def mode_write(engine, args):
     model, optimizer, backward, step = through_engine(engine, args)
     train_steps(model, optimizer, args, backward, step, 1)
-    engine.save(args.scratch, model=model, optimizer=optimizer, sharded=True)
+    engine.save(args.write_to, model=model, optimizer=optimizer, sharded=True)
     return {}
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
-    parser.add_argument("mode", choices=["step", "memory", "save", "load", "write"])
+    parser.add_argument("modes", help="comma-separated, run in turn in the same workers: "
+                        "step, memory, save, load, write")
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--batch", type=int, default=32)
@@ -193,6 +194,7 @@ def main():
     parser.add_argument("--scratch")
     parser.add_argument("--ckpt-a")
     parser.add_argument("--ckpt-b")
+    parser.add_argument("--write-to", help="write: the sharded checkpoint's folder")
     args = parser.parse_args()
     torch.set_num_threads(1)  # both sides alike: 2 cores shared by the workers
     strategy = os.environ.get("TRAINFLEET_STRATEGY", "fsdp")
@@ -201,10 +203,11 @@ def main():
     modes = {"step": lambda: mode_step(engine, args), "memory": lambda: mode_memory(engine, args),
              "save": lambda: mode_save(engine, args), "load": lambda: mode_load(engine, args),
              "write": lambda: mode_write(engine, args)}
-    result = modes[args.mode]()
-    if engine.is_main:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"{args.mode}.json").write_text(json.dumps(result))
+    for mode in args.modes.split(","):
+        result = modes[mode]()
+        if engine.is_main:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / f"{mode}.json").write_text(json.dumps(result))
     engine.close()
 
 
