@@ -113,8 +113,9 @@ class NodeAgent:
         while (holder := store.compare_set(key, "", token).decode()) != token:
             if not cfg.elastic or time.monotonic() > deadline:
                 when = f"after {cfg.rendezvous_timeout:.0f}s, " if cfg.elastic else ""
-                raise UsageError(f"node {node}: {when}another agent ({holder}) runs as --node-rank {node} in this job.",
-                                 f"give each machine its own --node-rank (0..{cfg.nodes - 1}), or stop the other agent.")
+                raise UsageError(
+                    f"node {node}: {when}another agent ({holder}) runs as --node-rank {node} in this job.",
+                    f"give each machine its own --node-rank (0..{cfg.nodes - 1}), or stop the other agent.")
             time.sleep(0.2)
 
     def _client(self, timeout: float) -> Any:
@@ -324,16 +325,9 @@ class NodeAgent:
 
     def _check_workers(self, group: WorkerGroup, exited: list[Any]) -> Outcome | None:
         """A worker of this node exited non-zero or is frozen: the attempt fails everywhere."""
-        failed = [w for w in exited if w.exitcode != 0]
-        if failed and all(peer_error(_tail(group, w.spec.rank)) for w in failed):
-            exited = exited + group.reap(SIBLING_WAIT)  # the peer it lost may be a sibling reaped a moment later
-        failures = []
-        for worker in exited:
-            if worker.exitcode != 0:
-                lines = _tail(group, worker.spec.rank)
-                failures.append(Failure(self.node_rank, worker.spec.rank, worker.describe_exit(), lines,
-                                        worker.spec.local_rank, time.monotonic() - worker.started,
-                                        failed_at(worker.spec.error_file), peer_error(lines), exit_reason(lines)))
+        failures = [self._failure(group, w) for w in exited if w.exitcode != 0]
+        if failures and all(f.secondary for f in failures):  # the peer it lost may be a sibling reaped a moment later
+            failures += [self._failure(group, w) for w in group.reap(SIBLING_WAIT) if w.exitcode != 0]
         if failures:  # reaped together: a rank killed outright beats the peer that lost its connection to it
             failure = min(failures, key=lambda f: (f.secondary, f.at))
             self.channel.report_failure(failure)
@@ -346,6 +340,12 @@ class NodeAgent:
             self.channel.report_failure(failure)
             return Outcome("failed", self.channel.failure or failure)
         return None
+
+    def _failure(self, group: WorkerGroup, worker: Any) -> Failure:
+        lines = _tail(group, worker.spec.rank)
+        return Failure(self.node_rank, worker.spec.rank, worker.describe_exit(), lines, worker.spec.local_rank,
+                       time.monotonic() - worker.started, failed_at(worker.spec.error_file), peer_error(lines),
+                       exit_reason(lines))
 
     def _check_job(self, attempt: int) -> Outcome | None:
         """The rest of the job: a failure elsewhere, a lost node or master, the job moving on."""

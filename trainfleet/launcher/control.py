@@ -19,8 +19,8 @@ import json
 import signal
 import threading
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 MASTER = "master"
@@ -124,7 +124,7 @@ class ControlChannel(threading.Thread):
     def report_failure(self, failure: Failure) -> None:
         """Publish this node's failure; the job fails on the first one to arrive."""
         with self.lock:
-            if self.failure is None or (self.failure.secondary and not failure.secondary):
+            if self.failure is None:
                 self.failure = failure
         self._send(f"failure/{self.node}", failure.to_json())
         self._send("job/failure", failure.to_json(), first_only=True)
