@@ -66,9 +66,9 @@ def _node_dies(out: Path, port: int) -> None:
     torchrun job, as losing node 0 ends ours). A worker's parent is its node's agent (torchrun's
     too). The worker is killed as well because torchrun's worker outlives a killed agent and
     would simply keep training; a dead node takes both."""
-    from trainfleet.launcher.local import _holder_of
+    from trainfleet.launcher.network import holder_of
 
-    holder = _holder_of(port) or ""
+    holder = holder_of(port) or ""
     ranks = sorted((int(p.name.rsplit(".r", 1)[1]), [int(x) for x in p.read_text().split()])
                    for p in (out / "pids").glob("node*.r*"))
     worker, agent = next(pids for rank, pids in reversed(ranks) if f"pid {pids[1]} " not in holder)

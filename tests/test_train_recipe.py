@@ -4,7 +4,7 @@ import json
 import torch
 
 from tests.filedata import write_cifar10, write_mnist
-from trainfleet.launcher.cli import parse_train_args
+from trainfleet.cli.train import parse_train_args
 from trainfleet.train import run
 
 

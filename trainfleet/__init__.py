@@ -14,7 +14,7 @@ _EXPORTS = {
     "Strategy": "trainfleet.engine.strategy",
     "Precision": "trainfleet.engine.precision",
     "UsageError": "trainfleet.utils.errors",
-    "load_state_dict": "trainfleet.engine.ckpt_tools",
+    "load_state_dict": "trainfleet.engine.checkpoint.tools",
     "build_model": "trainfleet.models",
     "build_dataset": "trainfleet.datasets",
 }

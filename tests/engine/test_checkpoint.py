@@ -108,7 +108,7 @@ def test_engine_round_trip_unwrapped_on_cpu(tmp_path):
 
 
 def test_cuda_generator_states_follow_the_rank_not_the_device_index():
-    from trainfleet.engine.state import cuda_states_for
+    from trainfleet.engine.checkpoint.training_state import cuda_states_for
 
     gens = [torch.full((4,), float(i)) for i in range(8)]  # stand-ins for 8 GPUs' generator states
     # rank 3 of an 8-GPU node computed on cuda:3 (all 8 visible); resumed with CUDA_VISIBLE_DEVICES

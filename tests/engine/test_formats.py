@@ -13,8 +13,8 @@ import torch
 
 import trainfleet
 from tests.conftest import BIN
-from trainfleet.engine import formats
-from trainfleet.engine.ckpt_tools import convert_checkpoint, format_inspection, inspect_checkpoint
+from trainfleet.engine.checkpoint import foreign as formats
+from trainfleet.engine.checkpoint.tools import convert_checkpoint, format_inspection, inspect_checkpoint
 from trainfleet.utils.errors import UsageError
 
 
@@ -308,7 +308,7 @@ def test_parse_size(text, size):
 
 
 def test_recipe_init_from_safetensors(tmp_path, capsys):
-    from trainfleet.launcher.cli import parse_train_args
+    from trainfleet.cli.train import parse_train_args
     from trainfleet.models import build_model
     from trainfleet.train import run
 

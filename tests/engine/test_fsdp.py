@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import SCRIPTS, run_cli
-from trainfleet.engine.ckpt_tools import read_checkpoint
+from trainfleet.engine.checkpoint.tools import read_checkpoint
 from trainfleet.engine.engine import Engine
 from trainfleet.engine.fsdp import FSDPMixedPrecision, fsdp_precision, select_blocks
 from trainfleet.engine.precision import build_precision

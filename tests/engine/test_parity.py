@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tests.conftest import SCRIPTS, horovod_available
-from trainfleet.engine.ckpt_tools import read_checkpoint
+from trainfleet.engine.checkpoint.tools import read_checkpoint
 
 SCRIPT = str(SCRIPTS / "parity_train.py")
 FSDP = ["--strategy", "fsdp"]

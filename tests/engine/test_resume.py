@@ -9,7 +9,7 @@ import json
 import pytest
 
 from tests.conftest import SCRIPTS, run_cli
-from trainfleet.engine.ckpt_tools import read_checkpoint
+from trainfleet.engine.checkpoint.tools import read_checkpoint
 
 SCRIPT = str(SCRIPTS / "resume_train.py")
 TOTAL, STOP = 10, 8  # 6 global batches an epoch: the stop falls 2 batches into epoch 1

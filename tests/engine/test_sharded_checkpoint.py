@@ -12,7 +12,7 @@ import torch.distributed.checkpoint as dcp
 
 import trainfleet
 from tests.conftest import run_cli
-from trainfleet.engine.ckpt_tools import read_checkpoint
+from trainfleet.engine.checkpoint.tools import read_checkpoint
 from trainfleet.engine.engine import Engine
 from trainfleet.utils.errors import UsageError
 

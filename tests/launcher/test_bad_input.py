@@ -4,7 +4,8 @@ import socket
 import pytest
 
 from tests.conftest import BIN, SCRIPTS, run_cli
-from trainfleet.launcher import cli, devices
+from trainfleet.cli import launch as cli
+from trainfleet.launcher import devices
 from trainfleet.launcher.config import LaunchConfig
 from trainfleet.utils.errors import UsageError
 
@@ -55,7 +56,7 @@ def test_more_gpus_than_the_node_has(monkeypatch, capsys):
     # No GPU here: make the device probe report two devices, then go through the real CLI.
     monkeypatch.setattr(devices, "physical_cuda_devices", lambda: 2)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert cli.launch_main(["--gpus", "8", SCRIPT]) == 2
+    assert cli.main(["--gpus", "8", SCRIPT]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("error: --gpus 8 but this node has 2 CUDA devices. "
                    "HINT: use --gpus 2, or --cpu to run 8 CPU workers.")
@@ -97,8 +98,8 @@ def test_no_sbatch_on_path(tmp_path):
 def test_simulated_nodes_get_their_own_gpus(monkeypatch):
     """`launch --nodes 2 --gpus 4` on one host: node n takes visible devices [4n, 4n+4), or the
     layout is refused when the host has fewer than 8 (ranks 0 and 4 would share cuda:0)."""
-    from trainfleet.launcher.elastic import Placement
-    from trainfleet.launcher.local import worker_env
+    from trainfleet.launcher.config import Placement
+    from trainfleet.launcher.workers import worker_env
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     with pytest.raises(UsageError, match=r"--nodes 2 x 4 GPUs on this one host needs 8 CUDA devices, it has 4.*"
@@ -116,7 +117,7 @@ def test_simulated_nodes_get_their_own_gpus(monkeypatch):
     env = worker_env(elastic, Placement(2, 1, 2), 1, 29500)
     assert (env["CUDA_VISIBLE_DEVICES"], env["RANK"], env["WORLD_SIZE"], env["GROUP_RANK"]) == ("4,5", "3", "4", "1")
     # a real node (--node-rank) owns its host's GPUs; CPU layouts are untouched
-    assert "CUDA_VISIBLE_DEVICES" not in worker_env(LaunchConfig(SCRIPT, nodes=2, gpus=4, node_rank=1,
+    assert "CUDA_VISIBLE_DEVICES" not in worker_env(LaunchConfig(SCRIPT, nodes=2, gpus=4, node_rank=1, role="node",
                                                                  cuda_devices=4), Placement(1, 1, 2), 0, 29500)
     assert LaunchConfig(SCRIPT, nodes=2, gpus=4, cuda_devices=4, cpu=True).world_size == 8
 
@@ -124,8 +125,8 @@ def test_simulated_nodes_get_their_own_gpus(monkeypatch):
 def test_collective_timeout_on_nccl_raises_in_the_script(monkeypatch):
     """NCCL's watchdog would SIGABRT a worker at the collective timeout; with --collective-timeout
     on GPUs the workers wait blocking, so the engine's error names the rank and line."""
-    from trainfleet.launcher.elastic import Placement
-    from trainfleet.launcher.local import worker_env
+    from trainfleet.launcher.config import Placement
+    from trainfleet.launcher.workers import worker_env
 
     monkeypatch.delenv("TORCH_NCCL_BLOCKING_WAIT", raising=False)
     gpu = LaunchConfig(SCRIPT, gpus=2, cuda_devices=2, collective_timeout=30)

@@ -55,24 +55,25 @@ def test_geometry_errors_say_what_slurm_gave():
     inside = {**env, "SLURM_PROCID": "0", "SLURM_NODEID": "0", "SLURM_NTASKS": "8", "SLURM_STEP_ID": "0"}
     with pytest.raises(UsageError, match="SLURM started 8 tasks on 2 node.*one agent per node"):
         check_geometry(slurm_task(inside), 2, inside)
-    command = srun_command(task, "/py", ["--nodes", "2", "train.py"])
+    command = srun_command(task, ["/py", "-m", "trainfleet.cli", "launch"], ["--nodes", "2", "train.py"])
     assert command[:5] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
-    assert command[5:] == ["/py", "-m", "trainfleet.launcher.cli", "launch", "--nodes", "2", "train.py"]
+    assert command[5:] == ["/py", "-m", "trainfleet.cli", "launch", "--nodes", "2", "train.py"]
 
 
 def test_launch_inside_an_srun_task_takes_its_place_from_slurm(monkeypatch, tmp_path):
     import argparse
 
-    from trainfleet.launcher import cli
+    from trainfleet.cli import launch, launch_args
 
     for key, value in {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NNODES": "2",
                        "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_NODEID": "1", "SLURM_STEP_ID": "0"}.items():
         monkeypatch.setenv(key, value)
     parser = argparse.ArgumentParser()
-    cli.add_launch_arguments(parser)
+    launch_args.add_launch_arguments(parser)
     ns = parser.parse_args(["--nodes", "2", "--gpus", "2", "train.py"])
-    assert cli._apply_slurm(ns, []) is None
-    assert (ns.node_rank, ns.master_addr, ns.master_port) == (1, "gpu07", 20077)
+    code, placed = launch._in_allocation(ns, [])
+    assert code is None
+    assert (placed["node_rank"], placed["master_addr"], placed["master_port"]) == (1, "gpu07", 20077)
     ns = parser.parse_args(["--nodes", "3", "train.py"])
     with pytest.raises(UsageError, match=r"SLURM gave 2 node\(s\) \(gpu07,gpu08\) but --nodes 3"):
-        cli._apply_slurm(ns, [])
+        launch._in_allocation(ns, [])

@@ -93,8 +93,8 @@ def test_an_elastic_submission_keeps_its_range_and_survives_a_node_failure(tmp_p
 
     import submitit
 
-    from trainfleet.launcher.cli import add_cluster_arguments, add_launch_arguments, split_nodes
-    from trainfleet.launcher.submit import _inner_launch_args, plan
+    from trainfleet.cli.launch_args import add_cluster_arguments, add_launch_arguments
+    from trainfleet.cli.submit import plan
 
     parser = argparse.ArgumentParser()
     add_launch_arguments(parser)
@@ -102,10 +102,9 @@ def test_an_elastic_submission_keeps_its_range_and_survives_a_node_failure(tmp_p
     script = tmp_path / "train.py"
     script.write_text("")
     ns = parser.parse_args(["--cluster", "local", "--nodes", "1:2", "--gpus", "1", str(script)])
-    split_nodes(ns)
     sub = plan(ns)
-    assert (sub.cfg.nodes, sub.cfg.min_nodes, sub.resources.nodes) == (2, 1, 2)
-    assert _inner_launch_args(ns, sub)[:2] == ["--nodes", "1:2"]
+    assert (sub.nodes, sub.resources.nodes) == (2, 2)
+    assert sub.launch_args[:2] == ["--nodes", "1:2"]
     executor = submitit.SlurmExecutor(folder=str(tmp_path / "%A"))
     executor.update_parameters(**sub.resources.slurm_parameters())
     text = executor._make_submission_file_text("python -m x", "uid")

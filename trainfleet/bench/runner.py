@@ -1,7 +1,7 @@
 """Plan, run and aggregate a strategy benchmark through the real launcher.
 
 Each configuration (strategy x precision x workers) is a ``launch`` of the target with
-TRAINFLEET_BENCH_OUT set; the engine times the steps. Rounds are interleaved
+the engine's step timer switched on (the worker contract's bench variables); the engine times the steps. Rounds are interleaved
 (A B C, A B C, ...) because these machines are noisy, and each figure is the median
 over rounds with its min-max.
 """
@@ -17,8 +17,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainfleet.engine import contract
 from trainfleet.engine.profiling import PHASES
-from trainfleet.launcher.local import threads_per_worker
+from trainfleet.launcher.workers import threads_per_worker
 from trainfleet.utils.errors import UsageError
 
 
@@ -120,9 +121,8 @@ def run_once(config: BenchConfig, target: list[str], steps: int, warmup: int, lo
              timeout: float) -> tuple[float, float, dict[str, float], float, float]:
     """One launch of one configuration; returns what :func:`_aggregate` returns."""
     out = Path(tempfile.mkdtemp(prefix="trainfleet-bench-"))
-    env = {**os.environ, "TRAINFLEET_BENCH_OUT": str(out), "TRAINFLEET_BENCH_STEPS": str(steps),
-           "TRAINFLEET_BENCH_WARMUP": str(warmup)}
-    launch = [sys.executable, "-m", "trainfleet.launcher.cli", "launch", "--gpus", str(config.workers),
+    env = {**os.environ, **contract.bench_variables(str(out), steps, warmup)}
+    launch = [sys.executable, "-m", "trainfleet.cli", "launch", "--gpus", str(config.workers),
               "--strategy", config.strategy, "--precision", config.precision,
               "--log-dir", str(log_dir / config.label.replace("/", "-"))]
     try:

@@ -2,7 +2,7 @@
 
     launch ... -m trainfleet.bench.worker --model resnet18 --dataset synthetic --batch-size 32
 
-Timing is done by the engine itself (TRAINFLEET_BENCH_OUT), which ends the run after
+Timing is done by the engine itself (switched on by the runner), which ends the run after
 the requested steps, so this is an ordinary training loop.
 """
 from __future__ import annotations

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import datetime
-import os
 from typing import Any, ContextManager
 
 import torch
 import torch.distributed as dist
 
+from trainfleet.engine.contract import WorkerSettings
 from trainfleet.engine.environment import backend_for
 from trainfleet.engine.options import check_strategy_options
 from trainfleet.engine.strategy import MultiProcessStrategy
@@ -50,7 +50,7 @@ class DDPStrategy(MultiProcessStrategy):
     """Wraps the module in DDP and joins the process group from env:// variables.
 
     Args:
-        timeout_s: collective timeout; TRAINFLEET_COLLECTIVE_TIMEOUT overrides the
+        timeout_s: collective timeout; ``launch --collective-timeout`` overrides the
             30-minute default of torch.distributed.
         sync_batchnorm: normalise with the statistics of the global batch (BatchNorm layers
             become ``nn.SyncBatchNorm`` on CUDA, :class:`GlobalBatchNorm` on CPU workers).
@@ -66,8 +66,7 @@ class DDPStrategy(MultiProcessStrategy):
         self.sync_batchnorm = bool(sync_batchnorm)
         self.synced_batchnorms = 0  # BatchNorm layers converted by setup
         super().__init__(precision, env, accelerator)
-        env_timeout = os.environ.get("TRAINFLEET_COLLECTIVE_TIMEOUT")
-        self.timeout_s = float(timeout_s or env_timeout or DEFAULT_TIMEOUT_S)
+        self.timeout_s = float(timeout_s or WorkerSettings.from_env().collective_timeout or DEFAULT_TIMEOUT_S)
         self.ddp_kwargs = ddp_kwargs
         self._owns_group = False
         self._host_group: Any = None  # gloo beside NCCL, for max_on_host

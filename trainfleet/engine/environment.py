@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
+from trainfleet.engine.contract import ElasticSettings
 from trainfleet.utils.errors import UsageError
 
 ACCELERATORS = ("auto", "cpu", "cuda")
@@ -82,7 +83,7 @@ def resolve_accelerator(requested: str | None, cuda_count: int) -> str:
     """Pick ``"cuda"`` or ``"cpu"``.
 
     Args:
-        requested: ``"auto"``/None, ``"cpu"`` or ``"cuda"`` (TRAINFLEET_ACCELERATOR).
+        requested: ``"auto"``/None, ``"cpu"`` or ``"cuda"`` (what the launcher chose).
         cuda_count: CUDA devices visible to this process.
 
     Raises:
@@ -137,12 +138,11 @@ class ElasticInfo:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "ElasticInfo | None":
         env = os.environ if env is None else env
-        spec = env.get("TRAINFLEET_NODES", "")
-        if ":" not in spec:
+        told = ElasticSettings.from_env(env)
+        if ":" not in told.nodes:
             return None
-        low, high = (int(part) for part in spec.split(":"))
-        return cls(low, high, int(env.get("LOCAL_WORLD_SIZE", "1")), env.get("TRAINFLEET_WORLD_CHANGED") == "1",
-                   env.get("TRAINFLEET_RESUME_RECORD"))
+        low, high = (int(part) for part in told.nodes.split(":"))
+        return cls(low, high, int(env.get("LOCAL_WORLD_SIZE", "1")), told.world_changed, told.resume_record)
 
     @property
     def world_sizes(self) -> list[int]:

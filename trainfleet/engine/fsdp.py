@@ -18,10 +18,10 @@ from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 
+from trainfleet.engine.checkpoint.training_state import check_optimizer_names
 from trainfleet.engine.ddp import DDPStrategy
-from trainfleet.engine.precision import AutocastPrecision, HalfModelPrecision, Precision
 from trainfleet.engine.options import check_strategy_options, mesh_shape
-from trainfleet.engine.state import check_optimizer_names
+from trainfleet.engine.precision import AutocastPrecision, HalfModelPrecision, Precision
 from trainfleet.utils.errors import UsageError
 
 AUTO_WRAP_MIN_PARAMS = 1_000_000

@@ -11,20 +11,9 @@ from typing import Any, ContextManager
 
 import torch
 
+from trainfleet.engine.contract import import_horovod
 from trainfleet.engine.strategy import MultiProcessStrategy
 from trainfleet.utils.errors import UsageError
-
-INSTALL_HINT = "run scripts/build-horovod.sh (builds Horovod 0.28.1 with gloo into .venv)."
-
-
-def import_horovod() -> Any:
-    """``horovod.torch``, or a UsageError that says how to install it."""
-    try:
-        import horovod.torch as hvd
-    except ImportError as err:
-        raise UsageError(f"strategy 'horovod' needs Horovod, which is not importable ({err}).",
-                         INSTALL_HINT) from err
-    return hvd
 
 
 def check_build(hvd: Any, device_type: str) -> None:

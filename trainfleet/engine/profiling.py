@@ -1,23 +1,25 @@
-"""Per-step timing for ``trainfleet bench``, switched on by TRAINFLEET_BENCH_OUT.
+"""Per-step timing for ``trainfleet bench``, switched on by its request in the worker contract
+(:class:`trainfleet.engine.contract.BenchSettings`).
 
 The engine sees every phase of a step through its own API, so it can time any
 script written against it: *data* is the wait for the next batch, *forward* the time
 from the batch's arrival to ``engine.backward``, *backward* and *optimizer* the
 engine calls themselves, and *comm* the gradient all-reduce (DDP: from each bucket's
 launch to its completion, which overlaps backward; Horovod: the wait in
-``synchronize``). After TRAINFLEET_BENCH_WARMUP + TRAINFLEET_BENCH_STEPS steps each
+``synchronize``). After the requested warm-up and timed steps each
 rank writes its record and the run ends (SystemExit 0).
 """
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from trainfleet.engine.contract import BenchSettings
 
 PHASES = ("data", "forward", "backward", "comm", "optimizer")
 
@@ -40,11 +42,10 @@ class StepTimer:
 
     @classmethod
     def from_env(cls, rank: int, world_size: int) -> "StepTimer | None":
-        out = os.environ.get("TRAINFLEET_BENCH_OUT")
-        if not out:
+        told = BenchSettings.from_env()
+        if not told.out:
             return None
-        return cls(out, int(os.environ.get("TRAINFLEET_BENCH_WARMUP", 3)),
-                   int(os.environ.get("TRAINFLEET_BENCH_STEPS", 20)), rank, world_size)
+        return cls(told.out, told.warmup, told.steps, rank, world_size)
 
     def _sync(self) -> None:
         if self.device is not None and self.device.type == "cuda":

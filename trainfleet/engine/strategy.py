@@ -12,11 +12,11 @@ from typing import Any, ContextManager
 
 import torch
 
+from trainfleet.engine.checkpoint.training_state import load_optimizer_state_by_name, optimizer_state_by_name
 from trainfleet.engine.environment import ClusterEnvironment, device_index, resolve_accelerator
 from trainfleet.engine.precision import Precision, build_precision
-from trainfleet.engine.state import load_optimizer_state_by_name, optimizer_state_by_name
-from trainfleet.utils.errors import UsageError
 from trainfleet.engine.registry import STRATEGIES
+from trainfleet.utils.errors import UsageError
 
 REDUCE_OPS = ("sum", "mean", "max", "min", "product")
 

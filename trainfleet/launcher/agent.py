@@ -31,10 +31,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainfleet.launcher import control, elastic, horovod
-from trainfleet.launcher.config import LaunchConfig
+from trainfleet.launcher.config import LaunchConfig, Placement, placement
 from trainfleet.launcher.control import ControlChannel, Failure, failed_at, peer_error
-from trainfleet.launcher.elastic import Coordinator, Placement
-from trainfleet.launcher.workers import WorkerGroup, exit_reason
+from trainfleet.launcher.elastic import Coordinator
+from trainfleet.launcher.network import reserve_port
+from trainfleet.launcher.worker_group import WorkerGroup, exit_reason
+from trainfleet.launcher.workers import worker_specs
 from trainfleet.utils.errors import UsageError
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -66,12 +68,10 @@ class NodeAgent:
         cfg: the validated launch request.
         node_rank: this node's index.
         sockets: listening sockets node 0 bound earlier (``control``); bound here when None.
-        specs_for: ``specs_for(agent, attempt, port, horovod_port)`` -> the WorkerSpecs.
     """
 
-    def __init__(self, cfg: LaunchConfig, node_rank: int, specs_for: Any,
-                 sockets: dict[str, socket.socket] | None = None):
-        self.cfg, self.node_rank, self.specs_for = cfg, node_rank, specs_for
+    def __init__(self, cfg: LaunchConfig, node_rank: int, sockets: dict[str, socket.socket] | None = None):
+        self.cfg, self.node_rank = cfg, node_rank
         self.sockets = dict(sockets or {})
         self.is_master = node_rank == 0
         self.channel: ControlChannel | None = None
@@ -88,8 +88,6 @@ class NodeAgent:
 
     # ----- control plane -------------------------------------------------------------
     def _connect(self) -> None:
-        from trainfleet.launcher.local import reserve_port
-
         cfg = self.cfg
         if self.is_master:
             sock = self.sockets.pop("control", None) or reserve_port(cfg.master_addr, cfg.master_port)
@@ -198,7 +196,7 @@ class NodeAgent:
         previous = self.members if attempt else None
         self.members = members
         self.channel.members = members
-        self.placement = elastic.placement(members, self.node_rank, previous)
+        self.placement = placement(members, self.node_rank, previous)
         self.channel.clear_failure()
         return attempt
 
@@ -220,8 +218,6 @@ class NodeAgent:
     # ----- attempts ------------------------------------------------------------------
     def _attempt_ports(self, attempt: int) -> tuple[int, int | None]:
         """Node 0 binds fresh rendezvous ports for an attempt and publishes them."""
-        from trainfleet.launcher.local import reserve_port
-
         store, key = self.channel.store, f"attempt/{attempt}/ports"
         if self.is_master:
             first = {k: self.sockets.pop(k) for k in ("store", "horovod") if k in self.sockets} if attempt == 0 else {}
@@ -257,7 +253,7 @@ class NodeAgent:
 
     def _run_attempt(self, attempt: int) -> Outcome:
         port, hvd_port = self._attempt_ports(attempt)
-        specs = self.specs_for(self, attempt, port, hvd_port)
+        specs = worker_specs(self, attempt, port, hvd_port)
         group = WorkerGroup(specs, self.cfg.start_method, 0 if self.is_master else None)
         outcome = Outcome("failed")  # if anything below raises
         try:

@@ -1,21 +1,72 @@
-"""``LaunchConfig``: what to run and where, validated on construction.
+"""``LaunchConfig``: what to run and where, validated on construction; and the small facts every
+part of the launcher shares about a job: ``--nodes N|MIN:MAX``, where a node sits in an attempt
+(:class:`Placement`) and where the logs go (:func:`log_dir`).
 
-No torch import here: bad input must be answered before anything heavy loads.
+No torch import here: bad input must be answered before anything heavy loads. The flags that
+build a LaunchConfig are in :mod:`trainfleet.launcher.flags`.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainfleet.engine.options import check_strategy_options, mesh_shape
-from trainfleet.engine.registry import PRECISIONS, STRATEGIES
+from trainfleet.engine import contract
 from trainfleet.launcher.devices import visible_cuda_devices
 from trainfleet.utils.errors import UsageError
 
 START_METHODS = ("fork", "spawn", "forkserver")
+# What this launch is: the whole job on this host (one node, or N simulated nodes), one node of a
+# job whose nodes are separate machines (--node-rank, --hosts, SLURM), or a request validated for
+# submission (its devices are the job's nodes', not this machine's).
+ROLES = ("local", "node", "submit")
+
+
+def parse_nodes(text: str | int) -> tuple[int, int]:
+    """``"3"`` -> (3, 3); ``"2:3"`` -> (2, 3) (torchrun's ``--nnodes MIN:MAX``)."""
+    raw = str(text).strip()
+    parts = raw.split(":")
+    try:
+        low, high = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (None, None)
+    except ValueError:
+        low = high = None
+    if low is None or high is None:
+        raise UsageError(f"--nodes {raw!r}: expected a number of nodes or a range MIN:MAX (e.g. 2 or 2:4).")
+    if len(parts) == 1 and low < 1:
+        raise UsageError(f"--nodes {raw}: expected at least 1 node.")
+    if low < 1 or high < low:
+        raise UsageError(f"--nodes {raw}: expected 1 <= MIN <= MAX.",
+                         "e.g. --nodes 2:4 runs on 4 nodes and keeps going down to 2.")
+    return low, high
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one node sits in one attempt.
+
+    Attributes:
+        node: the node's id (on simulated nodes also its slice of this host's GPUs).
+        index: its position among the attempt's members (torchrun's GROUP_RANK).
+        nodes: members in this attempt (GROUP_WORLD_SIZE).
+        changed: the members differ from the previous attempt's.
+    """
+
+    node: int
+    index: int
+    nodes: int
+    changed: bool = False
+
+
+def placement(members: list[int], node: int, previous: list[int] | None) -> Placement:
+    return Placement(node, members.index(node), len(members), previous is not None and previous != members)
+
+
+def log_dir(cfg: "LaunchConfig") -> Path:
+    """The job's log folder: --log-dir, or a temporary folder named after the run."""
+    return Path(cfg.log_dir or os.path.join(tempfile.gettempdir(), "trainfleet", cfg.run_id))
 
 
 @dataclass
@@ -31,7 +82,9 @@ class LaunchConfig:
             this many nodes; None: ``nodes`` (every node is needed).
         gpus: workers per node (torchrun ``--nproc-per-node``); defaults to the
             visible CUDA devices, or 1 CPU worker without any.
-        node_rank: this node's index; None on a single node.
+        node_rank: this node's index; None for a local job (one node or simulated nodes).
+        role: ``local`` (this host runs every node), ``node`` (this is node ``node_rank`` of a
+            job on separate machines) or ``submit`` (validated for a submitted job).
         master_addr, master_port: rendezvous endpoint; a free port is chosen when None.
         strategy, precision: names from the engine's registries.
         strategy_options: keyword options for the strategy (``--strategy-opt sharding=hybrid``);
@@ -63,6 +116,7 @@ class LaunchConfig:
     min_nodes: int | None = None
     gpus: int | None = None
     node_rank: int | None = None
+    role: str = "local"
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
     strategy: str = "ddp"
@@ -83,6 +137,11 @@ class LaunchConfig:
     run_id: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
 
     def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"LaunchConfig(role={self.role!r}): expected one of {ROLES}")
+        if (self.role == "local") != (self.node_rank is None):
+            raise ValueError(f"LaunchConfig(role={self.role!r}, node_rank={self.node_rank}): a local job has no "
+                             "node rank, one node of a multi-machine job (or a submission) has one")
         if self.cuda_devices is None:
             self.cuda_devices = 0 if self.cpu else visible_cuda_devices()
         self._check_target()
@@ -146,31 +205,14 @@ class LaunchConfig:
                              "drop --nodes to debug.")
 
     def _check_names(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise UsageError(STRATEGIES.unknown_message(self.strategy, STRATEGIES.names()))
-        if self.precision not in PRECISIONS:
-            raise UsageError(PRECISIONS.unknown_message(self.precision, PRECISIONS.names()))
-        if self.amp_backend not in ("native", "apex"):
-            raise UsageError(f"Unknown amp backend {self.amp_backend!r}. Available: ['apex', 'native']")
         if self.start_method not in START_METHODS:
             raise UsageError(f"Unknown start method {self.start_method!r}. Available: {list(START_METHODS)}")
         if self.strategy == "dp" and self.nodes > 1:
             raise UsageError(f"strategy 'dp' runs one process on one node, but --nodes {self.nodes} was given.",
                              "use --strategy ddp for several nodes.")
-        check_strategy_options(self.strategy, self.strategy_options)
-        if self.strategy == "fsdp":
-            self._check_fsdp()
-
-    def _check_fsdp(self) -> None:
-        """The checks the fsdp strategy makes, answered before any worker starts."""
-        if self.amp_backend == "apex":
-            raise UsageError("--amp-backend apex does not work with --strategy fsdp (apex.amp cannot see "
-                             "sharded parameters).", "drop --amp-backend: fsdp runs bf16/fp16/O2 through "
-                             "FSDP2's MixedPrecisionPolicy.")
-        options = self.strategy_options
-        for nodes in range(self.min_nodes, self.nodes + 1):  # every size an elastic job may run at
-            mesh_shape(nodes * self.procs_per_node, options.get("sharding", "full"), options.get("shard_size"),
-                       self.procs_per_node)
+        per_node = self.procs_per_node  # every size an elastic job may run at
+        contract.check_request(self.strategy, self.precision, self.amp_backend, self.strategy_options,
+                               [(nodes * per_node, per_node) for nodes in range(self.min_nodes, self.nodes + 1)])
 
     # ----- derived --------------------------------------------------------------------
     @property
@@ -188,7 +230,7 @@ class LaunchConfig:
     @property
     def simulated_nodes(self) -> bool:
         """``--nodes N`` without ``--node-rank``: N agents on this host, sharing its devices."""
-        return self.nodes > 1 and self.node_rank is None and not self.debug
+        return self.role == "local" and self.nodes > 1 and not self.debug
 
     @property
     def procs_per_node(self) -> int:

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import socket
 from pathlib import Path
 
 from trainfleet.launcher.config import LaunchConfig
+from trainfleet.launcher.network import reserve_port
 from trainfleet.utils.errors import UsageError
+
+PROBE = "trainfleet.launcher.doctor_probe"  # the module the test job runs: one all-reduce
 
 
 def stale_workers() -> list[str]:
@@ -27,8 +29,6 @@ def stale_workers() -> list[str]:
 
 def checks(cfg: LaunchConfig) -> list[tuple[bool, str]]:
     """(passed, line) for each check that needs no other node."""
-    from trainfleet.launcher.local import reserve_port
-
     node = cfg.node_rank or 0
     results: list[tuple[bool, str]] = []
     try:
@@ -61,7 +61,7 @@ def doctor(cfg: LaunchConfig) -> int:
     Layout agreement between nodes is part of every launch's pre-flight, so the job
     checks it too. Returns 0 when everything passed, else 1.
     """
-    from trainfleet.launcher.local import launch
+    from trainfleet.launcher.launch import launch  # the entry point sits above this helper
 
     passed = True
     for ok, line in checks(cfg):
@@ -69,7 +69,7 @@ def doctor(cfg: LaunchConfig) -> int:
         passed &= ok
     if not passed:
         return 1
-    probe = dataclasses.replace(cfg, target="trainfleet.launcher.doctor_probe", module=True, args=[],
+    probe = dataclasses.replace(cfg, target=PROBE, module=True, args=[],
                                 rendezvous_timeout=min(cfg.rendezvous_timeout, 60))
     code = launch(probe)
     if code != 0:

@@ -28,49 +28,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainfleet.launcher.config import log_dir
 from trainfleet.utils.errors import UsageError
 
 GROW_WAIT = 60.0  # seconds the workers get to checkpoint and return after a join request
 SILENT_AFTER_FAILURE = 3.0  # after a failure, a member this silent that did not check in is lost
-
-
-def parse_nodes(text: str | int) -> tuple[int, int]:
-    """``"3"`` -> (3, 3); ``"2:3"`` -> (2, 3) (torchrun's ``--nnodes MIN:MAX``)."""
-    raw = str(text).strip()
-    parts = raw.split(":")
-    try:
-        low, high = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (None, None)
-    except ValueError:
-        low = high = None
-    if low is None or high is None:
-        raise UsageError(f"--nodes {raw!r}: expected a number of nodes or a range MIN:MAX (e.g. 2 or 2:4).")
-    if len(parts) == 1 and low < 1:
-        raise UsageError(f"--nodes {raw}: expected at least 1 node.")
-    if low < 1 or high < low:
-        raise UsageError(f"--nodes {raw}: expected 1 <= MIN <= MAX.",
-                         "e.g. --nodes 2:4 runs on 4 nodes and keeps going down to 2.")
-    return low, high
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where one node sits in one attempt.
-
-    Attributes:
-        node: the node's id (on simulated nodes also its slice of this host's GPUs).
-        index: its position among the attempt's members (torchrun's GROUP_RANK).
-        nodes: members in this attempt (GROUP_WORLD_SIZE).
-        changed: the members differ from the previous attempt's.
-    """
-
-    node: int
-    index: int
-    nodes: int
-    changed: bool = False
-
-
-def placement(members: list[int], node: int, previous: list[int] | None) -> Placement:
-    return Placement(node, members.index(node), len(members), previous is not None and previous != members)
 
 
 @dataclass
@@ -247,8 +209,6 @@ class Coordinator:
     def note_resume(self, attempt: int) -> bool:
         """Once rank 0 of ``attempt`` resumed (or started fresh), say so and keep it for the
         summary; False while it has not yet."""
-        from trainfleet.launcher.local import log_dir
-
         record = read_record(str(log_dir(self.cfg) / f"resume.attempt{attempt}.json"))
         if record is None:
             return False

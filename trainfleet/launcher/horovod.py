@@ -10,8 +10,7 @@ import socket
 import threading
 from typing import Any
 
-from trainfleet.launcher.config import LaunchConfig
-from trainfleet.launcher.elastic import Placement
+from trainfleet.launcher.config import LaunchConfig, Placement
 from trainfleet.launcher.network import interface_for
 
 

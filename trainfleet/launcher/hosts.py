@@ -293,8 +293,9 @@ def prepare(cfg: LaunchConfig, plan: HostsPlan) -> tuple[LaunchConfig, bool]:
     if local_first:
         _check_local_port(master, port)
     log_dir = cfg.log_dir or os.path.join("/tmp", "trainfleet", cfg.run_id)  # the same path on every host
-    cfg = dataclasses.replace(cfg, nodes=len(plan.hosts), node_rank=None, master_addr=master, master_port=port,
-                              log_dir=log_dir)
+    # every host's agent gets this with its own node_rank
+    cfg = dataclasses.replace(cfg, nodes=len(plan.hosts), role="node", node_rank=0, master_addr=master,
+                              master_port=port, log_dir=log_dir)
     return cfg, local_first
 
 

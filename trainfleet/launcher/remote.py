@@ -53,7 +53,7 @@ def main() -> int:
     os.chdir(spec["cwd"])
     threading.Thread(target=_watch, args=(lines,), name="trainfleet-stdin", daemon=True).start()
     from trainfleet.launcher.config import LaunchConfig
-    from trainfleet.launcher.local import launch
+    from trainfleet.launcher.launch import launch
 
     try:
         return launch(LaunchConfig(**spec["config"]))

@@ -1,198 +1,102 @@
-"""One node's worker processes: start them, tail their logs, reap and stop them."""
+"""What the launcher decides about each worker: its spec (rank, target, log file) and its
+environment (torchrun's variables plus trainfleet's, written through :mod:`trainfleet.contract`).
+"""
 from __future__ import annotations
 
-import collections
 import os
-import re
-import signal
 import sys
-import threading
-import time
 from dataclasses import dataclass
-from multiprocessing.connection import wait
-from pathlib import Path
 from typing import Any
 
-from trainfleet.launcher.worker import WorkerSpec, worker_main
-from trainfleet.utils.process import process_state
-
-PRELOAD = ("torch", "torch.distributed", "torch.nn.parallel", "trainfleet.engine.engine")
-TAIL_LINES = 20
-KILL_WAIT = 30.0  # a worker still there this long after SIGKILL is stuck in the kernel (a GPU driver call)
-# What NCCL's watchdog prints before it aborts a process whose collective outlived the timeout.
-WATCHDOG = re.compile(r"Watchdog caught collective operation timeout: WorkNCCL\(SeqNum=(\d+), OpType=(\w+)"
-                      r".*?Timeout\(ms\)=(\d+)")
-
-
-def killpg(pid: int, signum: int) -> None:
-    """Signal a process group, ignoring one that is already gone."""
-    try:
-        os.killpg(pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
+from trainfleet.engine import contract
+from trainfleet.launcher import horovod
+from trainfleet.launcher.config import LaunchConfig, Placement, log_dir
+from trainfleet.launcher.devices import visible_devices_for
+from trainfleet.launcher.network import interface_for
 
 
 @dataclass
-class Worker:
-    """A started worker and what the report needs about it."""
+class WorkerSpec:
+    """Everything one worker needs; picklable for the spawn start method."""
 
-    spec: WorkerSpec
-    process: Any
-    started: float
-    exitcode: int | None = None
-    stopped_since: float | None = None  # first time it was seen frozen (state T)
-
-    def describe_exit(self) -> str:
-        code = self.exitcode
-        return f"exit code {code}" if code is not None and code > 0 else f"signal {signal.Signals(-code).name}"
-
-
-def exit_reason(lines: list[str]) -> str:
-    """Why a worker ended, when its last log lines say what the exit code cannot ("" otherwise)."""
-    for line in reversed(lines):
-        found = WATCHDOG.search(line)
-        if found:
-            seq, op, limit = found.group(1), found.group(2), int(found.group(3)) / 1000
-            return (f"NCCL's watchdog ended it: its collective #{seq} ({op}) waited {limit:g}s for ranks that "
-                    "never joined. HINT: do all ranks reach the same collectives? With --collective-timeout "
-                    "the script raises instead, naming the line")
-    return ""
+    rank: int
+    local_rank: int
+    target: str
+    args: list[str]
+    module: bool
+    env: dict[str, str]
+    log_path: str
+    error_file: str
+    launcher_pid: int
+    threads: int | None = None
 
 
-class LogTailer(threading.Thread):
-    """Follows every rank's log file: echoes one rank to the console, keeps each tail."""
-
-    def __init__(self, paths: dict[int, str], console_rank: int | None, interval: float = 0.05):
-        super().__init__(name="trainfleet-log-tailer", daemon=True)
-        self.paths, self.console_rank, self.interval = paths, console_rank, interval
-        self.tails = {rank: collections.deque(maxlen=TAIL_LINES) for rank in paths}
-        self._offsets = dict.fromkeys(paths, 0)
-        self._partial = dict.fromkeys(paths, "")
-        self._stop_event = threading.Event()
-
-    def _poll(self) -> None:
-        for rank, path in self.paths.items():
-            try:
-                with open(path, "rb") as handle:
-                    handle.seek(self._offsets[rank])
-                    chunk = handle.read()
-            except FileNotFoundError:
-                continue
-            if not chunk:
-                continue
-            self._offsets[rank] += len(chunk)
-            text = chunk.decode("utf-8", "replace")
-            if rank == self.console_rank:
-                sys.stdout.write(text)
-                sys.stdout.flush()
-            lines = (self._partial[rank] + text).split("\n")
-            self._partial[rank] = lines.pop()
-            self.tails[rank].extend(lines)
-
-    def run(self) -> None:
-        while not self._stop_event.wait(self.interval):
-            self._poll()
-
-    def stop(self) -> None:
-        """Stop following, after one last read of every file."""
-        self._stop_event.set()
-        if self.is_alive():
-            self.join()
-        self._poll()
-        for rank, rest in self._partial.items():
-            if rest:
-                self.tails[rank].append(rest)
-                self._partial[rank] = ""
-
-    def last_lines(self, rank: int) -> list[str]:
-        return list(self.tails[rank])
+def worker_env(cfg: LaunchConfig, place: Placement, local_rank: int, port: int,
+               horovod_port: int | None = None, attempt: int = 0) -> dict[str, str]:
+    """The environment torchrun gives a worker, plus trainfleet's own (and Horovod's) settings."""
+    procs = cfg.procs_per_node
+    rank, world = place.index * procs + local_rank, place.nodes * procs
+    env: dict[str, Any] = {
+        "RANK": rank, "LOCAL_RANK": local_rank, "WORLD_SIZE": world,
+        "LOCAL_WORLD_SIZE": procs, "GROUP_RANK": place.index, "GROUP_WORLD_SIZE": place.nodes,
+        "ROLE_RANK": rank, "ROLE_WORLD_SIZE": world, "ROLE_NAME": "default",
+        "MASTER_ADDR": cfg.master_addr, "MASTER_PORT": port,
+        "TORCHELASTIC_RUN_ID": cfg.run_id, "TORCHELASTIC_RESTART_COUNT": attempt,
+        "TORCHELASTIC_MAX_RESTARTS": cfg.max_restarts,
+        # Workers join the store node 0's agent hosts instead of rank 0 starting one.
+        "TORCHELASTIC_USE_AGENT_STORE": "True" if not cfg.debug else "False",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.update(contract.worker_variables(
+        strategy=cfg.strategy, precision=cfg.precision, strategy_options=cfg.strategy_options,
+        amp_backend=cfg.amp_backend, accelerator=cfg.accelerator, run_id=cfg.run_id, node=place.node,
+        tty=sys.stdout.isatty(),  # workers write to files: does rank 0's echo land on a terminal?
+        collective_timeout=cfg.collective_timeout,
+        # an elastic job: the engine checks the global batch against every size the job may run at
+        nodes_spec=cfg.nodes_spec if cfg.elastic else None, world_changed=place.changed,
+        resume_record=str(log_dir(cfg) / f"resume.attempt{attempt}.json")))
+    if cfg.collective_timeout and cfg.accelerator == "cuda" and "TORCH_NCCL_BLOCKING_WAIT" not in os.environ:
+        # NCCL's watchdog would abort the worker at the timeout (SIGABRT); a blocking wait
+        # raises in the script instead, where the engine names the rank and the line.
+        env["TORCH_NCCL_BLOCKING_WAIT"] = 1
+    if cfg.nodes > 1 or cfg.master_addr not in ("127.0.0.1", "localhost"):
+        # gloo/NCCL otherwise pick the interface of the hostname, often 127.0.0.1.
+        iface = interface_for(cfg.master_addr)
+        for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            if iface and name not in os.environ:
+                env[name] = iface
+    if cfg.accelerator == "cuda" and cfg.simulated_nodes:
+        # Simulated nodes share this host's GPUs: node n takes its own slice, or ranks 0 and g of
+        # different nodes would open the same device (NCCL: "Duplicate GPU detected").
+        env["CUDA_VISIBLE_DEVICES"] = visible_devices_for(cfg.devices_per_node, start=place.node * cfg.devices_per_node)
+    elif cfg.accelerator == "cuda" and cfg.procs_per_node == 1 and cfg.gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible_devices_for(cfg.devices_per_node)
+    if horovod_port is not None:
+        env.update(horovod.slot_env(cfg, place, local_rank, horovod_port))
+    return {key: str(value) for key, value in env.items()}
 
 
-class WorkerGroup:
-    """The workers of one node for one attempt."""
+def threads_per_worker(procs: int) -> int:
+    """CPU threads each worker may use so the workers do not oversubscribe the cores."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return int(os.environ["OMP_NUM_THREADS"])
+    return max(1, (os.cpu_count() or 1) // procs)
 
-    def __init__(self, specs: list[WorkerSpec], start_method: str, console_rank: int | None):
-        self.specs, self.start_method = specs, start_method
-        self.workers: list[Worker] = []
-        self.tailer = LogTailer({s.rank: s.log_path for s in specs}, console_rank)
 
-    def start(self) -> None:
-        """Fork (or spawn) every worker, then start following their logs."""
-        for module in PRELOAD:
-            __import__(module)
-        import torch.multiprocessing as mp
-
-        context = mp.get_context(self.start_method)
-        for spec in self.specs:
-            Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(spec.log_path).write_bytes(b"")
-            process = context.Process(target=worker_main, args=(spec,), name=f"rank{spec.rank}")
-            process.start()
-            self.workers.append(Worker(spec, process, time.monotonic()))
-
-    def start_tailing(self) -> None:
-        self.tailer.start()
-
-    def alive(self) -> list[Worker]:
-        return [w for w in self.workers if w.exitcode is None]
-
-    def reap(self, timeout: float) -> list[Worker]:
-        """Wait up to ``timeout`` for exits; return the workers that just exited."""
-        alive = self.alive()
-        if not alive:
-            return []
-        ready = set(wait([w.process.sentinel for w in alive], timeout=timeout))
-        done = []
-        for worker in alive:
-            # A daemon the worker started keeps its end of the sentinel open: a zombie has exited too.
-            if worker.process.sentinel in ready or process_state(worker.process.pid) in (None, "Z"):
-                worker.process.join()
-                worker.exitcode = worker.process.exitcode
-                done.append(worker)
-        return done
-
-    def frozen(self, limit: float) -> Worker | None:
-        """A worker stopped (``kill -STOP``, state T) for longer than ``limit`` seconds."""
-        now = time.monotonic()
-        for worker in self.alive():
-            if process_state(worker.process.pid) in ("T", "t"):
-                worker.stopped_since = worker.stopped_since or now
-                if now - worker.stopped_since > limit:
-                    return worker
-            else:
-                worker.stopped_since = None
-        return None
-
-    def forward(self, signum: int) -> None:
-        """Send ``signum`` to every live worker's process group."""
-        for worker in self.alive():
-            killpg(worker.process.pid, signum)
-
-    def stop(self, grace: float, terminate: bool = True) -> None:
-        """SIGTERM every worker's group, SIGKILL whatever outlives ``grace``, reap everything.
-
-        Stopped (frozen) workers get SIGKILL at once: they cannot act on SIGTERM. With
-        ``terminate`` False the workers already got a signal and only get the grace period.
-        """
-        for worker in self.alive():
-            frozen = process_state(worker.process.pid) in ("T", "t")
-            if terminate or frozen:
-                killpg(worker.process.pid, signal.SIGKILL if frozen else signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while self.alive() and time.monotonic() < deadline:
-            self.reap(timeout=min(0.05, max(deadline - time.monotonic(), 0)))
-        for worker in self.alive():
-            killpg(worker.process.pid, signal.SIGKILL)
-        deadline = time.monotonic() + KILL_WAIT
-        while self.alive() and time.monotonic() < deadline:
-            self.reap(timeout=0.2)
-        for worker in self.alive():  # waiting longer would hang the agent, and the job, with it
-            print(f"launch: rank {worker.spec.rank} (pid {worker.process.pid}) is still there {KILL_WAIT:.0f}s after "
-                  f"SIGKILL (state {process_state(worker.process.pid)}: stuck in the kernel, e.g. in a GPU driver "
-                  "call); leaving it behind", file=sys.stderr, flush=True)
-            worker.exitcode = -signal.SIGKILL
-        for worker in self.workers:  # grandchildren left in an exited worker's group
-            killpg(worker.process.pid, signal.SIGKILL)
-
-    def close(self) -> None:
-        self.tailer.stop()
+def worker_specs(agent: Any, attempt: int, port: int, horovod_port: int | None) -> list[WorkerSpec]:
+    """The workers of ``agent``'s node for one attempt (logs: LOG_DIR/node<N>/rank<R>.log)."""
+    cfg, node, place = agent.cfg, agent.node_rank, agent.placement
+    procs = cfg.procs_per_node
+    threads = threads_per_worker(procs)
+    folder = log_dir(cfg) / f"node{node}"
+    suffix = f".attempt{attempt}" if attempt else ""
+    specs = []
+    for local_rank in range(procs):
+        env = worker_env(cfg, place, local_rank, port, horovod_port, attempt)
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+        rank = int(env["RANK"])
+        specs.append(WorkerSpec(
+            rank=rank, local_rank=local_rank, target=cfg.target, args=list(cfg.args), module=cfg.module,
+            env=env, log_path=str(folder / f"rank{rank}{suffix}.log"),
+            error_file=str(folder / f"rank{rank}{suffix}.error.json"), launcher_pid=os.getpid(), threads=threads))
+    return specs

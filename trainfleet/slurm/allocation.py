@@ -8,6 +8,7 @@ node computes the same values without talking to the others.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from trainfleet.slurm.nodelist import SlurmTask, slurm_task
@@ -69,29 +70,77 @@ def node_address(name: str) -> str:
     return name
 
 
-def srun_command(task: SlurmTask, python: str, argv: Sequence[str], elastic: bool = False) -> list[str]:
+@dataclass
+class Step:
+    """What ``launch`` does inside an allocation: start the step (``srun``), or run as one node."""
+
+    task: SlurmTask
+    nodes: int  # the job's size: an elastic job runs at the allocation's size
+    srun: bool  # in the batch shell: start one agent per node through srun
+    elastic: bool = False
+    node_rank: int | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+
+
+def plan_in_allocation(nodes: tuple[int, int], master_addr: str, master_port: int | None, env: Mapping[str, str],
+                       explicit_master: bool = False) -> Step | None:
+    """Where ``launch --nodes MIN:MAX`` runs inside a SLURM allocation; None outside one (or in a
+    one-node batch script, which runs right there).
+
+    Args:
+        explicit_master: the user chose ``master_addr`` (else the allocation's first node is).
+
+    Raises:
+        UsageError: the allocation does not match the request (see :func:`check_geometry`).
+    """
+    found = allocation(env)
+    if found is None:
+        return None
+    where, task = found
+    low, high = nodes
+    if where == "batch" and task.nnodes == 1 and high == 1:
+        return None
+    if low <= task.nnodes < high:  # an elastic job on an allocation of MIN..MAX nodes
+        high = task.nnodes
+    check_geometry(task, high, env)
+    if where == "batch":
+        return Step(task, high, srun=True, elastic=low < high)
+    if master_addr in ("127.0.0.1", "localhost") and not explicit_master:
+        master_addr = node_address(task.master_addr)
+    return Step(task, high, srun=False, elastic=low < high, node_rank=task.node_rank, master_addr=master_addr,
+                master_port=master_port or job_port(task.job_id))
+
+
+def srun_command(task: SlurmTask, launch: Sequence[str], argv: Sequence[str], elastic: bool = False) -> list[str]:
     """The srun line that starts one ``launch`` agent on every node of the allocation. An elastic
-    job's step goes on when one node's agent dies (the survivors continue without it)."""
+    job's step goes on when one node's agent dies (the survivors continue without it).
+
+    Args:
+        launch: the command that runs ``launch`` (``python -m trainfleet.cli launch``), given by
+            the CLI: slurm never names it.
+    """
     n = task.nnodes
     return ["srun", f"--nodes={n}", f"--ntasks={n}", "--ntasks-per-node=1",
-            f"--kill-on-bad-exit={0 if elastic else 1}", python, "-m", "trainfleet.launcher.cli", "launch", *argv]
+            f"--kill-on-bad-exit={0 if elastic else 1}", *launch, *argv]
 
 
-def run_srun(task: SlurmTask, python: str, argv: Sequence[str], elastic: bool) -> int:
+def run_srun(task: SlurmTask, launch: Sequence[str], argv: Sequence[str], elastic: bool,
+             exit_file_variable: str) -> int:
     """Run the step from the batch script. srun exits with the worst task's status; an elastic
     job's result is node 0's (a node lost on the way is not a failure), which its agent writes
-    to TRAINFLEET_EXIT_FILE. Node 0's task runs on this, the batch, host."""
+    to the file named in ``exit_file_variable``. Node 0's task runs on this, the batch, host."""
     import os
     import subprocess
     import tempfile
 
     if not elastic:
-        return subprocess.call(srun_command(task, python, argv))
+        return subprocess.call(srun_command(task, launch, argv))
     handle, path = tempfile.mkstemp(prefix="trainfleet-exit-")
     os.close(handle)
     try:
-        code = subprocess.call(srun_command(task, python, argv, elastic=True),
-                               env={**os.environ, "TRAINFLEET_EXIT_FILE": path})
+        code = subprocess.call(srun_command(task, launch, argv, elastic=True),
+                               env={**os.environ, exit_file_variable: path})
         text = open(path).read().strip()
         return int(text) if text else code
     finally:

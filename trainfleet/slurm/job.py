@@ -13,7 +13,7 @@ handler in task 0 calls :meth:`FleetJob.checkpoint`, which passes the signal to 
 agent (it relays it to every worker on every node; the engine's ``should_stop()`` makes
 all ranks stop at the same step and save), waits for the agent to finish, and hands
 submitit a copy of itself to requeue. The requeued job finds the checkpoint in
-``TRAINFLEET_CHECKPOINT_DIR`` and the engine resumes from it.
+the job folder's checkpoints (``Engine.checkpoint_dir``) and the engine resumes from it.
 """
 from __future__ import annotations
 
@@ -56,12 +56,20 @@ class FleetJob:
         stop_signal: the signal passed on to the agent (the job's early signal).
         debug: run ``launch --debug`` in this very process (``--cluster debug``).
         requeues: how many times this job was requeued so far.
+        cli_module: runs ``launch`` (``python -m CLI_MODULE launch ...``), given by the
+            submitter: slurm never names the CLI.
+        job_env: variables the job gives its workers, a template with ``{task_dir}``,
+            ``{requeues}`` and ``{index}`` (a variable with ``{index}`` only for array tasks).
+        drop_env: variables of the submitting shell that the job's own launch must not see.
     """
 
     launch_args: list[str]
     target: str
     script_args: list[str]
     folder: str
+    cli_module: str = ""
+    job_env: dict[str, str] = field(default_factory=dict)
+    drop_env: tuple[str, ...] = ()
     module: bool = False
     index: int | None = None
     values: dict[str, str] = field(default_factory=dict)
@@ -96,11 +104,13 @@ class FleetJob:
         return [*argv, *(["-m"] if self.module else []), self.target, *self.script_args]
 
     def environment(self, task_dir: Path) -> dict[str, str]:
-        env = dict(os.environ, TRAINFLEET_CHECKPOINT_DIR=str(task_dir / "checkpoints"),
-                   TRAINFLEET_JOB_DIR=str(task_dir), TRAINFLEET_REQUEUES=str(self.requeues))
-        env.pop("TRAINFLEET_CLUSTER", None)  # the job's own launch runs here, it does not submit again
-        if self.index is not None:
-            env["TRAINFLEET_TASK_INDEX"] = str(self.index)
+        """This node's environment: the submitting shell's, less ``drop_env`` (the job's own
+        launch runs here, it does not submit again), plus ``job_env`` filled in."""
+        env = {k: v for k, v in os.environ.items() if k not in self.drop_env}
+        for name, template in self.job_env.items():
+            if "{index}" in template and self.index is None:
+                continue
+            env[name] = template.format(task_dir=task_dir, requeues=self.requeues, index=self.index)
         return env
 
     # ----- run ---------------------------------------------------------------------------
@@ -120,7 +130,7 @@ class FleetJob:
         return code
 
     def _run_agent(self, task_dir: Path) -> int:
-        command = [sys.executable, "-m", "trainfleet.launcher.cli", "launch", *self.command(task_dir)]
+        command = [sys.executable, "-m", self.cli_module, "launch", *self.command(task_dir)]
         self._proc = subprocess.Popen(command, cwd=self.cwd, env=self.environment(task_dir),
                                       preexec_fn=lambda parent=os.getpid(): _agent_preexec(parent))
         return self._proc.wait()
@@ -129,9 +139,9 @@ class FleetJob:
         """In this process, so breakpoints in the script work (submitit's DebugExecutor)."""
         saved = dict(os.environ)
         os.environ.update(self.environment(task_dir))
-        try:  # by name: slurm never imports the launcher at module level (it is what wires slurm in)
-            cli = importlib.import_module("trainfleet.launcher.cli")
-            return cli.launch_main(self.command(task_dir))
+        try:  # the module the submitter named: slurm never imports the CLI (it is what wires slurm in)
+            cli = importlib.import_module(f"{self.cli_module}.launch")
+            return cli.main(self.command(task_dir))
         finally:
             os.environ.clear()
             os.environ.update(saved)

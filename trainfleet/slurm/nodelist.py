@@ -11,6 +11,7 @@ from typing import Mapping
 
 from trainfleet.utils.errors import UsageError
 
+
 def _split_top_level(text: str) -> list[str]:
     parts, depth, current = [], 0, []
     for char in text:

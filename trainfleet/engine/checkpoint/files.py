@@ -1,4 +1,5 @@
-"""Checkpoint files: unwrapped, on CPU, written atomically, loaded weights-only.
+"""Checkpoint files: written atomically (and in the background), CRC-checked and loaded weights-only;
+``latest.json`` and ``keep_last``.
 
 Saving writes a temporary file beside the target, fsyncs it, renames it over the
 target and fsyncs the folder, so a crash at any moment leaves the previous file
@@ -23,11 +24,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from trainfleet.engine.checkpoint.layout import MANIFEST, resolve
 from trainfleet.utils.errors import UsageError
-
-FORMAT = "trainfleet"
-FORMAT_VERSION = 1
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def to_cpu(obj: Any) -> Any:
@@ -39,41 +37,6 @@ def to_cpu(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
         return type(obj)(to_cpu(value) for value in obj)
     return obj
-
-
-def clean_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Strip ``module.`` (DataParallel/DDP) and ``_orig_mod.`` (torch.compile) from keys."""
-    cleaned = {}
-    for key, value in state.items():
-        while key.startswith(WRAPPER_PREFIXES):
-            key = key.split(".", 1)[1]
-        cleaned[key.replace("._orig_mod.", ".")] = value  # a compiled submodule
-    return cleaned
-
-
-def strip_prefix(state: Mapping[str, Any], own_keys: set[str], prefix: str | None = None) -> dict[str, Any]:
-    """``state`` with a submodule prefix removed: ``prefix`` when named, else the one (up to three
-    levels, e.g. Lightning's ``model.``) under which the keys match ``own_keys``, if no key matches as is.
-
-    Raises:
-        UsageError: a named prefix that no key starts with.
-    """
-    if prefix:
-        lead = prefix if prefix.endswith(".") else prefix + "."
-        kept = {k[len(lead):]: v for k, v in state.items() if k.startswith(lead)}
-        if not kept:
-            raise UsageError(f"prefix {lead!r}: no key of the checkpoint starts with it (first keys: "
-                             f"{list(state)[:3]}).", "name the attribute that holds the model, e.g. 'model.'.")
-        return kept
-    if not own_keys or own_keys & state.keys():
-        return dict(state)
-    candidates = {".".join(k.split(".")[:depth]) + "." for k in state for depth in (1, 2, 3)
-                  if k.count(".") >= depth}
-    scored = [(sum(k.startswith(c) and k[len(c):] in own_keys for k in state), c) for c in candidates]
-    hits, best = max(scored, default=(0, ""))
-    if hits == 0:
-        return dict(state)
-    return {k[len(best):]: v for k, v in state.items() if k.startswith(best)}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -191,33 +154,6 @@ def _check_records(archive: zipfile.ZipFile, records: list[zipfile.ZipInfo], vie
         if zlib.crc32(view[start:end]) != info.CRC:
             return f"corrupt: record {info.filename!r} fails its CRC32 check"
     return None
-
-
-MANIFEST = "latest.json"
-DCP_METADATA = ".metadata"  # what makes a folder a torch.distributed.checkpoint (sharded) checkpoint
-
-
-def is_sharded(path: Path) -> bool:
-    """True for a sharded (DCP) checkpoint folder."""
-    return path.is_dir() and (path / DCP_METADATA).is_file()
-
-
-def resolve(path: str | os.PathLike[str]) -> Path:
-    """A checkpoint file or sharded folder, or the one a folder's ``latest.json`` points at."""
-    path = Path(path)
-    if path.is_dir() and not is_sharded(path):
-        manifest = path / MANIFEST
-        if not manifest.is_file():
-            from trainfleet.engine.formats import folder_kind
-
-            if folder_kind(path) is not None:  # HF (sharded) weights, an Accelerate save_state folder
-                return path
-            raise UsageError(f"{str(path)!r} is a folder without a {MANIFEST}, a {DCP_METADATA}, a model.safetensors"
-                             "(.index.json) or a pytorch_model.bin(.index.json).",
-                             "pass a checkpoint file, a sharded checkpoint folder, a folder written with "
-                             "keep_last=, or a Hugging Face / Accelerate folder.")
-        return path / json.loads(manifest.read_text())["latest"]
-    return path
 
 
 def commit_folder(tmp: Path, path: Path) -> Path:
@@ -413,79 +349,3 @@ def _load_error(path: Path, err: Exception) -> Exception:
         return UsageError(f"checkpoint {str(path)!r} is truncated or corrupt ({type(err).__name__}: {err}).",
                           "re-save it, or load an earlier checkpoint.")
     return err
-
-
-def extract_model_state(payload: Any, path: str | os.PathLike[str] = "<checkpoint>") -> dict[str, Any]:
-    """The model state_dict inside a trainfleet checkpoint or a common foreign layout."""
-    if isinstance(payload, torch.nn.Module):  # a whole pickled model, loaded with trust=True
-        return clean_state_dict(payload.state_dict())
-    if isinstance(payload, Mapping):
-        if payload.get("format") in (FORMAT, "foreign"):
-            return dict(payload["model"])
-        for key in ("state_dict", "model_state_dict", "model"):
-            if isinstance(payload.get(key), Mapping):
-                return clean_state_dict(payload[key])
-        if payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
-            return clean_state_dict(payload)
-    raise UsageError(
-        f"{str(path)!r} holds no model state_dict (found {type(payload).__name__}).",
-        "expected a trainfleet checkpoint, a state_dict, or a dict with 'state_dict'/'model'.",
-    )
-
-
-def apply_model_state(module: torch.nn.Module, state: Mapping[str, Any], strict: bool = True,
-                      path: str | os.PathLike[str] = "<checkpoint>",
-                      load: Callable[[dict[str, Any]], Any] | None = None,
-                      prefix: str | None = None) -> dict[str, list[str]]:
-    """Load ``state`` into ``module``, reporting what matched.
-
-    Keys whose shape differs from the module's are never loaded. With ``strict``
-    any missing, unexpected or wrong-shape key is an error naming the file.
-    ``load(matching)`` does the loading (a strategy's, for sharded modules); by default
-    ``module.load_state_dict(matching, strict=False)``. ``prefix`` names the attribute the
-    weights sit under (Lightning's ``model.``); by default it is detected (:func:`strip_prefix`).
-
-    Returns:
-        ``{"loaded": [...], "missing": [...], "unexpected": [...], "mismatched": [...]}``
-    """
-    state = strip_prefix(clean_state_dict(state), set(module.state_dict()), prefix)
-    shapes = {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
-    report = compare_keys(module, shapes, [k for k in state if k not in shapes], strict, path)
-    matching = {k: state[k] for k in report["loaded"]}
-    if load is None:
-        module.load_state_dict(matching, strict=False)
-    else:
-        load(matching)
-    return report
-
-
-def compare_keys(module: torch.nn.Module, saved_shapes: Mapping[str, tuple[int, ...]],
-                 saved_other: Any = (), strict: bool = True,
-                 path: str | os.PathLike[str] = "<checkpoint>") -> dict[str, list[str]]:
-    """Match saved keys and shapes against ``module``'s (global shapes for sharded modules).
-
-    Returns:
-        ``{"loaded": [...], "missing": [...], "unexpected": [...], "mismatched": [...]}``
-
-    Raises:
-        UsageError: ``strict`` and any key is missing, unexpected or of another shape.
-    """
-    own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    saved_keys = set(saved_shapes) | set(saved_other)
-    mismatched = [k for k, shape in saved_shapes.items() if k in own and shape != own[k]]
-    report = {
-        "loaded": sorted(k for k in saved_keys if k in own and k not in mismatched),
-        "missing": sorted(k for k in own if k not in saved_keys),
-        "unexpected": sorted(k for k in saved_keys if k not in own),
-        "mismatched": sorted(mismatched),
-    }
-    problems = {name: keys for name, keys in report.items() if name != "loaded" and keys}
-    if strict and problems:
-        details = "; ".join(
-            f"{name}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})"
-            for name, keys in problems.items())
-        raise UsageError(
-            f"checkpoint {str(path)!r} does not match {type(module).__name__}: {details}.",
-            "is it a checkpoint of another model? Load with strict=False to take what matches.",
-        )
-    return report

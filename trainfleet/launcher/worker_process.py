@@ -15,26 +15,10 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 
+from trainfleet.launcher.workers import WorkerSpec
 from trainfleet.utils.errors import UsageError
 from trainfleet.utils.process import die_with_parent, hold_checkpoint_requests
-
-
-@dataclass
-class WorkerSpec:
-    """Everything one worker needs; picklable for the spawn start method."""
-
-    rank: int
-    local_rank: int
-    target: str
-    args: list[str]
-    module: bool
-    env: dict[str, str]
-    log_path: str
-    error_file: str
-    launcher_pid: int
-    threads: int | None = None
 
 
 def _redirect_output(log_path: str) -> None:

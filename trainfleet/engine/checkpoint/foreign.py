@@ -5,7 +5,7 @@
 "extra": {...}}`` for the others:
 
 - ``timm``: timm's train.py (``state_dict``, ``state_dict_ema`` with ``ema=True``, ``optimizer``,
-  ``epoch``, ``args`` as an argparse.Namespace, allowed by :data:`checkpoint.SAFE_GLOBALS`);
+  ``epoch``, ``args`` as an argparse.Namespace, allowed by :data:`files.SAFE_GLOBALS`);
 - ``lightning``: PyTorch Lightning ``.ckpt`` (``state_dict`` keyed by the LightningModule's
   attributes, ``optimizer_states``, ``lr_schedulers``, ``hyper_parameters``); the attribute
   prefix is stripped on load (named, or detected against the model);
@@ -15,7 +15,7 @@
   ``random_states_*.pkl`` are plain pickles and are never read);
 - ``state_dict``: a bare or wrapped state_dict (``module.``/``_orig_mod.`` prefixes stripped).
 
-Sharded (DCP) folders are read by :mod:`trainfleet.engine.sharded`. Files in torch's format load
+Sharded (DCP) folders are read by :mod:`.sharded_load`. Files in torch's format load
 with ``weights_only=True`` (CRC-checked); anything else needs ``trust=True``.
 """
 from __future__ import annotations
@@ -28,37 +28,25 @@ from typing import Any, Mapping
 
 import torch
 
-from trainfleet.engine import checkpoint as ckpt
+from trainfleet.engine.checkpoint.files import (
+    commit_folder,
+    load_file,
+    remove_path,
+    remove_stale_temporaries,
+    save_atomic,
+)
+from trainfleet.engine.checkpoint.keys import clean_state_dict, extract_model_state
+from trainfleet.engine.checkpoint.layout import (
+    FORMAT,
+    INDEX_FILES,
+    INDEX_SUFFIX,
+    MODEL_FILES,
+    SAFETENSORS,
+    folder_kind,
+    is_safetensors,
+    resolve,
+)
 from trainfleet.utils.errors import UsageError
-
-SAFETENSORS = ".safetensors"
-INDEX_SUFFIX = ".index.json"
-MODEL_FILES = ("model.safetensors", "pytorch_model.bin")  # HF and Accelerate, model 0
-INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-ACCELERATE_MARKERS = ("optimizer.bin", "scheduler.bin", "random_states_0.pkl")
-
-
-def folder_kind(path: Path) -> str | None:
-    """``"hf-sharded"``, ``"accelerate"`` or ``"hf"`` for a folder this module reads, else None."""
-    if not path.is_dir():
-        return None
-    if any((path / name).is_file() for name in INDEX_FILES):
-        return "hf-sharded"
-    if any((path / name).is_file() for name in MODEL_FILES):
-        return "accelerate" if any((path / m).is_file() for m in ACCELERATE_MARKERS) else "hf"
-    return None
-
-
-def is_safetensors(path: Path) -> bool:
-    """A safetensors file: by suffix, or by its header (8-byte length, then a JSON object)."""
-    if path.suffix == SAFETENSORS:
-        return True
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(9)
-    except OSError:
-        return False
-    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
 def read(path: str | os.PathLike[str], trust: bool = False, verify: bool = True, ema: bool = False) -> Any:
@@ -68,7 +56,7 @@ def read(path: str | os.PathLike[str], trust: bool = False, verify: bool = True,
         UsageError: a missing or corrupt file, a pickle beyond the allowlist (unless ``trust``),
             a shard the index names but the folder lacks, or ``ema`` without EMA weights.
     """
-    path = ckpt.resolve(path)
+    path = resolve(path)
     payload = _read(path, trust, verify)
     if not ema:
         return payload
@@ -93,7 +81,7 @@ def _read(path: Path, trust: bool, verify: bool) -> Any:
         return _foreign("hf-sharded", read_index(path, trust, verify), path)
     if is_safetensors(path):
         return _foreign("safetensors", read_safetensors(path), path)
-    return classify(ckpt.load_file(path, map_location="cpu", trust=trust, verify=verify), path)
+    return classify(load_file(path, map_location="cpu", trust=trust, verify=verify), path)
 
 
 def _foreign(source: str, model: dict[str, Any], path: Path, **parts: Any) -> dict[str, Any]:
@@ -105,13 +93,13 @@ def _foreign(source: str, model: dict[str, Any], path: Path, **parts: Any) -> di
 
 def classify(payload: Any, path: Path) -> Any:
     """A torch-format payload as trainfleet's own, or as a foreign payload naming its source."""
-    if isinstance(payload, Mapping) and payload.get("format") == ckpt.FORMAT:
+    if isinstance(payload, Mapping) and payload.get("format") == FORMAT:
         return payload
     if isinstance(payload, Mapping) and "pytorch-lightning_version" in payload:
         return _lightning(payload, path)
     if isinstance(payload, Mapping) and isinstance(payload.get("state_dict"), Mapping) and "arch" in payload:
         return _timm(payload, path)
-    model = ckpt.extract_model_state(payload, path)
+    model = extract_model_state(payload, path)
     optimizer = None
     if isinstance(payload, Mapping):
         optimizer = next((payload[k] for k in ("optimizer", "optimizer_state_dict")
@@ -129,8 +117,8 @@ def _timm(payload: Mapping[str, Any], path: Path) -> dict[str, Any]:
              "args": dict(vars(args)) if args is not None and hasattr(args, "__dict__") else args}
     optimizer = payload.get("optimizer") if _is_optimizer_state(payload.get("optimizer")) else None
     ema = payload.get("state_dict_ema")
-    return _foreign("timm", ckpt.clean_state_dict(payload["state_dict"]), path, optimizer=optimizer,
-                    ema=ckpt.clean_state_dict(ema) if isinstance(ema, Mapping) else None,
+    return _foreign("timm", clean_state_dict(payload["state_dict"]), path, optimizer=optimizer,
+                    ema=clean_state_dict(ema) if isinstance(ema, Mapping) else None,
                     extra={k: v for k, v in extra.items() if v is not None})
 
 
@@ -163,7 +151,7 @@ def read_weights(path: Path, trust: bool = False, verify: bool = True) -> dict[s
     """A weights file of either kind: safetensors, or a state_dict in torch's format."""
     if is_safetensors(path):
         return read_safetensors(path)
-    return ckpt.extract_model_state(ckpt.load_file(path, map_location="cpu", trust=trust, verify=verify), path)
+    return extract_model_state(load_file(path, map_location="cpu", trust=trust, verify=verify), path)
 
 
 def read_index(index: Path, trust: bool = False, verify: bool = True) -> dict[str, Any]:
@@ -194,7 +182,7 @@ def read_accelerate(folder: Path, model: dict[str, Any], trust: bool, verify: bo
     parts: dict[str, Any] = {}
     for key, name in (("optimizer", "optimizer.bin"), ("scheduler", "scheduler.bin")):
         if (folder / name).is_file():
-            parts[key] = ckpt.load_file(folder / name, map_location="cpu", trust=trust, verify=verify)
+            parts[key] = load_file(folder / name, map_location="cpu", trust=trust, verify=verify)
     skipped = sorted(p.name for p in folder.glob("*.pkl"))  # plain pickles (RNG states): never unpickled
     return _foreign("accelerate", model, folder, extra={"not_read": skipped} if skipped else {}, **parts)
 
@@ -228,7 +216,7 @@ def save_safetensors(state: Mapping[str, Any], path: str | os.PathLike[str], max
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     path = Path(path)
     if max_shard_size is None or total <= max_shard_size:
-        return ckpt.save_atomic(tensors, path, writer=lambda obj, handle: handle.write(save(obj, meta)))
+        return save_atomic(tensors, path, writer=lambda obj, handle: handle.write(save(obj, meta)))
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, tensor in tensors.items():
@@ -240,19 +228,19 @@ def save_safetensors(state: Mapping[str, Any], path: str | os.PathLike[str], max
         size += nbytes
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt.remove_stale_temporaries(path.parent)
+    remove_stale_temporaries(path.parent)
     try:
         tmp.mkdir()
         weight_map = {}
         for number, shard in enumerate(shards, 1):
             name = f"model-{number:05d}-of-{len(shards):05d}{SAFETENSORS}"
-            ckpt.save_atomic(shard, tmp / name, writer=lambda obj, handle: handle.write(save(obj, meta)))
+            save_atomic(shard, tmp / name, writer=lambda obj, handle: handle.write(save(obj, meta)))
             weight_map.update((key, name) for key in shard)
         index = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1).encode()
-        ckpt.save_atomic(index, tmp / INDEX_FILES[0], writer=lambda data, handle: handle.write(data))
-        return ckpt.commit_folder(tmp, path)
+        save_atomic(index, tmp / INDEX_FILES[0], writer=lambda data, handle: handle.write(data))
+        return commit_folder(tmp, path)
     except BaseException:
-        ckpt.remove_path(tmp)
+        remove_path(tmp)
         raise
 
 

@@ -1,4 +1,4 @@
-"""Sharded checkpoints: one folder that every rank writes in parallel through torch.distributed.checkpoint.
+"""Sharded checkpoints (writing; reading is :mod:`.sharded_load`): one folder that every rank writes in parallel through torch.distributed.checkpoint.
 
 Layout of a folder such as ``checkpoints/step100``::
 
@@ -26,8 +26,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import pickle
-import re
 import threading
 import uuid
 import warnings
@@ -37,18 +35,18 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from trainfleet.engine import checkpoint as ckpt
+from trainfleet.engine.checkpoint.files import (
+    AsyncSaver,
+    commit_folder,
+    record_latest,
+    remove_path,
+    remove_stale_temporaries,
+    save_atomic,
+)
+from trainfleet.engine.checkpoint.layout import SIDECAR, temporary_name
 from trainfleet.utils.errors import UsageError
 
-SIDECAR = "trainfleet.pt"
 MODEL, OPTIM, RNG = "model/", "optim/", "rng/"
-_INDEX_CLASSES = {
-    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-    ("collections", "OrderedDict"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    *(("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "TensorProperties",
-        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")),
-}
 
 
 @contextlib.contextmanager
@@ -57,105 +55,6 @@ def _single_process() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
-
-
-# ----- reading a folder safely -----------------------------------------------------------------
-class _IndexUnpickler(pickle.Unpickler):
-    """Admits DCP's index dataclasses, torch.Size and dtypes; any other global is refused."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _INDEX_CLASSES or (
-                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name}")
-
-
-def read_index(folder: Path) -> Any:
-    """DCP's ``.metadata`` of ``folder``, unpickled with the allowlist above.
-
-    Raises:
-        UsageError: the index names any other global (it could run code), or is truncated.
-    """
-    path = folder / ckpt.DCP_METADATA
-    try:
-        with open(path, "rb") as handle:
-            return _IndexUnpickler(handle).load()
-    except pickle.UnpicklingError as err:
-        raise UsageError(f"refusing to load {str(folder)!r}: its {ckpt.DCP_METADATA} pickles {err}, which could "
-                         "run code on load.", "only DCP's own index classes are accepted; re-save the "
-                         "checkpoint with trainfleet or torch.distributed.checkpoint.") from err
-    except (EOFError, OSError, ValueError, TypeError, AttributeError) as err:
-        raise UsageError(f"sharded checkpoint {str(folder)!r}: {ckpt.DCP_METADATA} is truncated or corrupt "
-                         f"({type(err).__name__}: {err}).", "load an earlier checkpoint.") from err
-
-
-def _writer_rank(file_name: str) -> str:
-    found = re.match(r"__(\d+)_\d+\.distcp$", file_name)
-    return f"rank {found.group(1)}" if found else "an unknown rank"
-
-
-def check_shards(folder: Path, index: Any) -> None:
-    """Every file the index names exists and holds the bytes it should.
-
-    Raises:
-        UsageError: a missing or truncated shard file, naming the rank that wrote it.
-    """
-    needed: dict[str, int] = {}
-    for info in (getattr(index, "storage_data", None) or {}).values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    hint = "copy the whole folder again, or load an earlier checkpoint."
-    for name, size in sorted(needed.items()):
-        path = folder / name
-        if not path.is_file():
-            raise UsageError(f"sharded checkpoint {str(folder)!r} is incomplete: {name} (written by "
-                             f"{_writer_rank(name)}) is missing.", hint)
-        actual = path.stat().st_size
-        if actual < size:
-            raise UsageError(f"sharded checkpoint {str(folder)!r} is damaged: {name} (written by "
-                             f"{_writer_rank(name)}) is truncated to {actual} bytes; the index needs {size}.", hint)
-
-
-def tensor_entries(index: Any, folder: Path) -> dict[str, Any]:
-    """``{key: TensorStorageMetadata}``; a non-tensor entry is refused (DCP would unpickle it)."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    entries = {}
-    for key, meta in index.state_dict_metadata.items():
-        if not isinstance(meta, TensorStorageMetadata):
-            raise UsageError(f"refusing to load {str(folder)!r}: entry {key!r} is a pickled object, not a tensor "
-                             "(it could run code on load).", "only tensor entries are read from sharded folders.")
-        entries[key] = meta
-    return entries
-
-
-def read_sidecar(folder: Path) -> dict[str, Any] | None:
-    """trainfleet's ``trainfleet.pt`` (weights-only, CRC-checked), or None for a foreign DCP folder."""
-    path = folder / SIDECAR
-    return ckpt.load_file(path) if path.is_file() else None
-
-
-def _reader(folder: Path) -> Any:
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    class SafeReader(FileSystemReader):
-        """DCP's file reader, with the index read through the allowlist."""
-
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            index = read_index(folder)
-            if getattr(index, "storage_meta", None) is None:
-                index.storage_meta = StorageMeta()
-            index.storage_meta.load_id = self.load_id
-            return index
-
-    return SafeReader(str(folder))
-
-
-def open_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The checked tensor entries and the sidecar of a sharded folder (nothing read twice later)."""
-    index = read_index(folder)
-    check_shards(folder, index)
-    return tensor_entries(index, folder), read_sidecar(folder)
 
 
 # ----- the layout: state dicts <-> flat tensor keys + sidecar --------------------------------
@@ -221,17 +120,11 @@ def make_sidecar(common: dict[str, Any], layout: dict[str, Any]) -> dict[str, An
     return {**common, **layout, "meta": meta, "rng": None, "layout": "sharded"}
 
 
-# ----- writing -----------------------------------------------------------------------------------
-def temporary_name(path: Path, pid: int, tag: object) -> str:
-    """The hidden name a folder is written under; ``remove_stale_temporaries`` reads the writer's pid from it."""
-    return f".{path.name}.tmp-{pid}-{tag}"
-
-
 def publish(tmp: Path, path: Path, keep_last: int | None) -> Path:
     """Once every rank's data, the index and the sidecar are in ``tmp``: rename it into place, record it."""
-    ckpt.commit_folder(tmp, path)
+    commit_folder(tmp, path)
     if keep_last is not None:
-        ckpt.record_latest(path, keep_last)
+        record_latest(path, keep_last)
     return path
 
 
@@ -241,27 +134,16 @@ def write_folder(tensors: dict[str, torch.Tensor], side: dict[str, Any], path: P
     import torch.distributed.checkpoint as dcp
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt.remove_stale_temporaries(path.parent)
+    remove_stale_temporaries(path.parent)
     tmp = path.parent / temporary_name(path, os.getpid(), uuid.uuid4().hex[:8])
     try:
         with _single_process():
             dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), no_dist=True)
-        ckpt.save_atomic(side, tmp / SIDECAR)
+        save_atomic(side, tmp / SIDECAR)
         return publish(tmp, path, keep_last)
     except BaseException:
-        ckpt.remove_path(tmp)
+        remove_path(tmp)
         raise
-
-
-def read_all(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """Every tensor of a folder, whole, on the CPU of this process, with the sidecar."""
-    import torch.distributed.checkpoint as dcp
-
-    entries, sidecar = open_folder(folder)
-    tensors = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in entries.items()}
-    with _single_process():
-        dcp.load(tensors, storage_reader=_reader(folder), no_dist=True)
-    return tensors, sidecar
 
 
 class _Background(threading.Thread):
@@ -283,9 +165,6 @@ class _Background(threading.Thread):
         self.join()
         if self._error is not None and raise_error:
             raise self._error
-
-
-# ----- every rank's RNG state, written by that rank (no gather to rank 0) -------------------------
 
 
 def rng_tensor(state: dict[str, Any]) -> torch.Tensor:
@@ -318,6 +197,13 @@ def rng_template(entries: dict[str, Any], rank: int) -> dict[str, torch.Tensor]:
     return {key: torch.empty(tuple(entries[key].size), dtype=torch.uint8)}
 
 
+def optimizer_template(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state keyed by name, created if the optimizer has not stepped yet."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizer)
+
+
 class ShardedCheckpointer:
     """Saves sharded folders for one engine, through its strategy and saver thread.
 
@@ -327,7 +213,7 @@ class ShardedCheckpointer:
             save is waited out there, so saves never overlap.
     """
 
-    def __init__(self, strategy: Any, saver: ckpt.AsyncSaver):
+    def __init__(self, strategy: Any, saver: AsyncSaver):
         self.strategy, self.saver = strategy, saver
         self._group: Any = None
         self._writer_pid: int | None = None
@@ -357,7 +243,7 @@ class ShardedCheckpointer:
         self._saves += 1
         if self.strategy.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_stale_temporaries(path.parent)
+            remove_stale_temporaries(path.parent)
         tmp = path.parent / temporary_name(path, self._writer_pid, self._saves)
         tmp.mkdir(parents=True, exist_ok=True)
         return tmp
@@ -379,7 +265,7 @@ class ShardedCheckpointer:
         writer = dcp.FileSystemWriter(str(tmp), sync_files=True)
 
         # Rank 0 writes the sidecar while DCP writes the shards; the folder is committed after both.
-        side = _Background(ckpt.save_atomic, side_state, tmp / SIDECAR) if main else None
+        side = _Background(save_atomic, side_state, tmp / SIDECAR) if main else None
 
         def finish(wait: Callable[[], Any] = lambda: None) -> None:
             try:
@@ -390,7 +276,7 @@ class ShardedCheckpointer:
             except BaseException:
                 if side is not None:
                     side.result(raise_error=False)
-                    ckpt.remove_path(tmp)
+                    remove_path(tmp)
                 raise
 
         with _single_process():
@@ -401,71 +287,3 @@ class ShardedCheckpointer:
             finish(lambda: dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=group is None))
         self.strategy.barrier()
         return path
-
-
-def read_into(folder: Path, template: dict[str, torch.Tensor], entries: dict[str, Any]) -> None:
-    """Fill ``template`` (this rank's shards, or whole tensors) from ``folder`` in place.
-
-    Every rank reads alone: a DTensor shard knows its own offsets, whole tensors need none, and
-    loading has nothing to agree on, so DCP's planning collectives are skipped.
-    """
-    import torch.distributed.checkpoint as dcp
-
-    missing = sorted(k for k in template if k not in entries)
-    if missing:
-        raise UsageError(f"sharded checkpoint {str(folder)!r} has no {', '.join(missing[:3])}"
-                         f"{' ...' if len(missing) > 3 else ''}.", "was it saved with this optimizer?")
-    with _single_process():
-        dcp.load(template, storage_reader=_reader(folder), no_dist=True)
-
-
-def optimizer_template(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's state keyed by name, created if the optimizer has not stepped yet."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    return get_optimizer_state_dict(module, optimizer)
-
-
-def load_optimizer(module: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Put a name-keyed optimizer state (shards or whole tensors), names already checked, into ``optimizer``."""
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-    set_optimizer_state_dict(module, optimizer, {"state": state["state"], "param_groups": state["param_groups"]})
-
-
-
-def load_folder(path: Path, module: torch.nn.Module | None, optimizer: Any, strict: bool, precision: Any,
-                rank: int) -> dict[str, Any] | None:
-    """Load a sharded folder: each rank reads its own shards (fsdp) or whole tensors (other
-    strategies), whatever the world size that wrote it. Returns the sidecar (this rank's RNG in it)."""
-    from trainfleet.engine.state import check_optimizer_names
-
-    entries, sidecar = open_folder(path)
-    stored = model_keys(entries, sidecar)
-    template: dict[str, torch.Tensor] = {}
-    report, current = None, None
-    if module is not None:
-        own = precision.module_state(module, module.state_dict())
-        shapes = {name: tuple(entries[key].size) for name, key in stored.items()}
-        report = ckpt.compare_keys(module, shapes, (), strict, path)
-        template.update((stored[name], own[name]) for name in report["loaded"])
-    layout = (sidecar or {}).get("optimizer")
-    if optimizer is not None and layout:
-        check_optimizer_names(optimizer, module, layout, str(path))
-        with precision.optimizer_params(optimizer):
-            current = optimizer_template(module, optimizer)
-        template.update(flatten(None, current)[0])
-    rng = rng_template(entries, rank)
-    template.update(rng)
-    read_into(path, template, entries)
-    if rng and sidecar is not None:
-        sidecar = {**sidecar, "rng": [rng_state(t) for t in rng.values()]}
-    if report is not None:
-        loaded = {name: template[stored[name]] for name in report["loaded"]}
-        module.load_state_dict(loaded, strict=False)
-        precision.load_module_state(module, loaded)
-    if current is not None:
-        keys = {name: list(values) for name, values in current["state"].items()}
-        with precision.optimizer_params(optimizer):
-            load_optimizer(module, optimizer, unflatten_optimizer(template, layout, keys))
-    return sidecar

@@ -1,4 +1,5 @@
-"""Checkpoint tools behind ``trainfleet ckpt`` and ``trainfleet.load_state_dict``."""
+"""Checkpoint tools behind ``trainfleet ckpt`` and ``trainfleet.load_state_dict``.
+"""
 from __future__ import annotations
 
 import os
@@ -7,8 +8,22 @@ from typing import Any
 
 import torch
 
-from trainfleet.engine import checkpoint as ckpt
-from trainfleet.engine import formats, sharded
+from trainfleet.engine.checkpoint import foreign, sharded_load
+from trainfleet.engine.checkpoint.files import save_atomic, to_cpu
+from trainfleet.engine.checkpoint.keys import extract_model_state, strip_prefix
+from trainfleet.engine.checkpoint.layout import FORMAT, FORMAT_VERSION, is_sharded, resolve
+from trainfleet.engine.checkpoint.sharded import (
+    flatten,
+    make_sidecar,
+    model_keys,
+    rng_key,
+    rng_state,
+    rng_tensor,
+    saved_rng_keys,
+    unflatten_optimizer,
+    write_folder,
+)
+from trainfleet.engine.checkpoint.training_state import library_versions
 from trainfleet.utils.errors import UsageError
 
 
@@ -34,27 +49,27 @@ def load_state_dict(path: str | os.PathLike[str], map_location: Any = "cpu", tru
             model state inside.
     """
     payload = read_checkpoint(path, trust=trust, ema=ema)
-    state = ckpt.extract_model_state(payload, path)
+    state = extract_model_state(payload, path)
     if prefix:
-        state = ckpt.strip_prefix(state, set(), prefix)
+        state = strip_prefix(state, set(), prefix)
     return {k: v.to(map_location) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
 def read_checkpoint(path: str | os.PathLike[str], trust: bool = False, ema: bool = False) -> Any:
-    """A checkpoint's payload (see :func:`formats.read`), or a sharded folder gathered whole into
+    """A checkpoint's payload (see :func:`foreign.read`), or a sharded folder gathered whole into
     the single-file layout (on the CPU)."""
-    path = ckpt.resolve(path)
-    if not ckpt.is_sharded(path):
-        return formats.read(path, trust=trust, ema=ema)
-    tensors, side = sharded.read_all(path)
-    model = {name: tensors[key] for name, key in sharded.model_keys(tensors, side).items()}
+    path = resolve(path)
+    if not is_sharded(path):
+        return foreign.read(path, trust=trust, ema=ema)
+    tensors, side = sharded_load.read_all(path)
+    model = {name: tensors[key] for name, key in model_keys(tensors, side).items()}
     if side is None:
         return model
     payload = {k: v for k, v in side.items() if k != "layout"}
     payload["model"] = model
-    payload["rng"] = [sharded.rng_state(tensors[key]) for key in sharded.saved_rng_keys(tensors)]
+    payload["rng"] = [rng_state(tensors[key]) for key in saved_rng_keys(tensors)]
     if side.get("optimizer"):
-        payload["optimizer"] = sharded.unflatten_optimizer(tensors, side["optimizer"])
+        payload["optimizer"] = unflatten_optimizer(tensors, side["optimizer"])
     return payload
 
 
@@ -66,8 +81,8 @@ def _tensor_rows(state: dict[str, Any]) -> list[tuple[str, str, str, float]]:
 
 def _inspect_folder(path: Path) -> dict[str, Any]:
     """A sharded folder, from its index and sidecar alone (no tensor data is read)."""
-    entries, sidecar = sharded.open_folder(path)
-    model = {name: entries[key] for name, key in sorted(sharded.model_keys(entries, sidecar).items())}
+    entries, sidecar = sharded_load.open_folder(path)
+    model = {name: entries[key] for name, key in sorted(model_keys(entries, sidecar).items())}
     rows = [(name, "x".join(map(str, m.size)) or "scalar", str(m.properties.dtype).replace("torch.", ""),
              torch.Size(m.size).numel() * m.properties.dtype.itemsize / 2**20) for name, m in model.items()]
     files = sorted(p.name for p in path.glob("*.distcp"))
@@ -90,12 +105,12 @@ def _inspect_folder(path: Path) -> dict[str, Any]:
 
 def inspect_checkpoint(path: str | os.PathLike[str], trust: bool = False) -> dict[str, Any]:
     """Metadata and a tensor table of a checkpoint file or sharded folder, for ``trainfleet ckpt inspect``."""
-    path = ckpt.resolve(path)
-    if ckpt.is_sharded(path):
+    path = resolve(path)
+    if is_sharded(path):
         return _inspect_folder(path)
-    payload = formats.read(path, trust=trust)
-    native = isinstance(payload, dict) and payload.get("format") == ckpt.FORMAT
-    state = ckpt.extract_model_state(payload, path)
+    payload = foreign.read(path, trust=trust)
+    native = isinstance(payload, dict) and payload.get("format") == FORMAT
+    state = extract_model_state(payload, path)
     files = [p for p in path.iterdir() if p.is_file()] if path.is_dir() else [path]
     info: dict[str, Any] = {
         "file": str(path), "bytes": sum(p.stat().st_size for p in files),
@@ -159,13 +174,11 @@ def format_inspection(info: dict[str, Any]) -> str:
 
 
 def _as_native(payload: Any, src: str | os.PathLike[str]) -> dict[str, Any]:
-    if isinstance(payload, dict) and payload.get("format") == ckpt.FORMAT:
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
         return dict(payload)
-    from trainfleet.engine.state import library_versions
-
     foreign = payload if isinstance(payload, dict) and payload.get("format") == "foreign" else {}
-    return {"format": ckpt.FORMAT, "version": ckpt.FORMAT_VERSION,
-            "model": ckpt.to_cpu(ckpt.extract_model_state(payload, src)), "optimizer": foreign.get("optimizer"),
+    return {"format": FORMAT, "version": FORMAT_VERSION,
+            "model": to_cpu(extract_model_state(payload, src)), "optimizer": foreign.get("optimizer"),
             "scheduler": foreign.get("scheduler"), "precision": {}, "data": None, "rng": None,
             "meta": {"converted_from": str(src), "source": foreign.get("source", "state_dict"),
                      "versions": library_versions()},
@@ -196,7 +209,7 @@ def convert_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str],
             ranks load their shards from), ``"state_dict"`` (a plain state_dict for other tools)
             or ``"safetensors"`` (weights only; a folder of shards with an index above
             ``max_shard_size`` bytes). ``src`` may be any of these, or a foreign checkpoint
-            (see :func:`formats.read`).
+            (see :func:`foreign.read`).
         to_state_dict: the same as ``to="state_dict"``.
         ema: take timm's EMA weights. prefix: keep the keys under this attribute, without it.
 
@@ -211,17 +224,17 @@ def convert_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str],
         raise UsageError(f"--max-shard-size applies to --to safetensors, not --to {to}.", "add --to safetensors.")
     payload = read_checkpoint(src, trust=trust, ema=ema)
     if prefix:
-        model = ckpt.strip_prefix(ckpt.extract_model_state(payload, src), set(), prefix)
+        model = strip_prefix(extract_model_state(payload, src), set(), prefix)
         payload = {**payload, "model": model} if isinstance(payload, dict) and "model" in payload else model
     if to == "safetensors":
-        return formats.save_safetensors(ckpt.extract_model_state(payload, src), dst, max_shard_size,
+        return foreign.save_safetensors(extract_model_state(payload, src), dst, max_shard_size,
                                         metadata={"converted_from": Path(src).name})
     if to == "state_dict":
-        return ckpt.save_atomic(ckpt.to_cpu(ckpt.extract_model_state(payload, src)), dst)
+        return save_atomic(to_cpu(extract_model_state(payload, src)), dst)
     native = _as_native(payload, src)
     if to == "file":
-        return ckpt.save_atomic(native, dst)
-    tensors, layout = sharded.flatten(native.pop("model"), native.pop("optimizer"))
-    tensors.update((sharded.rng_key(rank), sharded.rng_tensor(state))
+        return save_atomic(native, dst)
+    tensors, layout = flatten(native.pop("model"), native.pop("optimizer"))
+    tensors.update((rng_key(rank), rng_tensor(state))
                    for rank, state in enumerate(native.get("rng") or []))
-    return sharded.write_folder(tensors, sharded.make_sidecar(native, layout), Path(dst))
+    return write_folder(tensors, make_sidecar(native, layout), Path(dst))

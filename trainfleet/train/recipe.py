@@ -1,4 +1,5 @@
-"""The built-in training recipe: ``python -m trainfleet.train`` (or through ``launch``).
+"""The built-in training recipe: ``python -m trainfleet.train`` (or through ``launch``); its options
+are parsed in ``trainfleet/cli/train.py``.
 
 Classification with a model and dataset from the registries, SGD/Adam/AdamW, LR
 schedules with warm-up, evaluation accuracy, a tqdm bar and TensorBoard scalars on
@@ -12,8 +13,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from trainfleet.engine.contract import JobSettings, WorkerSettings
 from trainfleet.utils.errors import UsageError
 
 
@@ -61,8 +63,9 @@ class TrainConfig:
         if self.resume and not Path(self.resume).exists():
             raise UsageError(f"--resume {self.resume}: no such checkpoint or folder.",
                              "pass a checkpoint file or a folder with latest.json.")
-        if self.output_dir is None and os.environ.get("TRAINFLEET_JOB_DIR"):  # launch --cluster: the job's folder
-            self.output_dir = os.path.join(os.environ["TRAINFLEET_JOB_DIR"], "train")
+        job_dir = JobSettings.from_env().job_dir
+        if self.output_dir is None and job_dir:  # launch --cluster: the job's folder
+            self.output_dir = os.path.join(job_dir, "train")
         if self.output_dir is None:
             self.output_dir = f"runs/{self.model}-{self.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -86,11 +89,11 @@ def _datasets(cfg: TrainConfig):
 
 def init_from(engine, model, path: str, trust: bool) -> dict[str, list[str]]:
     """Load pretrained weights non-strictly and print which keys matched."""
-    from trainfleet.engine import checkpoint as ckpt
-    from trainfleet.engine.ckpt_tools import read_checkpoint
+    from trainfleet.engine.checkpoint.keys import apply_model_state, extract_model_state
+    from trainfleet.engine.checkpoint.tools import read_checkpoint
 
     payload = read_checkpoint(path, trust=trust)  # any format: timm, Lightning, safetensors, HF, DCP ...
-    report = ckpt.apply_model_state(model, ckpt.extract_model_state(payload, path), strict=False, path=path)
+    report = apply_model_state(model, extract_model_state(payload, path), strict=False, path=path)
     engine.print(f"init-from {path}: " + ", ".join(f"{len(v)} {k}" for k, v in report.items()))
     for kind in ("missing", "unexpected", "mismatched"):
         for key in report[kind]:
@@ -169,11 +172,12 @@ class RecipeRun:
         engine.print(f"training {cfg.model} on {cfg.dataset}: {len(train_set)} samples, world size "
                      f"{engine.world_size} ({engine.strategy.name}, {engine.device}), {self.total} steps")
         self.scalars = _Scalars(engine, cfg.output_dir)
-        on_tty = os.environ.get("TRAINFLEET_TTY", str(int(sys.stderr.isatty()))) == "1"
+        told = WorkerSettings.from_env().tty
+        on_tty = sys.stderr.isatty() if told is None else told
         self.bar = _progress(self.total, engine.is_main and cfg.progress and on_tty)
         self.step, self.epoch, self.losses, self.metrics = 0, 0, [], {}
         self.stopped = False
-        self._resume(cfg.resume or os.environ.get("TRAINFLEET_CHECKPOINT_DIR"))
+        self._resume(cfg.resume or JobSettings.from_env().checkpoint_dir)
         self.started = time.perf_counter()
 
     def _resume(self, where: str | None) -> None:
@@ -281,19 +285,3 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if done:
             break
     return recipe.finish()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry of ``python -m trainfleet.train``; bad options exit 2 with one line."""
-    from trainfleet.launcher.cli import parse_train_args
-
-    try:
-        run(parse_train_args(argv))
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Reading a sharded (DCP) checkpoint folder, each rank its own part, at any world size, under
+any strategy. The index is read through an allowlist unpickler and every shard file it names is
+checked before any is read (see :mod:`.sharded` for the layout and the safety notes).
+"""
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainfleet.engine.checkpoint.files import load_file
+from trainfleet.engine.checkpoint.keys import compare_keys
+from trainfleet.engine.checkpoint.layout import DCP_METADATA, SIDECAR
+from trainfleet.engine.checkpoint.sharded import (
+    _single_process,
+    flatten,
+    model_keys,
+    optimizer_template,
+    rng_state,
+    rng_template,
+    unflatten_optimizer,
+)
+from trainfleet.engine.checkpoint.training_state import check_optimizer_names
+from trainfleet.utils.errors import UsageError
+
+_INDEX_CLASSES = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+    ("collections", "OrderedDict"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "TensorProperties",
+        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")),
+}
+
+
+# ----- reading a folder safely -----------------------------------------------------------------
+class _IndexUnpickler(pickle.Unpickler):
+    """Admits DCP's index dataclasses, torch.Size and dtypes; any other global is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _INDEX_CLASSES or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def read_index(folder: Path) -> Any:
+    """DCP's ``.metadata`` of ``folder``, unpickled with the allowlist above.
+
+    Raises:
+        UsageError: the index names any other global (it could run code), or is truncated.
+    """
+    path = folder / DCP_METADATA
+    try:
+        with open(path, "rb") as handle:
+            return _IndexUnpickler(handle).load()
+    except pickle.UnpicklingError as err:
+        raise UsageError(f"refusing to load {str(folder)!r}: its {DCP_METADATA} pickles {err}, which could "
+                         "run code on load.", "only DCP's own index classes are accepted; re-save the "
+                         "checkpoint with trainfleet or torch.distributed.checkpoint.") from err
+    except (EOFError, OSError, ValueError, TypeError, AttributeError) as err:
+        raise UsageError(f"sharded checkpoint {str(folder)!r}: {DCP_METADATA} is truncated or corrupt "
+                         f"({type(err).__name__}: {err}).", "load an earlier checkpoint.") from err
+
+
+def _writer_rank(file_name: str) -> str:
+    found = re.match(r"__(\d+)_\d+\.distcp$", file_name)
+    return f"rank {found.group(1)}" if found else "an unknown rank"
+
+
+def check_shards(folder: Path, index: Any) -> None:
+    """Every file the index names exists and holds the bytes it should.
+
+    Raises:
+        UsageError: a missing or truncated shard file, naming the rank that wrote it.
+    """
+    needed: dict[str, int] = {}
+    for info in (getattr(index, "storage_data", None) or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    hint = "copy the whole folder again, or load an earlier checkpoint."
+    for name, size in sorted(needed.items()):
+        path = folder / name
+        if not path.is_file():
+            raise UsageError(f"sharded checkpoint {str(folder)!r} is incomplete: {name} (written by "
+                             f"{_writer_rank(name)}) is missing.", hint)
+        actual = path.stat().st_size
+        if actual < size:
+            raise UsageError(f"sharded checkpoint {str(folder)!r} is damaged: {name} (written by "
+                             f"{_writer_rank(name)}) is truncated to {actual} bytes; the index needs {size}.", hint)
+
+
+def tensor_entries(index: Any, folder: Path) -> dict[str, Any]:
+    """``{key: TensorStorageMetadata}``; a non-tensor entry is refused (DCP would unpickle it)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    entries = {}
+    for key, meta in index.state_dict_metadata.items():
+        if not isinstance(meta, TensorStorageMetadata):
+            raise UsageError(f"refusing to load {str(folder)!r}: entry {key!r} is a pickled object, not a tensor "
+                             "(it could run code on load).", "only tensor entries are read from sharded folders.")
+        entries[key] = meta
+    return entries
+
+
+def read_sidecar(folder: Path) -> dict[str, Any] | None:
+    """trainfleet's ``trainfleet.pt`` (weights-only, CRC-checked), or None for a foreign DCP folder."""
+    path = folder / SIDECAR
+    return load_file(path) if path.is_file() else None
+
+
+def _reader(folder: Path) -> Any:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        """DCP's file reader, with the index read through the allowlist."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            index = read_index(folder)
+            if getattr(index, "storage_meta", None) is None:
+                index.storage_meta = StorageMeta()
+            index.storage_meta.load_id = self.load_id
+            return index
+
+    return SafeReader(str(folder))
+
+
+def open_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The checked tensor entries and the sidecar of a sharded folder (nothing read twice later)."""
+    index = read_index(folder)
+    check_shards(folder, index)
+    return tensor_entries(index, folder), read_sidecar(folder)
+
+
+def read_all(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Every tensor of a folder, whole, on the CPU of this process, with the sidecar."""
+    import torch.distributed.checkpoint as dcp
+
+    entries, sidecar = open_folder(folder)
+    tensors = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in entries.items()}
+    with _single_process():
+        dcp.load(tensors, storage_reader=_reader(folder), no_dist=True)
+    return tensors, sidecar
+
+
+def read_into(folder: Path, template: dict[str, torch.Tensor], entries: dict[str, Any]) -> None:
+    """Fill ``template`` (this rank's shards, or whole tensors) from ``folder`` in place.
+
+    Every rank reads alone: a DTensor shard knows its own offsets, whole tensors need none, and
+    loading has nothing to agree on, so DCP's planning collectives are skipped.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    missing = sorted(k for k in template if k not in entries)
+    if missing:
+        raise UsageError(f"sharded checkpoint {str(folder)!r} has no {', '.join(missing[:3])}"
+                         f"{' ...' if len(missing) > 3 else ''}.", "was it saved with this optimizer?")
+    with _single_process():
+        dcp.load(template, storage_reader=_reader(folder), no_dist=True)
+
+
+def load_optimizer(module: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Put a name-keyed optimizer state (shards or whole tensors), names already checked, into ``optimizer``."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(module, optimizer, {"state": state["state"], "param_groups": state["param_groups"]})
+
+
+def load_folder(path: Path, module: torch.nn.Module | None, optimizer: Any, strict: bool, precision: Any,
+                rank: int) -> dict[str, Any] | None:
+    """Load a sharded folder: each rank reads its own shards (fsdp) or whole tensors (other
+    strategies), whatever the world size that wrote it. Returns the sidecar (this rank's RNG in it)."""
+    entries, sidecar = open_folder(path)
+    stored = model_keys(entries, sidecar)
+    template: dict[str, torch.Tensor] = {}
+    report, current = None, None
+    if module is not None:
+        own = precision.module_state(module, module.state_dict())
+        shapes = {name: tuple(entries[key].size) for name, key in stored.items()}
+        report = compare_keys(module, shapes, (), strict, path)
+        template.update((stored[name], own[name]) for name in report["loaded"])
+    layout = (sidecar or {}).get("optimizer")
+    if optimizer is not None and layout:
+        check_optimizer_names(optimizer, module, layout, str(path))
+        with precision.optimizer_params(optimizer):
+            current = optimizer_template(module, optimizer)
+        template.update(flatten(None, current)[0])
+    rng = rng_template(entries, rank)
+    template.update(rng)
+    read_into(path, template, entries)
+    if rng and sidecar is not None:
+        sidecar = {**sidecar, "rng": [rng_state(t) for t in rng.values()]}
+    if report is not None:
+        loaded = {name: template[stored[name]] for name in report["loaded"]}
+        module.load_state_dict(loaded, strict=False)
+        precision.load_module_state(module, loaded)
+    if current is not None:
+        keys = {name: list(values) for name, values in current["state"].items()}
+        with precision.optimizer_params(optimizer):
+            load_optimizer(module, optimizer, unflatten_optimizer(template, layout, keys))
+    return sidecar
