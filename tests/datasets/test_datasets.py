@@ -1,4 +1,6 @@
 """Datasets read real files with torchvision's loaders; nothing downloads."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -77,3 +79,43 @@ def test_inconsistent_shapes_name_the_sample(tmp_path):
                                                 r"but sample 0 of the same batch has \(3, 20, 20\)"):
         next(iter(loader))
     engine.close()
+
+
+class _RunsCode:
+    """What a hostile batch file pickles: a call that runs when the file is unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "ran"))
+
+
+def test_a_cifar_batch_that_pickles_code_is_refused_unrun(tmp_path):
+    """Without the md5 check (a user's subset never matches the published sums) the batches are
+    still never unpickled freely: a file that pickles a call is refused in one line, the call not
+    made (on the old code, which switched torchvision's md5 check off, the marker was written)."""
+    import pickle
+
+    write_cifar10(tmp_path, per_batch=3, test=4)
+    marker = tmp_path / "ran.txt"
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_2", "wb") as handle:
+        pickle.dump({"labels": [0], "data": _RunsCode(marker)}, handle)
+    with pytest.raises(UsageError, match=r"refusing to read .*data_batch_2.*pickles pathlib.*Path.write_text"):
+        build_dataset("cifar10", "train", data_dir=tmp_path)
+    assert not marker.exists()
+    assert len(build_dataset("cifar10", "test", data_dir=tmp_path)) == 4  # the other split is untouched
+
+
+def test_cifar_batches_pickled_by_python2_numpy_load(tmp_path):
+    """The published batches were pickled by Python 2 (protocol 2, latin1 strings)."""
+    import pickle
+
+    write_cifar10(tmp_path, per_batch=2, test=2)
+    folder = tmp_path / "cifar-10-batches-py"
+    for name in ["data_batch_1", "test_batch"]:
+        with open(folder / name, "rb") as handle:
+            batch = pickle.load(handle)
+        with open(folder / name, "wb") as handle:
+            pickle.dump(batch, handle, protocol=2)
+    assert len(build_dataset("cifar10", "test", data_dir=tmp_path)) == 2

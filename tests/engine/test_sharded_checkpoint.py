@@ -97,7 +97,9 @@ def test_saving_over_a_folder_replaces_it_whole(engine, tmp_path):
 
 
 def test_stale_temporary_folder_of_a_dead_writer_is_removed(engine, tmp_path):
-    stale = tmp_path / ".step1.tmp-999999999-deadbeef"  # no such pid
+    from tests.engine.test_checkpoint_safety import _dead_process_owner
+
+    stale = tmp_path / f".step1.tmp-{_dead_process_owner()}-deadbeef"  # a real process of this host, exited
     stale.mkdir()
     (stale / "__0_0.distcp").write_bytes(b"partial")
     engine.save(tmp_path / "step2", model=net(), sharded=True)

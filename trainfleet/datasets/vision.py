@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 from torch.utils.data import Dataset
 
+from trainfleet.datasets.cifar import cifar10_class
 from trainfleet.datasets.synthetic import SyntheticClassification
 from trainfleet.utils.errors import UsageError
 
@@ -52,28 +53,6 @@ def mnist(split: str = "train", data_dir: str | None = None, download: bool = Fa
     return _annotate(dataset, 10, (1, 28, 28))
 
 
-def _cifar10_class():
-    from torchvision import datasets
-
-    class CIFAR10(datasets.CIFAR10):
-        """torchvision's CIFAR10 that checks only that its files exist unless ``verify`` is set.
-
-        torchvision md5-checks all 170 MB on every construction (on every rank), and a
-        CIFAR-format subset made by the user never matches the published sums; the
-        pickle loader still rejects a corrupt batch file. With no sums, torchvision's
-        own ``check_integrity`` tests existence only.
-        """
-
-        def __init__(self, *args: Any, verify: bool = False, **kwargs: Any):
-            if not verify:
-                self.train_list = [(name, None) for name, _ in self.train_list]
-                self.test_list = [(name, None) for name, _ in self.test_list]
-                self.meta = {**self.meta, "md5": None}
-            super().__init__(*args, **kwargs)
-
-    return CIFAR10
-
-
 def cifar10(split: str = "train", data_dir: str | None = None, download: bool = False,
             augment: bool | None = None, verify: bool = False, **cfg: Any) -> Dataset:
     """CIFAR-10 from the python pickle batches in ``data_dir/cifar-10-batches-py``."""
@@ -84,7 +63,7 @@ def cifar10(split: str = "train", data_dir: str | None = None, download: bool = 
     steps = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if augment else []
     transform = transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(CIFAR_MEAN, CIFAR_STD)])
     try:
-        dataset = _cifar10_class()(root, train=split == "train", download=download, transform=transform,
+        dataset = cifar10_class()(root, train=split == "train", download=download, transform=transform,
                                    verify=verify, **cfg)
     except RuntimeError as err:
         raise _missing("CIFAR-10", root, "cifar-10-batches-py/data_batch_1..5 and test_batch") from err

@@ -9,13 +9,14 @@ needs arbitrary unpickling is refused unless the caller trusts it.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import errno
 import json
 import mmap
 import os
 import pickle
 import queue
 import re
-import shutil
 import threading
 import zipfile
 import zlib
@@ -24,7 +25,15 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from trainfleet.engine.checkpoint.layout import MANIFEST, resolve
+from trainfleet.engine.checkpoint.layout import MANIFEST, read_manifest, resolve
+from trainfleet.engine.checkpoint.temporaries import (
+    aside_name,
+    new_tag,
+    owner,
+    remove_path,
+    remove_stale,
+    temporary_name,
+)
 from trainfleet.utils.errors import UsageError
 
 
@@ -39,34 +48,10 @@ def to_cpu(obj: Any) -> Any:
     return obj
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete temporary files and folders of saves whose process died mid-write (``kill -9``, OOM)."""
-    removed = []
-    for tmp in [*folder.glob(".*.tmp-*"), *folder.glob(".*.old-*")]:
-        found = re.search(r"\.(?:tmp|old)-(\d+)-", tmp.name)  # .NAME.tmp-PID-..., .NAME.old-PID-...
-        pid = int(found.group(1)) if found else None
-        if pid is not None and pid != os.getpid() and not _pid_alive(pid):
-            remove_path(tmp)
-            removed.append(tmp)
-    return removed
-
-
-def remove_path(path: Path) -> None:
-    """Delete a checkpoint file or a sharded checkpoint folder; nothing if it is gone."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+    """Delete temporaries of saves whose writer provably died mid-write (see
+    :mod:`.temporaries`), after putting back a checkpoint a dead commit moved aside."""
+    return remove_stale(folder)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -93,9 +78,9 @@ def save_atomic(obj: Any, path: str | os.PathLike[str], writer: Any = None) -> P
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}"
+    tmp = path.parent / temporary_name(path, owner(), new_tag())
     try:
-        with open(tmp, "wb") as handle:
+        with open(tmp, "xb") as handle:
             (writer or torch.save)(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -156,18 +141,55 @@ def _check_records(archive: zipfile.ZipFile, records: list[zipfile.ZipInfo], vie
     return None
 
 
+USE_EXCHANGE = True  # renameat2(RENAME_EXCHANGE) where the file system has it (tests turn it off)
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap ``a`` and ``b`` in one atomic step (Linux renameat2); False where that is not possible."""
+    if not USE_EXCHANGE:
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EXDEV):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
 def commit_folder(tmp: Path, path: Path) -> Path:
     """Make the finished folder ``tmp`` visible as ``path`` (replacing an older one) and fsync.
 
-    A reader sees the old folder or the new one, never a partial one: the rename is atomic,
-    and an older ``path`` is moved aside first and deleted only after the new one is in place.
+    ``path`` never disappears: an older one is exchanged with ``tmp`` in one atomic rename and
+    deleted afterwards. Where the file system cannot exchange, the older one is moved aside first;
+    a process killed between those two renames leaves it aside, and the next save into the folder
+    (or a load of its ``latest.json``) puts it back (:func:`.temporaries.restore_orphans`).
+
+    Raises:
+        UsageError: another save committed ``path`` at the same moment (two jobs, one folder).
     """
     fsync_dir(tmp)
-    aside = None
-    if path.exists():
-        aside = path.parent / f".{path.name}.old-{os.getpid()}-{threading.get_ident()}"
+    if path.exists() and _exchange(tmp, path):
+        fsync_dir(path.parent)
+        remove_path(tmp)  # now the older folder
+        return path
+    aside = path.parent / aside_name(path) if path.exists() else None
+    if aside is not None:
         os.replace(path, aside)
-    os.replace(tmp, path)
+    try:
+        os.rename(tmp, path)
+    except OSError as err:
+        if aside is not None:
+            os.replace(aside, path)
+        if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise UsageError(f"{str(path)!r} was written by another save at the same moment (two jobs writing one "
+                             "folder?); this save was not committed.",
+                             "give each job its own checkpoint folder.") from err
+        raise
     fsync_dir(path.parent)
     if aside is not None:
         remove_path(aside)
@@ -182,13 +204,13 @@ def record_latest(path: Path, keep_last: int) -> list[Path]:
     if keep_last < 1:
         raise UsageError(f"keep_last={keep_last}: expected at least 1.")
     manifest = path.parent / MANIFEST
-    history = json.loads(manifest.read_text()).get("checkpoints", []) if manifest.is_file() else []
+    history = read_manifest(path.parent)["checkpoints"] if manifest.is_file() else []
     history = [name for name in history if name != path.name] + [path.name]
     doomed, history = history[:-keep_last], history[-keep_last:]
     payload = json.dumps({"latest": path.name, "checkpoints": history}, indent=1).encode()
     save_atomic(payload, manifest, writer=lambda data, handle: handle.write(data))
     removed = []
-    for name in doomed:
+    for name in doomed:  # plain names of this folder's entries (read_manifest checked them)
         remove_path(path.parent / name)
         removed.append(path.parent / name)
     return removed

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -46,6 +45,7 @@ from trainfleet.engine.checkpoint.layout import (
     is_safetensors,
     resolve,
 )
+from trainfleet.engine.checkpoint.temporaries import new_tag, owner, temporary_name
 from trainfleet.utils.errors import UsageError
 
 
@@ -226,7 +226,7 @@ def save_safetensors(state: Mapping[str, Any], path: str | os.PathLike[str], max
             size = 0
         shards[-1][key] = tensor
         size += nbytes
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}"
+    tmp = path.parent / temporary_name(path, owner(), new_tag())
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent)
     try:

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import threading
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -43,7 +41,8 @@ from trainfleet.engine.checkpoint.files import (
     remove_stale_temporaries,
     save_atomic,
 )
-from trainfleet.engine.checkpoint.layout import SIDECAR, temporary_name
+from trainfleet.engine.checkpoint.layout import SIDECAR
+from trainfleet.engine.checkpoint.temporaries import new_tag, owner, temporary_name
 from trainfleet.utils.errors import UsageError
 
 MODEL, OPTIM, RNG = "model/", "optim/", "rng/"
@@ -135,7 +134,7 @@ def write_folder(tensors: dict[str, torch.Tensor], side: dict[str, Any], path: P
 
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent)
-    tmp = path.parent / temporary_name(path, os.getpid(), uuid.uuid4().hex[:8])
+    tmp = path.parent / temporary_name(path, owner(), new_tag())
     try:
         with _single_process():
             dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True), no_dist=True)
@@ -216,7 +215,7 @@ class ShardedCheckpointer:
     def __init__(self, strategy: Any, saver: AsyncSaver):
         self.strategy, self.saver = strategy, saver
         self._group: Any = None
-        self._writer_pid: int | None = None
+        self._writer: tuple[str, str] | None = None
         self._saves = 0
 
     def _process_group(self) -> Any:
@@ -236,15 +235,17 @@ class ShardedCheckpointer:
         self._group = None
 
     def _temporary(self, path: Path) -> Path:
-        """The folder every rank writes into: named after rank 0's pid (learnt once) and a save
-        count that every rank keeps alike, so no collective is needed per save."""
-        if self._writer_pid is None:
-            self._writer_pid = self.strategy.broadcast(os.getpid())
+        """The folder every rank writes into: named after rank 0 (its host, boot, pid and start time,
+        learnt once with a random token) and a save count every rank keeps alike, so no collective
+        is needed per save, and no other job's save can share it."""
+        if self._writer is None:
+            self._writer = self.strategy.broadcast((owner(), new_tag()))
         self._saves += 1
         if self.strategy.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(path.parent)
-        tmp = path.parent / temporary_name(path, self._writer_pid, self._saves)
+        writer, token = self._writer
+        tmp = path.parent / temporary_name(path, writer, f"{token}{self._saves}")
         tmp.mkdir(parents=True, exist_ok=True)
         return tmp
 

@@ -4,6 +4,7 @@ checked before any is read (see :mod:`.sharded` for the layout and the safety no
 """
 from __future__ import annotations
 
+import os
 import pickle
 import re
 from pathlib import Path
@@ -70,16 +71,33 @@ def _writer_rank(file_name: str) -> str:
     return f"rank {found.group(1)}" if found else "an unknown rank"
 
 
+def _chunk_file(folder: Path, name: object) -> Path:
+    """The shard file ``name`` of ``folder``: a plain name of a regular file inside it, or refused
+    (a crafted index could point a chunk at any local file, or learn other files' sizes)."""
+    if not isinstance(name, str) or not name or name.startswith(".") or "/" in name or "\\" in name:
+        raise UsageError(f"refusing to load {str(folder)!r}: its {DCP_METADATA} points a chunk at {name!r}, outside "
+                         "the folder.", "only shard files inside the checkpoint folder are read; re-save it.")
+    path = folder / name
+    if path.is_symlink() and os.path.dirname(os.path.realpath(path)) != os.path.realpath(folder):
+        raise UsageError(f"refusing to load {str(folder)!r}: shard {name} is a link to a file outside the folder.",
+                         "copy the checkpoint with its files, not links.")
+    return path
+
+
 def check_shards(folder: Path, index: Any) -> None:
-    """Every file the index names exists and holds the bytes it should.
+    """Every file the index names is inside the folder, exists and holds the bytes it should; the
+    tensors it declares fit in those bytes (allocations are bounded by the files on disk).
 
     Raises:
-        UsageError: a missing or truncated shard file, naming the rank that wrote it.
+        UsageError: a chunk outside the folder, a missing or truncated shard file (naming the rank
+            that wrote it), or tensors larger than the folder holds.
     """
     needed: dict[str, int] = {}
     for info in (getattr(index, "storage_data", None) or {}).values():
+        _chunk_file(folder, info.relative_path)
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
     hint = "copy the whole folder again, or load an earlier checkpoint."
+    stored = 0
     for name, size in sorted(needed.items()):
         path = folder / name
         if not path.is_file():
@@ -89,6 +107,22 @@ def check_shards(folder: Path, index: Any) -> None:
         if actual < size:
             raise UsageError(f"sharded checkpoint {str(folder)!r} is damaged: {name} (written by "
                              f"{_writer_rank(name)}) is truncated to {actual} bytes; the index needs {size}.", hint)
+        stored += actual
+    declared = sum(_tensor_bytes(meta) for meta in index.state_dict_metadata.values())
+    if declared > stored:
+        raise UsageError(f"refusing to load {str(folder)!r}: its {DCP_METADATA} declares {declared} bytes of tensors "
+                         f"but its shard files hold {stored}.", hint)
+
+
+def _tensor_bytes(meta: Any) -> int:
+    size = getattr(meta, "size", None)
+    dtype = getattr(getattr(meta, "properties", None), "dtype", None)
+    if size is None or not isinstance(dtype, torch.dtype):
+        return 0
+    count = 1
+    for dim in size:
+        count *= max(int(dim), 0)
+    return count * dtype.itemsize
 
 
 def tensor_entries(index: Any, folder: Path) -> dict[str, Any]:
