@@ -3,6 +3,7 @@ a process group, a child process, an orphaned worker or a listening socket."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -136,6 +137,14 @@ def _missing_part(item: pytest.Item) -> tuple[str, str] | None:
         if reason is not None:
             return part, reason
     return None
+
+
+def pytest_configure(config):
+    """Tests send SIGINT to the processes they start. A runner started in the background (``cmd &``)
+    ignores SIGINT, every child inherits that, and Python then never raises KeyboardInterrupt: give
+    the children the default disposition back (a handler here is reset to the default on exec)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_report_header(config):

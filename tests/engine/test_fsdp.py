@@ -181,3 +181,16 @@ def test_bad_fsdp_input_is_one_line_and_exit_2(tmp_path):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.stderr, result.stderr
     assert not list(tmp_path.glob("final*"))
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_every_rank_starts_from_rank_0s_weights(tmp_path, strategy):
+    """A script that seeds ranks apart (or loads pretrained weights on rank 0 only): after setup
+    every rank holds rank 0's weights, under fsdp as under ddp. On the old code fsdp cut each rank's
+    shard from its own start and trained a mix."""
+    result = run_cli("launch", "--log-dir", str(tmp_path / "logs"), "--strategy", strategy, "--gpus", "2",
+                     str(SCRIPTS / "rank_apart_init.py"), str(tmp_path), timeout=180)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["equal_to_rank0"] for r in records), records
+    assert records[0]["equal_to_own_start"] and not records[1]["equal_to_own_start"]

@@ -135,3 +135,49 @@ def test_collective_timeout_on_nccl_raises_in_the_script(monkeypatch):
         assert "TORCH_NCCL_BLOCKING_WAIT" not in worker_env(cfg, Placement(0, 0, 1), 0, 29500)
     monkeypatch.setenv("TORCH_NCCL_BLOCKING_WAIT", "0")  # the user's own choice is kept
     assert "TORCH_NCCL_BLOCKING_WAIT" not in worker_env(gpu, Placement(0, 0, 1), 0, 29500)
+
+
+# ----- issue 22, item 12: no flag is silently overridden or ignored -----------------------------------
+@pytest.mark.parametrize("args, needles", [
+    (["--env", "HOME", SCRIPT], ["--env 'HOME' is for --hosts, but no --hosts was given", "HINT"]),
+    (["--ssh-opt", "-p2222", SCRIPT], ["--ssh-opt '-p2222' is for --hosts, but no --hosts was given"]),
+    (["--hosts", "-oProxyCommand=touch /tmp/x", SCRIPT], ["'-oProxyCommand=touch /tmp/x' is not a host name",
+                                                          "may not start with '-'"]),
+    (["--cluster", "local", "--hosts", "a,b", SCRIPT], ["--hosts with --cluster local"]),
+])
+def test_flags_that_would_be_ignored_are_refused(launch, args, needles):
+    """On the old code --env and --ssh-opt without --hosts ran the job without them, --ssh-opt -p2222
+    was an argparse error, a host '-o...' went to ssh as an option, and --hosts under --cluster
+    was dropped."""
+    assert_one_line_error(launch(*args, log_dir=False), *needles)
+
+
+def test_ssh_options_that_start_with_a_dash_are_values():
+    from trainfleet.cli.launch_args import attach_dash_values, build_parser
+
+    ns = build_parser().parse_args(attach_dash_values(["--ssh-opt", "-p 2222", "--gpus", "2", SCRIPT, "--ssh-opt", "-x"]))
+    assert (ns.ssh_opt, ns.gpus, ns.args) == (["-p 2222"], 2, ["--ssh-opt", "-x"])
+
+
+def test_master_addr_is_honoured_under_hosts():
+    from trainfleet.launcher import host_list, hosts
+
+    plan = host_list.plan_from_args("localhost,127.0.0.2", None, None, None, master_addr="127.0.0.1")
+    cfg = LaunchConfig(SCRIPT, nodes=2, role="node", node_rank=0, cpu=True)
+    prepared, local_first = hosts.prepare(cfg, plan)
+    assert (prepared.master_addr, local_first) == ("127.0.0.1", True)
+
+
+# ----- issue 22, item 15: host names ---------------------------------------------------------------
+def test_host_names_ipv6_and_ssh_argument_order():
+    from trainfleet.launcher import host_list, hosts
+
+    parsed = host_list.parse_hosts("[fe80::1]:2,user@[::1]:2,[::1],node-7:2")
+    assert [(h.name, h.slots) for h in parsed] == [("[fe80::1]", 2), ("user@[::1]", 2), ("[::1]", None),
+                                                  ("node-7", 2)]
+    command = host_list.HostsPlan(parsed).ssh("user@[::1]", "true")
+    assert command[-3:] == ["--", "user@::1", "true"]
+    assert hosts.host_address("[::1]") == "::1"
+    for bad in ("-oProxyCommand=x", "a b", "host;rm", "@host"):
+        with pytest.raises(UsageError, match="is not a host name"):
+            host_list.parse_hosts(bad)

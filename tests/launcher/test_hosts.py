@@ -15,6 +15,7 @@ import torch
 
 from tests import sshhosts, twohosts
 from tests.conftest import BIN, SCRIPTS, run_cli
+from trainfleet.launcher import host_list
 from trainfleet.launcher import hosts as hosts_module
 from trainfleet.utils.errors import UsageError
 
@@ -23,22 +24,22 @@ PARITY, LONG = str(SCRIPTS / "parity_train.py"), str(SCRIPTS / "long_train.py")
 
 # ----- parsing (no hosts needed) -------------------------------------------------------------
 def test_host_lists_and_hostfiles(tmp_path):
-    parsed = hosts_module.parse_hosts("a:2, user@b:2,c")
+    parsed = host_list.parse_hosts("a:2, user@b:2,c")
     assert [(h.name, h.slots) for h in parsed] == [("a", 2), ("user@b", 2), ("c", None)]
     (tmp_path / "hostfile").write_text("# the cluster\nworker-1 slots=4\n\nworker-2 slots=4  # second\n")
-    assert [(h.name, h.slots) for h in hosts_module.parse_hostfile(str(tmp_path / "hostfile"))] == \
+    assert [(h.name, h.slots) for h in host_list.parse_hostfile(str(tmp_path / "hostfile"))] == \
         [("worker-1", 4), ("worker-2", 4)]
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: hosts_module.parse_hosts("a:0"), "slots '0' must be a positive integer"),
-    (lambda: hosts_module.parse_hosts(","), "names no host"),
-    (lambda: hosts_module.plan_from_args("a,a", None, None, None), "host 'a' is listed twice"),
-    (lambda: hosts_module.plan_from_args("a", None, None, ["TRAINFLEET_NOT_SET_ANYWHERE"]),
+    (lambda: host_list.parse_hosts("a:0"), "slots '0' must be a positive integer"),
+    (lambda: host_list.parse_hosts(","), "names no host"),
+    (lambda: host_list.plan_from_args("a,a", None, None, None), "host 'a' is listed twice"),
+    (lambda: host_list.plan_from_args("a", None, None, ["TRAINFLEET_NOT_SET_ANYWHERE"]),
      "--env TRAINFLEET_NOT_SET_ANYWHERE: it is not set here"),
-    (lambda: hosts_module.workers_per_host(hosts_module.plan_from_args("a:2,b:4", None, None, None), None),
+    (lambda: host_list.workers_per_host(host_list.plan_from_args("a:2,b:4", None, None, None), None),
      "different slot counts"),
-    (lambda: hosts_module.workers_per_host(hosts_module.plan_from_args("a:2,b:2", None, None, None), 4),
+    (lambda: host_list.workers_per_host(host_list.plan_from_args("a:2,b:2", None, None, None), 4),
      "--gpus 4 but the hosts have 2 slots each"),
 ])
 def test_bad_host_lists(call, message):

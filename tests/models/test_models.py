@@ -34,10 +34,26 @@ def test_unknown_model():
 
 
 def test_no_weights_are_downloaded_by_default(monkeypatch):
+    """Every way torchvision fetches weights refuses here; a registry model builds without calling
+    any of them (randomly initialised: two seeds, two models), while asking torchvision itself for
+    its weights does call one: the patches sit where torchvision looks."""
+    import urllib.request
+
     import torch.hub
+    import torchvision.models
+    import torchvision.models._api
 
     def refuse(*args, **kwargs):
         raise AssertionError("a download was attempted")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
-    build_model("resnet50", num_classes=3)
+    for owner, name in ((torch.hub, "load_state_dict_from_url"), (torch.hub, "download_url_to_file"),
+                        (torchvision.models._api, "load_state_dict_from_url"), (urllib.request, "urlopen")):
+        monkeypatch.setattr(owner, name, refuse)
+    torch.manual_seed(0)
+    first = build_model("resnet50", num_classes=3)
+    torch.manual_seed(1)
+    second = build_model("resnet50", num_classes=3)
+    assert first.fc.out_features == 3
+    assert not torch.equal(first.conv1.weight, second.conv1.weight)
+    with pytest.raises(AssertionError, match="a download was attempted"):
+        torchvision.models.resnet18(weights="DEFAULT")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from trainfleet.cli.common import guarded
-from trainfleet.cli.launch_args import CLI_MODULE, build_parser, config_from_args
+from trainfleet.cli.launch_args import CLI_MODULE, attach_dash_values, build_parser, config_from_args
 from trainfleet.cli.submit import submit
 from trainfleet.engine import contract
 from trainfleet.launcher.config import parse_nodes
@@ -19,6 +19,7 @@ from trainfleet.launcher.flags import FLAGS_BY_DEST
 from trainfleet.utils.errors import UsageError
 
 SUBMIT_ONLY = ("array", "sweep", "wait", "partition", "slurm_opt")
+HOSTS_ONLY = ("ssh_opt", "env")
 
 def _in_allocation(ns: argparse.Namespace, argv: Sequence[str]) -> tuple[int | None, dict[str, object]]:
     """Inside a SLURM allocation: re-run through srun (batch shell), or take this task's node rank
@@ -48,6 +49,11 @@ def run_launch(ns: argparse.Namespace, argv: Sequence[str] = ()) -> int:
                          f"add --cluster slurm (or local) to submit, or drop {given[0]}.")
     if ns.hosts or ns.hostfile:
         return _run_hosts(ns)
+    for dest in HOSTS_ONLY:
+        if getattr(ns, dest):
+            flag = FLAGS_BY_DEST[dest].names[0]
+            raise UsageError(f"{flag} {getattr(ns, dest)[0]!r} is for --hosts, but no --hosts was given.",
+                             f"add --hosts A,B to start the nodes over ssh, or drop {flag}.")
     from trainfleet.launcher.launch import launch
 
     code, placed = _in_allocation(ns, argv)
@@ -63,9 +69,11 @@ def run_launch(ns: argparse.Namespace, argv: Sequence[str] = ()) -> int:
 
 def _run_hosts(ns: argparse.Namespace) -> int:
     """``--hosts``/``--hostfile``: every node started from here over ssh."""
-    from trainfleet.launcher.hosts import plan_from_args, run_hosts, workers_per_host
+    from trainfleet.launcher.host_list import plan_from_args, workers_per_host
+    from trainfleet.launcher.hosts import run_hosts
 
-    plan = plan_from_args(ns.hosts, ns.hostfile, ns.ssh_opt, ns.env)
+    given = FLAGS_BY_DEST["master_addr"].env_name in os.environ or ns.master_addr != FLAGS_BY_DEST["master_addr"].default
+    plan = plan_from_args(ns.hosts, ns.hostfile, ns.ssh_opt, ns.env, ns.master_addr if given else None)
     if ns.node_rank is not None:
         raise UsageError(f"--node-rank {ns.node_rank} with --hosts: the hosts' order gives the node ranks.",
                          "drop --node-rank.")
@@ -84,5 +92,5 @@ def _run_hosts(ns: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console script ``launch``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    ns = build_parser().parse_args(argv)
+    ns = build_parser().parse_args(attach_dash_values(argv))
     return guarded(lambda: run_launch(ns, argv))

@@ -12,7 +12,7 @@ import os
 
 from trainfleet.cli.common import OneLineParser
 from trainfleet.launcher.config import LaunchConfig
-from trainfleet.launcher.flags import LAUNCH_FLAGS, launch_config
+from trainfleet.launcher.flags import FLAGS_BY_DEST, LAUNCH_FLAGS, launch_config
 
 # What a submitted job's nodes run: ``python -m trainfleet.cli launch ...``.
 CLI_MODULE = "trainfleet.cli"
@@ -82,3 +82,26 @@ def build_parser(prog: str = "launch") -> argparse.ArgumentParser:
     add_launch_arguments(parser)
     add_cluster_arguments(parser)
     return parser
+
+
+_SWITCHES = {"-m", "--module", "--exclusive", "--wait", "-h", "--help"}  # flags that take no value
+
+
+def attach_dash_values(argv: list[str]) -> list[str]:
+    """``--ssh-opt -p2222`` as ``--ssh-opt=-p2222``: argparse reads a value that starts with '-'
+    as a flag of its own, but ssh options always do. Only before the script (its own arguments
+    are left alone)."""
+    ssh = set(FLAGS_BY_DEST["ssh_opt"].names)
+    switches = _SWITCHES | {name for flag in LAUNCH_FLAGS if flag.action == "store_true" for name in flag.names}
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("-"):  # the script: the rest is its own
+            return out + argv[i:]
+        takes_value = "=" not in arg and arg not in switches and i + 1 < len(argv)
+        if takes_value and arg in ssh:
+            out.append(f"{arg}={argv[i + 1]}")
+        else:
+            out.extend(argv[i:i + 2] if takes_value else [arg])
+        i += 2 if takes_value else 1
+    return out

@@ -11,7 +11,7 @@ from trainfleet.cli.common import OneLineParser, guarded
 from trainfleet.cli.doctor import add_doctor_command
 from trainfleet.cli.jobs import add_job_commands
 from trainfleet.cli.launch import run_launch
-from trainfleet.cli.launch_args import add_cluster_arguments, add_launch_arguments
+from trainfleet.cli.launch_args import add_cluster_arguments, add_launch_arguments, attach_dash_values
 from trainfleet.cli.registries import add_registry_commands
 from trainfleet.cli.train import add_train_command
 from trainfleet.cli.train import main as train_main
@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["train"]:  # the recipe parses its own options
         return train_main(argv[1:])
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = parser.parse_args(attach_dash_values(argv) if argv[:1] == ["launch"] else argv)
     ns.raw_argv = argv[1:] if argv[:1] == ["launch"] else []
     if ns.version:
         from trainfleet import __version__

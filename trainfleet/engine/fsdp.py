@@ -158,7 +158,7 @@ class FSDPStrategy(DDPStrategy):
     """
 
     name = "fsdp"
-    broadcasts_weights = False  # each rank keeps its shard of its own start: scripts seed alike
+    broadcasts_weights = True  # rank 0's weights, as under ddp: a script may load pretrained ones there only
     shards_checkpoints = True
 
     def __init__(self, precision: Any = None, env: Any = None, accelerator: str | None = None,
@@ -207,6 +207,7 @@ class FSDPStrategy(DDPStrategy):
         # fully_shard replaces every parameter with a DTensor one; remember the old ones by name so
         # an optimizer built on them (the usual script order) can be moved over in setup_optimizer.
         module = self._convert_batchnorm(module)  # before sharding: it keeps the parameter objects
+        self._sync_from_rank0(module)
         self._replaced.update({id(p): (module, name) for name, p in module.named_parameters()})
         blocks = select_blocks(module, self.wrap)
         if self.activation_checkpointing:
@@ -223,6 +224,17 @@ class FSDPStrategy(DDPStrategy):
         fully_shard(module, **self._shard_kwargs(root=True))
         self.blocks = len(blocks)
         return module
+
+    def _sync_from_rank0(self, module: torch.nn.Module) -> None:
+        """Every rank takes rank 0's parameters and buffers before sharding (as DDP does when it
+        wraps): each rank's shard is cut from its own full copy, so a script that loads pretrained
+        weights on rank 0 alone, or seeds ranks apart, would otherwise train a mix of starts."""
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+        from torch.distributed.utils import _sync_module_states  # what DDP's constructor calls
+
+        _sync_module_states(module, dist.group.WORLD, 250 * 1024 * 1024, 0, set())
 
     def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Point an optimizer built before sharding at the sharded parameters (FSDP2 needs the

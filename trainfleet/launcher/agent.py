@@ -20,9 +20,7 @@ An elastic job (``--nodes MIN:MAX``) goes on instead, on the nodes left: see
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 import signal
 import socket
 import sys
@@ -35,6 +33,7 @@ from trainfleet.launcher.config import LaunchConfig, Placement, placement
 from trainfleet.launcher.control import ControlChannel, Failure, failed_at, peer_error
 from trainfleet.launcher.elastic import Coordinator
 from trainfleet.launcher.network import reserve_port
+from trainfleet.launcher.rendezvous import RendezvousMixin, say, wait_key
 from trainfleet.launcher.worker_group import WorkerGroup, exit_reason
 from trainfleet.launcher.workers import worker_specs
 from trainfleet.utils.errors import UsageError
@@ -43,13 +42,15 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUS
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 POLL = 0.1
 SIBLING_WAIT = 0.3  # seconds a 'connection reset' failure waits for the sibling that caused it
-HEARTBEAT_INTERVAL = 0.5
 FAILURE_GRACE = 1.0  # after a failure the survivors' state is moot: SIGKILL soon
 
 
-def say(message: str) -> None:
-    """One line from the launcher on stderr."""
-    print(f"launch: {message}", file=sys.stderr, flush=True)
+class StoppedEarly(Exception):
+    """SIGINT/SIGTERM during pre-flight or rendezvous."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 @dataclass
@@ -61,7 +62,7 @@ class Outcome:
     signum: int | None = None
 
 
-class NodeAgent:
+class NodeAgent(RendezvousMixin):
     """Runs and supervises the workers of one node, in step with the other nodes.
 
     Args:
@@ -87,110 +88,6 @@ class NodeAgent:
         self.ended: str | None = None  # why an elastic job ended here (for the report)
 
     # ----- control plane -------------------------------------------------------------
-    def _connect(self) -> None:
-        cfg = self.cfg
-        if self.is_master:
-            sock = self.sockets.pop("control", None) or reserve_port(cfg.master_addr, cfg.master_port)
-            port = sock.getsockname()[1]
-            self.cfg = cfg = dataclasses.replace(cfg, master_port=port)
-            self.server = control.connect(cfg.master_addr, port, 30, is_master=True, listen_fd=sock.detach())
-        client = self._client(timeout=2.0)
-        if not self.is_master:
-            self._claim(client)  # before the first heartbeat: a duplicate must not look like the node
-        self.channel = ControlChannel(client, self.node_rank, cfg.nodes, HEARTBEAT_INTERVAL, cfg.heartbeat_timeout)
-        self.channel.start()
-
-    def _claim(self, store: Any) -> None:
-        """Hold this node id in the job, so that a second agent started with the same
-        --node-rank is refused instead of running the same ranks twice. In an elastic job it
-        waits (up to the rendezvous timeout) for node 0 to drop an earlier agent of this node,
-        which releases the id: an agent restarted after its node was lost takes it back."""
-        cfg, node, key = self.cfg, self.node_rank, f"agent/{self.node_rank}"
-        token = f"{socket.gethostname()}:{os.getpid()}"
-        deadline = time.monotonic() + cfg.rendezvous_timeout
-        while (holder := store.compare_set(key, "", token).decode()) != token:
-            if not cfg.elastic or time.monotonic() > deadline:
-                when = f"after {cfg.rendezvous_timeout:.0f}s, " if cfg.elastic else ""
-                raise UsageError(
-                    f"node {node}: {when}another agent ({holder}) runs as --node-rank {node} in this job.",
-                    f"give each machine its own --node-rank (0..{cfg.nodes - 1}), or stop the other agent.")
-            time.sleep(0.2)
-
-    def _client(self, timeout: float) -> Any:
-        """A control-store client; waits for the master up to the rendezvous timeout."""
-        cfg = self.cfg
-        try:
-            socket.gethostbyname(cfg.master_addr)
-        except OSError as err:
-            raise UsageError(f"node {self.node_rank}: --master-addr {cfg.master_addr} does not resolve ({err}).",
-                             "use the master's hostname or IP address as this node sees it.") from err
-        deadline = time.monotonic() + cfg.rendezvous_timeout
-        while True:  # a plain TCP probe first: the store's client logs every failed attempt
-            try:
-                socket.create_connection((cfg.master_addr, cfg.master_port), timeout=min(timeout, 1.0)).close()
-                return control.connect(cfg.master_addr, cfg.master_port, timeout)
-            except (OSError, RuntimeError) as err:
-                if time.monotonic() > deadline:
-                    reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
-                    raise UsageError(
-                        f"node {self.node_rank}: the master {cfg.master_addr}:{cfg.master_port} is unreachable "
-                        f"after {cfg.rendezvous_timeout:.0f}s ({reason}).",
-                        "start node 0 first, check --master-addr/--master-port and that the port is open.") from err
-                time.sleep(0.3)
-
-    def _layout(self) -> dict[str, Any]:
-        cfg = self.cfg
-        return {"nodes": cfg.nodes_spec, "gpus": cfg.procs_per_node, "strategy": cfg.strategy,
-                "precision": cfg.precision, "host": socket.gethostname()}
-
-    def _preflight(self) -> None:
-        """Every node must agree on the layout; the master compares and says who differs."""
-        store = self.channel.store
-        store.set(f"layout/{self.node_rank}", json.dumps(self._layout()))
-        timeout = self.cfg.rendezvous_timeout
-        if self.is_master:
-            self.members = self._gather()
-            self.channel.members = self.members
-            self.coordinator = Coordinator(self.cfg, self.channel, self._layout(), say)
-            store.set("members/0", json.dumps(self.members))
-            store.set("preflight", "ok")
-            return
-        if not _wait_key(store, "preflight", timeout):
-            raise UsageError(f"node {self.node_rank}: the master did not confirm the layout within {timeout:.0f}s.")
-        if store.get("preflight").decode() != "ok":
-            raise UsageError(store.get("preflight").decode())
-
-    def _gather(self) -> list[int]:
-        """Node 0: the nodes of the first attempt. Every node must come within the rendezvous
-        timeout; an elastic job starts with those that came when at least MIN did."""
-        cfg, store, mine = self.cfg, self.channel.store, self._layout()
-        timeout = cfg.rendezvous_timeout
-        deadline = time.monotonic() + timeout
-        joined = [0]
-        for node in range(1, cfg.nodes):
-            if not _wait_key(store, f"layout/{node}", deadline - time.monotonic()):
-                if not cfg.elastic:
-                    self._fail_preflight(f"node {node} did not join within {timeout:.0f}s.",
-                                         f"start `launch --node-rank {node}` on that machine.")
-                continue
-            problem = elastic.layout_problem(node, json.loads(store.get(f"layout/{node}")), mine)
-            if problem is not None:
-                self._fail_preflight(*problem)
-            joined.append(node)
-        missing = ", ".join(str(node) for node in range(cfg.nodes) if node not in joined)
-        if len(joined) < cfg.min_nodes:
-            self._fail_preflight(f"only {len(joined)} of --nodes {cfg.nodes_spec} joined within {timeout:.0f}s "
-                                 f"(missing: node {missing}).",
-                                 "start `launch --node-rank K` on the missing machines, or lower MIN.")
-        if missing:
-            say(f"starting on {len(joined)} of --nodes {cfg.nodes_spec}; node {missing} did not come within "
-                f"{timeout:.0f}s and may join later.")
-        return joined
-
-    def _fail_preflight(self, message: str, hint: str) -> None:
-        self.channel.store.set("preflight", str(UsageError(message, hint)))
-        raise UsageError(message, hint)
-
     def _enter(self, attempt: int, members: list[int]) -> int:
         """Take this node's place among ``members`` for ``attempt``."""
         previous = self.members if attempt else None
@@ -230,7 +127,7 @@ class NodeAgent:
             ports = [store_sock.getsockname()[1], hvd_sock.getsockname()[1] if hvd_sock else None]
             store.set(key, json.dumps(ports))
             return ports[0], ports[1]
-        if not _wait_key(store, key, self.cfg.rendezvous_timeout):
+        if not wait_key(store, key, self.cfg.rendezvous_timeout):
             raise UsageError(f"node {self.node_rank}: no rendezvous ports from the master for attempt {attempt}.")
         port, hvd_port = json.loads(store.get(key))
         return port, hvd_port
@@ -407,13 +304,33 @@ class NodeAgent:
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.signum = signum
 
+    def _stop_now(self, signum: int, _frame: Any) -> None:
+        """Before any worker runs there is nothing to relay or checkpoint: leave at once."""
+        self.signum = signum
+        raise StoppedEarly(signum)
+
+    def _start(self) -> int | None:
+        """Connect, agree the layout, find the first attempt; a stop signal meanwhile ends it
+        here (``--rendezvous-timeout`` can be minutes)."""
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._stop_now)
+        try:
+            self._connect()
+            self._preflight()
+            return self._first_attempt()
+        finally:
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, self._on_signal)
+
     def run(self) -> int:
         """Pre-flight, attempts, report; returns this agent's exit code."""
         previous = {signum: signal.signal(signum, self._on_signal) for signum in FORWARDED_SIGNALS}
         try:
-            self._connect()
-            self._preflight()
-            attempt: int | None = self._first_attempt()
+            try:
+                attempt: int | None = self._start()
+            except StoppedEarly as stop:
+                say(f"node {self.node_rank}: stopped by {signal.Signals(stop.signum).name} before the workers started.")
+                return 128 + stop.signum
             while attempt is not None:
                 outcome = self._run_attempt(attempt)
                 attempt = self._next(attempt, outcome)
@@ -473,17 +390,3 @@ class NodeAgent:
 def _tail(group: WorkerGroup, rank: int) -> list[str]:
     group.tailer.stop()
     return group.tailer.last_lines(rank)
-
-
-def _wait_key(store: Any, key: str, timeout: float) -> bool:
-    """True once ``key`` is in the store (looked at least once), False after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if store.check([key]):
-                return True
-        except RuntimeError:
-            pass
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.1)

@@ -7,8 +7,11 @@ build a LaunchConfig are in :mod:`trainfleet.launcher.flags`.
 """
 from __future__ import annotations
 
+import getpass
 import importlib.util
 import os
+import secrets
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -64,9 +67,41 @@ def placement(members: list[int], node: int, previous: list[int] | None) -> Plac
     return Placement(node, members.index(node), len(members), previous is not None and previous != members)
 
 
+def default_log_root(base: str | None = None) -> Path:
+    """``<tmp>/trainfleet-<user>``: one per user (a shared ``<tmp>/trainfleet`` made by one user
+    broke every other user's launch)."""
+    return Path(base or tempfile.gettempdir()) / f"trainfleet-{getpass.getuser()}"
+
+
 def log_dir(cfg: "LaunchConfig") -> Path:
-    """The job's log folder: --log-dir, or a temporary folder named after the run."""
-    return Path(cfg.log_dir or os.path.join(tempfile.gettempdir(), "trainfleet", cfg.run_id))
+    """The job's log folder: --log-dir, or ``<tmp>/trainfleet-<user>/<run id>``."""
+    return Path(cfg.log_dir) if cfg.log_dir else default_log_root() / cfg.run_id
+
+
+def check_log_root(folder: Path) -> None:
+    """Create the per-user log root (mode 0700), or check that the one there is ours and private:
+    a folder of another user (or a link) there could read, redirect or plant our logs.
+
+    Raises:
+        UsageError: the folder belongs to someone else, is open to others, or is not a folder.
+    """
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = folder.lstat()
+    except OSError as err:
+        raise UsageError(f"cannot create the log folder {str(folder)!r} ({err.strerror}).",
+                         "pass --log-dir to a folder of yours.") from err
+    problem = ("is a link" if stat.S_ISLNK(info.st_mode) else "is not a folder" if not stat.S_ISDIR(info.st_mode)
+               else f"belongs to uid {info.st_uid}" if info.st_uid != os.getuid()
+               else f"is open to others (mode {stat.S_IMODE(info.st_mode):o})" if info.st_mode & 0o077 else None)
+    if problem:
+        raise UsageError(f"the log folder {str(folder)!r} {problem}, not private to you (uid {os.getuid()}).",
+                         "remove it, or pass --log-dir to a folder of yours.")
+
+
+def new_run_id() -> str:
+    """``YYYYmmdd-HHMMSS-PID-RANDOM``: sortable, and not guessable by another user."""
+    return time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 @dataclass
@@ -134,7 +169,7 @@ class LaunchConfig:
     collective_timeout: float | None = None
     horovod_port: int | None = None
     cuda_devices: int | None = None
-    run_id: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
+    run_id: str = field(default_factory=new_run_id)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

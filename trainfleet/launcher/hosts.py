@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shlex
 import signal
 import socket
@@ -24,115 +23,23 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Sequence
 
-from trainfleet.launcher.config import LaunchConfig
+from trainfleet.launcher.config import LaunchConfig, default_log_root
+from trainfleet.launcher.host_list import HostsPlan, ssh_name
 from trainfleet.utils.errors import UsageError
 
-SSH_BASE = ("ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-o", "ServerAliveInterval=5",
-            "-o", "ServerAliveCountMax=3")
 FORWARDED_PREFIXES = ("TRAINFLEET_", "NCCL_", "GLOO_", "TORCH_", "CUDA_LAUNCH_BLOCKING")
 FORWARDED_NAMES = ("PYTHONPATH", "OMP_NUM_THREADS", "HF_HOME", "WANDB_API_KEY")
 NOT_FORWARDED = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")  # each host picks the interface to the master
 DEFAULT_PORT = 29500
 
 
-@dataclasses.dataclass
-class Host:
-    name: str
-    slots: int | None = None
-
-
-@dataclasses.dataclass
-class HostsPlan:
-    """The hosts, in node order, and how to reach them."""
-
-    hosts: list[Host]
-    ssh_opts: list[str] = dataclasses.field(default_factory=list)
-    env_names: list[str] = dataclasses.field(default_factory=list)
-
-    def ssh(self, host: str, command: str) -> list[str]:
-        return [*SSH_BASE, *self.ssh_opts, host, command]
-
-
-def parse_hosts(text: str) -> list[Host]:
-    """``a,b:2,user@c:4`` -> hosts with optional slot counts."""
-    hosts = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        name, _, slots = item.rpartition(":") if re.search(r":\d+$", item) else (item, "", "")
-        hosts.append(Host(name, _slots(slots, f"--hosts {text!r}") if slots else None))
-    if not hosts:
-        raise UsageError(f"--hosts {text!r} names no host.", "e.g. --hosts node1:4,node2:4")
-    return hosts
-
-
-def parse_hostfile(path: str) -> list[Host]:
-    """DeepSpeed/MPI style: one ``host [slots=N]`` per line; ``#`` starts a comment."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as err:
-        raise UsageError(f"--hostfile {path!r} cannot be read ({err.strerror}).", "check the path.") from err
-    hosts = []
-    for number, raw in enumerate(lines, 1):
-        words = raw.split("#", 1)[0].split()
-        if not words:
-            continue
-        slots = None
-        for word in words[1:]:
-            key, _, value = word.partition("=")
-            if key not in ("slots", "max_slots") or not value:
-                raise UsageError(f"--hostfile {path}:{number}: {raw.strip()!r}: expected 'host slots=N'.")
-            if key == "slots":
-                slots = _slots(value, f"--hostfile {path}:{number}")
-        hosts.append(Host(words[0], slots))
-    if not hosts:
-        raise UsageError(f"--hostfile {path!r} names no host.", "one 'host slots=N' per line.")
-    return hosts
-
-
-def _slots(text: str, where: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise UsageError(f"{where}: slots {text!r} must be a positive integer.")
-    return int(text)
-
-
-def plan_from_args(hosts: str | None, hostfile: str | None, ssh_opts: Sequence[str] | None,
-                   env_names: Sequence[str] | None) -> HostsPlan:
-    if hosts and hostfile:
-        raise UsageError("--hosts and --hostfile were both given.", "use one of them.")
-    parsed = parse_hosts(hosts) if hosts else parse_hostfile(str(hostfile))
-    names = [h.name for h in parsed]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise UsageError(f"host {repeated[0]!r} is listed twice.", "list each host once, with its slots.")
-    for name in env_names or []:
-        if name not in os.environ:
-            raise UsageError(f"--env {name}: it is not set here, so there is nothing to forward.",
-                             f"export {name}=... first, or drop --env {name}.")
-    return HostsPlan(parsed, [opt for text in ssh_opts or [] for opt in shlex.split(text)], list(env_names or []))
-
-
-def workers_per_host(plan: HostsPlan, gpus: int | None) -> int | None:
-    """The one worker count every host runs: the hosts' slots, or --gpus."""
-    counts = {h.slots for h in plan.hosts if h.slots is not None}
-    if len(counts) > 1:
-        listed = ", ".join(f"{h.name}:{h.slots}" for h in plan.hosts)
-        raise UsageError(f"the hosts have different slot counts ({listed}); every node runs the same number "
-                         "of workers.", "give every host the same slots (or use --gpus N).")
-    slots = counts.pop() if counts else None
-    if slots is not None and gpus is not None and slots != gpus:
-        raise UsageError(f"--gpus {gpus} but the hosts have {slots} slots each.", "drop one of them.")
-    return slots if slots is not None else gpus
-
-
 def host_address(name: str) -> str:
-    """The address the other nodes reach ``name`` at (``user@`` removed, resolved)."""
-    host = name.rpartition("@")[2]
+    """The address the other nodes reach ``name`` at (``user@`` and IPv6 brackets removed, resolved)."""
+    host = name.rpartition("@")[2].strip("[]")
     try:
-        return socket.gethostbyname(host)
+        return socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)[0][4][0]
     except OSError as err:
         raise UsageError(f"host {host!r} cannot be resolved ({err}).", "check the name, or give its address.") \
             from err
@@ -140,7 +47,7 @@ def host_address(name: str) -> str:
 
 def is_this_machine(address: str) -> bool:
     """True when ``address`` belongs to this machine (it can be bound here)."""
-    with socket.socket() as probe:
+    with socket.socket(_family(address)) as probe:
         try:
             probe.bind((address, 0))
         except OSError:
@@ -190,7 +97,10 @@ def _probe(plan: HostsPlan, host: str, cfg: LaunchConfig, check_port: bool) -> d
         return "did not answer over ssh within 30 s"
     if done.returncode == 255:
         said = (done.stderr.strip().splitlines() or ["no message"])[-1]
-        if "Permission denied" in said or "Host key verification failed" in said:
+        if "Host key verification failed" in said:
+            return (f"is not a known ssh host ({said}). HINT: check that it is the machine you mean, then add its "
+                    f"key: ssh-keyscan {ssh_name(host).rpartition('@')[2]} >> ~/.ssh/known_hosts")
+        if "Permission denied" in said:
             return f"refused the ssh login ({said}). HINT: set up key-based login, or pass the key: --ssh-opt '-i KEY'"
         return f"is unreachable over ssh ({said}). HINT: check the name and that sshd runs there"
     if done.returncode != 0:
@@ -242,8 +152,12 @@ def _version(metadata: Any, name: str) -> str | None:
         return None
 
 
+def _family(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
 def free_port(address: str) -> int:
-    with socket.socket() as sock:
+    with socket.socket(_family(address)) as sock:
         sock.bind((address, 0))
         return sock.getsockname()[1]
 
@@ -276,7 +190,7 @@ def _start_node(plan: HostsPlan, node: int, local: bool, spec: dict[str, Any]) -
 
 
 def _check_local_port(address: str, port: int) -> None:
-    with socket.socket() as probe:
+    with socket.socket(_family(address)) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((address, port))
@@ -287,12 +201,12 @@ def _check_local_port(address: str, port: int) -> None:
 
 def prepare(cfg: LaunchConfig, plan: HostsPlan) -> tuple[LaunchConfig, bool]:
     """The job's configuration for every node (master = the first host), and whether node 0 is here."""
-    master = host_address(plan.hosts[0].name)
+    master = host_address(plan.master_addr or plan.hosts[0].name)
     local_first = is_this_machine(master)
     port = cfg.master_port or (free_port(master) if local_first else DEFAULT_PORT)
     if local_first:
         _check_local_port(master, port)
-    log_dir = cfg.log_dir or os.path.join("/tmp", "trainfleet", cfg.run_id)  # the same path on every host
+    log_dir = cfg.log_dir or str(default_log_root("/tmp") / cfg.run_id)  # the same path on every host
     # every host's agent gets this with its own node_rank
     cfg = dataclasses.replace(cfg, nodes=len(plan.hosts), role="node", node_rank=0, master_addr=master,
                               master_port=port, log_dir=log_dir)

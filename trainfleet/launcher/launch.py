@@ -19,14 +19,23 @@ from typing import Any
 
 from trainfleet.engine import contract
 from trainfleet.launcher import horovod
-from trainfleet.launcher.agent import FORWARDED_SIGNALS, NodeAgent, say
-from trainfleet.launcher.config import LaunchConfig, Placement, log_dir
+from trainfleet.launcher.agent import FORWARDED_SIGNALS, NodeAgent
+from trainfleet.launcher.config import LaunchConfig, Placement, check_log_root, default_log_root, log_dir
 from trainfleet.launcher.network import reserve_port
+from trainfleet.launcher.rendezvous import say
 from trainfleet.launcher.worker_group import PRELOAD, killpg
 from trainfleet.launcher.worker_process import run_target
 from trainfleet.launcher.workers import worker_env
 from trainfleet.utils.errors import UsageError
 from trainfleet.utils.process import die_with_parent
+
+
+def prepared_log_dir(cfg: LaunchConfig) -> LaunchConfig:
+    """``cfg`` with its log folder decided; the default one's per-user root made (or checked) private."""
+    folder = log_dir(cfg)
+    if folder.parent == default_log_root():
+        check_log_root(folder.parent)
+    return dataclasses.replace(cfg, log_dir=str(folder))
 
 
 def reserve_rendezvous(cfg: LaunchConfig) -> dict[str, socket.socket]:
@@ -85,10 +94,10 @@ def run_simulated_nodes(cfg: LaunchConfig) -> int:
 
     sockets = reserve_rendezvous(cfg)
     _announce(cfg)
-    cfg = dataclasses.replace(cfg, master_port=sockets["control"].getsockname()[1],
-                              horovod_port=sockets["horovod"].getsockname()[1] if "horovod" in sockets else None,
-                              log_dir=str(log_dir(cfg)))
-    context = mp.get_context(cfg.start_method)
+    cfg = dataclasses.replace(prepared_log_dir(cfg), master_port=sockets["control"].getsockname()[1],
+                              horovod_port=sockets["horovod"].getsockname()[1] if "horovod" in sockets else None)
+    # the agents fork (or spawn); forkserver applies to the workers, each agent running its own server
+    context = mp.get_context("fork" if cfg.start_method == "forkserver" else cfg.start_method)
     agents = [context.Process(target=_agent_main, args=(cfg, n, sockets, os.getpid()), name=f"node{n}")
               for n in range(cfg.nodes)]
     for agent in agents:
@@ -156,7 +165,7 @@ def launch(cfg: LaunchConfig) -> int:
     sockets = reserve_rendezvous(cfg) if node == 0 else None
     if node == 0:
         _announce(cfg)
-    cfg = dataclasses.replace(cfg, log_dir=str(log_dir(cfg)))
+    cfg = prepared_log_dir(cfg)
     agent = NodeAgent(cfg, node, sockets)
     code = agent.run()
     if agent.exit_hard:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ from typing import Any
 from trainfleet.engine import contract
 from trainfleet.launcher.worker_process import worker_main
 from trainfleet.launcher.workers import WorkerSpec
+from trainfleet.utils.errors import UsageError
 from trainfleet.utils.process import process_state
 
 PRELOAD = contract.WORKER_PRELOAD  # imported before the fork, so forked workers start with them
@@ -24,6 +26,26 @@ KILL_WAIT = 30.0  # a worker still there this long after SIGKILL is stuck in the
 # What NCCL's watchdog prints before it aborts a process whose collective outlived the timeout.
 WATCHDOG = re.compile(r"Watchdog caught collective operation timeout: WorkNCCL\(SeqNum=(\d+), OpType=(\w+)"
                       r".*?Timeout\(ms\)=(\d+)")
+
+
+def open_log(path: str, truncate: bool = False) -> int:
+    """Open a rank's log for writing without following a link planted at its name (closed when
+    ``truncate``, which only empties it for a new attempt); returns the descriptor otherwise.
+
+    Raises:
+        UsageError: the name is a symbolic link.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if truncate else os.O_APPEND)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UsageError(f"the log file {path!r} is a symbolic link; refusing to write through it.",
+                             "remove the link, or pass another --log-dir.") from err
+        raise
+    if truncate:
+        os.close(fd)
+    return fd
 
 
 def killpg(pid: int, signum: int) -> None:
@@ -127,7 +149,7 @@ class WorkerGroup:
         context = mp.get_context(self.start_method)
         for spec in self.specs:
             Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(spec.log_path).write_bytes(b"")
+            open_log(spec.log_path, truncate=True)
             process = context.Process(target=worker_main, args=(spec,), name=f"rank{spec.rank}")
             process.start()
             self.workers.append(Worker(spec, process, time.monotonic()))

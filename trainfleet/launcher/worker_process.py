@@ -18,12 +18,12 @@ import traceback
 
 from trainfleet.launcher.workers import WorkerSpec
 from trainfleet.utils.errors import UsageError
-from trainfleet.utils.process import die_with_parent, hold_checkpoint_requests
+from trainfleet.utils.process import die_with_parent, hold_checkpoint_requests, pid_alive
 
 
 def _redirect_output(log_path: str) -> None:
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(fd, 1)
@@ -70,7 +70,10 @@ def run_target(target: str, args: list[str], module: bool) -> None:
 def worker_main(spec: WorkerSpec) -> None:
     """Set the worker up, run the target, and exit with its status (never returns)."""
     os.setsid()
-    die_with_parent(spec.launcher_pid)
+    # forkserver: the parent is the fork server, which itself ends when the launcher does
+    die_with_parent(os.getppid() if spec.start_method == "forkserver" else spec.launcher_pid)
+    if not pid_alive(spec.launcher_pid):
+        os._exit(1)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)

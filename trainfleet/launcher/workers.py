@@ -29,6 +29,7 @@ class WorkerSpec:
     error_file: str
     launcher_pid: int
     threads: int | None = None
+    start_method: str = "fork"
 
 
 def worker_env(cfg: LaunchConfig, place: Placement, local_rank: int, port: int,
@@ -98,5 +99,6 @@ def worker_specs(agent: Any, attempt: int, port: int, horovod_port: int | None) 
         specs.append(WorkerSpec(
             rank=rank, local_rank=local_rank, target=cfg.target, args=list(cfg.args), module=cfg.module,
             env=env, log_path=str(folder / f"rank{rank}{suffix}.log"),
-            error_file=str(folder / f"rank{rank}{suffix}.error.json"), launcher_pid=os.getpid(), threads=threads))
+            error_file=str(folder / f"rank{rank}{suffix}.error.json"), launcher_pid=os.getpid(), threads=threads,
+            start_method=cfg.start_method))
     return specs

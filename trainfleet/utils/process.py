@@ -21,6 +21,17 @@ def die_with_parent(parent_pid: int, signum: int = signal.SIGKILL) -> None:
         os._exit(1)
 
 
+def pid_alive(pid: int) -> bool:
+    """True while a process with this pid exists (a zombie too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def process_state(pid: int) -> str | None:
     """The state letter of /proc/<pid>/stat (``T``: stopped, ``Z``: zombie), or None when gone."""
     try:

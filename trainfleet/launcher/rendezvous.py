@@ -1,0 +1,171 @@
+"""Rendezvous of a node's agent with the job, before any worker starts: connect to node 0's
+control store (node 0 hosts it), claim this node's id, take the job's run id, and agree the
+layout (node 0 compares every node's and starts with those that came, down to MIN for an elastic
+job). :class:`RendezvousMixin` is a base of :class:`~trainfleet.launcher.agent.NodeAgent`; it uses
+the agent's ``cfg``, ``node_rank``, ``is_master``, ``sockets``, ``channel``, ``members`` and
+``coordinator``.
+
+Values read from the store are checked before use: a run id must look like one, a layout is
+compared field by field, and a refusal from node 0 is shown as it is, one line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import socket
+import sys
+import time
+from typing import Any
+
+from trainfleet.launcher import control, elastic
+from trainfleet.launcher.control import ControlChannel
+from trainfleet.launcher.elastic import Coordinator
+from trainfleet.launcher.network import reserve_port
+from trainfleet.utils.errors import UsageError
+
+HEARTBEAT_INTERVAL = 0.5
+RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")  # what a run id from the master's store may be
+
+
+def say(message: str) -> None:
+    """One line from the launcher on stderr."""
+    print(f"launch: {message}", file=sys.stderr, flush=True)
+
+
+class RendezvousMixin:
+    """Connect, claim, agree (see the module's docstring)."""
+
+    def _connect(self) -> None:
+        cfg = self.cfg
+        if self.is_master:
+            sock = self.sockets.pop("control", None) or reserve_port(cfg.master_addr, cfg.master_port)
+            port = sock.getsockname()[1]
+            self.cfg = cfg = dataclasses.replace(cfg, master_port=port)
+            self.server = control.connect(cfg.master_addr, port, 30, is_master=True, listen_fd=sock.detach())
+        client = self._client(timeout=2.0)
+        if self.is_master:
+            client.set("job/run_id", cfg.run_id)
+        else:
+            self._claim(client)  # before the first heartbeat: a duplicate must not look like the node
+            self.cfg = cfg = dataclasses.replace(cfg, run_id=self._job_run_id(client))
+        self.channel = ControlChannel(client, self.node_rank, cfg.nodes, HEARTBEAT_INTERVAL, cfg.heartbeat_timeout)
+        self.channel.start()
+
+    def _job_run_id(self, store: Any) -> str:
+        """Node 0's run id, which every node's workers get (TORCHELASTIC_RUN_ID is job-wide, as
+        torchrun's --rdzv-id is); checked, since it comes from the network."""
+        if not wait_key(store, "job/run_id", self.cfg.rendezvous_timeout):
+            raise UsageError(f"node {self.node_rank}: the master published no run id within "
+                             f"{self.cfg.rendezvous_timeout:.0f}s.", "is node 0 a trainfleet agent of this job?")
+        run_id = store.get("job/run_id").decode(errors="replace")
+        if not RUN_ID.fullmatch(run_id):
+            raise UsageError(f"node {self.node_rank}: the master's run id {run_id[:80]!r} is not one "
+                             "(expected letters, digits, '.', '_' or '-').", "is node 0 a trainfleet agent?")
+        return run_id
+
+    def _claim(self, store: Any) -> None:
+        """Hold this node id in the job, so that a second agent started with the same
+        --node-rank is refused instead of running the same ranks twice. In an elastic job it
+        waits (up to the rendezvous timeout) for node 0 to drop an earlier agent of this node,
+        which releases the id: an agent restarted after its node was lost takes it back."""
+        cfg, node, key = self.cfg, self.node_rank, f"agent/{self.node_rank}"
+        token = f"{socket.gethostname()}:{os.getpid()}"
+        deadline = time.monotonic() + cfg.rendezvous_timeout
+        while (holder := store.compare_set(key, "", token).decode()) != token:
+            if not cfg.elastic or time.monotonic() > deadline:
+                when = f"after {cfg.rendezvous_timeout:.0f}s, " if cfg.elastic else ""
+                raise UsageError(
+                    f"node {node}: {when}another agent ({holder}) runs as --node-rank {node} in this job.",
+                    f"give each machine its own --node-rank (0..{cfg.nodes - 1}), or stop the other agent.")
+            time.sleep(0.2)
+
+    def _client(self, timeout: float) -> Any:
+        """A control-store client; waits for the master up to the rendezvous timeout."""
+        cfg = self.cfg
+        try:
+            socket.gethostbyname(cfg.master_addr)
+        except OSError as err:
+            raise UsageError(f"node {self.node_rank}: --master-addr {cfg.master_addr} does not resolve ({err}).",
+                             "use the master's hostname or IP address as this node sees it.") from err
+        deadline = time.monotonic() + cfg.rendezvous_timeout
+        while True:  # a plain TCP probe first: the store's client logs every failed attempt
+            try:
+                socket.create_connection((cfg.master_addr, cfg.master_port), timeout=min(timeout, 1.0)).close()
+                return control.connect(cfg.master_addr, cfg.master_port, timeout)
+            except (OSError, RuntimeError) as err:
+                if time.monotonic() > deadline:
+                    reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+                    raise UsageError(
+                        f"node {self.node_rank}: the master {cfg.master_addr}:{cfg.master_port} is unreachable "
+                        f"after {cfg.rendezvous_timeout:.0f}s ({reason}).",
+                        "start node 0 first, check --master-addr/--master-port and that the port is open.") from err
+                time.sleep(0.3)
+
+    def _layout(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {"nodes": cfg.nodes_spec, "gpus": cfg.procs_per_node, "strategy": cfg.strategy,
+                "precision": cfg.precision, "host": socket.gethostname()}
+
+    def _preflight(self) -> None:
+        """Every node must agree on the layout; the master compares and says who differs."""
+        store = self.channel.store
+        store.set(f"layout/{self.node_rank}", json.dumps(self._layout()))
+        timeout = self.cfg.rendezvous_timeout
+        if self.is_master:
+            self.members = self._gather()
+            self.channel.members = self.members
+            self.coordinator = Coordinator(self.cfg, self.channel, self._layout(), say)
+            store.set("members/0", json.dumps(self.members))
+            store.set("preflight", "ok")
+            return
+        if not wait_key(store, "preflight", timeout):
+            raise UsageError(f"node {self.node_rank}: the master did not confirm the layout within {timeout:.0f}s.")
+        if store.get("preflight").decode() != "ok":
+            raise UsageError(store.get("preflight").decode())
+
+    def _gather(self) -> list[int]:
+        """Node 0: the nodes of the first attempt. Every node must come within the rendezvous
+        timeout; an elastic job starts with those that came when at least MIN did."""
+        cfg, store, mine = self.cfg, self.channel.store, self._layout()
+        timeout = cfg.rendezvous_timeout
+        deadline = time.monotonic() + timeout
+        joined = [0]
+        for node in range(1, cfg.nodes):
+            if not wait_key(store, f"layout/{node}", deadline - time.monotonic()):
+                if not cfg.elastic:
+                    self._fail_preflight(f"node {node} did not join within {timeout:.0f}s.",
+                                         f"start `launch --node-rank {node}` on that machine.")
+                continue
+            problem = elastic.layout_problem(node, json.loads(store.get(f"layout/{node}")), mine)
+            if problem is not None:
+                self._fail_preflight(*problem)
+            joined.append(node)
+        missing = ", ".join(str(node) for node in range(cfg.nodes) if node not in joined)
+        if len(joined) < cfg.min_nodes:
+            self._fail_preflight(f"only {len(joined)} of --nodes {cfg.nodes_spec} joined within {timeout:.0f}s "
+                                 f"(missing: node {missing}).",
+                                 "start `launch --node-rank K` on the missing machines, or lower MIN.")
+        if missing:
+            say(f"starting on {len(joined)} of --nodes {cfg.nodes_spec}; node {missing} did not come within "
+                f"{timeout:.0f}s and may join later.")
+        return joined
+
+    def _fail_preflight(self, message: str, hint: str) -> None:
+        self.channel.store.set("preflight", str(UsageError(message, hint)))
+        raise UsageError(message, hint)
+
+
+def wait_key(store: Any, key: str, timeout: float) -> bool:
+    """True once ``key`` is in the store (looked at least once), False after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if store.check([key]):
+                return True
+        except RuntimeError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
