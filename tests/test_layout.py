@@ -159,7 +159,8 @@ def _copy_with(tmp_path: Path, module: str, code: str) -> Path:
 
 
 def test_a_function_local_import_across_a_lane_is_caught(tmp_path):
-    root = _copy_with(tmp_path, "trainfleet.engine.data", "\n\ndef _late():\n    from trainfleet.launcher import agent\n")
+    late = "\n\ndef _late():\n    from trainfleet.launcher import agent\n"
+    root = _copy_with(tmp_path, "trainfleet.engine.data", late)
     assert [p.split(" (")[0] for p in lane_violations(root)] == [
         f"trainfleet.engine.data:{len((PACKAGE / 'engine/data.py').read_text().splitlines()) + 4} imports "
         "trainfleet.launcher.agent"]

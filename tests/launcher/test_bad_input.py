@@ -155,7 +155,8 @@ def test_flags_that_would_be_ignored_are_refused(launch, args, needles):
 def test_ssh_options_that_start_with_a_dash_are_values():
     from trainfleet.cli.launch_args import attach_dash_values, build_parser
 
-    ns = build_parser().parse_args(attach_dash_values(["--ssh-opt", "-p 2222", "--gpus", "2", SCRIPT, "--ssh-opt", "-x"]))
+    argv = ["--ssh-opt", "-p 2222", "--gpus", "2", SCRIPT, "--ssh-opt", "-x"]
+    ns = build_parser().parse_args(attach_dash_values(argv))
     assert (ns.ssh_opt, ns.gpus, ns.args) == (["-p 2222"], 2, ["--ssh-opt", "-x"])
 
 

@@ -61,9 +61,12 @@ def test_forwarded_environment(monkeypatch):
     monkeypatch.setenv("NCCL_DEBUG", "INFO")
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth9")
     monkeypatch.setenv("MY_TOKEN", "x")
+    monkeypatch.setenv("WANDB_API_KEY", "secret")
     env = hosts_module.forwarded_env(["MY_TOKEN"])
     assert env["NCCL_DEBUG"] == "INFO" and env["MY_TOKEN"] == "x"
     assert "GLOO_SOCKET_IFNAME" not in env  # each host finds its own interface to the master
+    assert "WANDB_API_KEY" not in env  # a secret travels only when named (--env WANDB_API_KEY)
+    assert hosts_module.forwarded_env(["WANDB_API_KEY"])["WANDB_API_KEY"] == "secret"
 
 
 # ----- real hosts over ssh -------------------------------------------------------------------

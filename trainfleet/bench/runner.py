@@ -1,7 +1,8 @@
 """Plan, run and aggregate a strategy benchmark through the real launcher.
 
 Each configuration (strategy x precision x workers) is a ``launch`` of the target with
-the engine's step timer switched on (the worker contract's bench variables); the engine times the steps. Rounds are interleaved
+the engine's step timer switched on (the worker contract's bench variables); the engine times
+the steps. Rounds are interleaved
 (A B C, A B C, ...) because these machines are noisy, and each figure is the median
 over rounds with its min-max.
 """

@@ -72,7 +72,8 @@ def _run_hosts(ns: argparse.Namespace) -> int:
     from trainfleet.launcher.host_list import plan_from_args, workers_per_host
     from trainfleet.launcher.hosts import run_hosts
 
-    given = FLAGS_BY_DEST["master_addr"].env_name in os.environ or ns.master_addr != FLAGS_BY_DEST["master_addr"].default
+    master = FLAGS_BY_DEST["master_addr"]
+    given = master.env_name in os.environ or ns.master_addr != master.default
     plan = plan_from_args(ns.hosts, ns.hostfile, ns.ssh_opt, ns.env, ns.master_addr if given else None)
     if ns.node_rank is not None:
         raise UsageError(f"--node-rank {ns.node_rank} with --hosts: the hosts' order gives the node ranks.",

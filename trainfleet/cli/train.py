@@ -13,7 +13,8 @@ from trainfleet.utils.errors import UsageError
 def build_train_parser() -> argparse.ArgumentParser:
     """Options of the built-in recipe ``python -m trainfleet.train``."""
     d = TrainConfig.__dataclass_fields__
-    parser = OneLineParser(prog="python -m trainfleet.train", description="Train a registry model on a registry dataset.")
+    parser = OneLineParser(prog="python -m trainfleet.train",
+                           description="Train a registry model on a registry dataset.")
     add = parser.add_argument
     add("--model", default=d["model"].default, help="a name from `trainfleet models` (default resnet18)")
     add("--dataset", default=d["dataset"].default, help="synthetic, mnist, cifar10 or imagefolder")

@@ -76,7 +76,8 @@ def worker_variables(*, strategy: str, precision: str, strategy_options: Mapping
                      resume_record: str | None = None) -> dict[str, str]:
     """The ``TRAINFLEET_*`` variables ``launch`` gives one worker (``nodes_spec`` only for an
     elastic job)."""
-    env: dict[str, Any] = {STRATEGY: strategy, PRECISION: precision, STRATEGY_OPTIONS: json.dumps(dict(strategy_options)),
+    options = json.dumps(dict(strategy_options))
+    env: dict[str, Any] = {STRATEGY: strategy, PRECISION: precision, STRATEGY_OPTIONS: options,
                            AMP_BACKEND: amp_backend, ACCELERATOR: accelerator, RUN_ID: run_id, NODE: node,
                            TTY: int(tty)}
     if collective_timeout:

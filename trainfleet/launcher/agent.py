@@ -30,7 +30,15 @@ from typing import Any
 
 from trainfleet.launcher import control, elastic, horovod
 from trainfleet.launcher.config import LaunchConfig, Placement, placement
-from trainfleet.launcher.control import ControlChannel, Failure, failed_at, peer_error
+from trainfleet.launcher.control import (
+    ControlChannel,
+    Failure,
+    failed_at,
+    parse_count,
+    parse_members,
+    peer_error,
+    printable,
+)
 from trainfleet.launcher.elastic import Coordinator
 from trainfleet.launcher.network import reserve_port
 from trainfleet.launcher.rendezvous import RendezvousMixin, say, wait_key
@@ -102,8 +110,11 @@ class NodeAgent(RendezvousMixin):
         if self.is_master:
             return self._enter(0, self.members)
         store, node = self.channel.store, self.node_rank
-        attempt = int(store.get("job/attempt")) if store.check(["job/attempt"]) else 0
-        members = json.loads(store.get(f"members/{attempt}"))
+        attempt = (parse_count(store.get("job/attempt")) or 0) if store.check(["job/attempt"]) else 0
+        members = parse_members(store.get(f"members/{attempt}"), self.cfg.nodes)
+        if members is None:
+            raise UsageError(f"node {node}: the master posted no valid members for attempt {attempt}.",
+                             "is every node of this job a trainfleet agent?")
         if node in members:
             return self._enter(attempt, members)
         if not self.cfg.elastic:
@@ -129,8 +140,15 @@ class NodeAgent(RendezvousMixin):
             return ports[0], ports[1]
         if not wait_key(store, key, self.cfg.rendezvous_timeout):
             raise UsageError(f"node {self.node_rank}: no rendezvous ports from the master for attempt {attempt}.")
-        port, hvd_port = json.loads(store.get(key))
-        return port, hvd_port
+        try:
+            ports = json.loads(store.get(key))
+        except ValueError:
+            ports = None
+        if not (isinstance(ports, list) and len(ports) == 2 and all(
+                p is None or (isinstance(p, int) and 0 < p < 65536) for p in ports) and ports[0] is not None):
+            raise UsageError(f"node {self.node_rank}: the master posted {printable(str(ports), 80)!r} as the ports of "
+                             f"attempt {attempt}.", "is every node of this job a trainfleet agent?")
+        return ports[0], ports[1]
 
     def _host_attempt_servers(self) -> None:
         if not self.is_master:
@@ -245,6 +263,10 @@ class NodeAgent(RendezvousMixin):
         channel = self.channel
         if channel.failure is not None:
             return Outcome("failed", channel.failure)
+        if not channel.is_alive():  # it keeps going through errors; gone means something killed it
+            failure = Failure(self.node_rank, None, "the agent's control thread stopped")
+            channel.report_failure(failure)
+            return Outcome("lost", failure)
         if not self.is_master and (channel.attempt > attempt or channel.ended is not None):
             return Outcome("behind")
         if self.is_master:

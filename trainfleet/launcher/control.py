@@ -4,19 +4,27 @@ Node 0's agent hosts the store at --master-port for the whole job. Every agent r
 :class:`ControlChannel` thread that talks to it with short timeouts, so the agent's
 supervision loop never blocks on the network:
 
-- heartbeats: each agent increments ``hb/<node>`` every ``interval``; the master tracks
-  when each counter last moved (its own clock: counters, not timestamps, because the
+- heartbeats: each agent writes its own counter to ``hb/<node>`` every ``interval``; the master
+  tracks when each counter last moved (its own clock: counters, not timestamps, because the
   hosts' clocks differ), the others track the master's ``hb/master``;
 - the first failure of the job, ``job/failure`` (compare-and-set: the first one wins);
 - signals to forward to every node, ``job/signal``;
 - attempts: ``job/attempt``, its members ``members/<attempt>`` and the worker store's port;
 - elastic jobs: ``join/<node>`` (a node asking to join), ``left/<node>`` (a node leaving).
+
+Trust: anything that reaches the port can write any key (torchrun's store is the same, and it
+unpickles values). Every value read here is parsed and checked, a malformed one is ignored (said
+once), and no key is incremented on the server (``TCPStore.add`` on a non-number closes the
+connection): counters are written whole with ``set``. So a bad value cannot kill the control
+thread or crash the job; it can still stop it (a well-formed ``job/signal``), which a job token
+would prevent (not built yet; see DEVELOPERS.md).
 """
 from __future__ import annotations
 
 import datetime
 import json
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,16 +53,75 @@ class Failure:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Failure":
-        return cls(**json.loads(text))
+        """A failure read from the store.
+
+        Raises:
+            ValueError: not a failure record (wrong JSON, unknown fields, wrong types).
+        """
+        data = json.loads(text)
+        fields = set(cls.__dataclass_fields__)
+        if not isinstance(data, dict) or set(data) - fields or not {"node", "rank", "how"} <= set(data):
+            raise ValueError("not a failure record")
+        for name, kinds in _FAILURE_TYPES.items():
+            value = data.get(name)
+            if name in data and (not isinstance(value, kinds) or (name != "secondary" and isinstance(value, bool))):
+                raise ValueError(f"{name}: {type(value).__name__}")
+        if not all(isinstance(line, str) for line in data.get("lines", [])):
+            raise ValueError("lines: not text")
+        data["lines"] = [printable(line) for line in data.get("lines", [])[-50:]]
+        data["how"], data["why"] = printable(data["how"]), printable(data.get("why", ""))
+        return cls(**data)
 
     def exit_code(self) -> int:
         """Every agent exits with the failing rank's code (128 + signal when it was killed)."""
         words = self.how.split()
-        if self.how.startswith("exit code"):
-            return int(words[2])
-        if self.how.startswith("signal SIG"):
+        if self.how.startswith("exit code") and len(words) > 2 and words[2].isdigit():
+            return min(int(words[2]), 255) or 1
+        if self.how.startswith("signal SIG") and len(words) > 1 and words[1] in signal.Signals.__members__:
             return 128 + signal.Signals[words[1]].value
         return 1
+
+
+_FAILURE_TYPES = {"node": int, "rank": (int, type(None)), "how": str, "lines": list, "local_rank": (int, type(None)),
+                  "elapsed": (int, float, type(None)), "at": (int, float), "secondary": (bool, int), "why": str}
+# The signals the launcher relays to every worker; a job/signal naming another is not ours.
+RELAYED = tuple(int(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2))
+
+
+def printable(text: str, limit: int = 1000) -> str:
+    """``text`` without control characters (a store value may carry terminal escapes), cut to ``limit``."""
+    return "".join(ch if ch.isprintable() else "?" for ch in str(text)[:limit])
+
+
+def parse_signal(text: bytes) -> tuple[int, int] | None:
+    """``job/signal``: ``"ATTEMPT SIGNUM"`` with a relayed signal, else None."""
+    parts = text.decode(errors="replace").split()
+    if len(parts) != 2 or not all(part.isdigit() for part in parts) or int(parts[1]) not in RELAYED:
+        return None
+    return int(parts[0]), int(parts[1])
+
+
+def parse_count(text: bytes, limit: int = 1_000_000) -> int | None:
+    """A small non-negative integer (an attempt number, a counter), else None."""
+    raw = text.decode(errors="replace").strip()
+    return int(raw) if raw.isdigit() and int(raw) <= limit else None
+
+
+def parse_dict(text: bytes) -> dict | None:
+    """A JSON object (a node's layout), else None."""
+    value = json.loads(text)
+    return value if isinstance(value, dict) else None
+
+
+def parse_members(text: bytes, nodes: int) -> list[int] | None:
+    """``members/<attempt>``: distinct node ids 0..nodes-1 with node 0 first, else None."""
+    try:
+        members = json.loads(text)
+    except ValueError:
+        return None
+    ok = (isinstance(members, list) and members and members[0] == 0 and len(set(map(str, members))) == len(members)
+          and all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < nodes for n in members))
+    return members if ok else None
 
 
 PEER_ERRORS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
@@ -119,6 +186,9 @@ class ControlChannel(threading.Thread):
         self._halt = threading.Event()
         self._wake = threading.Event()
         self._flushed = threading.Event()
+        self._beats = 0
+        self._complained: set[str] = set()  # keys whose malformed value was already reported
+        self.broken: str | None = None  # an unexpected error the thread survived
 
     # ----- called by the agent ---------------------------------------------------------
     def report_failure(self, failure: Failure) -> None:
@@ -141,10 +211,10 @@ class ControlChannel(threading.Thread):
         while True:
             try:
                 for node in members:
-                    if node not in found and self.store.check([f"failure/{node}"]):
-                        text = self.store.get(f"failure/{node}")
-                        if text:
-                            found[node] = Failure.from_json(text)
+                    if node not in found:
+                        failure = self._read(f"failure/{node}", lambda raw: Failure.from_json(raw) if raw else None)
+                        if failure is not None:
+                            found[node] = failure
             except RuntimeError:
                 break
             if len(found) == len(members) or time.monotonic() > deadline:
@@ -160,10 +230,10 @@ class ControlChannel(threading.Thread):
         late must not reach the next attempt's workers)."""
         self._send("job/signal", f"{attempt} {signum}")
 
-    def _send(self, key: str, value: str, first_only: bool = False, counter: bool = False) -> None:
+    def _send(self, key: str, value: str, first_only: bool = False) -> None:
         """Queue a write for the thread: on a cut link a store call can block indefinitely
         (the client's timeout does not cover every receive), and the agent must not."""
-        kind = "add" if counter else ("first" if first_only else "set")
+        kind = "first" if first_only else "set"
         with self.lock:
             self._outbox.append((kind, key, value))
             self._flushed.clear()
@@ -175,7 +245,7 @@ class ControlChannel(threading.Thread):
 
     def mark_done(self, attempt: int) -> None:
         """This node's workers all finished attempt ``attempt`` successfully."""
-        self._send(f"done/{attempt}", "", counter=True)
+        self._send(f"done/{attempt}/{self.node}", "1")
 
     def post(self, key: str, value: str) -> None:
         """Set ``key`` in the store (through the thread)."""
@@ -216,12 +286,16 @@ class ControlChannel(threading.Thread):
     # ----- the thread ------------------------------------------------------------------
     def _beat(self) -> None:
         if time.monotonic() - self._last_beat >= self.interval:
-            self.store.add(f"hb/{MASTER if self.node == 0 else self.node}", 1)
+            self._beats += 1
+            self.store.set(f"hb/{MASTER if self.node == 0 else self.node}", str(self._beats))
             self._last_beat = time.monotonic()
 
     def _watch(self, name: str, now: float) -> str | None:
         """Why ``name`` is lost (its heartbeat did not move for ``timeout``), else None."""
-        count = int(self.store.add(f"hb/{name}", 0))
+        raw = self.store.get(f"hb/{name}") if self.store.check([f"hb/{name}"]) else b"0"
+        count = parse_count(raw, limit=1 << 62)
+        if count is None:  # not a heartbeat: it does not move
+            count = self._seen.get(name, (-1, now))[0]
         previous = self._seen.get(name)
         if previous is None or previous[0] != count:
             self._seen[name] = (count, now)
@@ -238,36 +312,53 @@ class ControlChannel(threading.Thread):
         for node in range(1, self.nodes):
             if node in self.members or not self.store.check([f"join/{node}"]):
                 continue
-            if self._watch(str(node), now) is None and not self.store.check([f"left/{node}"]):
-                self.joiners.setdefault(node, json.loads(self.store.get(f"join/{node}")))
+            layout = self._read(f"join/{node}", parse_dict)
+            if layout is not None and self._watch(str(node), now) is None and not self.store.check([f"left/{node}"]):
+                self.joiners.setdefault(node, layout)
             else:
                 self.joiners.pop(node, None)
 
+    def _read(self, key: str, parse: Any) -> Any:
+        """``parse(value)`` of ``key`` when it is set and well formed; a malformed value (anything
+        that reaches the port can write one) is ignored, and said once."""
+        if not self.store.check([key]):
+            return None
+        raw = self.store.get(key)
+        try:
+            value = parse(raw)
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+            value = None
+        if value is None and raw and key not in self._complained:
+            self._complained.add(key)
+            print(f"launch: node {self.node}: ignoring a malformed {key} in the control store: "
+                  f"{printable(raw.decode(errors='replace'), 80)!r}", file=sys.stderr, flush=True)
+        return value
+
     def _poll(self) -> None:
-        if self.store.check(["job/failure"]):
-            text = self.store.get("job/failure")
-            if text:
-                with self.lock:
-                    self.failure = self.failure or Failure.from_json(text)
-        if self.store.check(["job/signal"]):
-            attempt, _, signum = self.store.get("job/signal").decode().partition(" ")
-            self.signal, self.signal_attempt = (int(signum), int(attempt)) if signum else (None, -1)
-        if self.store.check(["job/attempt"]):
-            self.attempt = int(self.store.get("job/attempt"))
+        failure = self._read("job/failure", lambda raw: Failure.from_json(raw) if raw else None)
+        if failure is not None:
+            with self.lock:
+                self.failure = self.failure or failure
+        relayed = self._read("job/signal", parse_signal)
+        if relayed is not None:
+            self.signal_attempt, self.signal = relayed
+        attempt = self._read("job/attempt", parse_count)
+        if attempt is not None:
+            self.attempt = attempt
         if self.node == 0:
-            self.done_count = int(self.store.add(f"done/{self.attempt}", 0))
-        if self.store.check(["job/done"]):
-            self.done_attempt = int(self.store.get("job/done"))
-        if self.store.check(["job/end"]):
-            self.ended = self.store.get("job/end").decode()
+            self.done_count = sum(self.store.check([f"done/{self.attempt}/{node}"]) for node in self.members)
+        done = self._read("job/done", parse_count)
+        if done is not None:
+            self.done_attempt = done
+        ended = self._read("job/end", lambda raw: printable(raw.decode(errors="replace"), 300))
+        if ended is not None:
+            self.ended = ended
 
     def _flush_outbox(self) -> None:
         with self.lock:
             pending = list(self._outbox)
         for kind, key, value in pending:
-            if kind == "add":
-                self.store.add(key, 1)
-            elif kind == "first":
+            if kind == "first":
                 self.store.compare_set(key, "", value)
             else:
                 self.store.set(key, value)
@@ -297,3 +388,8 @@ class ControlChannel(threading.Thread):
                 self._last_contact = time.monotonic()
             except RuntimeError:  # timed out or refused: the agent's loop judges silent_for()
                 pass
+            except Exception as err:  # a bug, or a value no check foresaw: say so, keep the thread
+                if self.broken is None:
+                    self.broken = f"{type(err).__name__}: {err}"
+                    print(f"launch: node {self.node}: the control thread hit {self.broken}; going on",
+                          file=sys.stderr, flush=True)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainfleet.launcher.config import log_dir
+from trainfleet.launcher.control import parse_members, printable
 from trainfleet.utils.errors import UsageError
 
 GROW_WAIT = 60.0  # seconds the workers get to checkpoint and return after a join request
@@ -79,9 +80,10 @@ LAYOUT_KEYS = ("nodes", "gpus", "strategy", "precision")
 
 def layout_problem(node: int, theirs: dict[str, Any], mine: dict[str, Any]) -> tuple[str, str] | None:
     """(message, hint) when node ``node`` was started with another layout than node 0."""
+    host = printable(str(theirs.get("host", "?")), 80)
     for key in LAYOUT_KEYS:
-        if theirs[key] != mine[key]:
-            return (f"node {node} ({theirs['host']}) was started with --{key} {theirs[key]} but node 0 "
+        if theirs.get(key) != mine[key]:
+            return (f"node {node} ({host}) was started with --{key} {printable(str(theirs.get(key)), 80)} but node 0 "
                     f"({mine['host']}) with --{key} {mine[key]}.",
                     "start every node with the same --nodes, --gpus, --strategy and --precision.")
     return None
@@ -238,11 +240,11 @@ def wait_to_join(channel: Any, node: int, layout: dict[str, Any], timeout: float
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not channel.lost and channel.ended is None:
         if store.check([f"join/{node}/answer"]):
-            raise UsageError(store.get(f"join/{node}/answer").decode())
+            raise UsageError(printable(store.get(f"join/{node}/answer").decode(errors="replace"), 300))
         latest = channel.attempt
         if latest > 0 and store.check([f"members/{latest}"]):
-            members = json.loads(store.get(f"members/{latest}"))
-            if node in members:
+            members = parse_members(store.get(f"members/{latest}"), channel.nodes)
+            if members is not None and node in members:
                 return latest, members
         time.sleep(0.1)
     raise UsageError(f"node {node}: the job did not take this node within {timeout:.0f}s.",
@@ -259,7 +261,9 @@ def follow(channel: Any, node: int, attempt: int, limit: float) -> tuple[int, li
             return f"node {node}: stopping, the master ended the job: {reason}" if reason else None
         latest = channel.attempt
         if latest > attempt:
-            members = json.loads(channel.store.get(f"members/{latest}"))
+            members = parse_members(channel.store.get(f"members/{latest}"), channel.nodes)
+            if members is None:
+                return f"node {node}: the master posted no valid members for attempt {latest}; stopping."
             if node not in members:
                 return (f"node {node}: the job went on without this node at attempt {latest} "
                         f"(nodes {members}); start it again to rejoin.")

@@ -30,7 +30,8 @@ from trainfleet.launcher.host_list import HostsPlan, ssh_name
 from trainfleet.utils.errors import UsageError
 
 FORWARDED_PREFIXES = ("TRAINFLEET_", "NCCL_", "GLOO_", "TORCH_", "CUDA_LAUNCH_BLOCKING")
-FORWARDED_NAMES = ("PYTHONPATH", "OMP_NUM_THREADS", "HF_HOME", "WANDB_API_KEY")
+# Paths and settings only: a secret (WANDB_API_KEY, a token) goes to other hosts only when named with --env.
+FORWARDED_NAMES = ("PYTHONPATH", "OMP_NUM_THREADS", "HF_HOME")
 NOT_FORWARDED = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")  # each host picks the interface to the master
 DEFAULT_PORT = 29500
 

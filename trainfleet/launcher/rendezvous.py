@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from trainfleet.launcher import control, elastic
-from trainfleet.launcher.control import ControlChannel
+from trainfleet.launcher.control import ControlChannel, printable
 from trainfleet.launcher.elastic import Coordinator
 from trainfleet.launcher.network import reserve_port
 from trainfleet.utils.errors import UsageError
@@ -122,8 +122,9 @@ class RendezvousMixin:
             return
         if not wait_key(store, "preflight", timeout):
             raise UsageError(f"node {self.node_rank}: the master did not confirm the layout within {timeout:.0f}s.")
-        if store.get("preflight").decode() != "ok":
-            raise UsageError(store.get("preflight").decode())
+        answer = printable(store.get("preflight").decode(errors="replace"), 500)
+        if answer != "ok":
+            raise UsageError(answer)
 
     def _gather(self) -> list[int]:
         """Node 0: the nodes of the first attempt. Every node must come within the rendezvous
@@ -138,7 +139,9 @@ class RendezvousMixin:
                     self._fail_preflight(f"node {node} did not join within {timeout:.0f}s.",
                                          f"start `launch --node-rank {node}` on that machine.")
                 continue
-            problem = elastic.layout_problem(node, json.loads(store.get(f"layout/{node}")), mine)
+            theirs = _layout_of(store, node)
+            problem = (elastic.layout_problem(node, theirs, mine) if theirs is not None else
+                       (f"node {node} sent a malformed layout.", "is every node of this job a trainfleet agent?"))
             if problem is not None:
                 self._fail_preflight(*problem)
             joined.append(node)
@@ -155,6 +158,14 @@ class RendezvousMixin:
     def _fail_preflight(self, message: str, hint: str) -> None:
         self.channel.store.set("preflight", str(UsageError(message, hint)))
         raise UsageError(message, hint)
+
+
+def _layout_of(store: Any, node: int) -> dict[str, Any] | None:
+    """``layout/<node>`` as a dict, or None when it is not one."""
+    try:
+        return control.parse_dict(store.get(f"layout/{node}"))
+    except ValueError:
+        return None
 
 
 def wait_key(store: Any, key: str, timeout: float) -> bool:

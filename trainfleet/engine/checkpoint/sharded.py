@@ -1,4 +1,5 @@
-"""Sharded checkpoints (writing; reading is :mod:`.sharded_load`): one folder that every rank writes in parallel through torch.distributed.checkpoint.
+"""Sharded checkpoints (writing; reading is :mod:`.sharded_load`): one folder that every rank
+writes in parallel through torch.distributed.checkpoint.
 
 Layout of a folder such as ``checkpoints/step100``::
 
