@@ -1,0 +1,120 @@
+"""The launcher against slow starts, other users and odd start methods (issue 22, items 10, 11, 13, 14).
+
+- Ctrl-C or SIGTERM while node 0 waits for the other nodes ends the launch at once, 128 + signal;
+- ``--start-method forkserver`` runs (its workers' parent is the fork server, not the launcher);
+- the default log root is per user and private; a root owned by someone else is one line; a log
+  file planted as a symbolic link is never written through;
+- every node's workers see the same TORCHELASTIC_RUN_ID (node 0's), as under torchrun.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import BIN, SCRIPTS, run_cli
+from tests.launcher.test_nodes import free_port_pair
+
+TORCHRUN_STYLE = str(SCRIPTS / "torchrun_style.py")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_during_rendezvous_ends_the_launch_at_once(tmp_path, signum):
+    """Node 0 waits (up to --rendezvous-timeout, 120 s) for a node 1 that never comes. On the old
+    code the signal was only recorded, and the launch sat out the whole timeout."""
+    port = free_port_pair()
+    launch = subprocess.Popen([str(BIN / "launch"), "--nodes", "2", "--node-rank", "0", "--master-port", str(port),
+                               "--log-dir", str(tmp_path / "logs"), TORCHRUN_STYLE, str(tmp_path)],
+                              stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # node 0 listens: it is waiting for node 1
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    time.sleep(1.5)  # well inside the rendezvous (the old code waited 120 s here)
+    sent = time.monotonic()
+    launch.send_signal(signum)
+    try:
+        code = launch.wait(timeout=10)
+    finally:
+        if launch.poll() is None:
+            launch.kill()
+    stderr = launch.stderr.read()
+    assert code == 128 + signum, stderr
+    assert time.monotonic() - sent < 5
+    assert f"stopped by {signal.Signals(signum).name} before the workers started" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_forkserver_start_method_runs(tmp_path):
+    """On the old code every worker exited at once: its parent was the fork server, not the launcher."""
+    result = run_cli("launch", "--start-method", "forkserver", "--gpus", "2", "--log-dir", str(tmp_path / "logs"),
+                     TORCHRUN_STYLE, str(tmp_path), timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text())["sum"] for r in range(2)] == [3.0, 3.0]
+
+
+def test_the_default_log_root_of_another_user_is_one_line(tmp_path):
+    """A `<tmp>/trainfleet-<user>` that someone else owns (or that is open to others) is refused
+    in one line; on the old code a shared `<tmp>/trainfleet` made by another user broke the launch
+    with a traceback."""
+    import getpass
+
+    for name in ("trainfleet", f"trainfleet-{getpass.getuser()}"):
+        (tmp_path / name).mkdir(mode=0o755)
+        os.chown(tmp_path / name, 65534, 65534)  # nobody
+        os.chmod(tmp_path / name, 0o755)
+    result = run_cli("launch", "--gpus", "1", TORCHRUN_STYLE, str(tmp_path), env={"TMPDIR": str(tmp_path)},
+                     timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("launch: no CUDA")]
+    assert len(lines) == 1 and "belongs to uid 65534, not private to you" in lines[0], result.stderr
+
+
+def test_the_default_log_root_is_private(tmp_path):
+    import getpass
+
+    result = run_cli("launch", "--gpus", "1", TORCHRUN_STYLE, str(tmp_path), env={"TMPDIR": str(tmp_path)},
+                     timeout=120)
+    assert result.returncode == 0, result.stderr
+    root = tmp_path / f"trainfleet-{getpass.getuser()}"
+    assert root.stat().st_mode & 0o777 == 0o700
+    (run,) = root.iterdir()
+    assert (run / "node0" / "rank0.log").is_file()
+
+
+def test_a_log_file_planted_as_a_link_is_not_written_through(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("untouched")
+    logs = tmp_path / "logs" / "node0"
+    logs.mkdir(parents=True)
+    (logs / "rank0.log").symlink_to(victim)
+    result = run_cli("launch", "--gpus", "1", "--log-dir", str(tmp_path / "logs"), TORCHRUN_STYLE, str(tmp_path),
+                     timeout=120)
+    assert victim.read_text() == "untouched"
+    assert result.returncode == 2 and "is a symbolic link; refusing to write through it" in result.stderr, \
+        result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_every_node_gets_node_0s_run_id(tmp_path):
+    """Two agents started apart (--node-rank 0 and 1, as on two machines). On the old code each
+    computed its own TORCHELASTIC_RUN_ID (time and pid of its agent)."""
+    port = str(free_port_pair())
+    common = ["--nodes", "2", "--gpus", "1", "--master-port", port, TORCHRUN_STYLE, str(tmp_path)]
+    agents = [subprocess.Popen([str(BIN / "launch"), "--node-rank", str(n), "--log-dir", str(tmp_path / f"n{n}"),
+                                *common], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for n in (0, 1)]
+    for agent in agents:
+        assert agent.wait(timeout=120) == 0, agent.communicate()[1]
+        agent.communicate()
+    ids = {json.loads((tmp_path / f"rank{r}.json").read_text())["env"]["TORCHELASTIC_RUN_ID"] for r in range(2)}
+    assert len(ids) == 1, ids
