@@ -97,3 +97,11 @@ def test_nccl_group_is_bound_to_the_rank_gpu_and_aborted_after_a_failure():
                             **group_options("gloo", torch.device("cpu"), 60))
     release_group("gloo", failed=True)
     assert not dist.is_initialized()
+
+
+def test_collective_timeouts_default_to_torchs_own(monkeypatch):
+    """NCCL 10 minutes, gloo 30, unless --collective-timeout or timeout_s says (issue 22 item 17;
+    the old code gave NCCL 30 minutes)."""
+    from trainfleet.engine.ddp import default_timeout_s
+
+    assert (default_timeout_s("nccl"), default_timeout_s("gloo")) == (600.0, 1800.0)

@@ -198,3 +198,38 @@ def test_the_killed_rank_is_named_not_the_sibling_that_lost_its_connection(tmp_p
     result = run_cli("launch", "--gpus", "2", str(script), timeout=60)
     assert result.returncode != 0
     assert "rank 1 (node 0, local rank 1) failed first: signal SIGKILL" in result.stderr, result.stderr
+
+
+def test_a_worker_held_by_a_debugger_is_not_frozen():
+    """A debugger that attaches (gdb, py-spy, debugpy) puts the worker in a tracing stop (state t):
+    the job waits for its user. ``kill -STOP`` (state T) is still a frozen worker. On the old code
+    6 s under a debugger failed the job."""
+    import ctypes
+    import os
+    from types import SimpleNamespace
+
+    from trainfleet.launcher.worker_group import Worker, WorkerGroup
+    from trainfleet.utils.process import process_state
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    held, stopped = subprocess.Popen(["sleep", "60"]), subprocess.Popen(["sleep", "60"])
+    try:
+        assert libc.ptrace(16, held.pid, 0, 0) == 0, ctypes.get_errno()  # PTRACE_ATTACH, as gdb does
+        os.waitpid(held.pid, 0)
+        stopped.send_signal(signal.SIGSTOP)
+        while process_state(stopped.pid) != "T":
+            time.sleep(0.01)
+        assert process_state(held.pid) == "t"
+        group = WorkerGroup([], "fork", None)
+        group.workers = [Worker(SimpleNamespace(rank=r), SimpleNamespace(pid=p.pid), time.monotonic())
+                         for r, p in enumerate((held, stopped))]
+        group.frozen(0.0)
+        time.sleep(0.2)
+        assert group.frozen(0.1).spec.rank == 1
+        group.workers.pop()
+        assert group.frozen(0.1) is None
+    finally:
+        libc.ptrace(17, held.pid, 0, 0)  # PTRACE_DETACH
+        for process in (held, stopped):
+            process.kill()
+            process.wait()

@@ -19,7 +19,13 @@ _OPS = {
     "min": dist.ReduceOp.MIN,
     "product": dist.ReduceOp.PRODUCT,
 }
-DEFAULT_TIMEOUT_S = 1800.0
+# torch's own defaults: NCCL 10 minutes, gloo 30 (a NCCL job waited three times longer under trainfleet)
+DEFAULT_TIMEOUT_S = {"nccl": 600.0, "gloo": 1800.0}
+
+
+def default_timeout_s(backend: str) -> float:
+    """The collective timeout when neither ``timeout_s`` nor ``--collective-timeout`` says one."""
+    return DEFAULT_TIMEOUT_S.get(backend, DEFAULT_TIMEOUT_S["gloo"])
 
 
 def group_options(backend: str, device: torch.device, timeout_s: float) -> dict[str, Any]:
@@ -50,8 +56,8 @@ class DDPStrategy(MultiProcessStrategy):
     """Wraps the module in DDP and joins the process group from env:// variables.
 
     Args:
-        timeout_s: collective timeout; ``launch --collective-timeout`` overrides the
-            30-minute default of torch.distributed.
+        timeout_s: collective timeout; ``launch --collective-timeout`` overrides torch's
+            defaults (NCCL 10 minutes, gloo 30).
         sync_batchnorm: normalise with the statistics of the global batch (BatchNorm layers
             become ``nn.SyncBatchNorm`` on CUDA, :class:`GlobalBatchNorm` on CPU workers).
         **ddp_kwargs: passed to ``DistributedDataParallel`` (``find_unused_parameters``, ...).
@@ -66,7 +72,8 @@ class DDPStrategy(MultiProcessStrategy):
         self.sync_batchnorm = bool(sync_batchnorm)
         self.synced_batchnorms = 0  # BatchNorm layers converted by setup
         super().__init__(precision, env, accelerator)
-        self.timeout_s = float(timeout_s or WorkerSettings.from_env().collective_timeout or DEFAULT_TIMEOUT_S)
+        self.timeout_s = float(timeout_s or WorkerSettings.from_env().collective_timeout
+                               or default_timeout_s(self.backend))
         self.ddp_kwargs = ddp_kwargs
         self._owns_group = False
         self._host_group: Any = None  # gloo beside NCCL, for max_on_host

@@ -103,7 +103,7 @@ LAUNCH_FLAGS: tuple[Flag, ...] = (
     Flag("rendezvous_timeout", ("--rendezvous-timeout",), "seconds to wait for every node (default 120)",
          type=float, default=120.0),
     Flag("collective_timeout", ("--collective-timeout",), "seconds before a collective some rank never joins "
-         "fails, naming rank and call site (default: torch's 30 min)", type=float),
+         "fails, naming rank and call site (default: torch's, 10 min on NCCL, 30 on gloo)", type=float),
     Flag("hosts", ("--hosts",), "start one node on each host over ssh (node 0 on the first; here when it is "
          "this machine)", job=NOT_FOR_JOBS_SSH, metavar="A,B[:SLOTS]"),
     Flag("hostfile", ("--hostfile",), "hosts, one 'host slots=N' per line", job=NOT_FOR_JOBS_SSH),

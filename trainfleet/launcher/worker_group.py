@@ -176,10 +176,12 @@ class WorkerGroup:
         return done
 
     def frozen(self, limit: float) -> Worker | None:
-        """A worker stopped (``kill -STOP``, state T) for longer than ``limit`` seconds."""
+        """A worker stopped (``kill -STOP``, state T) for longer than ``limit`` seconds. A worker a
+        debugger holds (tracing stop, state t: gdb, py-spy, debugpy attached) is not frozen: its
+        user is looking at it."""
         now = time.monotonic()
         for worker in self.alive():
-            if process_state(worker.process.pid) in ("T", "t"):
+            if process_state(worker.process.pid) == "T":
                 worker.stopped_since = worker.stopped_since or now
                 if now - worker.stopped_since > limit:
                     return worker
