@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +119,59 @@ def test_every_node_gets_node_0s_run_id(tmp_path):
         agent.communicate()
     ids = {json.loads((tmp_path / f"rank{r}.json").read_text())["env"]["TORCHELASTIC_RUN_ID"] for r in range(2)}
     assert len(ids) == 1, ids
+
+
+# ----- issue 22, item 9: node 0's death --------------------------------------------------------------
+def _wait_ready(out, ranks, limit=120):
+    deadline = time.monotonic() + limit
+    while not all((out / f"ready.rank{r}").exists() for r in ranks):
+        assert time.monotonic() < deadline, "the job did not start"
+        time.sleep(0.05)
+    return [int((out / f"ready.rank{r}").read_text().split()[0]) for r in ranks]
+
+
+@pytest.mark.parametrize("nodes", ["2", "1:2"], ids=["static", "elastic"])
+@pytest.mark.parametrize("how", ["simulated", "agents"])
+def test_when_node_0_dies_every_survivor_says_so_within_the_bound(tmp_path, nodes, how):
+    """kill -9 of node 0's agent and worker: node 1 names node 0 (not its own rank, which lost its
+    peer), and leaves within 10 s (the README's bound for an agent's death); a simulated job exits
+    128 + SIGKILL. On the old code node 1 blamed its own rank, elastic survivors took 17-21 s, and
+    simulated nodes exited 247."""
+    out = tmp_path / "out"
+    out.mkdir()
+    script = [str(SCRIPTS / "long_train.py"), str(out)]
+    if how == "simulated":
+        procs = [subprocess.Popen([str(BIN / "launch"), "--nodes", nodes, "--gpus", "1", "--log-dir",
+                                   str(tmp_path / "logs"), *script], stderr=subprocess.PIPE, text=True)]
+    else:
+        port = str(free_port_pair())
+        procs = [subprocess.Popen([str(BIN / "launch"), "--nodes", nodes, "--gpus", "1", "--node-rank", str(n),
+                                   "--master-port", port, "--log-dir", str(tmp_path / f"logs{n}"), *script],
+                                  stderr=subprocess.PIPE, text=True) for n in (0, 1)]
+    try:
+        worker0, worker1 = _wait_ready(out, (0, 1))
+        agent0 = int(Path(f"/proc/{worker0}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the worker's parent
+        time.sleep(1.0)
+        killed = time.monotonic()
+        os.kill(agent0, signal.SIGKILL)
+        os.kill(worker0, signal.SIGKILL)
+        survivor = procs[-1]
+        code = survivor.wait(timeout=30)
+        elapsed = time.monotonic() - killed
+        stderr = survivor.stderr.read()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert elapsed < 10, f"node 1 left {elapsed:.1f}s after node 0 died"
+    assert "node 1: stopping: node 0 (the master) is gone" in stderr, stderr[-2000:]
+    assert "rank 1 (node 1" not in stderr
+    if how == "simulated":
+        assert code == 128 + signal.SIGKILL
+    else:
+        assert code != 0
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{worker1}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{worker1}").exists() or Path(f"/proc/{worker1}/stat").read_text().split()[2] == "Z"

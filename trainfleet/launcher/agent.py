@@ -392,6 +392,14 @@ class NodeAgent(RendezvousMixin):
         failure = outcome.failure
         if self.is_master and self.channel is not None:
             failure = self.channel.first_failure() or failure
+        gone = None
+        if self.channel is not None and not self.is_master:
+            lost_peer = failure is None or failure.secondary or failure.rank is None
+            gone = self.channel.lost or (self.channel.master_gone(now=True) if lost_peer else None)
+        if gone and (failure is None or failure.secondary or failure.rank is None):
+            # this node's workers failed because node 0 went away: name the cause, not them
+            say(f"node {self.node_rank}: stopping: {gone}.")
+            return 1
         if failure is None:
             return 1
         where = (f"rank {failure.rank} (node {failure.node}, local rank {failure.local_rank})"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime
 import json
 import signal
+import socket
 import sys
 import threading
 import time
@@ -161,11 +162,14 @@ class ControlChannel(threading.Thread):
         nodes: the most nodes the job can have (node ids are 0..nodes-1).
         interval: seconds between heartbeats and polls.
         timeout: a peer whose heartbeat did not move for this long is lost.
+        master: the store's address; a node other than 0 probes it when a round fails, to tell
+            a dead master (refused at once) from a slow one.
     """
 
-    def __init__(self, store: Any, node: int, nodes: int, interval: float, timeout: float):
+    def __init__(self, store: Any, node: int, nodes: int, interval: float, timeout: float,
+                 master: tuple[str, int] | None = None):
         super().__init__(name="trainfleet-control", daemon=True)
-        self.store, self.node, self.nodes = store, node, nodes
+        self.store, self.node, self.nodes, self.master = store, node, nodes, master
         self.interval, self.timeout = interval, timeout
         self.lock = threading.Lock()
         self.failure: Failure | None = None
@@ -284,6 +288,22 @@ class ControlChannel(threading.Thread):
         self._wake.set()
 
     # ----- the thread ------------------------------------------------------------------
+    def master_gone(self, now: bool = False) -> str | None:
+        """Why the master is gone: its port refuses connections (node 0's agent died: its host's
+        kernel answers for it, at once), or it has been silent for the timeout (a dead host, a cut
+        link). None while it may only be slow. Probed after a failed round of the thread (or
+        ``now``: this node's workers just lost a peer)."""
+        if self.master is not None and (now or time.monotonic() - self._last_contact > self.interval):
+            try:
+                socket.create_connection(self.master, timeout=min(self.interval, 1.0)).close()
+            except ConnectionRefusedError:
+                return "node 0 (the master) is gone: its control store refuses connections"
+            except OSError:
+                pass
+        if self.silent_for() > self.timeout:
+            return f"lost the master (node 0): no answer for {self.silent_for():.1f}s"
+        return None
+
     def _beat(self) -> None:
         if time.monotonic() - self._last_beat >= self.interval:
             self._beats += 1
@@ -386,8 +406,9 @@ class ControlChannel(threading.Thread):
                         self.lost = f"lost the master (node 0): {why}"
                 self._poll()
                 self._last_contact = time.monotonic()
-            except RuntimeError:  # timed out or refused: the agent's loop judges silent_for()
-                pass
+            except RuntimeError:  # timed out or refused: is the master gone, or only slow?
+                if self.node != 0 and self.lost is None:
+                    self.lost = self.master_gone()
             except Exception as err:  # a bug, or a value no check foresaw: say so, keep the thread
                 if self.broken is None:
                     self.broken = f"{type(err).__name__}: {err}"

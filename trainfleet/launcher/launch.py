@@ -117,7 +117,7 @@ def run_simulated_nodes(cfg: LaunchConfig) -> int:
             wait([a.sentinel for a in agents if a.exitcode is None], timeout=0.2)
             for n, agent in enumerate(agents):
                 if agent.exitcode is not None and n not in codes:
-                    codes[n] = agent.exitcode
+                    codes[n] = 128 - agent.exitcode if agent.exitcode < 0 else agent.exitcode  # killed: 128+signal
             # An elastic job goes on without a node that left; node 0's exit ends it either way.
             if 0 in codes or (not cfg.elastic and any(code != 0 for code in codes.values())):
                 _stop_processes(agents, cfg.heartbeat_timeout + cfg.grace_period)

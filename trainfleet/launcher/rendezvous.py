@@ -50,7 +50,8 @@ class RendezvousMixin:
         else:
             self._claim(client)  # before the first heartbeat: a duplicate must not look like the node
             self.cfg = cfg = dataclasses.replace(cfg, run_id=self._job_run_id(client))
-        self.channel = ControlChannel(client, self.node_rank, cfg.nodes, HEARTBEAT_INTERVAL, cfg.heartbeat_timeout)
+        self.channel = ControlChannel(client, self.node_rank, cfg.nodes, HEARTBEAT_INTERVAL, cfg.heartbeat_timeout,
+                                      master=(cfg.master_addr, cfg.master_port))
         self.channel.start()
 
     def _job_run_id(self, store: Any) -> str:
