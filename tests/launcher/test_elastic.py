@@ -259,3 +259,39 @@ def test_three_hosts_lose_one_and_end_exactly(tmp_path, reference, fault):
         assert agents[2].wait(timeout=60) != 0
         assert_exact(out, reference)
         assert hosts.leftovers(wait=10) == [], "processes left in the namespaces"
+
+
+def test_a_join_that_goes_away_does_not_end_the_job(tmp_path):
+    """Node 2 asks to join; the workers of nodes 0-1 stop for it (SIGUSR1, a slow exit); node 2's
+    agent dies before they are done. A stop for a resize leads to another attempt on the nodes
+    left, never to done: the job trains to its last step. On the old code node 0 posted done and
+    the job exited 0 at the step it stopped, its final weights never written (issue 22 item 8)."""
+    out, port = tmp_path / "out", free_port()
+    out.mkdir()
+    train = [str(SCRIPTS / "long_train.py"), str(out), "--steps", "60", "--step-sleep", "0.1", "--stop-sleep", "4"]
+    common = ["--nodes", "2:3", "--gpus", "1", "--master-port", str(port), "--heartbeat-timeout", "2",
+              "--rendezvous-timeout", "5"]  # start with 2 of 3 nodes after 5 s
+    agents = [subprocess.Popen(launch(*common, "--node-rank", str(n), "--log-dir", str(tmp_path / f"logs{n}"), *train),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in (0, 1)]
+    joiner = None
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "ready.rank0").exists() and (out / "ready.rank1").exists()):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        joiner = subprocess.Popen(launch(*common, "--node-rank", "2", "--log-dir", str(tmp_path / "logs2"), *train),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while not (out / "stop.rank0").exists():  # the workers agreed to stop for the joiner
+            assert time.monotonic() < deadline and joiner.poll() is None
+            time.sleep(0.02)
+        joiner.kill()
+        _, stderr = agents[0].communicate(timeout=120)
+        agents[1].communicate(timeout=30)
+    finally:
+        for process in [*agents, joiner]:
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+    assert agents[0].returncode == 0, stderr
+    assert "the node that asked to join went away before the restart" in stderr, stderr
+    assert json.loads((out / "done.json").read_text())["step"] == 60

@@ -23,6 +23,7 @@ parser.add_argument("--steps", type=int, default=100000)
 parser.add_argument("--crash-rank", type=int)
 parser.add_argument("--crash-step", type=int, default=3)
 parser.add_argument("--step-sleep", type=float, default=0.05)
+parser.add_argument("--stop-sleep", type=float, default=0.0, help="a slow exit after a stop request")
 args = parser.parse_args()
 out = Path(args.out)
 attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
@@ -45,6 +46,7 @@ while step < args.steps:
     engine.save(out / "ckpt" / f"step-{step}.pt", model=model, optimizer=optimizer, keep_last=2, step=step)
     if engine.should_stop():
         (out / f"stop.rank{engine.rank}").write_text(str(engine.stop_signal))
+        time.sleep(args.stop_sleep)
         break
     time.sleep(args.step_sleep)
 if engine.is_main:

@@ -211,7 +211,7 @@ class NodeAgent(RendezvousMixin):
             if not group.alive() and not finished:
                 finished = True
                 self.channel.mark_done(attempt)
-            outcome = self._finished(attempt) if finished else None
+            outcome = self._finished(attempt, resized=grow_asked is not None) if finished else None
             if outcome is not None:
                 return outcome
 
@@ -284,14 +284,16 @@ class NodeAgent(RendezvousMixin):
             return Outcome("lost", failure)
         return None
 
-    def _finished(self, attempt: int) -> Outcome | None:
-        """This node's workers all exited 0: the attempt is over once every member's are."""
+    def _finished(self, attempt: int, resized: bool = False) -> Outcome | None:
+        """This node's workers all exited 0: the attempt is over once every member's are. Workers
+        that stopped because node 0 asked them to (``resized``: a node asked to join) did not finish
+        the job, even when the joiner went away meanwhile: another attempt follows, never done."""
         channel = self.channel
         if not self.is_master:
             return Outcome("ok") if channel.done_attempt >= attempt else None
         if channel.done_count < len(self.members):
             return None
-        if self.coordinator.pending():
+        if self.coordinator.pending() or resized:
             return Outcome("resize")  # they stopped for the joiners (or finished): the next attempt takes them
         channel.post("job/done", str(attempt))
         return Outcome("ok")

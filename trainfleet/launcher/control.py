@@ -359,7 +359,7 @@ class ControlChannel(threading.Thread):
         if failure is not None:
             with self.lock:
                 self.failure = self.failure or failure
-        relayed = self._read("job/signal", parse_signal)
+        relayed = self._read("job/signal", lambda raw: parse_signal(raw) if raw else (-1, None))  # "": none
         if relayed is not None:
             self.signal_attempt, self.signal = relayed
         attempt = self._read("job/attempt", parse_count)

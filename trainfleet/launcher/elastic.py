@@ -179,6 +179,8 @@ class Coordinator:
             return self._end(f"the job stopped: {len(survivors)} node(s) left, fewer than MIN of --nodes "
                              f"{cfg.nodes_spec} (lost {gone}).")
         joined = self.pending()
+        if outcome.kind == "resize" and outcome.failure is None and not joined:
+            restarted = "the node that asked to join went away before the restart; going on without it"
         for node in joined:
             self.channel.joiners.pop(node, None)
             self.channel.store.delete_key(f"join/{node}")
