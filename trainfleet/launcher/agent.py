@@ -20,7 +20,6 @@ An elastic job (``--nodes MIN:MAX``) goes on instead, on the nodes left: see
 """
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import sys
@@ -28,20 +27,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from trainfleet.launcher import control, elastic, horovod
+from trainfleet.launcher import elastic
 from trainfleet.launcher.config import LaunchConfig, Placement, placement
-from trainfleet.launcher.control import (
-    ControlChannel,
-    Failure,
-    failed_at,
-    parse_count,
-    parse_members,
-    peer_error,
-    printable,
-)
+from trainfleet.launcher.control import ControlChannel
 from trainfleet.launcher.elastic import Coordinator
-from trainfleet.launcher.network import reserve_port
-from trainfleet.launcher.rendezvous import RendezvousMixin, say, wait_key
+from trainfleet.launcher.rendezvous import RendezvousMixin, say
+from trainfleet.launcher.store_values import Failure, failed_at, parse_count, parse_members, peer_error
 from trainfleet.launcher.worker_group import WorkerGroup, exit_reason
 from trainfleet.launcher.workers import worker_specs
 from trainfleet.utils.errors import UsageError
@@ -124,48 +115,6 @@ class NodeAgent(RendezvousMixin):
         return self._enter(latest, members)
 
     # ----- attempts ------------------------------------------------------------------
-    def _attempt_ports(self, attempt: int) -> tuple[int, int | None]:
-        """Node 0 binds fresh rendezvous ports for an attempt and publishes them."""
-        store, key = self.channel.store, f"attempt/{attempt}/ports"
-        if self.is_master:
-            first = {k: self.sockets.pop(k) for k in ("store", "horovod") if k in self.sockets} if attempt == 0 else {}
-            store_sock = first.get("store") or reserve_port(self.cfg.master_addr, None)
-            hvd_sock = None
-            if self.cfg.strategy == "horovod":
-                hvd_sock = first.get("horovod") or reserve_port(self.cfg.master_addr, horovod.rendezvous_port(self.cfg)
-                                                                 if attempt == 0 else None)
-            self._pending = {"store": store_sock, "horovod": hvd_sock}
-            ports = [store_sock.getsockname()[1], hvd_sock.getsockname()[1] if hvd_sock else None]
-            store.set(key, json.dumps(ports))
-            return ports[0], ports[1]
-        if not wait_key(store, key, self.cfg.rendezvous_timeout):
-            raise UsageError(f"node {self.node_rank}: no rendezvous ports from the master for attempt {attempt}.")
-        try:
-            ports = json.loads(store.get(key))
-        except ValueError:
-            ports = None
-        if not (isinstance(ports, list) and len(ports) == 2 and all(
-                p is None or (isinstance(p, int) and 0 < p < 65536) for p in ports) and ports[0] is not None):
-            raise UsageError(f"node {self.node_rank}: the master posted {printable(str(ports), 80)!r} as the ports of "
-                             f"attempt {attempt}.", "is every node of this job a trainfleet agent?")
-        return ports[0], ports[1]
-
-    def _host_attempt_servers(self) -> None:
-        if not self.is_master:
-            return
-        pending = self._pending
-        store_sock = pending["store"]
-        self.attempt_servers.append(control.connect(self.cfg.master_addr, store_sock.getsockname()[1], 300,
-                                                    is_master=True, listen_fd=store_sock.detach()))
-        if pending["horovod"] is not None:
-            self.attempt_servers.append(horovod.RendezvousService(pending["horovod"], self.cfg, len(self.members)))
-
-    def _stop_attempt_servers(self) -> None:
-        for server in self.attempt_servers:
-            if isinstance(server, horovod.RendezvousService):
-                server.stop()
-        self.attempt_servers = []
-
     def _run_attempt(self, attempt: int) -> Outcome:
         port, hvd_port = self._attempt_ports(attempt)
         specs = worker_specs(self, attempt, port, hvd_port)

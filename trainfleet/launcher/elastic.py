@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainfleet.launcher.config import log_dir
-from trainfleet.launcher.control import parse_members, printable
+from trainfleet.launcher.store_values import parse_members, printable
 from trainfleet.utils.errors import UsageError
 
 GROW_WAIT = 60.0  # seconds the workers get to checkpoint and return after a join request

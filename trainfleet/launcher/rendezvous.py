@@ -1,12 +1,15 @@
 """Rendezvous of a node's agent with the job, before any worker starts: connect to node 0's
 control store (node 0 hosts it), claim this node's id, take the job's run id, and agree the
 layout (node 0 compares every node's and starts with those that came, down to MIN for an elastic
-job). :class:`RendezvousMixin` is a base of :class:`~trainfleet.launcher.agent.NodeAgent`; it uses
-the agent's ``cfg``, ``node_rank``, ``is_master``, ``sockets``, ``channel``, ``members`` and
-``coordinator``.
+job). Per attempt, node 0 binds the workers' rendezvous store (and Horovod's server) and
+publishes their ports; the other nodes read them.
+
+:class:`RendezvousMixin` is a base of :class:`~trainfleet.launcher.agent.NodeAgent`; it uses the
+agent's ``cfg``, ``node_rank``, ``is_master``, ``sockets``, ``channel``, ``members``,
+``coordinator``, ``attempt_servers`` and ``_pending``.
 
 Values read from the store are checked before use: a run id must look like one, a layout is
-compared field by field, and a refusal from node 0 is shown as it is, one line.
+compared field by field, ports must be ports, and a refusal from node 0 is shown as it is.
 """
 from __future__ import annotations
 
@@ -19,10 +22,11 @@ import sys
 import time
 from typing import Any
 
-from trainfleet.launcher import control, elastic
-from trainfleet.launcher.control import ControlChannel, printable
+from trainfleet.launcher import control, elastic, horovod
+from trainfleet.launcher.control import ControlChannel
 from trainfleet.launcher.elastic import Coordinator
 from trainfleet.launcher.network import reserve_port
+from trainfleet.launcher.store_values import parse_dict, printable
 from trainfleet.utils.errors import UsageError
 
 HEARTBEAT_INTERVAL = 0.5
@@ -160,11 +164,54 @@ class RendezvousMixin:
         self.channel.store.set("preflight", str(UsageError(message, hint)))
         raise UsageError(message, hint)
 
+    # ----- each attempt's rendezvous: the workers' store (and Horovod's server) on node 0 ---------
+    def _attempt_ports(self, attempt: int) -> tuple[int, int | None]:
+        """Node 0 binds fresh rendezvous ports for an attempt and publishes them."""
+        store, key = self.channel.store, f"attempt/{attempt}/ports"
+        if self.is_master:
+            first = {k: self.sockets.pop(k) for k in ("store", "horovod") if k in self.sockets} if attempt == 0 else {}
+            store_sock = first.get("store") or reserve_port(self.cfg.master_addr, None)
+            hvd_sock = None
+            if self.cfg.strategy == "horovod":
+                hvd_sock = first.get("horovod") or reserve_port(self.cfg.master_addr, horovod.rendezvous_port(self.cfg)
+                                                                 if attempt == 0 else None)
+            self._pending = {"store": store_sock, "horovod": hvd_sock}
+            ports = [store_sock.getsockname()[1], hvd_sock.getsockname()[1] if hvd_sock else None]
+            store.set(key, json.dumps(ports))
+            return ports[0], ports[1]
+        if not wait_key(store, key, self.cfg.rendezvous_timeout):
+            raise UsageError(f"node {self.node_rank}: no rendezvous ports from the master for attempt {attempt}.")
+        try:
+            ports = json.loads(store.get(key))
+        except ValueError:
+            ports = None
+        if not (isinstance(ports, list) and len(ports) == 2 and all(
+                p is None or (isinstance(p, int) and 0 < p < 65536) for p in ports) and ports[0] is not None):
+            raise UsageError(f"node {self.node_rank}: the master posted {printable(str(ports), 80)!r} as the ports of "
+                             f"attempt {attempt}.", "is every node of this job a trainfleet agent?")
+        return ports[0], ports[1]
+
+    def _host_attempt_servers(self) -> None:
+        if not self.is_master:
+            return
+        pending = self._pending
+        store_sock = pending["store"]
+        self.attempt_servers.append(control.connect(self.cfg.master_addr, store_sock.getsockname()[1], 300,
+                                                    is_master=True, listen_fd=store_sock.detach()))
+        if pending["horovod"] is not None:
+            self.attempt_servers.append(horovod.RendezvousService(pending["horovod"], self.cfg, len(self.members)))
+
+    def _stop_attempt_servers(self) -> None:
+        for server in self.attempt_servers:
+            if isinstance(server, horovod.RendezvousService):
+                server.stop()
+        self.attempt_servers = []
+
 
 def _layout_of(store: Any, node: int) -> dict[str, Any] | None:
     """``layout/<node>`` as a dict, or None when it is not one."""
     try:
-        return control.parse_dict(store.get(f"layout/{node}"))
+        return parse_dict(store.get(f"layout/{node}"))
     except ValueError:
         return None
 
