@@ -72,7 +72,8 @@ def test_random_values_in_every_key_never_hang_or_trace(tmp_path, seed):
             job.kill()
             job.communicate()
     ours = [line for line in stderr.splitlines() if line.strip() and not _torch_noise(line)]
-    assert "Traceback (most recent call last)" not in stderr, stderr[-3000:]
+    # the launcher's own lines carry no traceback (a failing rank's log tail, "  | ...", may)
+    assert not [line for line in ours if line.startswith("Traceback")], stderr[-3000:]
     assert "\x1b" not in stderr  # store text reaches the terminal without its escape sequences
     if job.returncode != 0:
         assert any(word in ours[-1] for word in EXPECTED_ENDINGS), "\n".join(ours[-10:])
