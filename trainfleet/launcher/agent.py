@@ -85,6 +85,7 @@ class NodeAgent(RendezvousMixin):
         self.placement = Placement(node_rank, node_rank, cfg.nodes)
         self.coordinator: Coordinator | None = None  # node 0: decides who is in each attempt
         self.ended: str | None = None  # why an elastic job ended here (for the report)
+        self.stopped_early = False  # a stop signal came during pre-flight or rendezvous
 
     # ----- control plane -------------------------------------------------------------
     def _enter(self, attempt: int, members: list[int]) -> int:
@@ -303,6 +304,7 @@ class NodeAgent(RendezvousMixin):
                 attempt: int | None = self._start()
             except StoppedEarly as stop:
                 say(f"node {self.node_rank}: stopped by {signal.Signals(stop.signum).name} before the workers started.")
+                self.stopped_early = True  # no member has workers to stop: node 0 waits for nobody to leave
                 return 128 + stop.signum
             while attempt is not None:
                 outcome = self._run_attempt(attempt)
@@ -315,7 +317,7 @@ class NodeAgent(RendezvousMixin):
 
     def _close(self) -> None:
         if self.channel is not None:
-            self.channel.leave(wait_for_all=self.is_master)
+            self.channel.leave(wait_for_all=self.is_master and not self.stopped_early)
             self.channel.stop()
             self.channel.join(timeout=3.0)
             # A thread still inside a store call (a cut link) would abort the interpreter's
