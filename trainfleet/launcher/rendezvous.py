@@ -26,7 +26,7 @@ from trainfleet.launcher import control, elastic, horovod
 from trainfleet.launcher.control import ControlChannel
 from trainfleet.launcher.elastic import Coordinator
 from trainfleet.launcher.network import reserve_port
-from trainfleet.launcher.store_values import parse_dict, printable
+from trainfleet.launcher.store_values import parse_dict, parse_ports, printable
 from trainfleet.utils.errors import UsageError
 
 HEARTBEAT_INTERVAL = 0.5
@@ -144,7 +144,7 @@ class RendezvousMixin:
                     self._fail_preflight(f"node {node} did not join within {timeout:.0f}s.",
                                          f"start `launch --node-rank {node}` on that machine.")
                 continue
-            theirs = _layout_of(store, node)
+            theirs = parse_dict(store.get(f"layout/{node}"))
             problem = (elastic.layout_problem(node, theirs, mine) if theirs is not None else
                        (f"node {node} sent a malformed layout.", "is every node of this job a trainfleet agent?"))
             if problem is not None:
@@ -181,15 +181,13 @@ class RendezvousMixin:
             return ports[0], ports[1]
         if not wait_key(store, key, self.cfg.rendezvous_timeout):
             raise UsageError(f"node {self.node_rank}: no rendezvous ports from the master for attempt {attempt}.")
-        try:
-            ports = json.loads(store.get(key))
-        except ValueError:
-            ports = None
-        if not (isinstance(ports, list) and len(ports) == 2 and all(
-                p is None or (isinstance(p, int) and 0 < p < 65536) for p in ports) and ports[0] is not None):
-            raise UsageError(f"node {self.node_rank}: the master posted {printable(str(ports), 80)!r} as the ports of "
-                             f"attempt {attempt}.", "is every node of this job a trainfleet agent?")
-        return ports[0], ports[1]
+        raw = store.get(key)
+        ports = parse_ports(raw)
+        if ports is None:
+            posted = printable(raw.decode(errors="replace"), 80)
+            raise UsageError(f"node {self.node_rank}: the master posted {posted!r} as the ports of attempt {attempt}.",
+                             "is every node of this job a trainfleet agent?")
+        return ports
 
     def _host_attempt_servers(self) -> None:
         if not self.is_master:
@@ -206,14 +204,6 @@ class RendezvousMixin:
             if isinstance(server, horovod.RendezvousService):
                 server.stop()
         self.attempt_servers = []
-
-
-def _layout_of(store: Any, node: int) -> dict[str, Any] | None:
-    """``layout/<node>`` as a dict, or None when it is not one."""
-    try:
-        return parse_dict(store.get(f"layout/{node}"))
-    except ValueError:
-        return None
 
 
 def wait_key(store: Any, key: str, timeout: float) -> bool:

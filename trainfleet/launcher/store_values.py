@@ -84,18 +84,30 @@ def parse_count(text: bytes, limit: int = 1_000_000) -> int | None:
     return int(raw) if raw.isdigit() and int(raw) <= limit else None
 
 
+def _json(text: bytes) -> object:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
 def parse_dict(text: bytes) -> dict | None:
     """A JSON object (a node's layout), else None."""
-    value = json.loads(text)
+    value = _json(text)
     return value if isinstance(value, dict) else None
+
+
+def parse_ports(text: bytes) -> tuple[int, int | None] | None:
+    """``attempt/<n>/ports``: the workers' store port and Horovod's (or null), else None."""
+    ports = _json(text)
+    valid = (isinstance(ports, list) and len(ports) == 2 and ports[0] is not None
+             and all(p is None or (isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536) for p in ports))
+    return (ports[0], ports[1]) if valid else None
 
 
 def parse_members(text: bytes, nodes: int) -> list[int] | None:
     """``members/<attempt>``: distinct node ids 0..nodes-1 with node 0 first, else None."""
-    try:
-        members = json.loads(text)
-    except ValueError:
-        return None
+    members = _json(text)
     ok = (isinstance(members, list) and members and members[0] == 0 and len(set(map(str, members))) == len(members)
           and all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < nodes for n in members))
     return members if ok else None

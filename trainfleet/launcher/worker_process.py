@@ -70,10 +70,12 @@ def run_target(target: str, args: list[str], module: bool) -> None:
 def worker_main(spec: WorkerSpec) -> None:
     """Set the worker up, run the target, and exit with its status (never returns)."""
     os.setsid()
-    # forkserver: the parent is the fork server, which itself ends when the launcher does
-    die_with_parent(os.getppid() if spec.start_method == "forkserver" else spec.launcher_pid)
-    if not pid_alive(spec.launcher_pid):
-        os._exit(1)
+    if spec.start_method == "forkserver":  # the parent is the fork server, which ends when the launcher does
+        die_with_parent(os.getppid())
+        if not pid_alive(spec.launcher_pid):
+            os._exit(1)
+    else:
+        die_with_parent(spec.launcher_pid)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)

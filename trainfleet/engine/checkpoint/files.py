@@ -26,14 +26,8 @@ from typing import Any, Callable, Mapping
 import torch
 
 from trainfleet.engine.checkpoint.layout import MANIFEST, read_manifest, resolve
-from trainfleet.engine.checkpoint.temporaries import (
-    aside_name,
-    new_tag,
-    owner,
-    remove_path,
-    remove_stale,
-    temporary_name,
-)
+from trainfleet.engine.checkpoint.temporaries import aside_name, new_tag, owner, remove_path, temporary_name
+from trainfleet.engine.checkpoint.temporaries import remove_stale as remove_stale_temporaries  # the old public name
 from trainfleet.utils.errors import UsageError
 
 
@@ -46,12 +40,6 @@ def to_cpu(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
         return type(obj)(to_cpu(value) for value in obj)
     return obj
-
-
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete temporaries of saves whose writer provably died mid-write (see
-    :mod:`.temporaries`), after putting back a checkpoint a dead commit moved aside."""
-    return remove_stale(folder)
 
 
 def fsync_dir(folder: Path) -> None:

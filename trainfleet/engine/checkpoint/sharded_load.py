@@ -71,8 +71,8 @@ def _writer_rank(file_name: str) -> str:
     return f"rank {found.group(1)}" if found else "an unknown rank"
 
 
-def _chunk_file(folder: Path, name: object) -> Path:
-    """The shard file ``name`` of ``folder``: a plain name of a regular file inside it, or refused
+def _check_chunk(folder: Path, name: object) -> None:
+    """A shard file name of ``folder``: a plain name of a file inside it, or refused
     (a crafted index could point a chunk at any local file, or learn other files' sizes)."""
     if not isinstance(name, str) or not name or name.startswith(".") or "/" in name or "\\" in name:
         raise UsageError(f"refusing to load {str(folder)!r}: its {DCP_METADATA} points a chunk at {name!r}, outside "
@@ -81,7 +81,6 @@ def _chunk_file(folder: Path, name: object) -> Path:
     if path.is_symlink() and os.path.dirname(os.path.realpath(path)) != os.path.realpath(folder):
         raise UsageError(f"refusing to load {str(folder)!r}: shard {name} is a link to a file outside the folder.",
                          "copy the checkpoint with its files, not links.")
-    return path
 
 
 def check_shards(folder: Path, index: Any) -> None:
@@ -94,7 +93,7 @@ def check_shards(folder: Path, index: Any) -> None:
     """
     needed: dict[str, int] = {}
     for info in (getattr(index, "storage_data", None) or {}).values():
-        _chunk_file(folder, info.relative_path)
+        _check_chunk(folder, info.relative_path)
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
     hint = "copy the whole folder again, or load an earlier checkpoint."
     stored = 0
