@@ -1,8 +1,9 @@
 """The control store is untrusted: anything that reaches the master port can write any key.
 
-A fuzzer writes random and malformed values into every key the agents read while a real two-node
-job trains; over 100 writes the job either goes on (and finishes) or ends with one clear line,
-never hangs, never prints a traceback, and leaves nothing behind (the autouse fixtures check).
+A fuzzer that holds the job's token (the parsers behind the signatures are what is fuzzed; an
+outsider's unsigned values are ignored, see test_job_token.py) writes random and malformed values
+into every key the agents read while a real two-node job trains; over 100 writes the job either
+goes on (and finishes) or ends with one clear line, never hangs, never prints a traceback, and leaves nothing behind (the autouse fixtures check).
 On the old code a malformed ``job/signal`` killed the control thread silently, and a number
 that was not one in ``hb/1`` made the store close the agents' connections.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import random
 import socket
 import subprocess
@@ -18,6 +20,7 @@ import time
 import pytest
 
 from tests.conftest import BIN, SCRIPTS
+from trainfleet.launcher.store_auth import SignedStore
 
 KEYS = ["job/signal", "job/failure", "job/attempt", "job/done", "job/end", "failure/0", "failure/1", "join/1",
         "members/0", "members/1", "hb/master", "hb/1", "left/1", "layout/1", "preflight", "attempt/0/ports",
@@ -35,11 +38,14 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+TOKEN = "f" * 32
+
+
 def _fuzz(port: int, rng: random.Random, writes: int) -> None:
     import torch.distributed as dist
 
     try:
-        store = dist.TCPStore("127.0.0.1", port, None, False, datetime.timedelta(seconds=5))
+        store = SignedStore(dist.TCPStore("127.0.0.1", port, None, False, datetime.timedelta(seconds=5)), TOKEN, "fuzz")
     except RuntimeError:
         return  # the job already ended
     for _ in range(writes):
@@ -60,7 +66,8 @@ def test_random_values_in_every_key_never_hang_or_trace(tmp_path, seed):
     job = subprocess.Popen([str(BIN / "launch"), "--nodes", "2", "--gpus", "1", "--master-port", str(port),
                             "--heartbeat-timeout", "3", "--log-dir", str(tmp_path / "logs"),
                             str(SCRIPTS / "long_train.py"), str(out), "--steps", "60"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "TRAINFLEET_JOB_TOKEN": TOKEN})
     try:
         deadline = time.monotonic() + 60
         while not (out / "ready.rank0").exists() and job.poll() is None and time.monotonic() < deadline:

@@ -175,3 +175,29 @@ def test_when_node_0_dies_every_survivor_says_so_within_the_bound(tmp_path, node
     while os.path.exists(f"/proc/{worker1}") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not Path(f"/proc/{worker1}").exists() or Path(f"/proc/{worker1}/stat").read_text().split()[2] == "Z"
+
+
+@pytest.mark.slow
+def test_the_default_grace_period_lets_a_stop_checkpoint_finish(tmp_path):
+    """The README's checkpoint-on-stop pattern needs time: with no --grace-period, workers that
+    take 8 s to save after SIGTERM are not killed half-way (torchrun waits 30 s; the old default,
+    3 s, SIGKILLed them, and the run's end was never written)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    job = subprocess.Popen([str(BIN / "launch"), "--gpus", "2", "--log-dir", str(tmp_path / "logs"),
+                            str(SCRIPTS / "long_train.py"), str(out), "--stop-sleep", "8"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "ready.rank1").exists():
+            assert job.poll() is None and time.monotonic() < deadline, "the job never trained"
+            time.sleep(0.05)
+        job.send_signal(signal.SIGTERM)
+        _, stderr = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.communicate()
+    assert job.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert (out / "stop.rank0").read_text() == str(int(signal.SIGTERM))
+    assert json.loads((out / "done.json").read_text())["step"] >= 1, "rank 0 was killed before its end"

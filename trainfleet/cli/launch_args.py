@@ -11,6 +11,7 @@ import argparse
 import os
 
 from trainfleet.cli.common import OneLineParser
+from trainfleet.engine import contract
 from trainfleet.launcher.config import LaunchConfig
 from trainfleet.launcher.flags import FLAGS_BY_DEST, LAUNCH_FLAGS, launch_config
 
@@ -74,6 +75,8 @@ def config_from_args(ns: argparse.Namespace, role: str = "local", **overrides: o
     """
     if role == "local" and ns.node_rank is not None:
         role = "node"
+    # the job token is the agents' secret: read here and removed, so no worker inherits it
+    overrides.setdefault("job_token", os.environ.pop(contract.JOB_TOKEN, ""))
     return launch_config(vars(ns), target=ns.target, args=ns.args, module=ns.module, role=role, **overrides)
 
 

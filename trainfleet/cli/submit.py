@@ -13,6 +13,7 @@ from pathlib import Path
 from trainfleet.cli.launch_args import CLI_MODULE, CLUSTER_VARIABLE, config_from_args
 from trainfleet.engine import contract
 from trainfleet.launcher.flags import job_launch_args
+from trainfleet.launcher.store_auth import new_token
 from trainfleet.slurm.resources import ClusterResources, parse_slurm_opts
 from trainfleet.slurm.submit import CLUSTERS, Submission
 from trainfleet.slurm.submit import submit as submit_job
@@ -63,7 +64,8 @@ def plan(ns: argparse.Namespace) -> Submission:
                       Path(ns.job_dir).resolve(), ns.max_requeues,
                       launch_args=job_launch_args(cfg, resources.workers), target=cfg.target, module=cfg.module,
                       script_args=list(cfg.args), nodes=cfg.nodes, cli_module=CLI_MODULE,
-                      job_env=contract.job_variables(), drop_env=(CLUSTER_VARIABLE,))
+                      job_env={**contract.job_variables(), contract.JOB_TOKEN: cfg.job_token or new_token()},
+                      drop_env=(CLUSTER_VARIABLE,))
 
 
 def submit(ns: argparse.Namespace, argv: list[str]) -> int:

@@ -50,6 +50,9 @@ JOB_DIR = "TRAINFLEET_JOB_DIR"  # the task's folder
 REQUEUES = "TRAINFLEET_REQUEUES"  # times this job was requeued so far
 TASK_INDEX = "TRAINFLEET_TASK_INDEX"  # the array task's index
 EXIT_FILE = "TRAINFLEET_EXIT_FILE"  # an elastic batch step: node 0 writes its exit code here
+# ----- read by launch itself, never passed on to workers -----------------------------------------
+# the secret the agents sign the control store's values with (trainfleet.launcher.store_auth)
+JOB_TOKEN = "TRAINFLEET_JOB_TOKEN"
 # ----- written by trainfleet bench ---------------------------------------------------------------
 BENCH_OUT = "TRAINFLEET_BENCH_OUT"  # where each rank writes its step timings
 BENCH_WARMUP = "TRAINFLEET_BENCH_WARMUP"
@@ -59,7 +62,7 @@ WORKER_VARIABLES = (STRATEGY, PRECISION, STRATEGY_OPTIONS, AMP_BACKEND, ACCELERA
                     COLLECTIVE_TIMEOUT, NODES, WORLD_CHANGED, RESUME_RECORD)
 JOB_VARIABLES = (CHECKPOINT_DIR, JOB_DIR, REQUEUES, TASK_INDEX, EXIT_FILE)
 BENCH_VARIABLES = (BENCH_OUT, BENCH_WARMUP, BENCH_STEPS)
-ALL = WORKER_VARIABLES + JOB_VARIABLES + BENCH_VARIABLES
+ALL = WORKER_VARIABLES + JOB_VARIABLES + BENCH_VARIABLES + (JOB_TOKEN,)
 
 # Modules a worker imports first thing: the launcher imports them before it forks, so forked
 # workers start with them loaded (the worker side names them; the launcher only preloads).

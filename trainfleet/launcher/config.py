@@ -129,7 +129,8 @@ class LaunchConfig:
         cpu: run CPU workers even when CUDA devices exist.
         log_dir: per-rank log files go below it (a temporary folder when None).
         start_method: how workers start (``fork`` reuses the launcher's imported torch).
-        grace_period: seconds a signalled worker gets to finish (a checkpoint) before SIGKILL.
+        grace_period: seconds a worker stopped by a signal gets to finish (a checkpoint) before
+            SIGKILL; 30 as torchrun (workers stopped because a peer failed get FAILURE_GRACE).
         max_restarts: restart the whole job (every node) after a worker failure, this many times.
         heartbeat_timeout: a node, the master or a worker that shows no sign of life (no
             heartbeat; stopped) for this long fails the job. Heartbeats come from each
@@ -142,6 +143,8 @@ class LaunchConfig:
         horovod_port: port of Horovod's rendezvous server on the master; MASTER_PORT + 1
             when None and the master port is fixed (multi-node), else a free port.
         cuda_devices: CUDA devices on this node; probed without torch when None.
+        job_token: the secret every control-store value is signed with (see
+            :mod:`trainfleet.launcher.store_auth`); "" signs nothing. Not shown in the repr.
     """
 
     target: str | None
@@ -162,7 +165,7 @@ class LaunchConfig:
     cpu: bool = False
     log_dir: str | None = None
     start_method: str = "fork"
-    grace_period: float = 3.0
+    grace_period: float = 30.0
     max_restarts: int = 0
     heartbeat_timeout: float = 6.0
     rendezvous_timeout: float = 120.0
@@ -170,6 +173,7 @@ class LaunchConfig:
     horovod_port: int | None = None
     cuda_devices: int | None = None
     run_id: str = field(default_factory=new_run_id)
+    job_token: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -185,6 +189,9 @@ class LaunchConfig:
         if self.master_port is not None and not 1 <= self.master_port <= 65535:
             raise UsageError(f"--master-port {self.master_port} is out of range: expected 1-65535.",
                              "omit it to pick a free port.")
+        if len(self.job_token) > 256 or not self.job_token.isprintable():
+            raise UsageError(f"{contract.JOB_TOKEN}: expected up to 256 printable characters, got "
+                             f"{len(self.job_token)} characters.", "e.g. export it from `openssl rand -hex 16`.")
         if self.grace_period < 0:
             raise UsageError(f"--grace-period {self.grace_period} must be >= 0 seconds.")
         if self.max_restarts < 0:

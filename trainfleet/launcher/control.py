@@ -16,8 +16,8 @@ Trust: anything that reaches the port can write any key (torchrun's store is the
 unpickles values). Every value read here is parsed and checked, a malformed one is ignored (said
 once), and no key is incremented on the server (``TCPStore.add`` on a non-number closes the
 connection): counters are written whole with ``set``. So a bad value cannot kill the control
-thread or crash the job; it can still stop it (a well-formed ``job/signal``), which a job token
-would prevent (not built yet; see DEVELOPERS.md).
+thread or crash the job. The store handed to the channel signs and verifies every value with the
+job token (:mod:`trainfleet.launcher.store_auth`), so an outsider cannot stop the job either.
 """
 from __future__ import annotations
 

@@ -94,8 +94,9 @@ LAUNCH_FLAGS: tuple[Flag, ...] = (
          "temporary folder)", job="a submitted job's logs go to its folder's logs/"),
     Flag("start_method", ("--start-method",), "fork (default, reuses the launcher's torch import), spawn or "
          "forkserver", default="fork"),
-    Flag("grace_period", ("--grace-period",), "seconds a signalled worker gets to finish (e.g. checkpoint) "
-         "before SIGKILL (default 3)", type=float, default=3.0),
+    Flag("grace_period", ("--grace-period",), "seconds a worker stopped by a signal (SIGTERM/SIGINT to the "
+         "launcher, a preemption) gets to finish, e.g. save a checkpoint, before SIGKILL (default 30, as "
+         "torchrun); workers stopped because another failed get 1 s", type=float, default=30.0),
     Flag("max_restarts", ("--max-restarts", "--max_restarts"), "restart the whole job after a worker failure, "
          "up to this many times (default 0)", type=int, default=0),
     Flag("heartbeat_timeout", ("--heartbeat-timeout",), "seconds without a sign of life before a node, the "

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 from trainfleet.launcher.config import LaunchConfig, default_log_root
 from trainfleet.launcher.host_list import HostsPlan, ssh_name
+from trainfleet.launcher.store_auth import new_token
 from trainfleet.utils.errors import UsageError
 
 FORWARDED_PREFIXES = ("TRAINFLEET_", "NCCL_", "GLOO_", "TORCH_", "CUDA_LAUNCH_BLOCKING")
@@ -210,7 +211,7 @@ def prepare(cfg: LaunchConfig, plan: HostsPlan) -> tuple[LaunchConfig, bool]:
     log_dir = cfg.log_dir or str(default_log_root("/tmp") / cfg.run_id)  # the same path on every host
     # every host's agent gets this with its own node_rank
     cfg = dataclasses.replace(cfg, nodes=len(plan.hosts), role="node", node_rank=0, master_addr=master,
-                              master_port=port, log_dir=log_dir)
+                              master_port=port, log_dir=log_dir, job_token=cfg.job_token or new_token())
     return cfg, local_first
 
 

@@ -23,6 +23,7 @@ from trainfleet.launcher.agent import FORWARDED_SIGNALS, NodeAgent
 from trainfleet.launcher.config import LaunchConfig, Placement, check_log_root, default_log_root, log_dir
 from trainfleet.launcher.network import reserve_port
 from trainfleet.launcher.rendezvous import say
+from trainfleet.launcher.store_auth import new_token
 from trainfleet.launcher.worker_group import PRELOAD, killpg
 from trainfleet.launcher.worker_process import run_target
 from trainfleet.launcher.workers import worker_env
@@ -159,6 +160,8 @@ def launch(cfg: LaunchConfig) -> int:
     if cfg.debug:
         return run_in_process(cfg)
     contract.require_backend(cfg.strategy)  # a missing Horovod is bad input: say so before starting anything
+    if cfg.role == "local" and not cfg.job_token:  # every node is started from here: they share a fresh one
+        cfg = dataclasses.replace(cfg, job_token=new_token())
     if cfg.simulated_nodes:
         return run_simulated_nodes(cfg)
     node = cfg.node_rank or 0

@@ -22,10 +22,12 @@ import sys
 import time
 from typing import Any
 
+from trainfleet.engine import contract
 from trainfleet.launcher import control, elastic, horovod
 from trainfleet.launcher.control import ControlChannel
 from trainfleet.launcher.elastic import Coordinator
 from trainfleet.launcher.network import reserve_port
+from trainfleet.launcher.store_auth import SignedStore, looks_signed, with_token
 from trainfleet.launcher.store_values import parse_dict, parse_ports, printable
 from trainfleet.utils.errors import UsageError
 
@@ -61,14 +63,28 @@ class RendezvousMixin:
     def _job_run_id(self, store: Any) -> str:
         """Node 0's run id, which every node's workers get (TORCHELASTIC_RUN_ID is job-wide, as
         torchrun's --rdzv-id is); checked, since it comes from the network."""
-        if not wait_key(store, "job/run_id", self.cfg.rendezvous_timeout):
+        if not wait_key(store, "job/run_id", self.cfg.rendezvous_timeout, self._check_token):
             raise UsageError(f"node {self.node_rank}: the master published no run id within "
                              f"{self.cfg.rendezvous_timeout:.0f}s.", "is node 0 a trainfleet agent of this job?")
+        self._check_token(store)
         run_id = store.get("job/run_id").decode(errors="replace")
         if not RUN_ID.fullmatch(run_id):
             raise UsageError(f"node {self.node_rank}: the master's run id {run_id[:80]!r} is not one "
                              "(expected letters, digits, '.', '_' or '-').", "is node 0 a trainfleet agent?")
         return run_id
+
+    def _check_token(self, store: Any) -> None:
+        """Refuse a master that signs with another token, or that signs when this node does not
+        (or the reverse): every later value would be ignored, and the node would wait in vain."""
+        if isinstance(store, SignedStore):
+            differs = "job/run_id" in store.rejected
+        else:
+            differs = store.check(["job/run_id"]) and looks_signed(store.get("job/run_id"))
+        if differs:
+            node = self.node_rank
+            raise UsageError(f"node {node}: node 0 signs the control store with another job token than this node "
+                             f"({contract.JOB_TOKEN} is {'set' if self.cfg.job_token else 'unset'} here).",
+                             f"export the same {contract.JOB_TOKEN} on every node, or on none.")
 
     def _claim(self, store: Any) -> None:
         """Hold this node id in the job, so that a second agent started with the same
@@ -98,7 +114,8 @@ class RendezvousMixin:
         while True:  # a plain TCP probe first: the store's client logs every failed attempt
             try:
                 socket.create_connection((cfg.master_addr, cfg.master_port), timeout=min(timeout, 1.0)).close()
-                return control.connect(cfg.master_addr, cfg.master_port, timeout)
+                return with_token(control.connect(cfg.master_addr, cfg.master_port, timeout), cfg.job_token,
+                                  f"node {self.node_rank}")
             except (OSError, RuntimeError) as err:
                 if time.monotonic() > deadline:
                     reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
@@ -206,13 +223,16 @@ class RendezvousMixin:
         self.attempt_servers = []
 
 
-def wait_key(store: Any, key: str, timeout: float) -> bool:
-    """True once ``key`` is in the store (looked at least once), False after ``timeout``."""
+def wait_key(store: Any, key: str, timeout: float, check: Any = None) -> bool:
+    """True once ``key`` is in the store (looked at least once), False after ``timeout``;
+    ``check(store)`` runs each time it is not (it may raise)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             if store.check([key]):
                 return True
+            if check is not None:
+                check(store)
         except RuntimeError:
             pass
         if time.monotonic() >= deadline:
