@@ -24,6 +24,7 @@ RUNS = {
     "fsdp2_options": ([*FSDP, "--gpus", "2", "--strategy-opt", "wrap=Linear",
                        "--strategy-opt", "reshard_after_forward=false", "--strategy-opt", "cpu_offload=true",
                        "--strategy-opt", "activation_checkpointing=true"], []),
+    "fsdp2_wrap": ([*FSDP, "--gpus", "2", "--strategy-opt", "wrap=Linear"], []),
     "fsdp2_accumulate": ([*FSDP, "--gpus", "2", "--strategy-opt", "wrap=Linear"], ["--accumulate", "4"]),
     "ddp2_accumulate": (["--gpus", "2"], ["--accumulate", "4"]),  # micro-batches of 2 under no_sync
     "horovod": (["--gpus", "2", "--strategy", "horovod"], []),
@@ -64,8 +65,8 @@ def runs(tmp_path_factory):
     return {name: _run(launch, tmp, name) for name in names}
 
 
-OTHERS = ["ddp", "fsdp2", "fsdp4", "fsdp4_hybrid", "fsdp_hybrid_2nodes", "fsdp2_options", "fsdp2_accumulate", "ddp2_accumulate",
-          pytest.param("horovod", marks=pytest.mark.horovod)]
+OTHERS = ["ddp", "fsdp2", "fsdp2_wrap", "fsdp4", "fsdp4_hybrid", "fsdp_hybrid_2nodes", "fsdp2_options",
+          "fsdp2_accumulate", "ddp2_accumulate", pytest.param("horovod", marks=pytest.mark.horovod)]
 
 
 def _max_diff(a, b):
@@ -94,6 +95,21 @@ def test_fsdp_options_take_effect(runs):
     assert info["ddp2_accumulate"]["forward_calls_per_step"] == 4
     assert info["ddp2_accumulate"]["synced_backwards_per_step"] == 1  # three of the four under no_sync
     assert info["ddp"]["synced_backwards_per_step"] == 1
+
+
+def test_no_sync_skips_the_gradient_reduction(runs):
+    """Under ``engine.no_sync`` the first three of four micro-batches communicate no gradients: the
+    Flight Recorder's count of reductions per step is the same as without accumulation (fsdp's
+    reduce-scatter runs as an all-reduce on gloo), while the parameter all-gathers run for every
+    micro-batch. Equal losses alone could not show this: syncing every micro-batch gives the same
+    numbers, four times the traffic."""
+    plain = runs["fsdp2_wrap"][0]["collectives_per_step"]
+    accumulated = runs["fsdp2_accumulate"][0]["collectives_per_step"]
+    assert plain["all_reduce"] >= 2  # each block's gradients, and the loss's mean
+    assert accumulated["all_reduce"] == plain["all_reduce"], (plain, accumulated)
+    assert accumulated["all_gather"] == 4 * plain["all_gather"], (plain, accumulated)
+    ddp, ddp_accumulated = runs["ddp"][0]["collectives_per_step"], runs["ddp2_accumulate"][0]["collectives_per_step"]
+    assert ddp_accumulated.get("all_reduce") == ddp.get("all_reduce") >= 2, (ddp, ddp_accumulated)
 
 
 @pytest.mark.parametrize("other", OTHERS)

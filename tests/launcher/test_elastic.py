@@ -140,16 +140,18 @@ def test_agent_killed_job_goes_on_on_two_nodes_exactly(tmp_path, reference):
 
 def test_an_agent_started_again_at_once_waits_for_its_node_to_be_dropped_then_rejoins_exactly(tmp_path, reference):
     """Node 2's agent dies and is started again before node 0 noticed (its id still held by
-    the dead agent): the new agent waits until node 0 drops the old one, then joins (3 -> 2 -> 3)."""
+    the dead agent): the new agent waits until node 0 drops the old one, then joins (3 -> 2 -> 3).
+    The agent started by hand joins with the job's token, exported for both launches."""
     out, port = tmp_path / "out", free_port()
+    env = {**os.environ, "TRAINFLEET_JOB_TOKEN": "0123456789abcdef" * 2}
     job = subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--master-port", str(port), "--log-dir",
                                   str(tmp_path / "logs"), *script(out, *SLOW_STEP)),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     wait_for(out, 6)
     os.kill(agent_of(out, 2), signal.SIGKILL)
     again = subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--node-rank", "2", "--master-port", str(port),
                                     "--log-dir", str(tmp_path / "logs2"), *script(out, *SLOW_STEP)),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     _, stderr = job.communicate(timeout=180)
     assert job.returncode == 0, stderr
     assert again.wait(timeout=30) == 0, again.communicate()

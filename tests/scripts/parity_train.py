@@ -7,10 +7,15 @@
 With ``--accumulate K`` each worker's batch is split into K micro-batches; the first K-1
 backward passes run under ``engine.no_sync``. losses.json also records what the strategy did:
 sharded blocks, the dtype a Linear computes in, forward calls per step (activation
-checkpointing runs a block's forward again in backward).
+checkpointing runs a block's forward again in backward), and the collectives of the training
+loop by kind, per step, as torch's Flight Recorder saw them (gloo records them too): so
+``no_sync`` is shown to skip the gradient reduction, not just to give the same numbers.
 """
 import argparse
 import json
+import os
+import pickle
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -27,6 +32,16 @@ parser.add_argument("--global-batch-size", type=int, default=16)
 parser.add_argument("--accumulate", type=int, default=1)
 parser.add_argument("--batchnorm", action="store_true", help="a BatchNorm2d after LeNet's first convolution")
 args = parser.parse_args()
+os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "100000")  # before the process group: the Flight Recorder
+
+
+def collectives() -> Counter:
+    """Collectives this rank issued so far, by kind ("allreduce", "reduce_scatter", ...)."""
+    from torch._C._distributed_c10d import _dump_fr_trace
+
+    entries = pickle.loads(_dump_fr_trace(True, True)).get("entries", [])
+    return Counter(e["profiling_name"].split(":", 1)[-1] for e in entries if not e.get("is_p2p"))
+
 
 engine = trainfleet.Engine(seed=1)
 dataset = build_dataset("synthetic", num_samples=64, shape=(1, 16, 16), num_classes=4)
@@ -49,6 +64,7 @@ def on_forward(module, inputs):
 
 head.register_forward_pre_hook(on_forward)
 losses, step = [], 0
+before = collectives() if engine.world_size > 1 else Counter()
 while step < args.steps:
     for x, y in loader:
         total = 0.0
@@ -66,6 +82,7 @@ while step < args.steps:
         if step == args.steps:
             break
 
+loop_collectives = (collectives() - before) if engine.world_size > 1 else Counter()
 out = Path(args.out)
 engine.save(out / "final.pt", model=model)
 param = next(engine.unwrap(model).parameters())
@@ -76,5 +93,6 @@ if engine.is_main:
         "param_dtype": str(param.dtype), "compute_dtype": seen["compute_dtype"],
         "forward_calls_per_step": seen["forward_calls"] / args.steps, "precision": engine.precision.name,
         "synced_backwards_per_step": seen["synced_backwards"] / args.steps, "model_type": type(model).__name__,
+        "collectives_per_step": {k: v / args.steps for k, v in loop_collectives.items()},
         "device": str(engine.device), "synced_batchnorms": getattr(engine.strategy, "synced_batchnorms", 0),
         "loss_scale": engine.precision.scaler.get_scale() if getattr(engine.precision, "scaler", None) else None}))
