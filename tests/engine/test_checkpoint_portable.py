@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import pytest
 import torch
@@ -41,6 +42,8 @@ def test_dataparallel_state_dict_saved_on_cuda3(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:3")
     torch.save(state, tmp_path / "dp_cuda3.pt")
     monkeypatch.undo()
+    with zipfile.ZipFile(tmp_path / "dp_cuda3.pt") as archive:  # the file really says cuda:3
+        assert b"cuda:3" in archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
     with pytest.raises(RuntimeError, match="CUDA"):  # what plain torch.load does here
         torch.load(tmp_path / "dp_cuda3.pt", weights_only=True)
     loaded = trainfleet.load_state_dict(tmp_path / "dp_cuda3.pt")

@@ -3,6 +3,7 @@ one, run for real where there is one (scripts/test.sh with TRAINFLEET_REQUIRE=gp
 Each test names the torch behaviour it holds the engine to."""
 import csv
 import json
+import zipfile
 
 import pytest
 import torch
@@ -128,6 +129,11 @@ def test_checkpoint_from_cuda3_loads_onto_cuda0(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:  # every storage tagged cuda:3, as a 4-GPU box writes it
         patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:3")
         torch.save(state, tmp_path / "cuda3.pt")
+    with zipfile.ZipFile(tmp_path / "cuda3.pt") as archive:  # the file really says cuda:3
+        assert b"cuda:3" in archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    if torch.cuda.device_count() < 4:  # plain torch.load honours the tag and fails here
+        with pytest.raises(RuntimeError):
+            torch.load(tmp_path / "cuda3.pt", weights_only=True)
     fresh = Engine(strategy="single")
     target = fresh.setup(net())
     fresh.load(tmp_path / "cuda3.pt", model=target)
