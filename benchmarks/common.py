@@ -87,10 +87,12 @@ class Comparison:
         return statistics.median(self.pair_ratios())
 
     def quartiles(self) -> tuple[float, float]:
+        """The first and third quartiles of the pair ratios, by the inclusive method: they lie
+        within the ratios' range (the exclusive one puts them outside it for few pairs)."""
         ratios = self.pair_ratios()
         if len(ratios) < 2:
             return ratios[0], ratios[0]
-        q1, _, q3 = statistics.quantiles(ratios, n=4)
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
         return q1, q3
 
     def verdict(self) -> str:
@@ -118,18 +120,14 @@ class Comparison:
 
 
 def interleave(rounds: int, ours: Callable[[], float], peer: Callable[[], float], comparison: Comparison,
-               warmup: int = 1, max_rounds: int | None = None) -> Comparison:
+               warmup: int = 1) -> Comparison:
     """Run ``ours`` and ``peer`` alternately, swapping who goes first every round (A B, B A, ...)
     so neither always pays for the other's after-effects (writeback, cache); the first
     ``warmup`` pairs are discarded (not in a one-round smoke run, which only checks it runs).
-    With ``max_rounds``, pairs are added beyond ``rounds`` while the verdict is INCONCLUSIVE, up
-    to that many."""
-    index, limit = 0, max(rounds, max_rounds or rounds)
+    Always ``rounds`` pairs: adding rounds only while the verdict is inconclusive would stop at
+    the first lucky side of the target and bias the verdict."""
     warmup = warmup if rounds > 1 else 0
-    while True:
-        done = len(comparison.ours)
-        if done >= limit or done >= rounds and comparison.decided():
-            return comparison
+    for index in range(rounds + warmup):
         if index % 2 == 0:
             a, b = ours(), peer()
         else:
@@ -137,7 +135,7 @@ def interleave(rounds: int, ours: Callable[[], float], peer: Callable[[], float]
         if index >= warmup:
             comparison.ours.append(a)
             comparison.peer.append(b)
-        index += 1
+    return comparison
 
 
 def run_probe(cmd: list[str], out_dir: Path, timeout: float = 300, env: dict | None = None) -> None:

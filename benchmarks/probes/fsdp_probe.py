@@ -5,7 +5,10 @@
 MODE:
   step     the engine's fsdp step against a hand-written FSDP2 loop (fully_shard per block, then the
            root; Adam built on the sharded parameters), alternating K-step rounds in this process
-  memory   parameter + optimizer-state bytes per rank after one step, under TRAINFLEET_STRATEGY
+  memory   each rank's peak memory while it trains 3 steps under TRAINFLEET_STRATEGY, above what the
+           process held before the model existed: on CPU the peak resident set (VmHWM, reset after
+           setup), on CUDA the allocator's peak; so gathered blocks, gradients, optimizer state and
+           activations all count (the shard bytes alone would be 1/N by construction)
   save     engine.save (sharded) against dcp.save by hand on the same state, alternating; and the
            time an asynchronous save blocks
   load     (needs --ckpt-a/--ckpt-b) the time to load folder A and folder B into this world, alternating
@@ -111,12 +114,41 @@ def mode_step(engine, args):
     return samples
 
 
+def _rss_kb(field="VmRSS"):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _trim():
+    """Give freed heap back to the system, so the resident set is what is in use."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
 def mode_memory(engine, args):
+    cuda = engine.device.type == "cuda"
+    _trim()
+    before = torch.cuda.memory_allocated() if cuda else _rss_kb() * 1024  # the runtime, no model yet
     model, optimizer, backward, step = through_engine(engine, args)
-    train_steps(model, optimizer, args, backward, step, 1)  # Adam's state exists after a step
+    _trim()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS from here on
+    train_steps(model, optimizer, args, backward, step, 3)  # Adam's state exists from the first step
+    peak = torch.cuda.max_memory_allocated() if cuda else _rss_kb("VmHWM") * 1024
     params = local_bytes(engine.unwrap(model).parameters())
     states = local_bytes(v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
-    per_rank = engine.strategy.all_gather_object({"params": params, "optimizer": states})
+    per_rank = engine.strategy.all_gather_object({"peak": peak - before, "params": params, "optimizer": states,
+                                                  "measured": "cuda allocator" if cuda else "resident set"})
     return {"per_rank": per_rank, "parameters": sum(p.numel() for p in Tower(args.width, args.depth).parameters())}
 
 
