@@ -25,10 +25,11 @@ SAMPLES = {
     "heartbeat_timeout": ["--heartbeat-timeout", "4"],
     "rendezvous_timeout": ["--rendezvous-timeout", "33"],
     "collective_timeout": ["--collective-timeout", "12"],
+    "hang_timeout": ["--hang-timeout", "9"],
 }
 FIELDS = ("nodes", "min_nodes", "devices_per_node", "strategy", "strategy_options", "precision", "amp_backend", "cpu",
           "start_method", "grace_period", "max_restarts", "heartbeat_timeout", "rendezvous_timeout",
-          "collective_timeout")
+          "collective_timeout", "hang_timeout")
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from trainfleet.engine import progress_record  # noqa: F401 - the launcher's door to the progress record
 from trainfleet.engine.options import check_strategy_options, mesh_shape, parse_strategy_option
 from trainfleet.engine.registry import PRECISIONS, STRATEGIES
 from trainfleet.utils.errors import UsageError
@@ -40,6 +41,7 @@ RUN_ID = "TRAINFLEET_RUN_ID"  # set only under launch: the engine installs its s
 NODE = "TRAINFLEET_NODE"  # this node's id
 TTY = "TRAINFLEET_TTY"  # 1 when rank 0's echo lands on a terminal (progress bars)
 COLLECTIVE_TIMEOUT = "TRAINFLEET_COLLECTIVE_TIMEOUT"  # --collective-timeout, seconds
+PROGRESS_FILE = "TRAINFLEET_PROGRESS_FILE"  # this rank's progress record (engine/progress_record.py)
 # elastic jobs (--nodes MIN:MAX) only
 NODES = "TRAINFLEET_NODES"  # MIN:MAX
 WORLD_CHANGED = "TRAINFLEET_WORLD_CHANGED"  # 1 when this attempt runs on other nodes than the last
@@ -59,7 +61,7 @@ BENCH_WARMUP = "TRAINFLEET_BENCH_WARMUP"
 BENCH_STEPS = "TRAINFLEET_BENCH_STEPS"
 
 WORKER_VARIABLES = (STRATEGY, PRECISION, STRATEGY_OPTIONS, AMP_BACKEND, ACCELERATOR, RUN_ID, NODE, TTY,
-                    COLLECTIVE_TIMEOUT, NODES, WORLD_CHANGED, RESUME_RECORD)
+                    COLLECTIVE_TIMEOUT, PROGRESS_FILE, NODES, WORLD_CHANGED, RESUME_RECORD)
 JOB_VARIABLES = (CHECKPOINT_DIR, JOB_DIR, REQUEUES, TASK_INDEX, EXIT_FILE)
 BENCH_VARIABLES = (BENCH_OUT, BENCH_WARMUP, BENCH_STEPS)
 ALL = WORKER_VARIABLES + JOB_VARIABLES + BENCH_VARIABLES + (JOB_TOKEN,)
@@ -76,7 +78,7 @@ def _env(env: Mapping[str, str] | None) -> Mapping[str, str]:
 def worker_variables(*, strategy: str, precision: str, strategy_options: Mapping[str, Any], amp_backend: str,
                      accelerator: str, run_id: str, node: int, tty: bool, collective_timeout: float | None = None,
                      nodes_spec: str | None = None, world_changed: bool = False,
-                     resume_record: str | None = None) -> dict[str, str]:
+                     resume_record: str | None = None, progress_file: str | None = None) -> dict[str, str]:
     """The ``TRAINFLEET_*`` variables ``launch`` gives one worker (``nodes_spec`` only for an
     elastic job)."""
     options = json.dumps(dict(strategy_options))
@@ -85,6 +87,8 @@ def worker_variables(*, strategy: str, precision: str, strategy_options: Mapping
                            TTY: int(tty)}
     if collective_timeout:
         env[COLLECTIVE_TIMEOUT] = collective_timeout
+    if progress_file:
+        env[PROGRESS_FILE] = progress_file
     if nodes_spec is not None:
         env.update({NODES: nodes_spec, WORLD_CHANGED: int(world_changed), RESUME_RECORD: resume_record or ""})
     return {key: str(value) for key, value in env.items()}
@@ -114,6 +118,7 @@ class WorkerSettings:
     run_id: str | None = None
     collective_timeout: float | None = None
     tty: bool | None = None
+    progress_file: str | None = None
 
     @property
     def under_launch(self) -> bool:
@@ -129,7 +134,7 @@ class WorkerSettings:
         return cls(strategy=env.get(STRATEGY) or None, precision=env.get(PRECISION) or None, strategy_options=options,
                    amp_backend=env.get(AMP_BACKEND) or None, accelerator=env.get(ACCELERATOR) or None,
                    run_id=env.get(RUN_ID) or None, collective_timeout=float(timeout) if timeout else None,
-                   tty=None if tty is None else tty == "1")
+                   tty=None if tty is None else tty == "1", progress_file=env.get(PROGRESS_FILE) or None)
 
 
 @dataclass(frozen=True)

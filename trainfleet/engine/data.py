@@ -221,8 +221,9 @@ class DeviceDataLoader:
     """
 
     def __init__(self, loader: DataLoader, sampler: GlobalOrderSampler, device: torch.device,
-                 timer: Any = None, reseed: bool = False):
+                 timer: Any = None, reseed: bool = False, board: Any = None):
         self.loader, self.sampler, self.device, self.timer = loader, sampler, device, timer
+        self.board = board  # the rank's progress board (launch): the wait for a batch is the data phase
         # With reseed, loader.generator is ours: each epoch seeds it from (seed, epoch, rank), so
         # starting an epoch does not draw from the global RNG (DataLoader draws its workers' base
         # seed from it otherwise, and a resumed run would then see other dropout masks).
@@ -257,16 +258,23 @@ class DeviceDataLoader:
             self.loader.generator.manual_seed(
                 (self.sampler.seed * 1_000_003 + epoch) * 4_099 + self.sampler.rank)
         batches = iter(self.loader)
+        board, training = self.board, self.sampler.even  # an even loader gives every rank the same batches
         while True:
             waited = time.perf_counter()
+            if board is not None:
+                board.data_wait()
             try:
                 batch = next(batches)
             except StopIteration:
+                if board is not None:
+                    board.base_idle()
                 return
             if self.device.type != "cpu":
                 batch = move_to_device(batch, self.device)
             if self.timer is not None:
                 self.timer.batch(time.perf_counter() - waited, self.batch_size)
+            if board is not None:
+                board.batch_arrived(training)
             self.consumed = min(self.consumed + self.global_batch_size, self.sampler.epoch_length())
             yield batch
 
@@ -304,7 +312,7 @@ class DeviceDataLoader:
 
 
 def build_loader(dataset: Any, sampler: GlobalOrderSampler, device: torch.device, num_workers: int,
-                 collate_fn: Any, timer: Any, loader_kwargs: dict[str, Any]) -> DeviceDataLoader:
+                 collate_fn: Any, timer: Any, loader_kwargs: dict[str, Any], board: Any = None) -> DeviceDataLoader:
     """The DataLoader over ``sampler``, wrapped to deliver batches on ``device``."""
     if collate_fn is None:
         dataset, collate_fn = _Indexed(dataset), checked_collate
@@ -314,4 +322,4 @@ def build_loader(dataset: Any, sampler: GlobalOrderSampler, device: torch.device
         loader_kwargs["generator"] = torch.Generator()
     loader = DataLoader(dataset, batch_size=sampler.per_rank, sampler=sampler, num_workers=num_workers,
                         collate_fn=collate_fn, **loader_kwargs)
-    return DeviceDataLoader(loader, sampler, device, timer=timer, reseed=reseed)
+    return DeviceDataLoader(loader, sampler, device, timer=timer, reseed=reseed, board=board)

@@ -30,6 +30,8 @@ from trainfleet.engine.data import (
 from trainfleet.engine.environment import ElasticInfo
 from trainfleet.engine.precision import build_precision
 from trainfleet.engine.profiling import StepTimer
+from trainfleet.engine.progress import ProgressBoard, default_group_seq
+from trainfleet.engine.progress_record import BACKWARD, COLLECTIVE, OPTIMIZER
 from trainfleet.engine.strategy import Strategy, build_strategy
 from trainfleet.utils.process import EARLY_SIGNALS
 
@@ -102,6 +104,8 @@ class Engine(CheckpointMixin):
                 signal.signal(signum, self._on_signal)
             self._pending_signal = EARLY_SIGNALS[-1] if EARLY_SIGNALS else None  # came before this Engine
         self.elastic = ElasticInfo.from_env() if told.under_launch else None  # launch --nodes MIN:MAX
+        # under launch: what this rank is doing, for its agent's hang/desync/straggler diagnosis
+        self.progress = ProgressBoard.from_env(told.progress_file, default_group_seq)
         self.timer = StepTimer.from_env(self.rank, self.world_size)  # trainfleet bench only
         if self.timer is not None:
             self.timer.device = self.device
@@ -156,6 +160,9 @@ class Engine(CheckpointMixin):
             self.strategy.check_optimizer(optimizer)
         model, optimizer = self.precision.connect(model, optimizer)
         model = self.strategy.setup_module(model)
+        if self.progress is not None:  # every forward call is progress, evaluation's too
+            board = self.progress
+            model.register_forward_pre_hook(lambda _module, _inputs: board.tick())
         if optimizer is None:
             return model
         return model, self.strategy.setup_optimizer(optimizer)
@@ -188,7 +195,8 @@ class Engine(CheckpointMixin):
             seed=self.seed if seed is None else seed, drop_last=drop_last,
             even=shuffle if even is None else even,
         )
-        return build_loader(dataset, sampler, self.device, num_workers, collate_fn, self.timer, loader_kwargs)
+        return build_loader(dataset, sampler, self.device, num_workers, collate_fn, self.timer, loader_kwargs,
+                            board=self.progress)
 
     # ----- the step ------------------------------------------------------------------
     def autocast(self) -> ContextManager[Any]:
@@ -197,7 +205,9 @@ class Engine(CheckpointMixin):
 
     def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()`` through the precision (loss scaling) and strategy."""
-        with self._collective("backward (gradient all-reduce)"):
+        if self.progress is not None:
+            self.progress.check_loss(loss)
+        with self._collective("backward (gradient all-reduce)", BACKWARD):
             if self.timer is None:
                 self.strategy.backward(loss)
                 return
@@ -207,10 +217,13 @@ class Engine(CheckpointMixin):
 
     def step(self, optimizer: torch.optim.Optimizer, zero_grad: bool = True) -> bool:
         """Optimizer step, then zero the gradients. Returns False if the step was skipped."""
-        with self.timer.phase("optimizer") if self.timer is not None else contextlib.nullcontext():
+        with self.timer.phase("optimizer") if self.timer is not None else contextlib.nullcontext(), \
+                self._phase(OPTIMIZER):
             stepped = self.strategy.optimizer_step(optimizer)
             if zero_grad:
                 self.strategy.zero_grad(optimizer)
+        if self.progress is not None:
+            self.progress.step_done()
         if self.timer is not None:
             self.timer.optimizer = optimizer
             self.timer.step_done()
@@ -257,10 +270,24 @@ class Engine(CheckpointMixin):
             return self.strategy.broadcast(obj, src)
 
     @contextlib.contextmanager
-    def _collective(self, name: str):
-        """Turn a backend timeout into an error naming this rank and the caller's line."""
+    def _phase(self, phase: int):
+        """This rank is in ``phase`` (progress_record's numbers) inside."""
+        board = self.progress
+        if board is None:
+            yield
+            return
+        board.enter(phase)
         try:
             yield
+        finally:
+            board.leave()
+
+    @contextlib.contextmanager
+    def _collective(self, name: str, phase: int = COLLECTIVE):
+        """Turn a backend timeout into an error naming this rank and the caller's line."""
+        try:
+            with self._phase(phase):
+                yield
         except RuntimeError as err:
             if "timed out" not in str(err).lower() and "timeout" not in str(err).lower():
                 raise
@@ -282,6 +309,8 @@ class Engine(CheckpointMixin):
         finally:
             self._sharded.close()
             self.strategy.teardown(failed)
+            if self.progress is not None:
+                self.progress.close()
 
     def _close_at_exit(self) -> None:
         # Python keeps an uncaught exception in sys.last_value for this (the worker does the same)

@@ -20,6 +20,7 @@ An elastic job (``--nodes MIN:MAX``) goes on instead, on the nodes left: see
 """
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import sys
@@ -28,8 +29,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainfleet.launcher import elastic
-from trainfleet.launcher.config import LaunchConfig, Placement, placement
+from trainfleet.launcher.config import LaunchConfig, Placement, log_dir, placement
 from trainfleet.launcher.control import ControlChannel
+from trainfleet.launcher.diagnosis import AttemptDiagnosis
 from trainfleet.launcher.elastic import Coordinator
 from trainfleet.launcher.rendezvous import RendezvousMixin, say
 from trainfleet.launcher.store_values import Failure, failed_at, parse_count, parse_members, peer_error
@@ -86,6 +88,8 @@ class NodeAgent(RendezvousMixin):
         self.coordinator: Coordinator | None = None  # node 0: decides who is in each attempt
         self.ended: str | None = None  # why an elastic job ended here (for the report)
         self.stopped_early = False  # a stop signal came during pre-flight or rendezvous
+        self.diagnosis: AttemptDiagnosis | None = None  # this attempt's hang/desync/straggler watch
+        self.timings: list[str] = []  # node 0: the last attempt's per-rank step times
 
     # ----- control plane -------------------------------------------------------------
     def _enter(self, attempt: int, members: list[int]) -> int:
@@ -121,6 +125,8 @@ class NodeAgent(RendezvousMixin):
         specs = worker_specs(self, attempt, port, hvd_port)
         group = WorkerGroup(specs, self.cfg.start_method, 0 if self.is_master else None)
         outcome = Outcome("failed")  # if anything below raises
+        self.diagnosis = AttemptDiagnosis(self.channel, specs, self.node_rank, attempt, self.cfg.hang_timeout,
+                                          socket.gethostname(), say)
         try:
             group.start()
             self._host_attempt_servers()
@@ -133,6 +139,8 @@ class NodeAgent(RendezvousMixin):
                 group.stop(FAILURE_GRACE if outcome.kind != "ok" else self.cfg.grace_period)
             group.close()
             self._stop_attempt_servers()
+            self._note_timings()
+            self.diagnosis.close()
         return outcome
 
     def _monitor(self, group: WorkerGroup, attempt: int) -> Outcome:
@@ -143,7 +151,7 @@ class NodeAgent(RendezvousMixin):
         while True:
             exited = group.reap(POLL)
             outcome = (self._relay_signals(group, forwarded, attempt) or self._check_workers(group, exited)
-                       or self._check_job(attempt))
+                       or self._check_job(attempt) or self._diagnose(group))
             if outcome is not None:
                 return outcome
             if not resumed:  # node 0 of an elastic job: say where rank 0 resumed, once it has
@@ -201,6 +209,25 @@ class NodeAgent(RendezvousMixin):
             self.channel.report_failure(failure)
             return Outcome("failed", self.channel.failure or failure)
         return None
+
+    def _diagnose(self, group: WorkerGroup) -> Outcome | None:
+        """Every worker alive and the job still wrong: hung, or out of step (launcher/diagnosis.py)."""
+        failure = self.diagnosis.check({w.spec.rank for w in group.alive()})
+        if failure is None:
+            return None
+        self.channel.report_failure(failure)
+        return Outcome("failed", self.channel.failure or failure)
+
+    def _note_timings(self) -> None:
+        """Node 0: every rank's step time by phase, kept beside the logs (and printed by _report)."""
+        self.timings = self.diagnosis.final_lines()
+        if not self.timings:
+            return
+        try:
+            path = log_dir(self.cfg) / "timings.json"
+            path.write_text(json.dumps({str(k): v for k, v in self.diagnosis.ranks.items()}, indent=1))
+        except OSError:
+            pass
 
     def _failure(self, group: WorkerGroup, worker: Any) -> Failure:
         lines = _tail(group, worker.spec.rank)
@@ -329,6 +356,12 @@ class NodeAgent(RendezvousMixin):
         self.server = None
 
     def _report(self, outcome: Outcome) -> int:
+        code = self._outcome_report(outcome)
+        for line in self.timings:
+            print(f"  | {line}", file=sys.stderr)
+        return code
+
+    def _outcome_report(self, outcome: Outcome) -> int:
         if self.coordinator is not None and self.coordinator.history:
             say(f"elastic: {len(self.coordinator.history)} change(s) of nodes in this job:")
             for line in self.coordinator.summary():
@@ -361,7 +394,10 @@ class NodeAgent(RendezvousMixin):
             after = f" after {failure.elapsed:.1f}s" if failure.elapsed is not None else ""
             why = f": {failure.why}" if failure.why else ""
             say(f"{where} failed first: {failure.how}{after}{why}; stopped the workers on every node.")
-            if failure.lines:
+            if failure.lines and failure.report:
+                for line in failure.lines:
+                    print(f"  | {line}", file=sys.stderr)
+            elif failure.lines:
                 say("last lines of its log:")
                 for line in failure.lines:
                     print(f"  | {line}", file=sys.stderr)

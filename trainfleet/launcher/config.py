@@ -140,6 +140,8 @@ class LaunchConfig:
         rendezvous_timeout: how long a node waits for the master and the master for the nodes.
         collective_timeout: seconds before a collective that some rank never joins fails,
             naming the rank and the call site (torch's default is 30 minutes).
+        hang_timeout: seconds in which no rank of the job made progress before it is called hung
+            (launcher/diagnosis.py); None adapts it to the step time, 0 turns detection off.
         horovod_port: port of Horovod's rendezvous server on the master; MASTER_PORT + 1
             when None and the master port is fixed (multi-node), else a free port.
         cuda_devices: CUDA devices on this node; probed without torch when None.
@@ -170,6 +172,7 @@ class LaunchConfig:
     heartbeat_timeout: float = 6.0
     rendezvous_timeout: float = 120.0
     collective_timeout: float | None = None
+    hang_timeout: float | None = None
     horovod_port: int | None = None
     cuda_devices: int | None = None
     run_id: str = field(default_factory=new_run_id)
@@ -192,6 +195,9 @@ class LaunchConfig:
         if len(self.job_token) > 256 or not self.job_token.isprintable():
             raise UsageError(f"{contract.JOB_TOKEN}: expected up to 256 printable characters, got "
                              f"{len(self.job_token)} characters.", "e.g. export it from `openssl rand -hex 16`.")
+        if self.hang_timeout is not None and self.hang_timeout < 0:
+            raise UsageError(f"--hang-timeout {self.hang_timeout} must be >= 0 seconds.",
+                             "0 turns hang detection off; omit it to let it adapt to the step time.")
         if self.grace_period < 0:
             raise UsageError(f"--grace-period {self.grace_period} must be >= 0 seconds.")
         if self.max_restarts < 0:

@@ -84,6 +84,9 @@ class ControlChannel(threading.Thread):
         self._beats = 0
         self._complained: set[str] = set()  # keys whose malformed value was already reported
         self.broken: str | None = None  # an unexpected error the thread survived
+        self.hang_attempt = -1  # node 0 asked every node for its workers' stacks (job/hang)
+        self.progress: dict[int, dict] = {}  # node 0: each member's progress summary (launcher/diagnosis.py)
+        self.hang_reports: dict[int, dict] = {}  # node 0: each member's stacks, after job/hang
 
     # ----- called by the agent ---------------------------------------------------------
     def report_failure(self, failure: Failure) -> None:
@@ -264,6 +267,19 @@ class ControlChannel(threading.Thread):
         ended = self._read("job/end", lambda raw: printable(raw.decode(errors="replace"), 300))
         if ended is not None:
             self.ended = ended
+        hang = self._read("job/hang", parse_count)
+        if hang is not None:
+            self.hang_attempt = hang
+        if self.node == 0:
+            for node in list(self.members):
+                if node != 0:  # node 0's own summary is handed over in memory
+                    summary = self._read(f"progress/{self.attempt}/{node}", parse_dict)
+                    if summary is not None:
+                        self.progress[node] = summary
+                if self.hang_attempt == self.attempt and node not in self.hang_reports:
+                    report = self._read(f"hang/{self.attempt}/{node}", parse_dict)
+                    if report is not None:
+                        self.hang_reports[node] = report
 
     def _flush_outbox(self) -> None:
         with self.lock:

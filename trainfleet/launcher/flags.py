@@ -105,6 +105,9 @@ LAUNCH_FLAGS: tuple[Flag, ...] = (
          type=float, default=120.0),
     Flag("collective_timeout", ("--collective-timeout",), "seconds before a collective some rank never joins "
          "fails, naming rank and call site (default: torch's, 10 min on NCCL, 30 on gloo)", type=float),
+    Flag("hang_timeout", ("--hang-timeout",), "seconds without progress on any rank before the job is called "
+         "hung: every rank's stack is taken, the culprit named, and the job fails (default: adapts to the "
+         "step time, at least 10; 0 turns it off)", type=float),
     Flag("hosts", ("--hosts",), "start one node on each host over ssh (node 0 on the first; here when it is "
          "this machine)", job=NOT_FOR_JOBS_SSH, metavar="A,B[:SLOTS]"),
     Flag("hostfile", ("--hostfile",), "hosts, one 'host slots=N' per line", job=NOT_FOR_JOBS_SSH),

@@ -3,7 +3,7 @@ the master's port cannot stop, signal or join the job.
 
 ``launch`` generates a token for every job it starts from one place (local and simulated nodes,
 ``--hosts``: sent to each agent on its stdin, SLURM: in the job's environment); agents started
-by hand with ``--node-rank`` use ``TRAINFLEET_JOB_TOKEN`` when it is exported (the same value on
+by hand with ``--node-rank`` use ``contract.JOB_TOKEN`` when it is exported (the same value on
 every node), and sign nothing without it.
 
 A value is stored as ``<mac>:<value>``, the mac an HMAC-SHA256 of the key and the value under
@@ -21,6 +21,7 @@ import secrets
 import sys
 from typing import Any, Iterable
 
+from trainfleet.engine import contract
 from trainfleet.launcher.store_values import printable
 
 MAC_CHARS = 32
@@ -70,7 +71,7 @@ class SignedStore:
         if key not in self.rejected:
             print(f"launch: {self.who}: ignoring {key} in the control store: its value "
                   f"{printable(raw.decode(errors='replace'), 60)!r} is not signed with this job's token "
-                  "(written by a process outside the job, or a node started with another TRAINFLEET_JOB_TOKEN)",
+                  f"(written by a process outside the job, or a node started with another {contract.JOB_TOKEN})",
                   file=sys.stderr, flush=True)
         self.rejected[key] = raw
         return None

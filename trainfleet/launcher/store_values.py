@@ -24,6 +24,7 @@ class Failure:
     at: float = field(default_factory=time.time)  # wall clock: the earliest failure is the cause
     secondary: bool = False  # it failed because a peer went away (connection reset/closed)
     why: str = ""  # what the log says beyond the exit code (NCCL's watchdog)
+    report: bool = False  # ``lines`` are a diagnosis (a hang, a desync), not the tail of the rank's log
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -41,7 +42,8 @@ class Failure:
             raise ValueError("not a failure record")
         for name, kinds in _FAILURE_TYPES.items():
             value = data.get(name)
-            if name in data and (not isinstance(value, kinds) or (name != "secondary" and isinstance(value, bool))):
+            if name in data and (not isinstance(value, kinds)
+                                 or (name not in ("secondary", "report") and isinstance(value, bool))):
                 raise ValueError(f"{name}: {type(value).__name__}")
         if not all(isinstance(line, str) for line in data.get("lines", [])):
             raise ValueError("lines: not text")
@@ -60,7 +62,8 @@ class Failure:
 
 
 _FAILURE_TYPES = {"node": int, "rank": (int, type(None)), "how": str, "lines": list, "local_rank": (int, type(None)),
-                  "elapsed": (int, float, type(None)), "at": (int, float), "secondary": (bool, int), "why": str}
+                  "elapsed": (int, float, type(None)), "at": (int, float), "secondary": (bool, int), "why": str,
+                  "report": bool}
 # The signals the launcher relays to every worker; a job/signal naming another is not ours.
 RELAYED = tuple(int(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2))
 

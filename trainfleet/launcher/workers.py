@@ -30,6 +30,7 @@ class WorkerSpec:
     launcher_pid: int
     threads: int | None = None
     start_method: str = "fork"
+    progress_file: str | None = None  # the rank's progress record (None: diagnosis off)
 
 
 def worker_env(cfg: LaunchConfig, place: Placement, local_rank: int, port: int,
@@ -96,9 +97,15 @@ def worker_specs(agent: Any, attempt: int, port: int, horovod_port: int | None) 
         env = worker_env(cfg, place, local_rank, port, horovod_port, attempt)
         env.setdefault("OMP_NUM_THREADS", str(threads))
         rank = int(env["RANK"])
+        progress = None
+        if cfg.hang_timeout != 0:
+            progress = str(folder / f"rank{rank}{suffix}.progress")
+            env[contract.PROGRESS_FILE] = progress
+            if "TORCH_FR_BUFFER_SIZE" not in os.environ:  # torch's Flight Recorder: the collective a rank waits in
+                env["TORCH_FR_BUFFER_SIZE"] = "2000"
         specs.append(WorkerSpec(
             rank=rank, local_rank=local_rank, target=cfg.target, args=list(cfg.args), module=cfg.module,
             env=env, log_path=str(folder / f"rank{rank}{suffix}.log"),
             error_file=str(folder / f"rank{rank}{suffix}.error.json"), launcher_pid=os.getpid(), threads=threads,
-            start_method=cfg.start_method))
+            start_method=cfg.start_method, progress_file=progress))
     return specs

@@ -10,6 +10,7 @@ creates.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,18 @@ from trainfleet.engine.checkpoint.training_state import restore_rng as restore_r
 from trainfleet.engine.contract import JobSettings
 from trainfleet.engine.data import DeviceDataLoader
 from trainfleet.engine.environment import note_resume
+from trainfleet.engine.progress_record import CHECKPOINT
 from trainfleet.utils.errors import UsageError
+
+
+def _in_checkpoint_phase(method: Any) -> Any:
+    """The rank is in the checkpoint phase while ``method`` runs (its agent allows a save longer
+    than a step before it calls anything a hang)."""
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._phase(CHECKPOINT):
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 class CheckpointMixin:
@@ -71,6 +83,7 @@ class CheckpointMixin:
         state["optimizer"] = self.strategy.full_optimizer_state(module, optimizer) if optimizer is not None else None
         return state
 
+    @_in_checkpoint_phase
     def save(self, path: str | os.PathLike[str], model: torch.nn.Module | None = None,
              optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
              dataloader: DeviceDataLoader | None = None, *, keep_last: int | None = None,
@@ -98,6 +111,8 @@ class CheckpointMixin:
         path = Path(path)
         if format not in ("trainfleet", "safetensors"):
             raise UsageError(f"save(format={format!r}): expected 'trainfleet' or 'safetensors'.")
+        if self.progress is not None:  # under launch: an out-of-step job writes nothing
+            self.progress.agree_before_save()
         if format == "safetensors":
             return self._save_weights(path, model, keep_last, extra, optimizer=optimizer, scheduler=scheduler,
                                       dataloader=dataloader, asynchronous=asynchronous, sharded=sharded)
@@ -158,6 +173,7 @@ class CheckpointMixin:
         """Block until an asynchronous save is on disk (raises its error if it failed)."""
         self._saver.wait()
 
+    @_in_checkpoint_phase
     def load(self, path: str | os.PathLike[str], model: torch.nn.Module | None = None,
              optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
              dataloader: DeviceDataLoader | None = None, strict: bool = True,
