@@ -161,8 +161,7 @@ class Engine(CheckpointMixin):
         model, optimizer = self.precision.connect(model, optimizer)
         model = self.strategy.setup_module(model)
         if self.progress is not None:  # every forward call is progress, evaluation's too
-            board = self.progress
-            model.register_forward_pre_hook(lambda _module, _inputs: board.tick())
+            model.register_forward_pre_hook(lambda _module, _inputs: self.progress and self.progress.tick())
         if optimizer is None:
             return model
         return model, self.strategy.setup_optimizer(optimizer)

@@ -26,7 +26,15 @@ import time
 import traceback
 from typing import Any, Callable
 
-from trainfleet.engine.progress_record import COLLECTIVE, DATA, FORWARD, IDLE, PHASES, ProgressRecord
+from trainfleet.engine.progress_record import (
+    COLLECTIVE,
+    DATA,
+    FORWARD,
+    IDLE,
+    PHASES,
+    ProgressRecord,
+)
+
 
 class DesyncError(RuntimeError):
     """Ranks are out of step (a skipped or extra step, a collective on some ranks only)."""

@@ -20,7 +20,6 @@ An elastic job (``--nodes MIN:MAX``) goes on instead, on the nodes left: see
 """
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import sys
@@ -90,6 +89,7 @@ class NodeAgent(RendezvousMixin):
         self.stopped_early = False  # a stop signal came during pre-flight or rendezvous
         self.diagnosis: AttemptDiagnosis | None = None  # this attempt's hang/desync/straggler watch
         self.timings: list[str] = []  # node 0: the last attempt's per-rank step times
+        self.shown: tuple | None = None  # node 0: the diagnosis report it printed as it happened
 
     # ----- control plane -------------------------------------------------------------
     def _enter(self, attempt: int, members: list[int]) -> int:
@@ -127,6 +127,8 @@ class NodeAgent(RendezvousMixin):
         outcome = Outcome("failed")  # if anything below raises
         self.diagnosis = AttemptDiagnosis(self.channel, specs, self.node_rank, attempt, self.cfg.hang_timeout,
                                           socket.gethostname(), say)
+        if self.is_master:
+            self.diagnosis.timings_folder = log_dir(self.cfg)
         try:
             group.start()
             self._host_attempt_servers()
@@ -215,19 +217,18 @@ class NodeAgent(RendezvousMixin):
         failure = self.diagnosis.check({w.spec.rank for w in group.alive()})
         if failure is None:
             return None
+        if self.is_master:  # said now, not after the teardown: the user learns it in seconds
+            say(f"stopping the job: {failure.how}")
+            for line in failure.lines:
+                print(f"  | {line}", file=sys.stderr, flush=True)
+            self.shown = (failure.rank, failure.how)
         self.channel.report_failure(failure)
         return Outcome("failed", self.channel.failure or failure)
 
     def _note_timings(self) -> None:
         """Node 0: every rank's step time by phase, kept beside the logs (and printed by _report)."""
         self.timings = self.diagnosis.final_lines()
-        if not self.timings:
-            return
-        try:
-            path = log_dir(self.cfg) / "timings.json"
-            path.write_text(json.dumps({str(k): v for k, v in self.diagnosis.ranks.items()}, indent=1))
-        except OSError:
-            pass
+        self.diagnosis.write_timings()
 
     def _failure(self, group: WorkerGroup, worker: Any) -> Failure:
         lines = _tail(group, worker.spec.rank)
@@ -395,8 +396,9 @@ class NodeAgent(RendezvousMixin):
             why = f": {failure.why}" if failure.why else ""
             say(f"{where} failed first: {failure.how}{after}{why}; stopped the workers on every node.")
             if failure.lines and failure.report:
-                for line in failure.lines:
-                    print(f"  | {line}", file=sys.stderr)
+                if (failure.rank, failure.how) != self.shown:  # a report this agent did not print already
+                    for line in failure.lines:
+                        print(f"  | {line}", file=sys.stderr)
             elif failure.lines:
                 say("last lines of its log:")
                 for line in failure.lines:

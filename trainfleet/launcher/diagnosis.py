@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from trainfleet.engine import contract
+from trainfleet.utils.timings import timing_table, write_timings
 
 record_module = contract.progress_record
 SUMMARY_EVERY = 0.5  # seconds between an agent's summaries
@@ -47,6 +48,7 @@ MIN_SHARE = 0.05  # ... by at least this share of the median step, is a straggle
 COMPARED = ("data", "forward", "optimizer", "idle")  # idle: the script's own code between the engine's calls
 RING_SENT = 8  # ring entries each summary carries
 DUMP_WAIT = 1.5  # seconds a worker gets to write its stacks
+TIMINGS_EVERY = 10.0  # seconds between node 0's writes of timings.json during a run
 
 
 def _median(values: list[float]) -> float:
@@ -305,19 +307,7 @@ class JobWatch:
     # ----- the end ----------------------------------------------------------------------------
     @staticmethod
     def timing_table(ranks: dict[int, dict]) -> list[str]:
-        """Every rank's median step and phases (ms) over the last steps."""
-        rows = [(rank, r) for rank, r in sorted(ranks.items()) if r.get("n")]
-        if not rows:
-            return []
-        phases = ("data", "forward", "backward", "optimizer", "collective", "checkpoint", "idle")
-        head = f"{'rank':>4} {'host':<16} {'steps':>6} {'step':>8} " + " ".join(f"{p:>10}" for p in phases)
-        lines = [f"per-rank step time, ms (median of the last {WINDOW} steps):", head]
-        for rank, r in rows:
-            med = r["med"]
-            host = str(r.get("host", "?"))[:16]
-            cells = " ".join(f"{med.get(p, 0.0) * 1000:>10.1f}" for p in phases)
-            lines.append(f"{rank:>4} {host:<16} {r.get('step', 0):>6} {med['step'] * 1000:>8.1f} {cells}")
-        return lines
+        return timing_table(ranks, WINDOW)
 
 
 def top_frames(dump: dict, count: int = 6) -> list[str]:
@@ -361,6 +351,8 @@ class AttemptDiagnosis:
         self.dumped = False
         self.hang: tuple[float, float, str, float] | None = None  # node 0: (idle, limit, why, asked at)
         self.ranks: dict[int, dict] = {}  # node 0: the last merged summaries
+        self.timings_folder: Any = None  # node 0: where timings.json goes (trainfleet status reads it)
+        self._written = 0.0
         if node == 0:
             channel.progress.clear()
             channel.hang_reports.clear()
@@ -373,15 +365,16 @@ class AttemptDiagnosis:
         if not watch.records:
             return None
         watch.poll()
-        if watch.due():
-            summary = watch.summary(alive)
-            if self.node == 0:
-                channel.progress[0] = summary
-            else:
-                channel.post(f"progress/{self.attempt}/{self.node}", json.dumps(summary))
+        if self.node == 0:  # its own ranks, fresh every poll (the others' come every SUMMARY_EVERY)
+            channel.progress[0] = watch.summary(alive)
+        elif watch.due():
+            channel.post(f"progress/{self.attempt}/{self.node}", json.dumps(watch.summary(alive)))
         if channel.hang_attempt == self.attempt and not self.dumped:
             self.dumped = True
-            channel.post(f"hang/{self.attempt}/{self.node}", json.dumps(watch.dump()))
+            if self.node == 0:
+                channel.hang_reports[0] = watch.dump()
+            else:
+                channel.post(f"hang/{self.attempt}/{self.node}", json.dumps(watch.dump()))
         if self.job is None:
             return None
         self.ranks = merge({node: s for node, s in channel.progress.items() if node in channel.members})
@@ -393,10 +386,15 @@ class AttemptDiagnosis:
             return Failure(int(info.get("node", 0)), rank, how, lines, _local(info), report=True)
         for line in self.job.straggler_lines(self.ranks) + self.job.nan_lines(self.ranks):
             self.say(line)
+        if self.timings_folder is not None and time.monotonic() - self._written > TIMINGS_EVERY:
+            self._written = time.monotonic()
+            self.write_timings()
         hung = self.job.hung(self.ranks)
         if hung is not None:
             self.hang = (*hung, time.monotonic())
-            channel.post("job/hang", str(self.attempt))
+            channel.post("job/hang", str(self.attempt))  # every other node: send your workers' stacks
+            channel.hang_attempt = self.attempt  # and this one's, at once
+            return self.check(alive)
         return None
 
     def _hang_failure(self, failure_type: Any) -> Any:
@@ -415,6 +413,14 @@ class AttemptDiagnosis:
 
     def final_lines(self) -> list[str]:
         return JobWatch.timing_table(self.ranks) if self.job is not None else []
+
+    def write_timings(self) -> None:
+        if self.timings_folder is None or not self.ranks:
+            return
+        try:
+            write_timings(self.timings_folder, self.ranks)
+        except OSError:
+            pass
 
     def close(self) -> None:
         self.watch.close()

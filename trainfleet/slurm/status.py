@@ -19,6 +19,7 @@ from trainfleet.slurm import records
 from trainfleet.slurm.sweep import ArrayTask
 from trainfleet.utils.errors import UsageError
 from trainfleet.utils.process import process_state
+from trainfleet.utils.timings import read_timings, timing_table
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
             "DEADLINE", "PREEMPTED", "STOPPED"}
@@ -119,6 +120,7 @@ def format_status(folder: Path, record: dict[str, Any], statuses: list[TaskStatu
     s = statuses[0]
     lines = [head, f"state {s.state}, exit code {'-' if s.exit_code is None else s.exit_code}, nodes {s.nodes}, "
                    f"elapsed {s.elapsed}, requeues {s.requeues}"]
+    lines += timing_table(read_timings(folder / "logs"))  # node 0's agent keeps it current
     log = records.rank_log(folder, 0) if tail > 0 else None
     if log is not None:
         lines.append(f"last lines of {log}:")
