@@ -180,3 +180,47 @@ def test_an_out_of_step_job_writes_no_checkpoint(launch, tmp_path):
     assert "DesyncError: rank 1 is out of step with rank 0 at checkpoint #1: batches fetched 3 (rank 0: 2)" \
         in result.stderr, result.stderr[-3000:]
     assert not target.exists() and not list(tmp_path.glob("*.tmp*"))
+
+
+def _rank(step=10, idle=0.0, phase="forward", med_step=0.1, n=20, **med):
+    return {"step": step, "idle": idle, "phase": phase, "alive": True, "n": n, "node": 0, "host": "h",
+            "med": {"step": med_step, "data": 0.0, "forward": 0.05, "optimizer": 0.0, "idle": 0.0, **med}, "ring": []}
+
+
+def test_the_hang_threshold_adapts_to_the_step_and_allows_first_steps_and_checkpoints():
+    from trainfleet.launcher.diagnosis import FIRST_STEP_ALLOWANCE, FLOOR, STEPS, JobWatch
+
+    watch = JobWatch(None)
+    assert watch.threshold({0: _rank(), 1: _rank()})[0] == FLOOR  # 20 x 0.1 s is below the floor
+    assert watch.threshold({0: _rank(med_step=2.0), 1: _rank(med_step=2.0)})[0] == STEPS * 2.0
+    assert watch.threshold({0: _rank(step=0), 1: _rank()})[0] == FIRST_STEP_ALLOWANCE
+    assert watch.threshold({0: _rank(phase="checkpoint"), 1: _rank()})[0] == FIRST_STEP_ALLOWANCE
+    assert watch.hung({0: _rank(idle=FLOOR + 1), 1: _rank(idle=FLOOR - 1)}) is None  # rank 1 still moves
+    assert watch.hung({0: _rank(idle=FLOOR + 1), 1: _rank(idle=FLOOR)})[0] == FLOOR
+    assert JobWatch(0).hung({0: _rank(idle=1e6)}) is None  # --hang-timeout 0: off
+    assert JobWatch(3).threshold({0: _rank()})[0] == 3
+
+
+def test_a_straggler_is_said_once_and_again_only_when_it_changes():
+    from trainfleet.launcher.diagnosis import JobWatch
+
+    watch = JobWatch(None)
+    slow = {0: _rank(), 1: _rank(forward=0.15)}
+    first = watch.straggler_lines(slow)
+    assert len(first) == 1
+    assert "rank 1 on h (node 0) is 3.0x slower than its peers in forward: 150 ms vs 50 ms" in first[0]
+    assert watch.straggler_lines(slow) == []
+    assert watch.straggler_lines({0: _rank(), 1: _rank()}) == ["stragglers: none now"]
+    assert watch.straggler_lines({0: _rank(data=0.02), 1: _rank()})[0].startswith("straggler: rank 0")
+
+
+def test_the_timing_table_reads_a_hostile_file_without_failing(tmp_path):
+    from trainfleet.utils.timings import read_timings, timing_table
+
+    (tmp_path / "timings.json").write_text(json.dumps({
+        "0": {"n": 3, "step": 3, "host": "a\x1b[2Jb", "med": {"step": 0.1, "data": "x", "forward": float("nan")}},
+        "x": {"n": 1, "med": {}}, "1": "not a rank", "2": {"n": 1, "med": []}}))
+    lines = timing_table(read_timings(tmp_path))
+    assert len(lines) == 3 and "\x1b" not in "".join(lines) and lines[2].split()[:4] == ["0", "a?[2Jb", "3", "100.0"]
+    (tmp_path / "timings.json").write_text("[1, 2]")
+    assert timing_table(read_timings(tmp_path)) == []

@@ -73,6 +73,10 @@ def test_two_node_job_equals_a_local_one_node_run(tmp_path, cli):
     folder = tmp_path / "runs" / job
     assert sorted(p.name for p in (folder / "logs").iterdir()) == ["node0", "node1"]
     assert (folder / f"{job}_submission.sh").is_file() and (folder / "trainfleet.json").is_file()
+    status = cli("trainfleet", "status", job).stdout  # every rank's step time, from node 0's agent
+    assert "per-rank step time" in status, status
+    rows = [line.split()[0] for line in status.splitlines() if re.match(r"\s+\d+ \S+\s+\d+\s+[\d.]+ ", line)]
+    assert sorted(map(int, rows)) == [0, 1, 2, 3], status
     local = cli("launch", "--gpus", "4", PARITY, str(tmp_path / "local"), "--steps", "6", "--global-batch-size", "16")
     assert local.returncode == 0, local.stderr
     slurm_losses = json.loads((tmp_path / "slurm" / "losses.json").read_text())
