@@ -216,3 +216,21 @@ def test_elastic_job_goes_on_when_a_hosts_connection_is_lost(tmp_path):
         assert hosts.leftovers() == [], "processes left on a host"
     assert elastic.worlds(out)[0] == 2 and elastic.worlds(out)[-1] == 1
     elastic.assert_exact(out, reference)
+
+
+@pytest.mark.ssh
+def test_a_hang_on_host_b_is_reported_by_node_0_with_its_stack(tmp_path):
+    """Issue 23 over real ssh: rank 1 (host B's only worker) hangs in Python; node 0 names it, its
+    host and the line, and nothing is left on either host."""
+    out = tmp_path / "out"
+    out.mkdir()
+    script = str(SCRIPTS / "fault_train.py")
+    with sshhosts.SshHosts(tmp_path) as hosts:
+        launcher = launch_on(hosts, tmp_path, "--hang-timeout", "3", script, str(out), "--fault", "sleep",
+                             hostlist=f"{hosts.addrs[0]}:1,{hosts.addrs[1]}:1")
+        _, stderr = launcher.communicate(timeout=120)
+        assert launcher.returncode == 1, stderr[-3000:]
+        assert hosts.leftovers() == []
+    line = next(n for n, text in enumerate(open(script).read().splitlines(), 1) if "FAULT: a hang in Python" in text)
+    assert "culprit: rank 1 on " in stderr and "(node 1): not in the collective the others wait in" in stderr, stderr
+    assert f'File "{script}", line {line}, in <module>' in stderr, stderr[-3000:]
