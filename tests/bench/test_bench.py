@@ -105,6 +105,9 @@ def test_bench_bad_input(tmp_path):
                  marks=pytest.mark.slurm),
     pytest.param("hosts_startup", ["hosts_first_step_vs_ssh_torchrun: ratio"], marks=pytest.mark.ssh),
     ("elastic_recovery", ["elastic_fault_to_first_step_vs_torchrun: ratio", "goal: <= 15 s"]),
+    ("diagnosis_bench", ["hang_onset_to_report: median", "straggler_steps_to_report (1.3x forward):",
+                         "diagnosis_overhead (step time, board on vs off, same workers): ratio",
+                         "progress_board_cost_per_step:"]),
 ])
 def test_benchmark_smoke(module, lines):
     result = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--quick", "--smoke"], cwd=REPO,

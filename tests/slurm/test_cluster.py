@@ -35,7 +35,7 @@ def test_two_node_job_through_srun_equals_a_local_run(tmp_path):
     assert state == "COMPLETED", err
     slurm = json.loads((tmp_path / "losses.json").read_text())
     assert slurm["world_size"] == 4
-    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["node0", "node1"]
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir() if p.is_dir()) == ["node0", "node1"]
     local = tmp_path / "local"
     local.mkdir()
     result = run_cli("launch", "--gpus", "4", "--log-dir", str(local / "logs"), PARITY, str(local),
