@@ -4,8 +4,9 @@ A fuzzer that holds the job's token (the parsers behind the signatures are what 
 outsider's unsigned values are ignored, see test_job_token.py) writes random and malformed values
 into every key the agents read while a real two-node job trains; over 100 writes the job either
 goes on (and finishes) or ends with one clear line, never hangs, never prints a traceback, and
-leaves nothing behind (the autouse fixtures check). On the old code a malformed ``job/signal`` killed the control thread silently, and a number
-that was not one in ``hb/1`` made the store close the agents' connections.
+leaves nothing behind (the autouse fixtures check). On the old code a malformed ``job/signal``
+killed the control thread silently, and a number that was not one in ``hb/1`` made the store
+close the agents' connections.
 """
 from __future__ import annotations
 
