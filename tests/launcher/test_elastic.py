@@ -279,6 +279,8 @@ def test_a_join_that_goes_away_does_not_end_the_job(tmp_path):
     try:
         deadline = time.monotonic() + 120
         while not ((out / "ready.rank0").exists() and (out / "ready.rank1").exists()):
+            ended = [agent for agent in agents if agent.poll() is not None]
+            assert not ended, [agent.communicate() for agent in ended]  # say why, not just "too late"
             assert time.monotonic() < deadline
             time.sleep(0.05)
         joiner = subprocess.Popen(launch(*common, "--node-rank", "2", "--log-dir", str(tmp_path / "logs2"), *train),

@@ -170,6 +170,7 @@ class NodeAgent(RendezvousMixin):
                 return Outcome("resize", failure)
             if not group.alive() and not finished:
                 finished = True
+                self.diagnosis.post_final(set())  # sent before "done": node 0 reads both in one poll
                 self.channel.mark_done(attempt)
             outcome = self._finished(attempt, resized=grow_asked is not None) if finished else None
             if outcome is not None:

@@ -259,6 +259,7 @@ class ControlChannel(threading.Thread):
         attempt = self._read("job/attempt", parse_count)
         if attempt is not None:
             self.attempt = attempt
+        self._read_diagnosis()  # before the done count: a node posts its last summary, then "done"
         if self.node == 0:
             self.done_count = sum(self.store.check([f"done/{self.attempt}/{node}"]) for node in self.members)
         done = self._read("job/done", parse_count)
@@ -267,6 +268,10 @@ class ControlChannel(threading.Thread):
         ended = self._read("job/end", lambda raw: printable(raw.decode(errors="replace"), 300))
         if ended is not None:
             self.ended = ended
+
+    def _read_diagnosis(self) -> None:
+        """Every node: whether node 0 asked for stacks (``job/hang``); node 0: each member's progress
+        summary and, after ``job/hang``, its workers' stacks."""
         hang = self._read("job/hang", parse_count)
         if hang is not None:
             self.hang_attempt = hang

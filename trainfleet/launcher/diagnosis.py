@@ -44,7 +44,8 @@ STEPS = 20  # ... or this many median steps
 FIRST_STEP_ALLOWANCE = 600.0  # before the first step (imports, compile, a load) and during a checkpoint
 WINDOW = 20  # steps a straggler's medians cover
 SLOW = 1.25  # a phase this much slower than its peers' median ...
-MIN_SHARE = 0.05  # ... by at least this share of the median step, is a straggler's
+MIN_SHARE = 0.05  # ... by at least this share of the median step ...
+MIN_GAP = 0.002  # ... and this many seconds (timer noise of a millisecond step is not a straggler), is a straggler's
 COMPARED = ("data", "forward", "optimizer", "idle")  # idle: the script's own code between the engine's calls
 RING_SENT = 8  # ring entries each summary carries
 DUMP_WAIT = 1.5  # seconds a worker gets to write its stacks
@@ -281,7 +282,7 @@ class JobWatch:
                 for phase in COMPARED:
                     mine = r["med"].get(phase, 0.0)
                     peers = _median([o["med"].get(phase, 0.0) for other, o in ready.items() if other != rank])
-                    if mine > SLOW * peers and mine - peers > MIN_SHARE * step:
+                    if mine > SLOW * peers and mine - peers > max(MIN_SHARE * step, MIN_GAP):
                         ratio = mine / peers if peers > 0 else float("inf")
                         if worst is None or ratio > worst[1]:
                             worst = (phase, ratio, mine, peers)
@@ -411,8 +412,23 @@ class AttemptDiagnosis:
         how = f"hung: no rank made progress for {idle:.1f}s (threshold {limit:.1f}s)"
         return failure_type(int(info.get("node", 0)), rank, how, lines, _local(info), report=True)
 
+    def post_final(self, alive: set[int]) -> None:
+        """This node's last summary, before it says its workers are done: node 0's table then
+        holds every node's ranks, however short the run."""
+        if not self.watch.records:
+            return
+        self.watch.poll()
+        summary = self.watch.summary(alive)
+        if self.node == 0:
+            self.channel.progress[0] = summary
+        else:
+            self.channel.post(f"progress/{self.attempt}/{self.node}", json.dumps(summary))
+
     def final_lines(self) -> list[str]:
-        return JobWatch.timing_table(self.ranks) if self.job is not None else []
+        if self.job is None:
+            return []
+        self.ranks = merge({node: s for node, s in self.channel.progress.items() if node in self.channel.members})
+        return JobWatch.timing_table(self.ranks)
 
     def write_timings(self) -> None:
         if self.timings_folder is None or not self.ranks:
