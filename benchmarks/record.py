@@ -48,8 +48,9 @@ def machine() -> list[str]:
 
 def commit() -> str:
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True, cwd=REPO).stdout.strip()
+    # the measurement files themselves do not count: several are recorded one after another
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                            ":!docs/measurements"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     return (head.stdout.strip() or "unknown") + (" (with uncommitted changes)" if dirty else "")
 
 

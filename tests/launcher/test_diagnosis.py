@@ -60,6 +60,29 @@ def _line_of_getitem() -> int:
 
 
 @pytest.mark.slow
+def test_work_outside_the_engine_is_not_a_hang(launch, tmp_path):
+    """Rank 1 computes for 8 s without calling the engine (its peers wait in the all-reduce):
+    its busy CPU is progress, so --hang-timeout 3 does not fire (it did before CPU time counted,
+    in the fsdp benchmark's hand-written loop)."""
+    result = _run(launch, tmp_path, "busy_outside", "--pause", "8", "--steps", "8",
+                  launch_args=("--gpus", "2", "--hang-timeout", "3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "hang:" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_rank_holding_the_gil_is_read_from_outside(launch, tmp_path):
+    """Its dump thread cannot run: py-spy reads its stack from outside (the tests install it), with
+    the line; without py-spy the report says so and shows faulthandler's C-level dump."""
+    result = _run(launch, tmp_path, "gil", launch_args=("--gpus", "2", "--hang-timeout", "3"))
+    err = result.stderr
+    assert result.returncode == 1, err[-3000:]
+    assert re.search(r"culprit: rank 1 on \S+ \(node 0\): the rank whose progress stopped first", err), err[-3000:]
+    frames = err[err.index("culprit:"):err.index("every rank:")]
+    assert f"(py-spy) <module> ({SCRIPT}:{_line_of('C code that holds the GIL')})" in frames, frames
+
+
+@pytest.mark.slow
 def test_a_hang_on_another_node_is_reported_by_node_0(launch, tmp_path):
     result = _run(launch, tmp_path, "sleep", launch_args=("--nodes", "2", "--gpus", "1", "--hang-timeout", "3"))
     err = result.stderr

@@ -2,8 +2,9 @@
 
     fault_train.py OUT --fault NAME [--rank R] [--step S] [--steps N] [--step-sleep T] [--factor F]
 
-Faults: none, sleep (a hang in Python), deadlock (two threads, two locks, opposite order),
-loader (the dataset never returns a sample), skip (the rank skips one step), extra_all_reduce,
+Faults: none, sleep (a hang in Python), gil (C code holding the GIL), deadlock (two threads, two locks, opposite order),
+loader (the dataset never returns a sample), busy_outside (rank R computes for --pause s
+outside the engine's calls: not a hang), skip (the rank skips one step), extra_all_reduce,
 mismatch (an all_reduce of another size), slow_forward (the forward takes F x as long from the
 start), slow_loader (each sample takes F x as long), pause_first (every rank waits --pause s
 before its first step), nan (a non-finite loss on one rank), healthy (evaluation passes and
@@ -90,6 +91,13 @@ for x, y in loader:
     if me and step == args.step:
         if args.fault == "sleep":
             time.sleep(3600)  # FAULT: a hang in Python
+        if args.fault == "busy_outside":  # not a fault: real work outside the engine's calls, --pause s
+            until = time.monotonic() + args.pause
+            while time.monotonic() < until:
+                torch.randn(200, 200) @ torch.randn(200, 200)
+        if args.fault == "gil":
+            import ctypes
+            ctypes.PyDLL(None).sleep(3600)  # FAULT: C code that holds the GIL (libc's sleep through PyDLL)
         if args.fault == "deadlock":
             threading.Thread(target=hold_second_then_first, name="other", daemon=True).start()
             with first:

@@ -5,7 +5,8 @@ Every agent reads its workers' records (:class:`NodeWatch`) and posts a summary 
 store every :data:`SUMMARY_EVERY` seconds; node 0 merges the summaries of every node and decides
 (:class:`JobWatch`):
 
-- **hang**: no rank made progress for the threshold. ``--hang-timeout S`` sets it (0: off); by
+- **hang**: no rank made progress for the threshold (progress: the engine's record moved, or the
+  rank's process kept a fifth of a core busy: work outside the engine's calls is not a hang). ``--hang-timeout S`` sets it (0: off); by
   default it is max(:data:`FLOOR`, :data:`STEPS` x the median step time), and
   :data:`FIRST_STEP_ALLOWANCE` before every rank finished its first step or while one reads or
   writes a checkpoint. Node 0 then asks every node for its workers' stacks (``job/hang``), names
@@ -26,8 +27,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections import deque
@@ -49,6 +52,7 @@ MIN_GAP = 0.002  # ... and this many seconds (timer noise of a millisecond step 
 COMPARED = ("data", "forward", "optimizer", "idle")  # idle: the script's own code between the engine's calls
 RING_SENT = 8  # ring entries each summary carries
 DUMP_WAIT = 1.5  # seconds a worker gets to write its stacks
+BUSY = 0.2  # a rank whose process used this share of a core over the last second is computing, not hung
 TIMINGS_EVERY = 10.0  # seconds between node 0's writes of timings.json during a run
 
 
@@ -72,10 +76,13 @@ class NodeWatch:
                       "for it", file=sys.stderr)
                 del self.specs[rank]
         self.snapshots: dict[int, Any] = {}
+        self.cpu_marks: dict[int, tuple[float, float, int]] = {}  # rank -> (when, cpu seconds, pid)
+        self.active: dict[int, float] = {}  # rank -> when its process last kept a core busy
         self.windows: dict[int, deque] = {rank: deque(maxlen=WINDOW) for rank in self.records}
         self.posted = 0.0
 
     def poll(self) -> None:
+        now = time.monotonic()
         for rank, record in self.records.items():
             snap = record.read()
             if snap is None:
@@ -84,6 +91,22 @@ class NodeWatch:
             if snap.step > 0 and (previous is None or snap.step > previous.step):
                 self.windows[rank].append({**snap.last, "step": snap.step_time})
             self.snapshots[rank] = snap
+            self._note_cpu(rank, snap.pid, now)
+
+    def _note_cpu(self, rank: int, pid: int, now: float) -> None:
+        """A rank that computes is not hung, even outside the engine's calls (a hand-written loop,
+        metrics on rank 0 while the others wait): it counts as active while its process used at
+        least :data:`BUSY` of a core over the last second. A hang in Python, a deadlock, a loader
+        that never returns and a wait in a collective all use next to none."""
+        cpu = _cpu_seconds(pid)
+        mark = self.cpu_marks.get(rank)
+        if cpu is None or mark is None or mark[2] != pid:
+            self.cpu_marks[rank] = (now, cpu or 0.0, pid)
+            return
+        if now - mark[0] >= 1.0:
+            if cpu - mark[1] >= BUSY * (now - mark[0]):
+                self.active[rank] = now
+            self.cpu_marks[rank] = (now, cpu, pid)
 
     def due(self) -> bool:
         now = time.monotonic()
@@ -99,7 +122,8 @@ class NodeWatch:
         for rank, snap in self.snapshots.items():
             window = list(self.windows[rank])
             medians = {phase: _median([w[phase] for w in window]) for phase in (*record_module.PHASES, "step")}
-            ranks[str(rank)] = {"idle": round(now - snap.tick_time, 3), "step": snap.step, "phase": snap.phase,
+            last = max(snap.tick_time, self.active.get(rank, 0.0))  # progress, or a busy CPU
+            ranks[str(rank)] = {"idle": round(now - last, 3), "step": snap.step, "phase": snap.phase,
                                 "ring": [list(e) for e in snap.ring[-RING_SENT:]], "med": medians, "n": len(window),
                                 "alive": rank in alive, "total": snap.total, "local": self.specs[rank].local_rank,
                                 "nan_step": snap.nan_step}
@@ -121,13 +145,30 @@ class NodeWatch:
                     continue
                 except (OSError, ValueError):
                     pass
-            dumps[str(rank)] = {"faulthandler": _faulthandler_stacks(snap.pid, path + ".stacks")}
+            dumps[str(rank)] = stacks_from_outside(snap.pid, path + ".stacks")
         return dumps
 
     def close(self) -> None:
         for record in self.records.values():
             record.close()
         self.records.clear()
+
+
+def stacks_from_outside(pid: int, stacks_file: str) -> dict[str, Any]:
+    """The stacks of a worker whose dump thread did not answer (its main thread holds the GIL in C
+    code): py-spy's dump when py-spy is installed (Python frames with file:line, read from outside
+    the process), else the C-level dump faulthandler writes on the engine's signal, and what is
+    missing."""
+    spy = shutil.which("py-spy")
+    if spy:
+        try:
+            done = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=10)
+            if done.returncode == 0 and "Thread" in done.stdout:
+                return {"py-spy": done.stdout.splitlines()[:80]}
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    missing = None if spy else "py-spy is not installed (pip install py-spy): faulthandler's stack instead"
+    return {"faulthandler": _faulthandler_stacks(pid, stacks_file), "missing": missing}
 
 
 def _faulthandler_stacks(pid: int, path: str) -> list[str]:
@@ -141,6 +182,15 @@ def _faulthandler_stacks(pid: int, path: str) -> list[str]:
         return Path(path).read_text().splitlines()[-40:]
     except OSError:
         return []
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of ``pid`` (all its threads), from /proc; None where unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def merge(summaries: dict[int, dict]) -> dict[int, dict]:
@@ -313,8 +363,14 @@ class JobWatch:
 
 def top_frames(dump: dict, count: int = 6) -> list[str]:
     """The culprit's main thread, innermost frames first, as ``File "x.py", line N, in f``."""
+    if "py-spy" in dump:  # "Thread N (idle): "MainThread"" then "    function (file.py:line)", innermost first
+        lines = [str(line) for line in dump["py-spy"]]
+        start = next((i for i, line in enumerate(lines) if line.startswith("Thread")), len(lines))
+        return ["(py-spy) " + line.strip() for line in lines[start:start + count + 1]]
     if "faulthandler" in dump:
-        return [line.strip() for line in dump["faulthandler"][:count]] or ["(no stack: the process did not answer)"]
+        said = [f"({dump['missing']})"] if dump.get("missing") else []
+        lines = [str(line).strip() for line in dump["faulthandler"][:count]]
+        return said + (lines or ["(no stack: the process did not answer)"])
     threads = dump.get("threads") or []
     main = next((t for t in threads if t.get("main")), threads[0] if threads else None)
     if main is None:
