@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     beyond = [d - t for d, t in hangs]
     met = max(thresholds) <= 10 and max(beyond) <= 2
     spread = f"min {min(delays):.2f}, max {max(delays):.2f}, n={len(delays)}"
-    print(f"hang_onset_to_report: median {statistics.median(delays):.2f}s ({spread}); threshold {statistics.median(thresholds):.1f}s; beyond the threshold: median "
+    threshold = statistics.median(thresholds)
+    print(f"hang_onset_to_report: median {statistics.median(delays):.2f}s ({spread}); threshold {threshold:.1f}s; "
+          f"beyond the threshold: median "
           f"{statistics.median(beyond):.2f}s, max {max(beyond):.2f}s (target: threshold <= 10 s, report <= 2 s "
           f"beyond it) {'MET' if met else 'MISSED'}; gloo's own timeout: 1800 s", flush=True)
     steps = [straggler_trial() for _ in range(rounds)]

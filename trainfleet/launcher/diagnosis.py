@@ -6,8 +6,8 @@ store every :data:`SUMMARY_EVERY` seconds; node 0 merges the summaries of every 
 (:class:`JobWatch`):
 
 - **hang**: no rank made progress for the threshold (progress: the engine's record moved, or the
-  rank's process kept a fifth of a core busy: work outside the engine's calls is not a hang). ``--hang-timeout S`` sets it (0: off); by
-  default it is max(:data:`FLOOR`, :data:`STEPS` x the median step time), and
+  rank's process kept a fifth of a core busy: work outside the engine's calls is not a hang).
+  ``--hang-timeout S`` sets it (0: off); by default it is max(:data:`FLOOR`, :data:`STEPS` x the median step time), and
   :data:`FIRST_STEP_ALLOWANCE` before every rank finished its first step or while one reads or
   writes a checkpoint. Node 0 then asks every node for its workers' stacks (``job/hang``), names
   the culprit (the rank not in the collective the others wait in, else the one whose progress
@@ -159,7 +159,8 @@ def stacks_from_outside(pid: int, stacks_file: str) -> dict[str, Any]:
     code): py-spy's dump when py-spy is installed (Python frames with file:line, read from outside
     the process), else the C-level dump faulthandler writes on the engine's signal, and what is
     missing."""
-    spy = shutil.which("py-spy")
+    beside = Path(sys.executable).with_name("py-spy")  # installed into this environment, not on PATH
+    spy = shutil.which("py-spy") or (str(beside) if beside.exists() else None)
     if spy:
         try:
             done = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=10)
@@ -263,15 +264,16 @@ class JobWatch:
             waiter = next(rank for rank, seq in issued.items() if seq == top)
             pending = dumps[waiter].get("pending") or {}
             waited = f"{pending.get('op', 'a collective')} #{top}"
-        if not culprits:
+        if not culprits:  # not told apart by the collectives: not waiting in one, silent, stopped first
             live = {rank: r for rank, r in ranks.items() if r.get("alive")} or ranks
-            culprits = [max(live, key=lambda rank: float(live[rank].get("idle", 0)))]
+            culprits = [max(live, key=lambda rank: (live[rank].get("phase") not in ("backward", "collective"),
+                                                    rank not in issued, float(live[rank].get("idle", 0))))]
         culprit = culprits[0]
         info = ranks.get(culprit, {})
         lines = [f"hang: no rank made progress for {idle:.1f}s (threshold {limit:.1f}s: {why})"]
         where = f"rank {culprit} on {info.get('host', '?')} (node {info.get('node', '?')})"
         because = (f"not in the collective the others wait in ({waited})" if waited
-                   else "the rank whose progress stopped first")
+                   else "stopped first, outside any collective")
         lines.append(f"culprit: {where}: {because}; step {info.get('step', '?')}, phase {info.get('phase', '?')}")
         lines += [f"  {frame}" for frame in top_frames(dumps.get(culprit, {}))]
         lines.append("every rank: last completed step, phase, collectives issued, idle")
@@ -366,7 +368,13 @@ def top_frames(dump: dict, count: int = 6) -> list[str]:
     if "py-spy" in dump:  # "Thread N (idle): "MainThread"" then "    function (file.py:line)", innermost first
         lines = [str(line) for line in dump["py-spy"]]
         start = next((i for i, line in enumerate(lines) if line.startswith("Thread")), len(lines))
-        return ["(py-spy) " + line.strip() for line in lines[start:start + count + 1]]
+        frames = []
+        for line in lines[start + 1:start + 1 + 40]:
+            where = line.strip().rpartition("(")[2].rstrip(")")
+            if not line.startswith(" ") or _machinery(where.rpartition(":")[0]):
+                break
+            frames.append("(py-spy) " + line.strip())
+        return frames[:count] or ["(py-spy) " + line.strip() for line in lines[start:start + count]]
     if "faulthandler" in dump:
         said = [f"({dump['missing']})"] if dump.get("missing") else []
         lines = [str(line).strip() for line in dump["faulthandler"][:count]]
@@ -500,8 +508,9 @@ class AttemptDiagnosis:
 
 def _machinery(filename: str) -> bool:
     """A frame of the worker's start-up (runpy, trainfleet's worker entry), not the script's."""
-    return (filename.startswith("<frozen") or f"{os.sep}trainfleet{os.sep}launcher{os.sep}" in filename
-            or f"{os.sep}multiprocessing{os.sep}" in filename)
+    name = filename.replace(os.sep, "/")
+    return (name.startswith("<frozen") or "trainfleet/launcher/" in name or "/multiprocessing/" in name
+            or name.startswith("multiprocessing/"))
 
 
 def _local(info: dict) -> int | None:
