@@ -124,7 +124,11 @@ def test_every_node_gets_node_0s_run_id(tmp_path):
 # ----- issue 22, item 9: node 0's death --------------------------------------------------------------
 def _wait_ready(out, ranks, limit=120):
     deadline = time.monotonic() + limit
-    while not all((out / f"ready.rank{r}").exists() for r in ranks):
+    def written(rank):  # the script creates the file, then writes it: an empty one is not ready yet
+        path = out / f"ready.rank{rank}"
+        return path.exists() and path.read_text().strip()
+
+    while not all(written(r) for r in ranks):
         assert time.monotonic() < deadline, "the job did not start"
         time.sleep(0.05)
     return [int((out / f"ready.rank{r}").read_text().split()[0]) for r in ranks]
