@@ -258,9 +258,10 @@ class DeviceDataLoader:
             self.loader.generator.manual_seed(
                 (self.sampler.seed * 1_000_003 + epoch) * 4_099 + self.sampler.rank)
         batches = iter(self.loader)
-        board, training = self.board, self.sampler.even  # an even loader gives every rank the same batches
+        training = self.sampler.even  # an even loader gives every rank the same batches
         while True:
             waited = time.perf_counter()
+            board = self.board  # read per batch: it can be switched off (the diagnosis overhead benchmark)
             if board is not None:
                 board.data_wait()
             try:
