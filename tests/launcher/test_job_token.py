@@ -32,8 +32,8 @@ def _wait_for(path, job, timeout=60.0):
 FORGED = {
     "job/signal": "0 15",  # SIGTERM to every worker of attempt 0
     "job/end": "the outsider says so",
-    "job/failure": json.dumps({"node": 1, "rank": 1, "how": "exit code 7", "lines": ["forged"]}),
-    "failure/1": json.dumps({"node": 1, "rank": 1, "how": "exit code 7", "lines": ["forged"]}),
+    "job/failure/0": json.dumps({"node": 1, "rank": 1, "how": "exit code 7", "lines": ["forged"]}),
+    "failure/0/1": json.dumps({"node": 1, "rank": 1, "how": "exit code 7", "lines": ["forged"]}),
     "join/1": json.dumps({"nodes": "2", "gpus": 1, "strategy": "ddp", "precision": "32", "host": "x"}),
     "left/1": "1",
     "job/done": "0",

@@ -98,7 +98,7 @@ class NodeAgent(RendezvousMixin):
         self.members = members
         self.channel.members = members
         self.placement = placement(members, self.node_rank, previous)
-        self.channel.clear_failure()
+        self.channel.begin_attempt(attempt)
         return attempt
 
     def _first_attempt(self) -> int:

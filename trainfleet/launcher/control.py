@@ -7,7 +7,9 @@ supervision loop never blocks on the network:
 - heartbeats: each agent writes its own counter to ``hb/<node>`` every ``interval``; the master
   tracks when each counter last moved (its own clock: counters, not timestamps, because the
   hosts' clocks differ), the others track the master's ``hb/master``;
-- the first failure of the job, ``job/failure`` (compare-and-set: the first one wins);
+- the first failure of each attempt, ``job/failure/<attempt>`` (compare-and-set: the first one
+  wins), and each node's own, ``failure/<attempt>/<node>``: per attempt, so a value the thread
+  sends or reads late can never fail the next attempt;
 - signals to forward to every node, ``job/signal``;
 - attempts: ``job/attempt``, its members ``members/<attempt>`` and the worker store's port;
 - elastic jobs: ``join/<node>`` (a node asking to join), ``left/<node>`` (a node leaving).
@@ -64,6 +66,7 @@ class ControlChannel(threading.Thread):
         self.interval, self.timeout = interval, timeout
         self.lock = threading.Lock()
         self.failure: Failure | None = None
+        self.current = 0  # the attempt this agent is in (its failure keys are this attempt's)
         self.lost: str | None = None  # why the master is considered gone (other nodes)
         self.lost_nodes: dict[int, str] = {}  # node 0: members considered gone, and why
         self.members: list[int] = list(range(nodes))  # this attempt's members (the agent sets them)
@@ -94,8 +97,9 @@ class ControlChannel(threading.Thread):
         with self.lock:
             if self.failure is None:
                 self.failure = failure
-        self._send(f"failure/{self.node}", failure.to_json())
-        self._send("job/failure", failure.to_json(), first_only=True)
+            attempt = self.current
+        self._send(f"failure/{attempt}/{self.node}", failure.to_json())
+        self._send(f"job/failure/{attempt}", failure.to_json(), first_only=True)
 
     def first_failure(self, wait: float = 1.0) -> Failure | None:
         """The earliest failure any node recorded (waiting briefly for the others' records).
@@ -105,12 +109,12 @@ class ControlChannel(threading.Thread):
         """
         found: dict[int, Failure] = {}
         deadline = time.monotonic() + wait
-        members = list(self.members)
+        members, attempt = list(self.members), self.current
         while True:
             try:
                 for node in members:
                     if node not in found:
-                        failure = self._read(f"failure/{node}", lambda raw: Failure.from_json(raw) if raw else None)
+                        failure = self._read(f"failure/{attempt}/{node}", lambda raw: Failure.from_json(raw) if raw else None)
                         if failure is not None:
                             found[node] = failure
             except RuntimeError:
@@ -149,10 +153,10 @@ class ControlChannel(threading.Thread):
         """Set ``key`` in the store (through the thread)."""
         self._send(key, value)
 
-    def clear_failure(self) -> None:
-        """Forget the last failure (a restart is starting)."""
+    def begin_attempt(self, attempt: int) -> None:
+        """Forget the last attempt's failure: ``attempt`` is starting on this node."""
         with self.lock:
-            self.failure, self.signal = None, None
+            self.failure, self.signal, self.current = None, None, attempt
 
     def silent(self, node: int) -> float:
         """Node 0: seconds since ``node``'s heartbeat last moved (0 when never watched)."""
@@ -249,10 +253,12 @@ class ControlChannel(threading.Thread):
         return value
 
     def _poll(self) -> None:
-        failure = self._read("job/failure", lambda raw: Failure.from_json(raw) if raw else None)
+        current = self.current
+        failure = self._read(f"job/failure/{current}", lambda raw: Failure.from_json(raw) if raw else None)
         if failure is not None:
             with self.lock:
-                self.failure = self.failure or failure
+                if self.current == current:  # the agent did not move on while the value was read
+                    self.failure = self.failure or failure
         relayed = self._read("job/signal", lambda raw: parse_signal(raw) if raw else (-1, None))  # "": none
         if relayed is not None:
             self.signal_attempt, self.signal = relayed

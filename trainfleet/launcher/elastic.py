@@ -197,9 +197,6 @@ class Coordinator:
     def _post(self, attempt: int, members: list[int]) -> None:
         store = self.channel.store
         store.set(f"members/{attempt}", json.dumps(members))
-        store.set("job/failure", "")
-        for node in range(self.cfg.nodes):
-            store.set(f"failure/{node}", "")
         store.set("job/signal", "")
         store.set("job/attempt", str(attempt))
         self.channel.lost_nodes = {n: why for n, why in self.channel.lost_nodes.items() if n not in members}

@@ -1,0 +1,61 @@
+"""A failure belongs to its attempt: one that reaches the store late never fails the next attempt.
+
+Seen in CI (test_a_hang_restarts_under_max_restarts): the restarted attempt ended at once on the
+first attempt's hang, with no report of its own. Before the fix there was one ``job/failure`` key
+for the whole job, reset by node 0 between attempts; a value written after the reset (a node still
+in the old attempt reporting late, or the control thread's read of the old value landing after the
+agent moved on) failed the new attempt.
+"""
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+
+import torch.distributed as dist
+
+from trainfleet.launcher.control import ControlChannel
+from trainfleet.launcher.store_values import Failure
+
+
+def _rounds(channel: ControlChannel, count: int) -> None:
+    """Wait until ``channel``'s thread has completed ``count`` more rounds with the store."""
+    for _ in range(count):
+        since = channel._last_contact
+        deadline = time.monotonic() + 10
+        while channel._last_contact == since and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert channel._last_contact != since, "the control thread made no round in 10 s"
+
+
+def test_a_late_failure_of_the_previous_attempt_does_not_fail_the_next():
+    server = dist.TCPStore("127.0.0.1", 0, None, True, datetime.timedelta(seconds=5), wait_for_workers=False)
+    port = server.port
+
+    def client():
+        return dist.TCPStore("127.0.0.1", port, None, False, datetime.timedelta(seconds=5))
+
+    master = ControlChannel(client(), 0, 2, 0.05, 5.0)
+    behind = ControlChannel(client(), 1, 2, 0.05, 5.0)
+    for channel in (master, behind):
+        channel.start()
+    try:
+        master.report_failure(Failure(0, 0, "hung: no rank made progress"))
+        _rounds(master, 2)
+        assert master.failure is not None
+        master.begin_attempt(1)  # node 0 decided: attempt 1 starts; node 1 has not caught up yet
+        behind.report_failure(Failure(1, 1, "exit code -15"))  # its workers, stopped for attempt 0
+        _rounds(behind, 2)
+        _rounds(master, 3)
+        assert master.failure is None, master.failure
+        assert master.first_failure(wait=0.2) is None  # nor does the coordinator read it for attempt 1
+        behind.begin_attempt(1)
+        behind.report_failure(Failure(1, 1, "exit code 7"))  # a failure of attempt 1 does count
+        _rounds(behind, 2)
+        _rounds(master, 3)
+        assert master.failure is not None and master.failure.how == "exit code 7"
+    finally:
+        for channel in (master, behind):
+            channel.stop()
+            channel.join(5)
+        assert not any(t.name == "trainfleet-control" and t.is_alive() for t in threading.enumerate())
