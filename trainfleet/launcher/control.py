@@ -114,7 +114,8 @@ class ControlChannel(threading.Thread):
             try:
                 for node in members:
                     if node not in found:
-                        failure = self._read(f"failure/{attempt}/{node}", lambda raw: Failure.from_json(raw) if raw else None)
+                        failure = self._read(f"failure/{attempt}/{node}",
+                                             lambda raw: Failure.from_json(raw) if raw else None)
                         if failure is not None:
                             found[node] = failure
             except RuntimeError:
