@@ -42,6 +42,7 @@ NODE = "TRAINFLEET_NODE"  # this node's id
 TTY = "TRAINFLEET_TTY"  # 1 when rank 0's echo lands on a terminal (progress bars)
 COLLECTIVE_TIMEOUT = "TRAINFLEET_COLLECTIVE_TIMEOUT"  # --collective-timeout, seconds
 PROGRESS_FILE = "TRAINFLEET_PROGRESS_FILE"  # this rank's progress record (engine/progress_record.py)
+ON_NAN = "TRAINFLEET_ON_NAN"  # --on-nan and --max-rollbacks: "rollback:3" (engine/snapshot.py)
 # elastic jobs (--nodes MIN:MAX) only
 NODES = "TRAINFLEET_NODES"  # MIN:MAX
 WORLD_CHANGED = "TRAINFLEET_WORLD_CHANGED"  # 1 when this attempt runs on other nodes than the last
@@ -78,7 +79,8 @@ def _env(env: Mapping[str, str] | None) -> Mapping[str, str]:
 def worker_variables(*, strategy: str, precision: str, strategy_options: Mapping[str, Any], amp_backend: str,
                      accelerator: str, run_id: str, node: int, tty: bool, collective_timeout: float | None = None,
                      nodes_spec: str | None = None, world_changed: bool = False,
-                     resume_record: str | None = None, progress_file: str | None = None) -> dict[str, str]:
+                     resume_record: str | None = None, progress_file: str | None = None,
+                     on_nan: str = "report", max_rollbacks: int = 3) -> dict[str, str]:
     """The ``TRAINFLEET_*`` variables ``launch`` gives one worker (``nodes_spec`` only for an
     elastic job)."""
     options = json.dumps(dict(strategy_options))
@@ -89,6 +91,8 @@ def worker_variables(*, strategy: str, precision: str, strategy_options: Mapping
         env[COLLECTIVE_TIMEOUT] = collective_timeout
     if progress_file:
         env[PROGRESS_FILE] = progress_file
+    if on_nan != "report":
+        env[ON_NAN] = f"{on_nan}:{max_rollbacks}"
     if nodes_spec is not None:
         env.update({NODES: nodes_spec, WORLD_CHANGED: int(world_changed), RESUME_RECORD: resume_record or ""})
     return {key: str(value) for key, value in env.items()}
@@ -119,6 +123,8 @@ class WorkerSettings:
     collective_timeout: float | None = None
     tty: bool | None = None
     progress_file: str | None = None
+    on_nan: str | None = None  # --on-nan
+    max_rollbacks: int | None = None  # --max-rollbacks
 
     @property
     def under_launch(self) -> bool:
@@ -131,7 +137,9 @@ class WorkerSettings:
         options = json.loads(env[STRATEGY_OPTIONS]) if env.get(STRATEGY_OPTIONS) else {}
         timeout = env.get(COLLECTIVE_TIMEOUT)
         tty = env.get(TTY)
-        return cls(strategy=env.get(STRATEGY) or None, precision=env.get(PRECISION) or None, strategy_options=options,
+        on_nan, _, limit = (env.get(ON_NAN) or "").partition(":")
+        return cls(on_nan=on_nan or None, max_rollbacks=int(limit) if limit.isdigit() else None,
+                   strategy=env.get(STRATEGY) or None, precision=env.get(PRECISION) or None, strategy_options=options,
                    amp_backend=env.get(AMP_BACKEND) or None, accelerator=env.get(ACCELERATOR) or None,
                    run_id=env.get(RUN_ID) or None, collective_timeout=float(timeout) if timeout else None,
                    tty=None if tty is None else tty == "1", progress_file=env.get(PROGRESS_FILE) or None)

@@ -232,6 +232,7 @@ class DeviceDataLoader:
         self._next_epoch = 0
         self._next_start = 0
         self.consumed = 0  # global samples consumed in the current epoch
+        self.on_start: Any = None  # called as each pass begins (the engine's first state snapshot)
 
     @property
     def epoch(self) -> int:
@@ -250,6 +251,8 @@ class DeviceDataLoader:
         return math.ceil(len(self.sampler) / self.sampler.per_rank) if len(self.sampler) else 0
 
     def __iter__(self) -> Iterator[Any]:
+        if self.on_start is not None:
+            self.on_start()
         epoch, start = self._next_epoch, self._next_start
         self.sampler.set_epoch(epoch, start)
         self._next_epoch, self._next_start = epoch + 1, 0

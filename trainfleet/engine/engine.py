@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from trainfleet.engine.checkpoint.checkpointer import CheckpointMixin
 from trainfleet.engine.checkpoint.files import AsyncSaver
 from trainfleet.engine.checkpoint.sharded import ShardedCheckpointer
+from trainfleet.engine.checkpoint.training_state import restore_rng
 from trainfleet.engine.contract import WorkerSettings
 from trainfleet.engine.data import (
     DeviceDataLoader,
@@ -32,7 +33,9 @@ from trainfleet.engine.precision import build_precision
 from trainfleet.engine.profiling import StepTimer
 from trainfleet.engine.progress import ProgressBoard, default_group_seq
 from trainfleet.engine.progress_record import BACKWARD, COLLECTIVE, OPTIMIZER
+from trainfleet.engine.snapshot import NonFiniteLossError, Rollback, StateSnapshot
 from trainfleet.engine.strategy import Strategy, build_strategy
+from trainfleet.utils.errors import UsageError
 from trainfleet.utils.process import EARLY_SIGNALS
 
 STOP_REQUEST_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
@@ -74,13 +77,18 @@ class Engine(CheckpointMixin):
         seed: seeds Python, NumPy and torch on every rank alike.
         accelerator: ``auto``, ``cpu`` or ``cuda``; defaults to what the launcher chose.
         amp_backend: ``native`` (torch.amp, the default) or ``apex``; ``launch --amp-backend``.
+        on_nan: ``report`` (the default: a NaN/inf loss is named by rank, training goes on) or
+            ``rollback``: every rank returns to the last step, held in memory, and drops that
+            batch; ``launch --on-nan``.
+        max_rollbacks: with ``rollback``, how many are allowed before a non-finite loss raises
+            :class:`~trainfleet.engine.snapshot.NonFiniteLossError` (default 3; ``--max-rollbacks``).
         **strategy_kwargs: passed to the strategy (``find_unused_parameters=True``, fsdp's
             ``wrap=``, ...); under ``launch`` they default to ``--strategy-opt``.
     """
 
     def __init__(self, strategy: str | Strategy | None = None, precision: Any = None,
                  seed: int = 0, accelerator: str | None = None, amp_backend: str | None = None,
-                 **strategy_kwargs: Any):
+                 on_nan: str | None = None, max_rollbacks: int | None = None, **strategy_kwargs: Any):
         told = WorkerSettings.from_env()  # what launch said; all None in a plain script
         if strategy is None and not strategy_kwargs and told.strategy_options:
             strategy_kwargs = dict(told.strategy_options)
@@ -106,6 +114,12 @@ class Engine(CheckpointMixin):
         self.elastic = ElasticInfo.from_env() if told.under_launch else None  # launch --nodes MIN:MAX
         # under launch: what this rank is doing, for its agent's hang/desync/straggler diagnosis
         self.progress = ProgressBoard.from_env(told.progress_file, default_group_seq)
+        self.rollback = Rollback.from_setting(on_nan or told.on_nan,
+                                              told.max_rollbacks if max_rollbacks is None else max_rollbacks)
+        self.snapshot = StateSnapshot()  # the last step's state in host memory (with rollback on)
+        self._trained: tuple[Any, Any] | None = None  # (model, optimizer) of setup()
+        self._train_loaders: list[DeviceDataLoader] = []  # the even loaders: their position is state
+        self._steps = 0  # calls of step(): the training steps so far, rolled-back ones included
         self.timer = StepTimer.from_env(self.rank, self.world_size)  # trainfleet bench only
         if self.timer is not None:
             self.timer.device = self.device
@@ -163,8 +177,11 @@ class Engine(CheckpointMixin):
         if self.progress is not None:  # every forward call is progress, evaluation's too
             model.register_forward_pre_hook(lambda _module, _inputs: self.progress and self.progress.tick())
         if optimizer is None:
+            self._trained = (model, None)
             return model
-        return model, self.strategy.setup_optimizer(optimizer)
+        optimizer = self.strategy.setup_optimizer(optimizer)
+        self._trained = (model, optimizer)
+        return model, optimizer
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The user's module inside the strategy's wrappers."""
@@ -194,8 +211,13 @@ class Engine(CheckpointMixin):
             seed=self.seed if seed is None else seed, drop_last=drop_last,
             even=shuffle if even is None else even,
         )
-        return build_loader(dataset, sampler, self.device, num_workers, collate_fn, self.timer, loader_kwargs,
-                            board=self.progress)
+        loader = build_loader(dataset, sampler, self.device, num_workers, collate_fn, self.timer, loader_kwargs,
+                              board=self.progress)
+        if sampler.even:
+            self._train_loaders.append(loader)
+            if self.rollback is not None:  # the state before the first step (setup and resume done by then)
+                loader.on_start = self._first_snapshot
+        return loader
 
     # ----- the step ------------------------------------------------------------------
     def autocast(self) -> ContextManager[Any]:
@@ -206,6 +228,8 @@ class Engine(CheckpointMixin):
         """``loss.backward()`` through the precision (loss scaling) and strategy."""
         if self.progress is not None:
             self.progress.check_loss(loss)
+        if self.rollback is not None and self._non_finite_anywhere(loss):
+            return  # no gradients: step() returns every rank to the last step and drops this batch
         with self._collective("backward (gradient all-reduce)", BACKWARD):
             if self.timer is None:
                 self.strategy.backward(loss)
@@ -215,12 +239,22 @@ class Engine(CheckpointMixin):
                 self.strategy.backward(loss)
 
     def step(self, optimizer: torch.optim.Optimizer, zero_grad: bool = True) -> bool:
-        """Optimizer step, then zero the gradients. Returns False if the step was skipped."""
+        """Optimizer step, then zero the gradients. Returns False if the step was skipped (a
+        half-precision overflow, or ``on_nan="rollback"`` dropped this batch)."""
+        if self.rollback is not None and self.rollback.pending is not None:
+            self._steps += 1
+            self._roll_back(optimizer)
+            if self.progress is not None:
+                self.progress.step_done()
+            return False
         with self.timer.phase("optimizer") if self.timer is not None else contextlib.nullcontext(), \
                 self._phase(OPTIMIZER):
             stepped = self.strategy.optimizer_step(optimizer)
             if zero_grad:
                 self.strategy.zero_grad(optimizer)
+        self._steps += 1
+        if self.rollback is not None:
+            self._capture(optimizer)
         if self.progress is not None:
             self.progress.step_done()
         if self.timer is not None:
@@ -231,6 +265,53 @@ class Engine(CheckpointMixin):
     def no_sync(self, model: torch.nn.Module) -> ContextManager[Any]:
         """Skip gradient synchronisation inside (accumulate, then step outside)."""
         return self.strategy.no_backward_sync(model)
+
+    # ----- the state in memory (engine/snapshot.py) -------------------------------------
+    def _capture(self, optimizer: torch.optim.Optimizer) -> None:
+        model = self._trained[0] if self._trained is not None else None
+        if model is None:
+            raise UsageError("on_nan='rollback' needs the model from engine.setup(model, optimizer): the "
+                             "engine returns to its state.", "call engine.setup() before training.")
+        self.snapshot.capture(self._steps, model, optimizer, self.precision, self._rng(), self._train_loaders)
+
+    def _first_snapshot(self) -> None:
+        if self.snapshot.step is None and self._trained is not None and self._trained[1] is not None:
+            self._capture(self._trained[1])
+
+    def _non_finite_anywhere(self, loss: torch.Tensor) -> bool:
+        """Whether any rank's loss is NaN/inf (one small all-reduce: every rank must agree)."""
+        mine = not bool(loss.detach().isfinite().all())
+        flags = torch.zeros(self.world_size, dtype=torch.float32)
+        flags[self.rank] = float(mine)
+        with self._collective("rollback check"):
+            flags = self.strategy.all_reduce(flags, "sum").cpu()
+        ranks = [rank for rank, flag in enumerate(flags.tolist()) if flag]
+        if ranks:
+            self.rollback.pending = ranks
+        return bool(ranks)
+
+    def _roll_back(self, optimizer: torch.optim.Optimizer) -> None:
+        """Every rank: back to the last step's state; the batch just read stays consumed."""
+        rollback, ranks = self.rollback, self.rollback.pending
+        rollback.pending = None
+        step = self._steps
+        names = ", ".join(str(rank) for rank in ranks)
+        if rollback.done >= rollback.limit:
+            raise NonFiniteLossError(
+                f"rank {self.rank}: non-finite loss on rank(s) {names} at step {step}, after {rollback.done} "
+                f"rollback(s) (the limit, --max-rollbacks {rollback.limit}). HINT: lower the learning rate, "
+                "check the data of these steps, or raise --max-rollbacks.")
+        self.strategy.zero_grad(optimizer)
+        model = self._trained[0] if self._trained is not None else None
+        if self.snapshot.step is None:
+            raise NonFiniteLossError(f"rank {self.rank}: non-finite loss on rank(s) {names} at step {step}, "
+                                     "before any state was held to return to (the loader was not iterated).")
+        self.snapshot.restore(model, optimizer, self.precision, lambda rng: restore_rng(rng, self.device))
+        rollback.done += 1
+        rollback.history.append((step, ranks))
+        self.print(f"trainfleet: rollback {rollback.done} of {rollback.limit}: non-finite loss on rank(s) {names} "
+                   f"at step {step}; every rank returned to the state after step {self.snapshot.step} and dropped that "
+                   "batch.")
 
     # ----- stop requests ---------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: Any) -> None:

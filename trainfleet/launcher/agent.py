@@ -126,7 +126,7 @@ class NodeAgent(RendezvousMixin):
         group = WorkerGroup(specs, self.cfg.start_method, 0 if self.is_master else None)
         outcome = Outcome("failed")  # if anything below raises
         self.diagnosis = AttemptDiagnosis(self.channel, specs, self.node_rank, attempt, self.cfg.hang_timeout,
-                                          socket.gethostname(), say)
+                                          socket.gethostname(), say, rollback=self.cfg.on_nan == "rollback")
         if self.is_master:
             self.diagnosis.timings_folder = log_dir(self.cfg)
         try:

@@ -142,6 +142,7 @@ class LaunchConfig:
             naming the rank and the call site (torch's default is 30 minutes).
         hang_timeout: seconds in which no rank of the job made progress before it is called hung
             (launcher/diagnosis.py); None adapts it to the step time, 0 turns detection off.
+        on_nan, max_rollbacks: what a non-finite loss does in engine scripts (engine/snapshot.py).
         horovod_port: port of Horovod's rendezvous server on the master; MASTER_PORT + 1
             when None and the master port is fixed (multi-node), else a free port.
         cuda_devices: CUDA devices on this node; probed without torch when None.
@@ -173,6 +174,8 @@ class LaunchConfig:
     rendezvous_timeout: float = 120.0
     collective_timeout: float | None = None
     hang_timeout: float | None = None
+    on_nan: str = "report"
+    max_rollbacks: int = 3
     horovod_port: int | None = None
     cuda_devices: int | None = None
     run_id: str = field(default_factory=new_run_id)
@@ -198,6 +201,11 @@ class LaunchConfig:
         if self.hang_timeout is not None and self.hang_timeout < 0:
             raise UsageError(f"--hang-timeout {self.hang_timeout} must be >= 0 seconds.",
                              "0 turns hang detection off; omit it to let it adapt to the step time.")
+        if self.on_nan not in ("report", "rollback"):
+            raise UsageError(f"--on-nan {self.on_nan!r}: expected report or rollback.",
+                             "rollback returns every rank to the last step on a NaN/inf loss and drops that batch.")
+        if self.max_rollbacks < 0:
+            raise UsageError(f"--max-rollbacks {self.max_rollbacks} must be >= 0.")
         if self.grace_period < 0:
             raise UsageError(f"--grace-period {self.grace_period} must be >= 0 seconds.")
         if self.max_restarts < 0:

@@ -207,10 +207,11 @@ def merge(summaries: dict[int, dict]) -> dict[int, dict]:
 class JobWatch:
     """Node 0's decisions over every rank's summary."""
 
-    def __init__(self, hang_timeout: float | None):
+    def __init__(self, hang_timeout: float | None, rollback: bool = False):
         self.hang_timeout = hang_timeout
         self.stragglers: frozenset = frozenset()
         self.nan_said = False
+        self.rollback = rollback  # --on-nan rollback: the engine returns to the last step (and says so)
 
     def nan_lines(self, ranks: dict[int, dict]) -> list[str]:
         """Once: the rank(s) whose loss was first NaN or infinite (the others follow a step later,
@@ -224,6 +225,9 @@ class JobWatch:
         ranks_first = sorted(rank for rank, step in seen.items() if step == first)
         where = ", ".join(f"rank {rank} on {ranks[rank].get('host', '?')} (node {ranks[rank].get('node')})"
                           for rank in ranks_first)
+        if self.rollback:
+            return [f"non-finite loss: first on {where} at step {first}; --on-nan rollback: every rank returns to "
+                    "the last step and drops that batch (rank 0's log says each rollback)"]
         return [f"non-finite loss: first on {where} at step {first}; training goes on (the averaged gradients "
                 "carry it to every rank)"]
 
@@ -409,10 +413,10 @@ class AttemptDiagnosis:
     """
 
     def __init__(self, channel: Any, specs: list[Any], node: int, attempt: int, hang_timeout: float | None,
-                 host: str, say: Any):
+                 host: str, say: Any, rollback: bool = False):
         self.channel, self.node, self.attempt, self.say = channel, node, attempt, say
         self.watch = NodeWatch(specs, node, host)
-        self.job = JobWatch(hang_timeout) if node == 0 else None
+        self.job = JobWatch(hang_timeout, rollback) if node == 0 else None
         self.dumped = False
         self.hang: tuple[float, float, str, float] | None = None  # node 0: (idle, limit, why, asked at)
         self.ranks: dict[int, dict] = {}  # node 0: the last merged summaries

@@ -108,6 +108,11 @@ LAUNCH_FLAGS: tuple[Flag, ...] = (
     Flag("hang_timeout", ("--hang-timeout",), "seconds without progress on any rank before the job is called "
          "hung: every rank's stack is taken, the culprit named, and the job fails (default: adapts to the "
          "step time, at least 10; 0 turns it off)", type=float),
+    Flag("on_nan", ("--on-nan",), "what a non-finite (NaN/inf) loss on any rank does: report (default: named "
+         "by rank, training goes on) or rollback (every rank returns to the last step, held in memory, and "
+         "drops that batch exactly; engine scripts)", default="report", metavar="{report,rollback}"),
+    Flag("max_rollbacks", ("--max-rollbacks",), "with --on-nan rollback: rollbacks allowed before a non-finite "
+         "loss fails the job (default 3)", type=int, default=3),
     Flag("hosts", ("--hosts",), "start one node on each host over ssh (node 0 on the first; here when it is "
          "this machine)", job=NOT_FOR_JOBS_SSH, metavar="A,B[:SLOTS]"),
     Flag("hostfile", ("--hostfile",), "hosts, one 'host slots=N' per line", job=NOT_FOR_JOBS_SSH),

@@ -56,7 +56,8 @@ def worker_env(cfg: LaunchConfig, place: Placement, local_rank: int, port: int,
         collective_timeout=cfg.collective_timeout,
         # an elastic job: the engine checks the global batch against every size the job may run at
         nodes_spec=cfg.nodes_spec if cfg.elastic else None, world_changed=place.changed,
-        resume_record=str(log_dir(cfg) / f"resume.attempt{attempt}.json")))
+        resume_record=str(log_dir(cfg) / f"resume.attempt{attempt}.json"),
+        on_nan=cfg.on_nan, max_rollbacks=cfg.max_rollbacks))
     if cfg.collective_timeout and cfg.accelerator == "cuda" and "TORCH_NCCL_BLOCKING_WAIT" not in os.environ:
         # NCCL's watchdog would abort the worker at the timeout (SIGABRT); a blocking wait
         # raises in the script instead, where the engine names the rank and the line.
