@@ -59,7 +59,8 @@ while step < args.steps:
     for x, y, index in loader:
         loss = F.cross_entropy(model(x), y)
         engine.backward(loss)
-        engine.step(optimizer)
+        if not engine.step(optimizer):
+            continue  # the step a lost node interrupted: its batch comes again (in-place recovery)
         step += 1
         trace.write(json.dumps({"step": step, "epoch": loader.epoch, "idx": index.tolist(),
                                 "world": engine.world_size}) + "\n")

@@ -233,6 +233,7 @@ class DeviceDataLoader:
         self._next_start = 0
         self.consumed = 0  # global samples consumed in the current epoch
         self.on_start: Any = None  # called as each pass begins (the engine's first state snapshot)
+        self._moved = False  # reshard(): the pass under way continues from the position loaded
 
     @property
     def epoch(self) -> int:
@@ -264,6 +265,13 @@ class DeviceDataLoader:
         training = self.sampler.even  # an even loader gives every rank the same batches
         while True:
             waited = time.perf_counter()
+            if self._moved:  # in-place recovery: same global order, this rank's share of the new world
+                self._moved = False
+                epoch, start = self._next_epoch, self._next_start
+                self.sampler.set_epoch(epoch, start)
+                self._next_epoch, self._next_start = epoch + 1, 0
+                self.consumed = start
+                batches = iter(self.loader)
             board = self.board  # read per batch: it can be switched off (the diagnosis overhead benchmark)
             if board is not None:
                 board.data_wait()
@@ -291,6 +299,22 @@ class DeviceDataLoader:
             "global_batch_size": self.global_batch_size,
             "num_samples": self.sampler.num_samples,
         }
+
+    def reshard(self, world_size: int, rank: int, state: dict[str, int] | None) -> None:
+        """The world changed under a pass (in-place recovery): this rank's share of each global
+        batch from now on, continuing at ``state``'s position (the batch after it comes next, in
+        the pass under way)."""
+        sampler = self.sampler
+        if sampler.global_batch_size % world_size:
+            raise UsageError(f"global batch {sampler.global_batch_size} does not divide by the new world size "
+                             f"{world_size}.")
+        sampler.world_size, sampler.rank = world_size, rank
+        sampler.per_rank = sampler.global_batch_size // world_size
+        if self.loader.batch_sampler is not None:
+            self.loader.batch_sampler.batch_size = sampler.per_rank
+        if state is not None:
+            self.load_state_dict(state)
+            self._moved = True
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue from a saved position: the next ``iter()`` resumes mid-epoch."""

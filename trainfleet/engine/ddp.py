@@ -10,6 +10,7 @@ import torch.distributed as dist
 from trainfleet.engine.contract import WorkerSettings
 from trainfleet.engine.environment import backend_for
 from trainfleet.engine.options import check_strategy_options
+from trainfleet.engine.recovery import cut, socket_inodes
 from trainfleet.engine.strategy import MultiProcessStrategy
 
 _OPS = {
@@ -77,6 +78,7 @@ class DDPStrategy(MultiProcessStrategy):
         self.ddp_kwargs = ddp_kwargs
         self._owns_group = False
         self._host_group: Any = None  # gloo beside NCCL, for max_on_host
+        self.group_sockets: set[str] = set()  # the default group's sockets (engine/recovery.py)
 
     @property
     def backend(self) -> str:
@@ -88,8 +90,10 @@ class DDPStrategy(MultiProcessStrategy):
             return
         # A plain `python train.py` (no launcher) is a world of one: an in-memory store, no port.
         where = {"init_method": "env://"} if self.env.launched else {"store": dist.HashStore()}
+        before = set(socket_inodes())
         dist.init_process_group(rank=self.rank, world_size=self.world_size, **where,
                                 **group_options(self.backend, self.root_device, self.timeout_s))
+        self.group_sockets = set(socket_inodes()) - before  # its store's and its peers' (in-place recovery)
         self._owns_group = True
 
     def _teardown(self, failed: bool = False) -> None:
@@ -114,6 +118,36 @@ class DDPStrategy(MultiProcessStrategy):
 
             wrapped.register_comm_hook(None, timed_allreduce_hook(self.timer))
         return wrapped
+
+    def abandon_group(self) -> None:
+        """Leave a default group a peer of which is gone (in-place recovery): abort it first, so its
+        connections close now and a survivor still waiting in a collective with this rank fails at
+        once (gloo would otherwise wait out its timeout), then forget it."""
+        if not dist.is_initialized():
+            return
+        cut(self.group_sockets)
+        group = dist.distributed_c10d._get_default_group()
+        for device in ("cpu", "cuda"):
+            try:
+                backend = group._get_backend(torch.device(device))
+            except RuntimeError:
+                continue
+            if hasattr(backend, "abort"):
+                try:
+                    backend.abort()
+                except RuntimeError:
+                    pass
+        try:
+            dist.destroy_process_group()
+        except RuntimeError:
+            pass
+        self._owns_group, self._host_group, self._environment_ready = False, None, False
+
+    def wrap_again(self, module: torch.nn.Module) -> torch.nn.Module:
+        """A new DDP around an already set-up module, over the current default group (in-place
+        recovery rebuilds the script's DDP object with it: engine/recovery.py)."""
+        device_ids = [self.root_device.index] if self.root_device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **self.ddp_kwargs)
 
     def no_backward_sync(self, module: torch.nn.Module) -> ContextManager[Any]:
         if isinstance(module, torch.nn.parallel.DistributedDataParallel):

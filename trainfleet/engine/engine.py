@@ -9,6 +9,7 @@ import random
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any, ContextManager
@@ -33,6 +34,7 @@ from trainfleet.engine.precision import build_precision
 from trainfleet.engine.profiling import StepTimer
 from trainfleet.engine.progress import ProgressBoard, default_group_seq
 from trainfleet.engine.progress_record import BACKWARD, COLLECTIVE, OPTIMIZER
+from trainfleet.engine.recovery import Handshake, Watcher, cut, lost_a_peer, rebuild_ddp_in_place
 from trainfleet.engine.snapshot import NonFiniteLossError, Rollback, StateSnapshot
 from trainfleet.engine.strategy import Strategy, build_strategy
 from trainfleet.utils.errors import UsageError
@@ -40,6 +42,9 @@ from trainfleet.utils.process import EARLY_SIGNALS
 
 STOP_REQUEST_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 _PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+
+
+BACKWARD_CALL = "backward (gradient all-reduce)"
 
 
 class CollectiveTimeoutError(RuntimeError):
@@ -120,6 +125,15 @@ class Engine(CheckpointMixin):
         self._trained: tuple[Any, Any] | None = None  # (model, optimizer) of setup()
         self._train_loaders: list[DeviceDataLoader] = []  # the even loaders: their position is state
         self._steps = 0  # calls of step(): the training steps so far, rolled-back ones included
+        # an elastic ddp job: a lost node does not end this process (engine/recovery.py)
+        self.in_place = Handshake(told.recovery) if told.recovery and self.strategy.name == "ddp" else None
+        self._redo: str | None = None  # after an in-place recovery: what step() does with this iteration
+        self._loaders: list[DeviceDataLoader] = []  # every loader (resharded after an in-place recovery)
+        self._watcher = None
+        if self.in_place is not None:  # the agent's answer can come before this rank's own error
+            self._watcher = Watcher(self.in_place, lambda: self.restart_count,
+                                    lambda: cut(getattr(self.strategy, "group_sockets", set())))
+            self._watcher.start()
         self.timer = StepTimer.from_env(self.rank, self.world_size)  # trainfleet bench only
         if self.timer is not None:
             self.timer.device = self.device
@@ -213,9 +227,10 @@ class Engine(CheckpointMixin):
         )
         loader = build_loader(dataset, sampler, self.device, num_workers, collate_fn, self.timer, loader_kwargs,
                               board=self.progress)
+        self._loaders.append(loader)
         if sampler.even:
             self._train_loaders.append(loader)
-            if self.rollback is not None:  # the state before the first step (setup and resume done by then)
+            if self.rollback is not None or self.in_place is not None:  # the state before the first step (setup and resume done by then)
                 loader.on_start = self._first_snapshot
         return loader
 
@@ -230,7 +245,7 @@ class Engine(CheckpointMixin):
             self.progress.check_loss(loss)
         if self.rollback is not None and self._non_finite_anywhere(loss):
             return  # no gradients: step() returns every rank to the last step and drops this batch
-        with self._collective("backward (gradient all-reduce)", BACKWARD):
+        with self._collective(BACKWARD_CALL, BACKWARD):
             if self.timer is None:
                 self.strategy.backward(loss)
                 return
@@ -241,6 +256,11 @@ class Engine(CheckpointMixin):
     def step(self, optimizer: torch.optim.Optimizer, zero_grad: bool = True) -> bool:
         """Optimizer step, then zero the gradients. Returns False if the step was skipped (a
         half-precision overflow, or ``on_nan="rollback"`` dropped this batch)."""
+        if self._redo is not None:  # an in-place recovery interrupted this iteration
+            redo, self._redo = self._redo, None
+            if self.progress is not None:
+                self.progress.step_done()
+            return redo == "done"  # done: a peer's state of this step was taken; else train the batch again
         if self.rollback is not None and self.rollback.pending is not None:
             self._steps += 1
             self._roll_back(optimizer)
@@ -253,7 +273,7 @@ class Engine(CheckpointMixin):
             if zero_grad:
                 self.strategy.zero_grad(optimizer)
         self._steps += 1
-        if self.rollback is not None:
+        if self.rollback is not None or self.in_place is not None:
             self._capture(optimizer)
         if self.progress is not None:
             self.progress.step_done()
@@ -313,6 +333,57 @@ class Engine(CheckpointMixin):
                    f"at step {step}; every rank returned to the state after step {self.snapshot.step} and dropped that "
                    "batch.")
 
+    # ----- in-place recovery (engine/recovery.py) -----------------------------------------
+    def _recover(self, err: RuntimeError, where: str) -> None:
+        """A peer was lost in this step's collectives: join the survivors' new group and go on
+        from the latest step any of them completed; raise ``err`` where that cannot be done."""
+        from trainfleet.engine.environment import ClusterEnvironment
+
+        attempt = self.restart_count
+        model, optimizer = self._trained if self._trained is not None else (None, None)
+        if model is None or optimizer is None or self.snapshot.step is None:
+            raise err
+        self.strategy.abandon_group()  # at once: a survivor waiting on this rank fails too, and says so
+        self.in_place.say_lost(attempt, self._steps, where)
+        place = self.in_place.wait_next(attempt)
+        if place is None:
+            raise err
+        began = time.monotonic()
+        strategy = self.strategy
+        wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        if wrapped:  # the old reducer holds the old group (and its sockets to the peers) alive
+            model.reducer = model.logger = model.process_group = None
+        strategy.abandon_group()
+        os.environ.update(place["env"])
+        strategy.env = ClusterEnvironment.from_env()
+        strategy.setup_environment()
+        if wrapped:
+            rebuild_ddp_in_place(model, strategy.wrap_again)
+        steps = torch.tensor([self._steps, -self._steps], dtype=torch.int64)
+        newest, oldest = (int(v) for v in strategy.all_reduce(steps, "max").tolist())
+        oldest = -oldest
+        if newest - oldest > 1 or (self._steps < newest and where != "backward"):
+            raise RuntimeError(f"in-place recovery: the survivors completed {oldest} to {newest} steps and rank "
+                               f"{self.rank} cannot be brought to step {newest} ({where}); restarting from the "
+                               f"last checkpoint instead. (Lost a peer: {err})") from err
+        behind = self._steps < newest
+        if newest != oldest:  # the ranks one step behind take the step from one that completed it
+            holder = int(strategy.all_reduce(torch.tensor([self.rank if not behind else self.world_size]),
+                                             "min").item())
+            held = strategy.broadcast(self.snapshot if not behind else None, holder)
+            if behind:
+                held.rng = self.snapshot.rng  # this rank's own random stream
+                self.snapshot = held
+        for loader in self._loaders:
+            state = self.snapshot.loaders[self._train_loaders.index(loader)] if loader in self._train_loaders else None
+            loader.reshard(self.world_size, self.rank, state)
+        self.snapshot.restore(model, optimizer, self.precision, lambda rng: restore_rng(rng, self.device))
+        self._steps = newest
+        self._redo = ("done" if behind else "again") if where == "backward" else None
+        self.print(f"trainfleet: lost a peer at step {newest}; recovered in place in {time.monotonic() - began:.2f}s "
+                   f"at world size {self.world_size}: going on from step {newest}"
+                   f"{' (a rank one step behind took it from a peer)' if behind else ''}.")
+
     # ----- stop requests ---------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if signum == signal.SIGINT and self._pending_signal == signal.SIGINT:
@@ -327,6 +398,7 @@ class Engine(CheckpointMixin):
         ``launch`` relays those signals to every worker of every node and gives them
         ``--grace-period`` seconds before SIGKILL. :attr:`stop_signal` says which signal.
         """
+        agreed = 0  # also after an in-place recovery inside the call
         with self._collective("should_stop"):  # on the host: no wait for the GPU's queue
             agreed = self.strategy.max_on_host(int(self._pending_signal or 0))
         if agreed:
@@ -364,11 +436,15 @@ class Engine(CheckpointMixin):
 
     @contextlib.contextmanager
     def _collective(self, name: str, phase: int = COLLECTIVE):
-        """Turn a backend timeout into an error naming this rank and the caller's line."""
+        """Turn a backend timeout into an error naming this rank and the caller's line; in an
+        elastic ddp job, a peer lost in the step's collectives is recovered from in place."""
         try:
             with self._phase(phase):
                 yield
         except RuntimeError as err:
+            if self.in_place is not None and lost_a_peer(err) and name in ("should_stop", BACKWARD_CALL):
+                self._recover(err, "backward" if name == BACKWARD_CALL else "between steps")
+                return
             if "timed out" not in str(err).lower() and "timeout" not in str(err).lower():
                 raise
             raise CollectiveTimeoutError(
@@ -384,6 +460,8 @@ class Engine(CheckpointMixin):
 
     def close(self, failed: bool = False) -> None:
         """Finish a pending asynchronous save, then tear the strategy down; called at exit too."""
+        if self._watcher is not None:
+            self._watcher.stopped.set()
         try:
             self._saver.close()
         finally:

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from trainfleet.launcher import elastic
+from trainfleet.launcher import elastic, in_place
 from trainfleet.launcher.config import LaunchConfig, Placement, log_dir, placement
 from trainfleet.launcher.control import ControlChannel
 from trainfleet.launcher.diagnosis import AttemptDiagnosis
@@ -35,7 +35,7 @@ from trainfleet.launcher.elastic import Coordinator
 from trainfleet.launcher.rendezvous import RendezvousMixin, say
 from trainfleet.launcher.store_values import Failure, failed_at, parse_count, parse_members, peer_error
 from trainfleet.launcher.worker_group import WorkerGroup, exit_reason
-from trainfleet.launcher.workers import worker_specs
+from trainfleet.launcher.workers import worker_env, worker_specs
 from trainfleet.utils.errors import UsageError
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -57,7 +57,8 @@ class StoppedEarly(Exception):
 class Outcome:
     """How one attempt ended on this node."""
 
-    kind: str  # "ok", "failed", "lost", "signal", "resize" (nodes join), "behind" (the job moved on)
+    kind: str  # "ok", "failed", "lost", "signal", "resize" (nodes join), "behind" (the job moved on),
+    # "in place" (a node was lost; the survivors' workers wait for their new places: launcher/in_place.py)
     failure: Failure | None = None
     signum: int | None = None
 
@@ -90,6 +91,8 @@ class NodeAgent(RendezvousMixin):
         self.diagnosis: AttemptDiagnosis | None = None  # this attempt's hang/desync/straggler watch
         self.timings: list[str] = []  # node 0: the last attempt's per-rank step times
         self.shown: tuple | None = None  # node 0: the diagnosis report it printed as it happened
+        self.attempt_now = 0  # the attempt this node's workers are in (in-place recovery moves it on)
+        self._said: set[str] = set()  # in-place keys this node posted already
 
     # ----- control plane -------------------------------------------------------------
     def _enter(self, attempt: int, members: list[int]) -> int:
@@ -121,6 +124,7 @@ class NodeAgent(RendezvousMixin):
 
     # ----- attempts ------------------------------------------------------------------
     def _run_attempt(self, attempt: int) -> Outcome:
+        self.attempt_now = attempt
         port, hvd_port = self._attempt_ports(attempt)
         specs = worker_specs(self, attempt, port, hvd_port)
         group = WorkerGroup(specs, self.cfg.start_method, 0 if self.is_master else None)
@@ -130,10 +134,16 @@ class NodeAgent(RendezvousMixin):
         if self.is_master:
             self.diagnosis.timings_folder = log_dir(self.cfg)
         try:
+            in_place.clear(specs)
             group.start()
             self._host_attempt_servers()
             group.start_tailing()
             outcome = self._monitor(group, attempt)
+            while outcome.kind == "in place":  # the same workers, in the next attempt
+                attempt = self._go_in_place(group, attempt)
+                outcome = self._monitor(group, attempt) if attempt is not None else Outcome(
+                    "failed", self.channel.failure or Failure(self.node_rank, None, "in-place recovery failed"))
+                attempt = attempt if attempt is not None else self.attempt_now
         finally:
             if outcome.kind == "signal":  # the workers got the signal: give them the grace period
                 group.stop(self.cfg.grace_period, terminate=False)
@@ -153,7 +163,7 @@ class NodeAgent(RendezvousMixin):
         while True:
             exited = group.reap(POLL)
             outcome = (self._relay_signals(group, forwarded, attempt) or self._check_workers(group, exited)
-                       or self._check_job(attempt) or self._diagnose(group))
+                       or self._check_in_place(group, attempt) or self._check_job(attempt) or self._diagnose(group))
             if outcome is not None:
                 return outcome
             if not resumed:  # node 0 of an elastic job: say where rank 0 resumed, once it has
@@ -277,6 +287,75 @@ class NodeAgent(RendezvousMixin):
         channel.post("job/done", str(attempt))
         return Outcome("ok")
 
+    # ----- in-place recovery (launcher/in_place.py) ------------------------------------------
+    def _post_once(self, key: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            self.channel.post(key, "1")
+
+    def _check_in_place(self, group: WorkerGroup, attempt: int) -> Outcome | None:
+        """Workers that lost a peer wait for their agent; node 0 calls the roll, the others answer."""
+        specs = [w.spec for w in group.workers]
+        if not any(spec.recovery for spec in specs):
+            return None
+        store = self.channel.store
+        if in_place.waiting(specs, attempt):
+            self._post_once(f"inplace/{attempt}/{self.node_rank}")
+        try:
+            if self.is_master:
+                asked = (any(node in self.channel.lost_nodes for node in self.members)  # silent: frozen, cut off
+                         or any(store.check([f"inplace/{attempt}/{node}"]) for node in self.members))
+                return Outcome("in place") if asked else None
+            here = f"here/{attempt}/{self.node_rank}"
+            if here not in self._said and len(group.alive()) == len(specs) and store.check([f"rollcall/{attempt}"]):
+                self._said.add(here)
+                store.set(here, "1")  # now, not through the thread's queue: node 0 waits a second at most
+            latest = self.channel.attempt
+            if here in self._said and store.check(["job/attempt"]):  # the decision comes within a second
+                latest = max(latest, parse_count(store.get("job/attempt")) or 0)
+            if latest > attempt and store.check([f"inplace/{latest}"]):
+                return Outcome("in place")
+        except RuntimeError:  # the store is unreachable: _check_job decides
+            return None
+        return None
+
+    def _go_in_place(self, group: WorkerGroup, attempt: int) -> int | None:
+        """The next attempt with the same workers (None: not possible; they are restarted)."""
+        started = time.monotonic()
+        channel, store = self.channel, self.channel.store
+        if self.is_master:
+            members = in_place.roll_call(store, attempt, self.members, channel.lost_nodes)
+            if len(members) < self.cfg.min_nodes or len(group.alive()) != len(group.workers):
+                return None
+            lost = {node: "its agent did not answer the roll call within "
+                          f"{in_place.ROLL_WAIT:.0f}s after its peers lost it" for node in self.members
+                    if node not in members}
+            new = attempt + 1
+            self._stop_attempt_servers()
+            port, _ = self._attempt_ports(new)
+            self._host_attempt_servers()
+            store.set(f"inplace/{new}", "1")
+            self.coordinator.record_in_place(new, members, lost)
+        else:
+            new = self.channel.attempt
+            members = parse_members(store.get(f"members/{new}"), self.cfg.nodes)
+            if members is None or self.node_rank not in members:
+                return None
+            port, _ = self._attempt_ports(new)
+        self.diagnosis.close()
+        self._enter(new, members)
+        self.attempt_now = new
+        in_place.place_workers([w.spec for w in group.workers],
+                               lambda local: worker_env(self.cfg, self.placement, local, port, None, new), new)
+        self.diagnosis = AttemptDiagnosis(self.channel, [w.spec for w in group.workers], self.node_rank, new,
+                                          self.cfg.hang_timeout, socket.gethostname(), say,
+                                          rollback=self.cfg.on_nan == "rollback")
+        if self.is_master:
+            self.diagnosis.timings_folder = log_dir(self.cfg)
+            say(f"in place: attempt {new} on nodes {','.join(map(str, members))}: the survivors kept their workers "
+                f"(decided in {time.monotonic() - started:.2f}s)")
+        return new
+
     def _next(self, attempt: int, outcome: Outcome) -> int | None:
         """After an attempt that did not finish the job: the next attempt this node runs, or None."""
         if outcome.kind in ("ok", "signal"):
@@ -337,7 +416,7 @@ class NodeAgent(RendezvousMixin):
                 return 128 + stop.signum
             while attempt is not None:
                 outcome = self._run_attempt(attempt)
-                attempt = self._next(attempt, outcome)
+                attempt = self._next(self.attempt_now, outcome)
             return self._report(outcome)  # before closing: the master reads every node's record
         finally:
             for signum, handler in previous.items():

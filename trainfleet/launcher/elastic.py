@@ -194,6 +194,14 @@ class Coordinator:
             self.say(f"{restarted}.")
         return new
 
+    def record_in_place(self, attempt: int, members: list[int], lost: dict[int, str]) -> None:
+        """Node 0: the survivors of a lost node go on in place (launcher/in_place.py) in ``attempt``."""
+        self._post(attempt, members)
+        change = Change(attempt, time.monotonic() - self.started, members, lost, [],
+                        "the survivors kept their workers (in place)")
+        self.history.append(change)
+        self.say(change.describe(self.cfg.min_nodes, self.cfg.nodes))
+
     def _post(self, attempt: int, members: list[int]) -> None:
         store = self.channel.store
         store.set(f"members/{attempt}", json.dumps(members))

@@ -31,6 +31,7 @@ class WorkerSpec:
     threads: int | None = None
     start_method: str = "fork"
     progress_file: str | None = None  # the rank's progress record (None: diagnosis off)
+    recovery: str | None = None  # elastic ddp: the in-place recovery files' base (engine/recovery.py)
 
 
 def worker_env(cfg: LaunchConfig, place: Placement, local_rank: int, port: int,
@@ -79,6 +80,12 @@ def worker_env(cfg: LaunchConfig, place: Placement, local_rank: int, port: int,
     return {key: str(value) for key, value in env.items()}
 
 
+def in_place_capable(cfg: LaunchConfig) -> bool:
+    """Whether a lost node leaves the survivors' workers running (engine/recovery.py): elastic
+    ddp jobs (fsdp's shards and Horovod's ring are restarted from the last checkpoint)."""
+    return cfg.elastic and cfg.strategy == "ddp" and not cfg.debug
+
+
 def threads_per_worker(procs: int) -> int:
     """CPU threads each worker may use so the workers do not oversubscribe the cores."""
     if os.environ.get("OMP_NUM_THREADS"):
@@ -104,9 +111,13 @@ def worker_specs(agent: Any, attempt: int, port: int, horovod_port: int | None) 
             env[contract.PROGRESS_FILE] = progress
             if "TORCH_FR_BUFFER_SIZE" not in os.environ:  # torch's Flight Recorder: the collective a rank waits in
                 env["TORCH_FR_BUFFER_SIZE"] = "2000"
+        recovery = None
+        if in_place_capable(cfg):  # named by local rank: the same process keeps it across attempts
+            recovery = str(folder / f"local{local_rank}.recovery")
+            env[contract.RECOVERY] = recovery
         specs.append(WorkerSpec(
             rank=rank, local_rank=local_rank, target=cfg.target, args=list(cfg.args), module=cfg.module,
             env=env, log_path=str(folder / f"rank{rank}{suffix}.log"),
             error_file=str(folder / f"rank{rank}{suffix}.error.json"), launcher_pid=os.getpid(), threads=threads,
-            start_method=cfg.start_method, progress_file=progress))
+            start_method=cfg.start_method, progress_file=progress, recovery=recovery))
     return specs

@@ -1,0 +1,174 @@
+"""In-place recovery: when a node of an elastic ddp job is lost, the survivors keep their processes.
+
+The engine of every survivor meets the loss as an error in a collective (gloo: "Connection closed
+by peer" the moment the dead host's sockets close). Instead of exiting, it:
+
+1. tells its agent, through a file beside its log (``<base>.lost``: the attempt, the steps it
+   completed, where the error came), and waits for the agent's answer (``<base>.next``);
+2. node 0's agent calls the roll (``launcher/in_place.py``): the nodes whose agents answer within
+   a second are the new members; every survivor's agent writes each worker's new place (rank,
+   world size, the new rendezvous port);
+3. the engine leaves the old process group, joins the new one, re-wraps the model (the user's
+   DDP object is rebuilt in place, so the script's ``model`` keeps working), and every rank
+   takes the state of the latest step any survivor completed: from its own snapshot in host
+   memory (:mod:`trainfleet.engine.snapshot`), or, for a rank one step behind (its gradient
+   all-reduce failed while a peer's succeeded), broadcast from a rank that holds it;
+4. the loaders continue from that step's position, re-sharded for the new world size, with the
+   same global batch: no sample is skipped or seen twice, and no step is computed again.
+
+What the script sees: the ``engine.backward``/``engine.step`` of the interrupted iteration return
+as usual, and ``engine.step`` returns False when the iteration's batch is to be trained again
+(count steps with ``if engine.step(optimizer): step += 1``); ``engine.should_stop()`` returns
+False. A rank that cannot be brought to that step, an error in another collective, or a strategy
+without this path (fsdp, horovod, dp) raises the original error: the agent then restarts the
+workers from the last checkpoint, as before, and says why.
+
+Where the agent and the engine meet is this module's :class:`Handshake` (the agent writes with
+:func:`write_next`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused",
+             "NCCL communicator was aborted", "remote process exited", "Socket closed", "Connection timed out")
+WAIT_FOR_AGENT = 30.0  # seconds a worker waits for its agent's answer before it gives up (and exits)
+
+
+def lost_a_peer(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that failed because a peer process went away."""
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(marker in text for marker in PEER_LOST)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def lost_path(base: str | os.PathLike[str]) -> Path:
+    return Path(f"{base}.lost")
+
+
+def next_path(base: str | os.PathLike[str]) -> Path:
+    return Path(f"{base}.next")
+
+
+def read_lost(base: str | os.PathLike[str]) -> dict | None:
+    """The agent's side: what a worker said when it lost a peer (None: nothing)."""
+    return _read_json(lost_path(base))
+
+
+def write_next(base: str | os.PathLike[str], place: dict) -> None:
+    """The agent's side: the worker's place in the next attempt (``attempt``, ``env``)."""
+    _write_json(next_path(base), place)
+
+
+@dataclass
+class Handshake:
+    """The worker's side of the files its agent reads and writes (``base`` from the launcher)."""
+
+    base: str
+
+    def say_lost(self, attempt: int, steps: int, where: str) -> None:
+        _write_json(lost_path(self.base), {"attempt": attempt, "steps": steps, "where": where,
+                                           "pid": os.getpid()})
+
+    def wait_next(self, attempt: int, timeout: float = WAIT_FOR_AGENT) -> dict | None:
+        """The agent's answer for an attempt after ``attempt`` (None after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            place = _read_json(next_path(self.base))
+            if place is not None and isinstance(place.get("attempt"), int) and place["attempt"] > attempt \
+                    and isinstance(place.get("env"), dict):
+                return place
+            time.sleep(0.005)
+        return None
+
+
+def rebuild_ddp_in_place(wrapped: Any, make: Any) -> None:
+    """Give the user's DDP object a fresh reducer over the current default process group: a new
+    DDP is built around the same module and its attributes moved into the old object (the script
+    and the optimizer keep their references; the parameters are the same tensors)."""
+    fresh = make(wrapped.module)
+    wrapped.__dict__.update(fresh.__dict__)
+
+
+def socket_inodes() -> dict[str, int]:
+    """This process's sockets: inode -> file descriptor (Linux; empty elsewhere)."""
+    found: dict[str, int] = {}
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return found
+    for name in names:
+        try:
+            link = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            found[link] = int(name)
+    return found
+
+
+def cut(inodes: set[str]) -> int:
+    """Shut down the sockets among ``inodes`` (a process group's, recorded when it was made): a
+    collective waiting on them fails at once, here and in every peer waiting on this process
+    (gloo's abort does not wake a waiting collective). Returns how many were cut."""
+    count = 0
+    for inode, fd in socket_inodes().items():
+        if inode not in inodes:
+            continue
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            continue
+        try:
+            if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):  # gloo's listener must live on
+                sock.shutdown(socket.SHUT_RDWR)
+                count += 1
+        except OSError:
+            pass
+        finally:
+            sock.detach()  # the fd stays the group's: it closes it
+    return count
+
+
+class Watcher(threading.Thread):
+    """Watches for the agent's answer while the script trains: an answer this process did not ask
+    for (its node's agent learnt of a lost or frozen node first, or a peer's error never reached
+    this rank) cuts the old group's sockets, so the collective this rank waits in fails now and
+    the engine recovers."""
+
+    def __init__(self, handshake: Handshake, current: Any, on_answer: Any, interval: float = 0.05):
+        super().__init__(name="trainfleet-recovery", daemon=True)
+        self.handshake, self.current, self.on_answer, self.interval = handshake, current, on_answer, interval
+        self.stopped = threading.Event()
+        self._seen = -1
+
+    def run(self) -> None:
+        path = next_path(self.handshake.base)
+        while not self.stopped.wait(self.interval):
+            if not path.exists():
+                continue
+            place = _read_json(path)
+            attempt = place.get("attempt") if place else None
+            if isinstance(attempt, int) and attempt > self.current() and attempt != self._seen:
+                self._seen = attempt
+                self.on_answer()

@@ -1,0 +1,73 @@
+"""The agents' side of in-place recovery (the engine's is :mod:`trainfleet.engine.recovery`).
+
+An elastic ddp job loses a node: the survivors' workers do not exit, they say so in a file beside
+their log and wait. Then:
+
+1. each agent whose worker said so posts ``inplace/<attempt>/<node>``;
+2. node 0 calls the roll (``rollcall/<attempt>``): every agent whose workers are all alive answers
+   ``here/<attempt>/<node>`` within one poll; after :data:`ROLL_WAIT` the nodes that answered are
+   the members of the next attempt (the lost node's agent died with it and does not answer);
+3. node 0 opens the next attempt's worker store, posts ``inplace/<attempt + 1>``, the members and
+   ``job/attempt``; every member's agent writes each worker's new place (rank, world size, the
+   store's port) and watches the same processes under the new attempt.
+
+Anything else (node 0 lost, fewer than MIN nodes answer, a member that is no longer one, the
+workers' own refusal) ends the attempt as before: the workers are stopped and restarted from
+the last checkpoint.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from trainfleet.engine import contract
+from trainfleet.engine.recovery import lost_path, next_path, read_lost, write_next
+
+ROLL_WAIT = 0.5  # seconds node 0 waits for the members' answers (agents poll every 0.1 s)
+# the variables a worker takes from its new place (the rest of its environment is unchanged)
+PLACE_VARIABLES = ("RANK", "WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE",
+                   "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT", contract.WORLD_CHANGED,
+                   contract.RESUME_RECORD)
+
+
+def clear(specs: list[Any]) -> None:
+    """Before a group of new workers starts: no answer of an earlier attempt's may remain."""
+    for spec in specs:
+        if spec.recovery:
+            for path in (lost_path(spec.recovery), next_path(spec.recovery)):
+                path.unlink(missing_ok=True)
+
+
+def waiting(specs: list[Any], attempt: int) -> list[Any]:
+    """This node's workers that lost a peer in ``attempt`` and wait for their agent."""
+    found = []
+    for spec in specs:
+        said = read_lost(spec.recovery) if spec.recovery else None
+        if said is not None and said.get("attempt") == attempt:
+            found.append(spec)
+    return found
+
+
+def roll_call(store: Any, attempt: int, members: list[int], lost: dict[int, str]) -> list[int]:
+    """Node 0: the members whose agents answer within :data:`ROLL_WAIT` (node 0 itself included)."""
+    store.set(f"rollcall/{attempt}", "1")
+    answered = {0}
+    deadline = time.monotonic() + ROLL_WAIT
+    candidates = [node for node in members if node != 0 and node not in lost]
+    while time.monotonic() < deadline and len(answered) < len(candidates) + 1:
+        for node in candidates:
+            if node not in answered and store.check([f"here/{attempt}/{node}"]):
+                answered.add(node)
+        time.sleep(0.01)
+    return sorted(answered)
+
+
+def place_workers(specs: list[Any], env_for: Any, attempt: int) -> None:
+    """Every worker of this node: its place in ``attempt`` (``env_for(local_rank)`` is its full
+    worker environment in that attempt)."""
+    for spec in specs:
+        env = env_for(spec.local_rank)
+        place = {key: env[key] for key in PLACE_VARIABLES if key in env}
+        spec.rank = int(env["RANK"])
+        spec.env.update(place)
+        write_next(spec.recovery, {"attempt": attempt, "env": place})
