@@ -66,7 +66,7 @@ while step < args.steps:
                                 "world": engine.world_size}) + "\n")
         trace.flush()
         if engine.is_main:
-            (out / "progress").write_text(f"{attempt} {step}")
+            (out / "progress").write_text(f"{engine.restart_count} {step}")  # in place, the attempt moves on
         time.sleep(args.step_sleep)
         if step == args.steps:
             break

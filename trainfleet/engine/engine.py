@@ -21,7 +21,7 @@ from trainfleet.engine.checkpoint.checkpointer import CheckpointMixin
 from trainfleet.engine.checkpoint.files import AsyncSaver
 from trainfleet.engine.checkpoint.sharded import ShardedCheckpointer
 from trainfleet.engine.checkpoint.training_state import restore_rng
-from trainfleet.engine.contract import WorkerSettings
+from trainfleet.engine.contract import ElasticSettings, WorkerSettings
 from trainfleet.engine.data import (
     DeviceDataLoader,
     GlobalOrderSampler,
@@ -29,7 +29,7 @@ from trainfleet.engine.data import (
     elastic_global_batch,
     resolve_batch_sizes,
 )
-from trainfleet.engine.environment import ElasticInfo
+from trainfleet.engine.environment import ElasticInfo, note_resume
 from trainfleet.engine.precision import build_precision
 from trainfleet.engine.profiling import StepTimer
 from trainfleet.engine.progress import ProgressBoard, default_group_seq
@@ -380,6 +380,9 @@ class Engine(CheckpointMixin):
         self.snapshot.restore(model, optimizer, self.precision, lambda rng: restore_rng(rng, self.device))
         self._steps = newest
         self._redo = ("done" if behind else "again") if where == "backward" else None
+        record = ElasticSettings.from_env().resume_record
+        if self.is_main and record:  # the launcher's report: where the new attempt went on from
+            note_resume(record, None, self._train_loaders[0] if self._train_loaders else None, in_place=newest)
         self.print(f"trainfleet: lost a peer at step {newest}; recovered in place in {time.monotonic() - began:.2f}s "
                    f"at world size {self.world_size}: going on from step {newest}"
                    f"{' (a rank one step behind took it from a peer)' if behind else ''}.")

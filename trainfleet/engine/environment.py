@@ -150,11 +150,11 @@ class ElasticInfo:
         return [nodes * self.per_node for nodes in range(self.low, self.high + 1)]
 
 
-def note_resume(record: str, path: object, dataloader: object) -> None:
-    """Write what rank 0 resumed from (or that it started fresh) for the launcher's report,
-    atomically: the launcher reads it while the job runs."""
+def note_resume(record: str, path: object, dataloader: object, in_place: int | None = None) -> None:
+    """Write what rank 0 resumed from (or that it started fresh, or went on in place from a step
+    held in memory) for the launcher's report, atomically: the launcher reads it while the job runs."""
     state = dataloader.state_dict() if dataloader is not None else None
     tmp = f"{record}.tmp"
     with open(tmp, "w") as handle:
-        json.dump({"path": str(path) if path is not None else None, "data": state}, handle)
+        json.dump({"path": str(path) if path is not None else None, "data": state, "in_place": in_place}, handle)
     os.replace(tmp, record)

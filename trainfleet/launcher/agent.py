@@ -93,6 +93,8 @@ class NodeAgent(RendezvousMixin):
         self.shown: tuple | None = None  # node 0: the diagnosis report it printed as it happened
         self.attempt_now = 0  # the attempt this node's workers are in (in-place recovery moves it on)
         self._said: set[str] = set()  # in-place keys this node posted already
+        self.presence: Any = None  # node 0: who is connected (launcher/presence.py)
+        self.presence_link: Any = None  # another node: its connection to node 0's presence server
 
     # ----- control plane -------------------------------------------------------------
     def _enter(self, attempt: int, members: list[int]) -> int:
@@ -294,29 +296,27 @@ class NodeAgent(RendezvousMixin):
             self.channel.post(key, "1")
 
     def _check_in_place(self, group: WorkerGroup, attempt: int) -> Outcome | None:
-        """Workers that lost a peer wait for their agent; node 0 calls the roll, the others answer."""
+        """Workers that lost a peer wait for their agent; node 0 calls the roll, the others answer
+        (through the control thread: a cut link must not block this loop)."""
         specs = [w.spec for w in group.workers]
         if not any(spec.recovery for spec in specs):
             return None
-        store = self.channel.store
+        channel = self.channel
+        channel.watch_in_place = True
         if in_place.waiting(specs, attempt):
             self._post_once(f"inplace/{attempt}/{self.node_rank}")
-        try:
-            if self.is_master:
-                asked = (any(node in self.channel.lost_nodes for node in self.members)  # silent: frozen, cut off
-                         or any(store.check([f"inplace/{attempt}/{node}"]) for node in self.members))
-                return Outcome("in place") if asked else None
-            here = f"here/{attempt}/{self.node_rank}"
-            if here not in self._said and len(group.alive()) == len(specs) and store.check([f"rollcall/{attempt}"]):
-                self._said.add(here)
-                store.set(here, "1")  # now, not through the thread's queue: node 0 waits a second at most
-            latest = self.channel.attempt
-            if here in self._said and store.check(["job/attempt"]):  # the decision comes within a second
-                latest = max(latest, parse_count(store.get("job/attempt")) or 0)
-            if latest > attempt and store.check([f"inplace/{latest}"]):
-                return Outcome("in place")
-        except RuntimeError:  # the store is unreachable: _check_job decides
-            return None
+            channel.poke()  # a round with the store now: node 0 calls the roll within a poll
+        if self.is_master:  # its store is local
+            try:
+                asked = (any(node in channel.lost_nodes for node in self.members)  # silent: frozen, cut off
+                         or any(channel.store.check([f"inplace/{attempt}/{node}"]) for node in self.members))
+            except RuntimeError:
+                return None
+            return Outcome("in place") if asked else None
+        if channel.roll_called == attempt and len(group.alive()) == len(specs):
+            self._post_once(f"here/{attempt}/{self.node_rank}")
+        if channel.in_place_attempt > attempt:
+            return Outcome("in place")
         return None
 
     def _go_in_place(self, group: WorkerGroup, attempt: int) -> int | None:
@@ -324,12 +324,13 @@ class NodeAgent(RendezvousMixin):
         started = time.monotonic()
         channel, store = self.channel, self.channel.store
         if self.is_master:
-            members = in_place.roll_call(store, attempt, self.members, channel.lost_nodes)
+            gone = {**channel.lost_nodes, **{node: "its agent's connection closed" for node in
+                                             (self.presence.gone if self.presence is not None else {})}}
+            members = in_place.roll_call(store, attempt, self.members, gone)
             if len(members) < self.cfg.min_nodes or len(group.alive()) != len(group.workers):
                 return None
-            lost = {node: "its agent did not answer the roll call within "
-                          f"{in_place.ROLL_WAIT:.0f}s after its peers lost it" for node in self.members
-                    if node not in members}
+            lost = {node: gone.get(node) or "its agent did not answer the roll call within "
+                    f"{in_place.ROLL_WAIT:.1f}s after its peers lost it" for node in self.members if node not in members}
             new = attempt + 1
             self._stop_attempt_servers()
             port, _ = self._attempt_ports(new)
@@ -337,7 +338,7 @@ class NodeAgent(RendezvousMixin):
             store.set(f"inplace/{new}", "1")
             self.coordinator.record_in_place(new, members, lost)
         else:
-            new = self.channel.attempt
+            new = self.channel.in_place_attempt
             members = parse_members(store.get(f"members/{new}"), self.cfg.nodes)
             if members is None or self.node_rank not in members:
                 return None
@@ -434,6 +435,10 @@ class NodeAgent(RendezvousMixin):
         for sock in self.sockets.values():
             sock.close()
         self.sockets.clear()
+        if self.presence is not None:
+            self.presence.stop()
+        if self.presence_link is not None:
+            self.presence_link.close()
         self.server = None
 
     def _report(self, outcome: Outcome) -> int:

@@ -90,6 +90,9 @@ class ControlChannel(threading.Thread):
         self.hang_attempt = -1  # node 0 asked every node for its workers' stacks (job/hang)
         self.progress: dict[int, dict] = {}  # node 0: each member's progress summary (launcher/diagnosis.py)
         self.hang_reports: dict[int, dict] = {}  # node 0: each member's stacks, after job/hang
+        self.roll_called = -1  # in-place recovery: node 0 called the roll in this attempt (rollcall/<attempt>)
+        self.in_place_attempt = -1  # ... and went on in place in this attempt (inplace/<attempt>)
+        self.watch_in_place = False  # the agent looks for both (read here: a cut link must not block it)
 
     # ----- called by the agent ---------------------------------------------------------
     def report_failure(self, failure: Failure) -> None:
@@ -140,6 +143,10 @@ class ControlChannel(threading.Thread):
         with self.lock:
             self._outbox.append((kind, key, value))
             self._flushed.clear()
+        self._wake.set()
+
+    def poke(self) -> None:
+        """A round with the store now, not at the next interval (the agent waits for an answer)."""
         self._wake.set()
 
     def silent_for(self) -> float:
@@ -266,6 +273,11 @@ class ControlChannel(threading.Thread):
         attempt = self._read("job/attempt", parse_count)
         if attempt is not None:
             self.attempt = attempt
+        if self.watch_in_place and self.node != 0:
+            if self.store.check([f"rollcall/{current}"]):
+                self.roll_called = current
+            if self.attempt > current and self.store.check([f"inplace/{self.attempt}"]):
+                self.in_place_attempt = self.attempt
         self._read_diagnosis()  # before the done count: a node posts its last summary, then "done"
         if self.node == 0:
             self.done_count = sum(self.store.check([f"done/{self.attempt}/{node}"]) for node in self.members)

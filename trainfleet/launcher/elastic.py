@@ -60,6 +60,9 @@ class Change:
 
 def resume_line(record: Any) -> str:
     """``resumed from PATH at epoch E, sample S`` from rank 0's record, or why it did not."""
+    if record and isinstance(record.get("in_place"), int) and not isinstance(record["in_place"], bool):
+        return (f"went on in place from step {record['in_place']}, held in memory (the survivors' workers kept "
+                "their processes; 0 steps computed again)")
     if not record or not record.get("path"):
         return "started fresh (no checkpoint found)"
     data = record.get("data") or {}
@@ -196,6 +199,8 @@ class Coordinator:
 
     def record_in_place(self, attempt: int, members: list[int], lost: dict[int, str]) -> None:
         """Node 0: the survivors of a lost node go on in place (launcher/in_place.py) in ``attempt``."""
+        for node in lost:  # an agent started again for a lost node may take its id back
+            self.channel.store.delete_key(f"agent/{node}")
         self._post(attempt, members)
         change = Change(attempt, time.monotonic() - self.started, members, lost, [],
                         "the survivors kept their workers (in place)")

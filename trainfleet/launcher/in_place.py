@@ -5,8 +5,10 @@ their log and wait. Then:
 
 1. each agent whose worker said so posts ``inplace/<attempt>/<node>``;
 2. node 0 calls the roll (``rollcall/<attempt>``): every agent whose workers are all alive answers
-   ``here/<attempt>/<node>`` within one poll; after :data:`ROLL_WAIT` the nodes that answered are
-   the members of the next attempt (the lost node's agent died with it and does not answer);
+   ``here/<attempt>/<node>`` within one poll; the nodes that answered are the members of the next
+   attempt. Node 0 stops waiting once every node whose agent is still connected answered
+   (:mod:`trainfleet.launcher.presence`: a killed agent's connection closes at once), and at
+   :data:`ROLL_WAIT` in any case (a frozen or cut-off agent answers nothing);
 3. node 0 opens the next attempt's worker store, posts ``inplace/<attempt + 1>``, the members and
    ``job/attempt``; every member's agent writes each worker's new place (rank, world size, the
    store's port) and watches the same processes under the new attempt.
@@ -23,7 +25,7 @@ from typing import Any
 from trainfleet.engine import contract
 from trainfleet.engine.recovery import lost_path, next_path, read_lost, write_next
 
-ROLL_WAIT = 0.5  # seconds node 0 waits for the members' answers (agents poll every 0.1 s)
+ROLL_WAIT = 1.0  # seconds node 0 waits at most for an answer (none is awaited from a node whose agent is gone)
 # the variables a worker takes from its new place (the rest of its environment is unchanged)
 PLACE_VARIABLES = ("RANK", "WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE",
                    "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT", contract.WORLD_CHANGED,

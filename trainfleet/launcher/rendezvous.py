@@ -23,12 +23,12 @@ import time
 from typing import Any
 
 from trainfleet.engine import contract
-from trainfleet.launcher import control, elastic, horovod
+from trainfleet.launcher import control, elastic, horovod, presence
 from trainfleet.launcher.control import ControlChannel
 from trainfleet.launcher.elastic import Coordinator
 from trainfleet.launcher.network import reserve_port
 from trainfleet.launcher.store_auth import SignedStore, looks_signed, with_token
-from trainfleet.launcher.store_values import parse_dict, parse_ports, printable
+from trainfleet.launcher.store_values import parse_count, parse_dict, parse_ports, printable
 from trainfleet.utils.errors import UsageError
 
 HEARTBEAT_INTERVAL = 0.5
@@ -53,9 +53,16 @@ class RendezvousMixin:
         client = self._client(timeout=2.0)
         if self.is_master:
             client.set("job/run_id", cfg.run_id)
+            if cfg.nodes > 1:  # node 0 learns at once when another node's agent dies (launcher/presence.py)
+                self.presence = presence.PresenceServer(reserve_port(cfg.master_addr, None), client, cfg.nodes)
+                self.presence.start()
+                client.set("presence/port", str(self.presence.port))
         else:
             self._claim(client)  # before the first heartbeat: a duplicate must not look like the node
             self.cfg = cfg = dataclasses.replace(cfg, run_id=self._job_run_id(client))
+            port = parse_count(client.get("presence/port")) if client.check(["presence/port"]) else None
+            if port is not None and 0 < port < 65536:
+                self.presence_link = presence.connect((cfg.master_addr, port), client, self.node_rank)
         self.channel = ControlChannel(client, self.node_rank, cfg.nodes, HEARTBEAT_INTERVAL, cfg.heartbeat_timeout,
                                       master=(cfg.master_addr, cfg.master_port))
         self.channel.start()
@@ -94,13 +101,21 @@ class RendezvousMixin:
         cfg, node, key = self.cfg, self.node_rank, f"agent/{self.node_rank}"
         token = f"{socket.gethostname()}:{os.getpid()}"
         deadline = time.monotonic() + cfg.rendezvous_timeout
-        while (holder := store.compare_set(key, "", token).decode()) != token:
+        while (holder := self._compare_set(store, key, token)) != token:
             if not cfg.elastic or time.monotonic() > deadline:
                 when = f"after {cfg.rendezvous_timeout:.0f}s, " if cfg.elastic else ""
                 raise UsageError(
                     f"node {node}: {when}another agent ({holder}) runs as --node-rank {node} in this job.",
                     f"give each machine its own --node-rank (0..{cfg.nodes - 1}), or stop the other agent.")
             time.sleep(0.2)
+
+    def _compare_set(self, store: Any, key: str, token: str) -> str:
+        try:
+            return store.compare_set(key, "", token).decode(errors="replace")
+        except RuntimeError as err:  # the master's store went away while this agent waited (the job ended)
+            raise UsageError(f"node {self.node_rank}: the master at {self.cfg.master_addr}:{self.cfg.master_port} "
+                             f"went away while this agent waited to join ({str(err).splitlines()[0][:120]}).",
+                             "the job may have ended; check node 0's output.") from err
 
     def _client(self, timeout: float) -> Any:
         """A control-store client; waits for the master up to the rendezvous timeout."""

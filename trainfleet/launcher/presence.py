@@ -1,0 +1,109 @@
+"""Node 0 knows at once when another node's agent dies: each agent keeps one TCP connection open to
+node 0, and a killed process's connection is closed by its kernel (a reset, within milliseconds).
+
+The heartbeats stay the rule for what a closed connection cannot show (a frozen agent, a cut link:
+no reset comes); this is the fast path for the common case, a dead host or agent, used by the roll
+call of in-place recovery (:mod:`trainfleet.launcher.in_place`): node 0 does not wait for an answer
+from a node whose agent is gone.
+
+The hello an agent sends is its node id and, when the job has a token, the token's signature of
+``presence/<node>`` (:mod:`trainfleet.launcher.store_auth`): a process that merely reaches the port
+cannot pose as a node. A malformed or unsigned hello is dropped.
+"""
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+from typing import Any
+
+HELLO_LIMIT = 200  # bytes
+
+
+def hello(store: Any, node: int) -> bytes:
+    """What node ``node`` sends: ``<node> <signature>\\n`` (the signature empty without a token)."""
+    sign = getattr(store, "sign", None)
+    mac = sign(f"presence/{node}", "1").split(b":", 1)[0] if sign else b""
+    return f"{node} ".encode() + mac + b"\n"
+
+
+def parse_hello(store: Any, raw: bytes, nodes: int) -> int | None:
+    """The node a hello names, or None when it is malformed or not signed with this job's token."""
+    parts = raw.strip().split(b" ")
+    if not parts or not parts[0].isdigit():
+        return None
+    node = int(parts[0])
+    if not 0 < node < nodes:
+        return None
+    if getattr(store, "sign", None) is not None:
+        return node if len(parts) == 2 and raw.strip() + b"\n" == hello(store, node) else None
+    return node
+
+
+class PresenceServer(threading.Thread):
+    """Node 0: who is connected, and since when each node's agent is gone."""
+
+    def __init__(self, sock: socket.socket, store: Any, nodes: int):
+        super().__init__(name="trainfleet-presence", daemon=True)
+        self.listener, self.store, self.nodes = sock, store, nodes
+        self.listener.setblocking(False)
+        self.port = sock.getsockname()[1]
+        self.gone: dict[int, float] = {}  # node -> when its connection closed (monotonic)
+        self.connected: dict[socket.socket, int | None] = {}
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                readable, _, _ = select.select([self.listener, *self.connected], [], [], 0.2)
+            except (OSError, ValueError):
+                return
+            for sock in readable:
+                if sock is self.listener:
+                    self._accept()
+                else:
+                    self._read(sock)
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        conn.setblocking(False)
+        self.connected[conn] = None
+
+    def _read(self, conn: socket.socket) -> None:
+        try:
+            data = conn.recv(HELLO_LIMIT)
+        except OSError:
+            data = b""
+        node = self.connected.get(conn)
+        if node is None and data:  # the hello (one short line)
+            node = parse_hello(self.store, data, self.nodes)
+            if node is not None:
+                self.connected[conn] = node
+                self.gone.pop(node, None)
+                return
+        if not data or node is None:  # closed, reset, or not one of ours
+            self.connected.pop(conn, None)
+            conn.close()
+            if node is not None and node not in self.connected.values():
+                self.gone[node] = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for conn in list(self.connected):
+            conn.close()
+        self.listener.close()
+
+
+def connect(address: tuple[str, int], store: Any, node: int) -> socket.socket | None:
+    """Another node: the connection node 0 watches (None when it cannot be made: the roll call
+    then waits its full time for this node)."""
+    try:
+        sock = socket.create_connection(address, timeout=2.0)
+        sock.sendall(hello(store, node))
+        return sock
+    except OSError:
+        return None
