@@ -9,6 +9,7 @@ the attempt that completed them).
 """
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -72,6 +73,11 @@ def agent_of(out: Path, node: int) -> int:
     """The pid of node ``node``'s agent, from its newest worker's record."""
     newest = max((out / "pids").glob(f"node{node}.r*"), key=lambda p: p.stat().st_mtime)
     return int(newest.read_text().split()[1])
+
+
+def worker_pids(out: Path, node: int) -> list[int]:
+    """The pids node ``node``'s workers recorded when they started (each worker writes its file once)."""
+    return sorted(int(f.read_text().split()[0]) for f in (out / "pids").glob(f"node{node}.r*"))
 
 
 def pids_recorded(out: Path) -> list[int]:
@@ -249,18 +255,23 @@ def start_host(hosts, node: int, out: Path, logs: Path, port: int) -> subprocess
 
 
 @pytest.mark.multinode
-@pytest.mark.parametrize("fault", ["kill -9 agent", "link cut", "frozen agent", "rejoin"])
+@pytest.mark.parametrize("fault", ["kill -9 host", "kill -9 agent", "link cut", "frozen agent", "rejoin"])
 def test_three_hosts_lose_one_and_end_exactly(tmp_path, reference, fault):
-    """Host 2 of a 3-host ``--nodes 2:3`` job: its agent killed, its link cut, its agent frozen,
-    or killed and started again (3 -> 2 -> 3). The job ends on the others with the weights of
-    an uninterrupted run, and nothing is left on any host."""
+    """Host 2 of a 3-host ``--nodes 2:3`` job: every process on it killed at a random step, its
+    agent killed, its link cut, its agent frozen, or killed and started again (3 -> 2 -> 3). The
+    survivors keep their workers and go on from the step held in memory (0 steps computed again);
+    the job ends with the weights of an uninterrupted run, and nothing is left on any host."""
     out, logs = tmp_path / "out", tmp_path / "logs"
     with twohosts.ManyHosts(3) as hosts:
         agents = [start_host(hosts, node, out, logs, 29600) for node in range(3)]
-        wait_for(out, 6)
+        wait_for(out, 4 + random.randrange(6))
         victim = agent_of(out, 2)
+        survivors = {node: worker_pids(out, node) for node in (0, 1)}
         if fault == "link cut":
             hosts.cut(2)
+        elif fault == "kill -9 host":
+            for pid in hosts.pids(2):
+                os.kill(pid, signal.SIGKILL)
         else:
             os.kill(victim, signal.SIGSTOP if fault == "frozen agent" else signal.SIGKILL)
         if fault == "rejoin":
@@ -276,6 +287,10 @@ def test_three_hosts_lose_one_and_end_exactly(tmp_path, reference, fault):
         else:
             assert worlds(out)[-1] == 2, worlds(out)
         assert "lost node 2" in master and "attempt 1 on nodes 0,1 (2 of --nodes 2:3)" in master, master
+        assert "the survivors kept their workers (in place)" in master, master
+        if fault != "rejoin":  # (a join restarts every worker from the checkpoint the stop wrote)
+            assert_in_place(out, master)
+            assert {node: worker_pids(out, node) for node in (0, 1)} == survivors  # no worker started again
         if fault == "frozen agent":
             os.kill(victim, signal.SIGCONT)  # it wakes up to a job that went on without it, and leaves
         assert agents[2].wait(timeout=60) != 0

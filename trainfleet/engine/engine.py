@@ -378,6 +378,7 @@ class Engine(CheckpointMixin):
             state = self.snapshot.loaders[self._train_loaders.index(loader)] if loader in self._train_loaders else None
             loader.reshard(self.world_size, self.rank, state)
         self.snapshot.restore(model, optimizer, self.precision, lambda rng: restore_rng(rng, self.device))
+        optimizer.zero_grad(set_to_none=True)  # the interrupted backward's local gradients are not the step's
         self._steps = newest
         self._redo = ("done" if behind else "again") if where == "backward" else None
         record = ElasticSettings.from_env().resume_record

@@ -51,10 +51,10 @@ class PresenceServer(threading.Thread):
         self.port = sock.getsockname()[1]
         self.gone: dict[int, float] = {}  # node -> when its connection closed (monotonic)
         self.connected: dict[socket.socket, int | None] = {}
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 readable, _, _ = select.select([self.listener, *self.connected], [], [], 0.2)
             except (OSError, ValueError):
@@ -92,7 +92,7 @@ class PresenceServer(threading.Thread):
                 self.gone[node] = time.monotonic()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         for conn in list(self.connected):
             conn.close()
         self.listener.close()
