@@ -20,6 +20,7 @@ An elastic job (``--nodes MIN:MAX``) goes on instead, on the nodes left: see
 """
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import sys
@@ -377,7 +378,8 @@ class NodeAgent(RendezvousMixin):
 
     def _follow(self, attempt: int) -> int | None:
         """A node other than 0: wait for the master's decision (the next attempt, or the end)."""
-        decision = elastic.follow(self.channel, self.node_rank, attempt, 2 * self.cfg.heartbeat_timeout + 5)
+        decision = elastic.follow(self.channel, self.node_rank, attempt,
+                                  max(2 * self.cfg.heartbeat_timeout, elastic.CHECK_IN_FLOOR) + 5)
         if isinstance(decision, str) or decision is None:
             self.ended = decision
             return None
@@ -442,6 +444,12 @@ class NodeAgent(RendezvousMixin):
         self.server = None
 
     def _report(self, outcome: Outcome) -> int:
+        if self.is_master and self.channel is not None and self.channel.longest_silence:
+            try:  # beside the logs: how close the live nodes came to --heartbeat-timeout
+                (log_dir(self.cfg) / "heartbeats.json").write_text(json.dumps(
+                    {"timeout": self.cfg.heartbeat_timeout, "longest_silence": self.channel.longest_silence}))
+            except OSError:
+                pass
         code = self._outcome_report(outcome)
         for line in self.timings:
             print(f"  | {line}", file=sys.stderr)

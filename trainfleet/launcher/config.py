@@ -135,8 +135,9 @@ class LaunchConfig:
         heartbeat_timeout: a node, the master or a worker that shows no sign of life (no
             heartbeat; stopped) for this long fails the job. Heartbeats come from each
             agent's control thread every 0.5 s whatever the workers do, so a long step
-            cannot trip it; 6 s rides out a GC pause or a brief network stall while keeping
-            detection of a frozen worker or agent under 10 s and of a cut link under 15 s.
+            cannot trip it; 2 s is four missed beats (benchmarks/heartbeat_soak.py: the longest
+            silence of a live node with every core busy), and keeps the detection of a frozen
+            worker or agent, or of a cut link, under 3 s.
         rendezvous_timeout: how long a node waits for the master and the master for the nodes.
         collective_timeout: seconds before a collective that some rank never joins fails,
             naming the rank and the call site (torch's default is 30 minutes).
@@ -170,7 +171,7 @@ class LaunchConfig:
     start_method: str = "fork"
     grace_period: float = 30.0
     max_restarts: int = 0
-    heartbeat_timeout: float = 6.0
+    heartbeat_timeout: float = 2.0
     rendezvous_timeout: float = 120.0
     collective_timeout: float | None = None
     hang_timeout: float | None = None

@@ -78,6 +78,7 @@ class ControlChannel(threading.Thread):
         self.done_count = 0  # node 0: members whose workers finished the current attempt
         self.ended: str | None = None  # the master ended the job (job/end), with its reason
         self._seen: dict[str, tuple[int, float]] = {}
+        self.longest_silence: dict[str, float] = {}  # node -> seconds (node 0: each member's)
         self._last_contact = time.monotonic()
         self._last_beat = 0.0
         self._outbox: list[tuple[str, str, str]] = []  # (kind, key, value), sent by the thread
@@ -224,6 +225,8 @@ class ControlChannel(threading.Thread):
             count = self._seen.get(name, (-1, now))[0]
         previous = self._seen.get(name)
         if previous is None or previous[0] != count:
+            if previous is not None:  # the longest silence a live peer showed (the soak benchmark reads it)
+                self.longest_silence[name] = max(self.longest_silence.get(name, 0.0), now - previous[1])
             self._seen[name] = (count, now)
         elif now - previous[1] > self.timeout:
             return f"no heartbeat for {now - previous[1]:.1f}s"

@@ -33,6 +33,7 @@ from trainfleet.launcher.store_values import parse_members, printable
 from trainfleet.utils.errors import UsageError
 
 GROW_WAIT = 60.0  # seconds the workers get to checkpoint and return after a join request
+CHECK_IN_FLOOR = 8.0  # seconds a member at least gets to stop its workers and check in after a failure
 SILENT_AFTER_FAILURE = 3.0  # after a failure, a member this silent that did not check in is lost
 
 
@@ -137,7 +138,7 @@ class Coordinator:
         channel, store = self.channel, self.channel.store
         lost = {node: why for node, why in channel.lost_nodes.items() if node in members}
         waiting = [node for node in members if node != 0 and node not in lost]
-        limit = 2 * self.cfg.heartbeat_timeout
+        limit = max(2 * self.cfg.heartbeat_timeout, CHECK_IN_FLOOR)
         deadline = time.monotonic() + limit
         while waiting:
             for node in list(waiting):

@@ -100,7 +100,7 @@ LAUNCH_FLAGS: tuple[Flag, ...] = (
     Flag("max_restarts", ("--max-restarts", "--max_restarts"), "restart the whole job after a worker failure, "
          "up to this many times (default 0)", type=int, default=0),
     Flag("heartbeat_timeout", ("--heartbeat-timeout",), "seconds without a sign of life before a node, the "
-         "master or a frozen worker fails the job (default 6)", type=float, default=6.0),
+         "master or a frozen worker fails the job (default 2: four missed beats)", type=float, default=2.0),
     Flag("rendezvous_timeout", ("--rendezvous-timeout",), "seconds to wait for every node (default 120)",
          type=float, default=120.0),
     Flag("collective_timeout", ("--collective-timeout",), "seconds before a collective some rank never joins "
