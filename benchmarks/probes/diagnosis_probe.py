@@ -8,6 +8,9 @@ MODE:
   overhead   rounds of 2 x --steps steps (an MLP --width wide), the progress board on and off in turn step
              by step, in the same workers; rank 0 writes OUT/overhead.json with each round's median step
              time per side
+  snapshot   the same with Adam, the engine's copy of the state into host memory after each step
+             (engine/snapshot.py: what in-place recovery and rollback use) on and off in turn; rank 0
+             writes OUT/snapshot.json (each round's median per side, the copy's size and time)
 """
 import argparse
 import json
@@ -24,7 +27,7 @@ import trainfleet  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("out")
-parser.add_argument("mode", choices=["hang", "straggler", "overhead"])
+parser.add_argument("mode", choices=["hang", "straggler", "overhead", "snapshot"])
 parser.add_argument("--step-sleep", type=float, default=0.1)
 parser.add_argument("--factor", type=float, default=1.3)
 parser.add_argument("--steps", type=int, default=60)
@@ -52,7 +55,9 @@ class Net(torch.nn.Module):
 
 
 net = Net()
-model, optimizer = engine.setup(net, torch.optim.SGD(net.parameters(), lr=0.01))
+optimizer = torch.optim.Adam(net.parameters(), lr=1e-4) if args.mode == "snapshot" else \
+    torch.optim.SGD(net.parameters(), lr=0.01)
+model, optimizer = engine.setup(net, optimizer)
 data = torch.utils.data.TensorDataset(torch.randn(100_000, 64), torch.randint(0, 10, (100_000,)))
 loader = engine.dataloader(data, batch_size=32)
 batches = iter(loader)
@@ -81,6 +86,20 @@ if args.mode == "hang":
 elif args.mode == "straggler":
     for _ in range(args.steps):
         step()
+elif args.mode == "snapshot":
+    samples = {"on": [], "off": []}
+    for index in range(args.rounds + 1):  # the first round warms up
+        times = {"on": [], "off": []}
+        for i in range(2 * args.steps):
+            side = ("on", "off")[(i + index) % 2]
+            engine.keep_snapshot = side == "on"
+            times[side].append(step())
+        if index:
+            for side in samples:
+                samples[side].append(statistics.median(times[side]))
+    if engine.is_main:
+        (out / "snapshot.json").write_text(json.dumps({**samples, "bytes": engine.snapshot.nbytes(),
+                                                       "copy_s": engine.snapshot.seconds}))
 else:
     board = engine.progress
     samples = {"on": [], "off": []}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from trainfleet.engine import progress_record  # noqa: F401 - the launcher's door to the progress record
@@ -259,3 +260,36 @@ def require_backend(strategy: str) -> None:
     """
     if strategy == "horovod":
         import_horovod()
+
+
+# ----- in-place recovery: where a worker and its agent meet (engine/recovery.py, launcher/in_place.py) -----
+def write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def lost_path(base: str | os.PathLike[str]) -> Path:
+    return Path(f"{base}.lost")
+
+
+def next_path(base: str | os.PathLike[str]) -> Path:
+    return Path(f"{base}.next")
+
+
+def read_lost(base: str | os.PathLike[str]) -> dict | None:
+    """The agent's side: what a worker said when it lost a peer (None: nothing)."""
+    return read_json(lost_path(base))
+
+
+def write_next(base: str | os.PathLike[str], place: dict) -> None:
+    """The agent's side: the worker's place in the next attempt (``attempt``, ``env``)."""
+    write_json(next_path(base), place)

@@ -129,6 +129,8 @@ class Engine(CheckpointMixin):
         self.in_place = Handshake(told.recovery) if told.recovery and self.strategy.name == "ddp" else None
         self._redo: str | None = None  # after an in-place recovery: what step() does with this iteration
         self._loaders: list[DeviceDataLoader] = []  # every loader (resharded after an in-place recovery)
+        # the state after each step, in host memory: what a rollback or an in-place recovery returns to
+        self.keep_snapshot = self.rollback is not None or self.in_place is not None
         self._watcher = None
         if self.in_place is not None:  # the agent's answer can come before this rank's own error
             self._watcher = Watcher(self.in_place, lambda: self.restart_count,
@@ -273,7 +275,7 @@ class Engine(CheckpointMixin):
             if zero_grad:
                 self.strategy.zero_grad(optimizer)
         self._steps += 1
-        if self.rollback is not None or self.in_place is not None:
+        if self.keep_snapshot:
             self._capture(optimizer)
         if self.progress is not None:
             self.progress.step_done()

@@ -154,7 +154,11 @@ def note_resume(record: str, path: object, dataloader: object, in_place: int | N
     """Write what rank 0 resumed from (or that it started fresh, or went on in place from a step
     held in memory) for the launcher's report, atomically: the launcher reads it while the job runs."""
     state = dataloader.state_dict() if dataloader is not None else None
+    step = None  # the global step the position stands at (the report counts the steps computed again)
+    if state is not None and hasattr(dataloader, "sampler"):
+        step = state["epoch"] * dataloader.sampler.global_batches() + state["consumed"] // state["global_batch_size"]
     tmp = f"{record}.tmp"
     with open(tmp, "w") as handle:
-        json.dump({"path": str(path) if path is not None else None, "data": state, "in_place": in_place}, handle)
+        json.dump({"path": str(path) if path is not None else None, "data": state, "in_place": in_place,
+                   "step": in_place if in_place is not None else step}, handle)
     os.replace(tmp, record)

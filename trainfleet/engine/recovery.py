@@ -28,14 +28,14 @@ Where the agent and the engine meet is this module's :class:`Handshake` (the age
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from trainfleet.engine.contract import lost_path, next_path, read_json, write_json
 
 PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused",
              "NCCL communicator was aborted", "remote process exited", "Socket closed", "Connection timed out")
@@ -48,38 +48,6 @@ def lost_a_peer(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(marker in text for marker in PEER_LOST)
 
 
-def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def lost_path(base: str | os.PathLike[str]) -> Path:
-    return Path(f"{base}.lost")
-
-
-def next_path(base: str | os.PathLike[str]) -> Path:
-    return Path(f"{base}.next")
-
-
-def read_lost(base: str | os.PathLike[str]) -> dict | None:
-    """The agent's side: what a worker said when it lost a peer (None: nothing)."""
-    return _read_json(lost_path(base))
-
-
-def write_next(base: str | os.PathLike[str], place: dict) -> None:
-    """The agent's side: the worker's place in the next attempt (``attempt``, ``env``)."""
-    _write_json(next_path(base), place)
-
-
 @dataclass
 class Handshake:
     """The worker's side of the files its agent reads and writes (``base`` from the launcher)."""
@@ -87,14 +55,14 @@ class Handshake:
     base: str
 
     def say_lost(self, attempt: int, steps: int, where: str) -> None:
-        _write_json(lost_path(self.base), {"attempt": attempt, "steps": steps, "where": where,
+        write_json(lost_path(self.base), {"attempt": attempt, "steps": steps, "where": where,
                                            "pid": os.getpid()})
 
     def wait_next(self, attempt: int, timeout: float = WAIT_FOR_AGENT) -> dict | None:
         """The agent's answer for an attempt after ``attempt`` (None after ``timeout``)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            place = _read_json(next_path(self.base))
+            place = read_json(next_path(self.base))
             if place is not None and isinstance(place.get("attempt"), int) and place["attempt"] > attempt \
                     and isinstance(place.get("env"), dict):
                 return place
@@ -167,7 +135,7 @@ class Watcher(threading.Thread):
         while not self.stopped.wait(self.interval):
             if not path.exists():
                 continue
-            place = _read_json(path)
+            place = read_json(path)
             attempt = place.get("attempt") if place else None
             if isinstance(attempt, int) and attempt > self.current() and attempt != self._seen:
                 self._seen = attempt

@@ -369,6 +369,10 @@ class NodeAgent(RendezvousMixin):
                 return None
         self.channel.post(f"stopped/{attempt}/{self.node_rank}", "1")
         if self.is_master:
+            steps = [r.get("step") for r in (self.diagnosis.ranks.values() if self.diagnosis else [])]
+            steps = [n for n in steps if isinstance(n, int) and not isinstance(n, bool)]
+            if steps and self.coordinator is not None:
+                self.coordinator.note_reached(attempt, max(steps))
             members = self.coordinator.decide(attempt, outcome, self.members)
             if members is None:
                 self.ended = self.coordinator.ended

@@ -105,6 +105,8 @@ class Coordinator:
         self.cfg, self.channel, self.layout, self.say = cfg, channel, layout, say
         self.started = time.monotonic()
         self.history: list[Change] = []
+        self.starts: dict[int, int] = {}  # attempt -> the global step it went on from (rank 0's record)
+        self.reached: dict[int, int] = {}  # attempt -> the global step its furthest rank reached
         self.restarts = 0
         self.ended = ""  # why the job ended at a boundary ("": the failure itself is the report)
         self._refused: set[int] = set()
@@ -221,6 +223,11 @@ class Coordinator:
         return None
 
     # ----- the report -----------------------------------------------------------------------
+    def note_reached(self, attempt: int, steps: int) -> None:
+        """The most steps a rank completed in ``attempt`` (its progress record's count)."""
+        start = self.starts.get(attempt, 0)
+        self.reached[attempt] = start + steps
+
     def note_resume(self, attempt: int) -> bool:
         """Once rank 0 of ``attempt`` resumed (or started fresh), say so and keep it for the
         summary; False while it has not yet."""
@@ -228,6 +235,16 @@ class Coordinator:
         if record is None:
             return False
         line = resume_line(record)
+        step = record.get("step")
+        if record.get("in_place") is not None:  # the same processes: their step counts go on from where they began
+            self.starts[attempt] = self.starts.get(attempt - 1, 0)
+        elif isinstance(step, int) and not isinstance(step, bool) and step >= 0:
+            self.starts[attempt] = step
+            before = self.reached.get(attempt - 1)
+            if before is not None and record.get("in_place") is None:
+                again = max(before - step, 0)
+                line += (f"; {again} step(s) computed again (the attempt before had reached step {before})"
+                         if again else "; no step computed again")
         for change in self.history:
             if change.attempt == attempt:
                 change.resumed = line

@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from trainfleet.engine import contract
-from trainfleet.engine.recovery import lost_path, next_path, read_lost, write_next
+from trainfleet.engine.contract import lost_path, next_path, read_lost, write_next
 
 ROLL_WAIT = 1.0  # seconds node 0 waits at most for an answer (none is awaited from a node whose agent is gone)
 # the variables a worker takes from its new place (the rest of its environment is unchanged)
