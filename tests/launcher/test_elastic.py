@@ -164,6 +164,26 @@ def test_agent_killed_job_goes_on_on_two_nodes_exactly(tmp_path, reference):
     assert not [pid for pid in pids_recorded(out) if alive(pid)]
 
 
+def test_fsdp_loses_a_node_resumes_from_disk_and_counts_the_steps_computed_again(tmp_path):
+    """fsdp's shards die with their node: the survivors restart from the last checkpoint (every 4
+    steps), and the report says how many steps were computed again."""
+    out = tmp_path / "out"
+    job = subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--strategy", "fsdp", "--log-dir",
+                                  str(tmp_path / "logs"), *script(out, *SLOW_STEP)),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(out, 6)
+    os.kill(agent_of(out, 2), signal.SIGKILL)
+    _, stderr = job.communicate(timeout=180)
+    assert job.returncode == 0, stderr
+    found = re.search(r"attempt 1: rank 0 resumed from \S+step(\d+)\.pt at epoch \d+, sample \d+; (\d+) step\(s\) "
+                      r"computed again \(the attempt before had reached step (\d+)\)", stderr)
+    assert found, stderr
+    resumed, again, reached = (int(v) for v in found.groups())
+    assert resumed % 4 == 0 and again == reached - resumed and 1 <= again <= 4, found.group(0)
+    assert "in place" not in stderr
+    assert worlds(out)[-1] == 2
+
+
 def test_an_agent_started_again_at_once_waits_for_its_node_to_be_dropped_then_rejoins_exactly(tmp_path, reference):
     """Node 2's agent dies and is started again before node 0 noticed (its id still held by
     the dead agent): the new agent waits until node 0 drops the old one, then joins (3 -> 2 -> 3).

@@ -262,7 +262,7 @@ class NodeAgent(RendezvousMixin):
         if not self.is_master and (channel.attempt > attempt or channel.ended is not None):
             return Outcome("behind")
         if self.is_master:
-            lost = next(((n, why) for n, why in sorted(channel.lost_nodes.items()) if n in self.members), None)
+            lost = next(((n, why) for n, why in sorted(self._gone().items()) if n in self.members), None)
             if lost is not None:
                 failure = Failure(lost[0], None, f"lost node {lost[0]}: {lost[1]}")
                 channel.report_failure(failure)
@@ -291,6 +291,12 @@ class NodeAgent(RendezvousMixin):
         return Outcome("ok")
 
     # ----- in-place recovery (launcher/in_place.py) ------------------------------------------
+    def _gone(self) -> dict[int, str]:
+        """Node 0: the nodes lost, and why: silent for --heartbeat-timeout, or, at once, a closed
+        connection to node 0's presence server (a killed agent's kernel closes it)."""
+        closed = dict(self.presence.gone) if self.presence is not None else {}
+        return {**{node: "its agent's connection closed" for node in closed}, **self.channel.lost_nodes}
+
     def _post_once(self, key: str) -> None:
         if key not in self._said:
             self._said.add(key)
@@ -309,7 +315,7 @@ class NodeAgent(RendezvousMixin):
             channel.poke()  # a round with the store now: node 0 calls the roll within a poll
         if self.is_master:  # its store is local
             try:
-                asked = (any(node in channel.lost_nodes for node in self.members)  # silent: frozen, cut off
+                asked = (any(node in self._gone() for node in self.members)  # dead, or silent: frozen, cut off
                          or any(channel.store.check([f"inplace/{attempt}/{node}"]) for node in self.members))
             except RuntimeError:
                 return None
@@ -325,8 +331,7 @@ class NodeAgent(RendezvousMixin):
         started = time.monotonic()
         channel, store = self.channel, self.channel.store
         if self.is_master:
-            gone = {**channel.lost_nodes, **{node: "its agent's connection closed" for node in
-                                             (self.presence.gone if self.presence is not None else {})}}
+            gone = self._gone()
             members = in_place.roll_call(store, attempt, self.members, gone)
             if len(members) < self.cfg.min_nodes or len(group.alive()) != len(group.workers):
                 return None

@@ -111,6 +111,7 @@ class Coordinator:
         self.ended = ""  # why the job ended at a boundary ("": the failure itself is the report)
         self._refused: set[int] = set()
         self._announced: set[int] = set()
+        self.gone: Any = lambda: dict(channel.lost_nodes)  # the agent's: heartbeats and closed connections
 
     # ----- joiners ------------------------------------------------------------------------
     def pending(self) -> list[int]:
@@ -138,7 +139,8 @@ class Coordinator:
     def _check_ins(self, attempt: int, members: list[int]) -> dict[int, str]:
         """Members that did not stop and check in after a failure, and why they count as lost."""
         channel, store = self.channel, self.channel.store
-        lost = {node: why for node, why in channel.lost_nodes.items() if node in members}
+        gone = self.gone()
+        lost = {node: why for node, why in gone.items() if node in members}
         waiting = [node for node in members if node != 0 and node not in lost]
         limit = max(2 * self.cfg.heartbeat_timeout, CHECK_IN_FLOOR)
         deadline = time.monotonic() + limit
@@ -146,8 +148,8 @@ class Coordinator:
             for node in list(waiting):
                 if store.check([f"stopped/{attempt}/{node}"]):
                     waiting.remove(node)
-                elif node in channel.lost_nodes or channel.silent(node) > SILENT_AFTER_FAILURE:
-                    lost[node] = channel.lost_nodes.get(node) or \
+                elif node in (gone := self.gone()) or channel.silent(node) > SILENT_AFTER_FAILURE:
+                    lost[node] = gone.get(node) or \
                         f"no heartbeat for {channel.silent(node):.1f}s after the failure"
                     waiting.remove(node)
             if waiting and time.monotonic() > deadline:

@@ -154,6 +154,7 @@ class RendezvousMixin:
             self.members = self._gather()
             self.channel.members = self.members
             self.coordinator = Coordinator(self.cfg, self.channel, self._layout(), say)
+            self.coordinator.gone = self._gone
             store.set("members/0", json.dumps(self.members))
             store.set("preflight", "ok")
             return

@@ -1,0 +1,82 @@
+"""Node 0's presence server (launcher/presence.py): a killed agent's connection says at once that
+it is gone; the port is untrusted, so only a hello signed with the job's token counts."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from trainfleet.launcher import presence
+from trainfleet.launcher.store_auth import SignedStore
+
+
+class NoStore:
+    """Only what the hello needs (no token: nothing to sign)."""
+
+
+def _server(store, nodes=3):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    server = presence.PresenceServer(sock, store, nodes)
+    server.start()
+    return server
+
+
+def _until(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_a_killed_agent_is_gone_at_once():
+    server = _server(NoStore())
+    try:
+        child = subprocess.Popen([sys.executable, "-c", (
+            "import socket, sys, time; s = socket.create_connection(('127.0.0.1', int(sys.argv[1]))); "
+            "s.sendall(b'2 \\n'); time.sleep(60)"), str(server.port)])
+        assert _until(lambda: 2 in server.connected.values())
+        child.kill()
+        killed = time.monotonic()
+        assert _until(lambda: 2 in server.gone), "the closed connection was not noticed"
+        assert server.gone[2] - killed < 1.0
+        child.wait()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("hello", [b"2 \n", b"2 " + b"0" * 32 + b"\n", b"0 \n", b"7 \n", b"x y z\n", b"\xff" * 300])
+def test_a_hello_without_the_job_token_or_out_of_range_is_dropped(hello):
+    store = SignedStore(object(), "a" * 32, "test")
+    server = _server(store)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(hello)
+            assert _until(lambda: not server.connected and server.gone == {}, timeout=3)
+            sock.settimeout(3)
+            try:
+                assert sock.recv(10) == b""  # the server closed it
+            except ConnectionResetError:  # (with bytes it did not read: a reset)
+                pass
+    finally:
+        server.stop()
+
+
+def test_the_signed_hello_is_taken_and_its_close_noted():
+    store = SignedStore(object(), "a" * 32, "test")
+    server = _server(store)
+    try:
+        sock = presence.connect(("127.0.0.1", server.port), store, 1)
+        assert sock is not None
+        assert _until(lambda: 1 in server.connected.values())
+        sock.close()
+        assert _until(lambda: 1 in server.gone)
+        again = presence.connect(("127.0.0.1", server.port), store, 1)  # an agent started again for node 1
+        assert _until(lambda: 1 not in server.gone)
+        again.close()
+    finally:
+        server.stop()
