@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"heartbeat_soak: {len(drops)} false drop(s) in {rounds} rounds of {seconds:.0f} s with "
           f"{2 * (os.cpu_count() or 1)} spinning processes beside 3 agents and 3 workers on {os.cpu_count()} cores; "
           f"longest silence of a live node: {max(silences):.2f}s (per round: "
-          f"{', '.join(f'{s:.2f}' for s in silences)}) against the 2 s timeout; target 0 drops "
+          f"{', '.join(f'{s:.2f}' for s in silences)}) against the 2 s timeout (target: 0 drops) "
           f"{'MET' if not drops else 'MISSED'}", flush=True)
     for last in drops:
         print(f"  a dropped round ended: {last}", flush=True)

@@ -17,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 BENCHMARKS = ["launch_ready", "engine_ddp_vs_handwritten", "ckpt_bench", "horovod_amp_bench", "fsdp_bench",
-              "diagnosis_bench", "slurm_startup", "hosts_startup", "elastic_recovery"]
-LONG = ["slurm_startup", "hosts_startup", "elastic_recovery"]
+              "diagnosis_bench", "slurm_startup", "hosts_startup", "elastic_recovery", "heartbeat_soak"]
+LONG = ["slurm_startup", "hosts_startup", "elastic_recovery", "heartbeat_soak"]
 
 
 def main() -> int:
