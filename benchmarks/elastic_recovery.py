@@ -209,9 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     ours = list(comparison.ours) + [_retrying("trainfleet") for _ in range(max(kills - rounds, 0))]
     median, worst = statistics.median(ours), max(ours)
     met = median <= 1.5 and worst <= 3.0
+    quartiles = statistics.quantiles(ours, n=4, method="inclusive") if len(ours) > 1 else [median, median, median]
     print(f"in_place_death_to_next_step: median {median:.2f}s, worst {worst:.2f}s over {len(ours)} kills "
-          f"(quartiles {statistics.quantiles(ours, n=4, method='inclusive')[0]:.2f}-"
-          f"{statistics.quantiles(ours, n=4, method='inclusive')[2]:.2f}s) (target: median <= 1.5 s, worst <= 3 s) "
+          f"(quartiles {quartiles[0]:.2f}-{quartiles[2]:.2f}s) (target: median <= 1.5 s, worst <= 3 s) "
           f"{'MET' if met else 'MISSED'}", flush=True)
     copy, samples = state_copy_overhead(max(rounds * 2, 1))
     print(copy.line(), flush=True)
