@@ -89,13 +89,15 @@ def test_a_bad_on_nan_value_is_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_the_snapshot_is_not_aliased_by_the_live_state():
-    """In one process: restoring twice from one snapshot gives the same state (the optimizer kept
-    the snapshot's tensors and then changed them in place, before _fresh)."""
+def test_the_snapshot_restores_the_buffers_and_a_whole_one_is_not_aliased():
+    """In one process: a forward after the capture changed BatchNorm's running statistics: restore
+    puts them back and leaves the parameters (still the step's) alone. A whole snapshot (what a
+    peer sends) restored twice gives the same state: the optimizer kept the tensors it was given
+    and changed them in place, before _fresh."""
     from trainfleet.engine.snapshot import StateSnapshot
 
     torch.manual_seed(0)
-    model = torch.nn.Linear(4, 2)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
     class Plain:
@@ -106,16 +108,23 @@ def test_the_snapshot_is_not_aliased_by_the_live_state():
             pass
 
     def train_step():
-        model(torch.randn(3, 4)).sum().backward()
+        model(torch.randn(5, 4)).sum().backward()
         optimizer.step()
         optimizer.zero_grad()
 
     train_step()
     snap = StateSnapshot()
     snap.capture(1, model, optimizer, Plain(), {}, [])
-    held = {k: v.clone() for k, v in snap.optimizer["state"][0].items() if torch.is_tensor(v)}
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    model(torch.randn(5, 4) * 100)  # a forward whose batch is dropped: the running statistics moved
+    assert not torch.equal(model[1].running_mean, weights["1.running_mean"])
+    snap.restore(model, optimizer, Plain(), lambda rng: None)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+
+    whole = snap.whole(model, optimizer)
+    held = {k: v.clone() for k, v in whole.optimizer["state"][0].items() if torch.is_tensor(v)}
     for _ in range(2):
-        snap.restore(model, optimizer, Plain(), lambda rng: None)
+        whole.restore(model, optimizer, Plain(), lambda rng: None)
         train_step()
         train_step()
-    assert all(torch.equal(snap.optimizer["state"][0][k], v) for k, v in held.items())
+    assert all(torch.equal(whole.optimizer["state"][0][k], v) for k, v in held.items())

@@ -372,7 +372,7 @@ class Engine(CheckpointMixin):
         if newest != oldest:  # the ranks one step behind take the step from one that completed it
             holder = int(strategy.all_reduce(torch.tensor([self.rank if not behind else self.world_size]),
                                              "min").item())
-            held = strategy.broadcast(self.snapshot if not behind else None, holder)
+            held = strategy.broadcast(self.snapshot.whole(model, optimizer) if not behind else None, holder)
             if behind:
                 held.rng = self.snapshot.rng  # this rank's own random stream
                 self.snapshot = held

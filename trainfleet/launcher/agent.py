@@ -322,6 +322,8 @@ class NodeAgent(RendezvousMixin):
             return Outcome("in place") if asked else None
         if channel.roll_called == attempt and len(group.alive()) == len(specs):
             self._post_once(f"here/{attempt}/{self.node_rank}")
+        if f"here/{attempt}/{self.node_rank}" in self._said:
+            channel.poke()  # node 0 decides as soon as every live node answered: read it at once
         if channel.in_place_attempt > attempt:
             return Outcome("in place")
         return None
