@@ -18,7 +18,8 @@ go on in place, attempt 1; torchrun: restarted workers, TORCHELASTIC_RESTART_COU
 - ``state_copy_overhead``: the step time with the engine's copy of the state into host memory
   after each step (what the survivors go on from) against without, taking turns step by step in
   the same 2 workers (an MLP of 2.2 M parameters, Adam); target <= 1.05. Under ddp every rank holds
-  the whole replicated state, so this copy is all the replication there is (no bytes cross nodes).
+  the whole replicated state, so no bytes cross nodes: what is kept per step is what the next
+  iteration may change before its optimizer step (buffers, RNG, data position: engine/snapshot.py).
 
 The peer is torchrun ``--nnodes 2:3 --max-restarts 3`` with the c10d rendezvous and
 ``last_call_timeout=1`` (its default, 30 s, would make every shrink wait 30 s). A round in
@@ -215,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{'MET' if met else 'MISSED'}", flush=True)
     copy, samples = state_copy_overhead(max(rounds * 2, 1))
     print(copy.line(), flush=True)
-    print(f"state_copy_size: {samples['bytes'] / 2**20:.1f} MiB of host memory per rank (the model and Adam's "
-          f"state), copied in {samples['copy_s'] * 1e3:.1f} ms", flush=True)
+    print(f"state_copy_size: {samples['bytes'] / 2**20:.2f} MiB of host memory per rank (the model's buffers; "
+          f"the parameters and Adam's state are read live), kept in {samples['copy_s'] * 1e3:.2f} ms", flush=True)
     cuts = [link_cut_trial() for _ in range(1 if kills <= 2 else 3)]
     print(f"link_cut_to_next_step: median {statistics.median(cuts):.2f}s, worst {max(cuts):.2f}s over {len(cuts)} "
           f"cuts (target <= 3 s) {'MET' if max(cuts) <= 3.0 else 'MISSED'}", flush=True)
