@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 PROBES = Path(__file__).resolve().parent / "probes"
@@ -173,6 +173,17 @@ def paired_steps(comparison: Comparison, rounds: int, mode: str, launch_args: li
         comparison.ours.append(medians[ours])
         comparison.peer.append(medians[peer])
     return comparison
+
+
+def pop_option(argv: list[str] | None, name: str, default: Any, kind: Callable[[str], Any]) -> tuple[Any, list[str]]:
+    """``name VALUE`` taken out of ``argv`` (the command line when None): (its value, the rest)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if name not in argv:
+        return default, argv
+    at = argv.index(name)
+    value = kind(argv[at + 1])
+    del argv[at:at + 2]
+    return value, argv
 
 
 def rounds_from_args(doc: str, argv: list[str] | None, rounds: int, quick: int) -> int:

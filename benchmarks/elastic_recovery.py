@@ -42,7 +42,17 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import BIN, REPO, Comparison, cleans_up, interleave, kill_tagged, rounds_from_args, scratch
+from benchmarks.common import (
+    BIN,
+    REPO,
+    Comparison,
+    cleans_up,
+    interleave,
+    kill_tagged,
+    pop_option,
+    rounds_from_args,
+    scratch,
+)
 from tests.launcher.test_elastic import progress
 
 SCRIPT = str(REPO / "tests" / "scripts" / "elastic_train.py")
@@ -172,16 +182,6 @@ def link_cut_trial() -> float:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def _kills_from(argv: list[str] | None) -> tuple[int, list[str]]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    kills = 30
-    if "--kills" in argv:
-        at = argv.index("--kills")
-        kills = int(argv[at + 1])
-        del argv[at:at + 2]
-    return kills, argv
-
-
 def state_copy_overhead(rounds: int) -> tuple[Comparison, dict]:
     from benchmarks.common import PROBES, run_probe
 
@@ -197,7 +197,7 @@ def state_copy_overhead(rounds: int) -> tuple[Comparison, dict]:
 
 @cleans_up
 def main(argv: list[str] | None = None) -> int:
-    kills, argv = _kills_from(argv)
+    kills, argv = pop_option(argv, "--kills", 30, int)
     rounds = rounds_from_args(__doc__, argv, rounds=5, quick=2)
     if "--smoke" in argv or "--quick" in argv:
         kills = rounds

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 
-from benchmarks.common import BIN, REPO, cleans_up, rounds_from_args, scratch
+from benchmarks.common import BIN, REPO, cleans_up, pop_option, rounds_from_args, scratch
 
 SCRIPT = str(REPO / "tests" / "scripts" / "fault_train.py")
 
@@ -46,12 +46,7 @@ def soak_round(seconds: float) -> tuple[bool, float, str]:
 
 @cleans_up
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    seconds = 60.0
-    if "--seconds" in argv:
-        at = argv.index("--seconds")
-        seconds = float(argv[at + 1])
-        del argv[at:at + 2]
+    seconds, argv = pop_option(argv, "--seconds", 60.0, float)
     rounds = rounds_from_args(__doc__, argv, rounds=5, quick=2)
     if "--smoke" in argv:
         seconds = 5.0
