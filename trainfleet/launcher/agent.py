@@ -295,7 +295,14 @@ class NodeAgent(RendezvousMixin):
         """Node 0: the nodes lost, and why: silent for --heartbeat-timeout, or, at once, a closed
         connection to node 0's presence server (a killed agent's kernel closes it)."""
         closed = dict(self.presence.gone) if self.presence is not None else {}
-        return {**{node: "its agent's connection closed" for node in closed}, **self.channel.lost_nodes}
+        gone = {}
+        for node in closed:  # a node that said it was leaving closes its connection too
+            try:
+                left = self.channel.store.check([f"left/{node}"])
+            except RuntimeError:
+                left = False
+            gone[node] = "left the job" if left else "its agent's connection closed"
+        return {**gone, **self.channel.lost_nodes}
 
     def _post_once(self, key: str) -> None:
         if key not in self._said:
