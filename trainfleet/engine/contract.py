@@ -43,7 +43,7 @@ NODE = "TRAINFLEET_NODE"  # this node's id
 TTY = "TRAINFLEET_TTY"  # 1 when rank 0's echo lands on a terminal (progress bars)
 COLLECTIVE_TIMEOUT = "TRAINFLEET_COLLECTIVE_TIMEOUT"  # --collective-timeout, seconds
 PROGRESS_FILE = "TRAINFLEET_PROGRESS_FILE"  # this rank's progress record (engine/progress_record.py)
-RECOVERY = "TRAINFLEET_RECOVERY"  # elastic ddp: where the worker and its agent meet after a lost node (engine/recovery.py)
+RECOVERY = "TRAINFLEET_RECOVERY"  # elastic ddp: the files a worker and its agent share after a lost node
 ON_NAN = "TRAINFLEET_ON_NAN"  # --on-nan and --max-rollbacks: "rollback:3" (engine/snapshot.py)
 # elastic jobs (--nodes MIN:MAX) only
 NODES = "TRAINFLEET_NODES"  # MIN:MAX
@@ -141,7 +141,8 @@ class WorkerSettings:
         timeout = env.get(COLLECTIVE_TIMEOUT)
         tty = env.get(TTY)
         on_nan, _, limit = (env.get(ON_NAN) or "").partition(":")
-        return cls(recovery=env.get(RECOVERY) or None, on_nan=on_nan or None, max_rollbacks=int(limit) if limit.isdigit() else None,
+        return cls(recovery=env.get(RECOVERY) or None, on_nan=on_nan or None,
+                   max_rollbacks=int(limit) if limit.isdigit() else None,
                    strategy=env.get(STRATEGY) or None, precision=env.get(PRECISION) or None, strategy_options=options,
                    amp_backend=env.get(AMP_BACKEND) or None, accelerator=env.get(ACCELERATOR) or None,
                    run_id=env.get(RUN_ID) or None, collective_timeout=float(timeout) if timeout else None,

@@ -232,7 +232,7 @@ class Engine(CheckpointMixin):
         self._loaders.append(loader)
         if sampler.even:
             self._train_loaders.append(loader)
-            if self.rollback is not None or self.in_place is not None:  # the state before the first step (setup and resume done by then)
+            if self.rollback is not None or self.in_place is not None:  # the state before the first step
                 loader.on_start = self._first_snapshot
         return loader
 

@@ -338,14 +338,14 @@ class NodeAgent(RendezvousMixin):
     def _go_in_place(self, group: WorkerGroup, attempt: int) -> int | None:
         """The next attempt with the same workers (None: not possible; they are restarted)."""
         started = time.monotonic()
-        channel, store = self.channel, self.channel.store
+        store = self.channel.store
         if self.is_master:
             gone = self._gone()
             members = in_place.roll_call(store, attempt, self.members, gone)
             if len(members) < self.cfg.min_nodes or len(group.alive()) != len(group.workers):
                 return None
-            lost = {node: gone.get(node) or "its agent did not answer the roll call within "
-                    f"{in_place.ROLL_WAIT:.1f}s after its peers lost it" for node in self.members if node not in members}
+            silent = f"its agent did not answer the roll call within {in_place.ROLL_WAIT:.1f}s after its peers lost it"
+            lost = {node: gone.get(node) or silent for node in self.members if node not in members}
             new = attempt + 1
             self._stop_attempt_servers()
             port, _ = self._attempt_ports(new)
