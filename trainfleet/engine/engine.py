@@ -123,7 +123,6 @@ class Engine(CheckpointMixin):
                                               told.max_rollbacks if max_rollbacks is None else max_rollbacks)
         self.snapshot = StateSnapshot()  # the last step's state in host memory (with rollback on)
         self._trained: tuple[Any, Any] | None = None  # (model, optimizer) of setup()
-        self._train_loaders: list[DeviceDataLoader] = []  # the even loaders: their position is state
         self._steps = 0  # calls of step(): the training steps so far, rolled-back ones included
         # an elastic ddp job: a lost node does not end this process (engine/recovery.py)
         self.in_place = Handshake(told.recovery) if told.recovery and self.strategy.name == "ddp" else None
@@ -231,7 +230,6 @@ class Engine(CheckpointMixin):
                               board=self.progress)
         self._loaders.append(loader)
         if sampler.even:
-            self._train_loaders.append(loader)
             if self.rollback is not None or self.in_place is not None:  # the state before the first step
                 loader.on_start = self._first_snapshot
         return loader
@@ -289,6 +287,11 @@ class Engine(CheckpointMixin):
         return self.strategy.no_backward_sync(model)
 
     # ----- the state in memory (engine/snapshot.py) -------------------------------------
+    @property
+    def _train_loaders(self) -> list[DeviceDataLoader]:
+        """The even loaders (training): their position is part of the state."""
+        return [loader for loader in self._loaders if loader.sampler.even]
+
     def _capture(self, optimizer: torch.optim.Optimizer) -> None:
         model = self._trained[0] if self._trained is not None else None
         if model is None:
@@ -376,9 +379,9 @@ class Engine(CheckpointMixin):
             if behind:
                 held.rng = self.snapshot.rng  # this rank's own random stream
                 self.snapshot = held
+        positions = iter(self.snapshot.loaders)  # the training loaders', in order
         for loader in self._loaders:
-            state = self.snapshot.loaders[self._train_loaders.index(loader)] if loader in self._train_loaders else None
-            loader.reshard(self.world_size, self.rank, state)
+            loader.reshard(self.world_size, self.rank, next(positions) if loader.sampler.even else None)
         self.snapshot.restore(model, optimizer, self.precision, lambda rng: restore_rng(rng, self.device))
         optimizer.zero_grad(set_to_none=True)  # the interrupted backward's local gradients are not the step's
         self._steps = newest
