@@ -59,3 +59,37 @@ def test_a_late_failure_of_the_previous_attempt_does_not_fail_the_next():
             channel.stop()
             channel.join(5)
         assert not any(t.name == "trainfleet-control" and t.is_alive() for t in threading.enumerate())
+
+
+def test_node_0_reads_the_summaries_while_its_control_thread_adds_them():
+    """Seen in CI (test_every_node_gets_node_0s_run_id): node 0's agent died with "dictionary changed
+    size during iteration": it merged the members' progress summaries while its control thread
+    stored a newly read one. Here a thread stores and drops summaries as fast as it can while the
+    agent's diagnosis reads them; the switch interval is shortened so the two interleave often."""
+    import sys
+
+    from trainfleet.launcher.diagnosis import AttemptDiagnosis
+
+    channel = ControlChannel(None, 0, 64, 0.05, 5.0)
+    channel.members = list(range(64))
+    diagnosis = AttemptDiagnosis(channel, [], 0, 0, None, "host", lambda line: None)
+    stop = threading.Event()
+
+    def control_thread():
+        node = 1
+        while not stop.is_set():
+            channel.progress[node] = {"ranks": {}}
+            channel.progress.pop(node - 20, None)
+            node = node % 60 + 1
+
+    writer = threading.Thread(target=control_thread, daemon=True)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    writer.start()
+    try:
+        for _ in range(20000):
+            diagnosis.final_lines()
+    finally:
+        stop.set()
+        writer.join(5)
+        sys.setswitchinterval(interval)

@@ -465,7 +465,7 @@ class NodeAgent(RendezvousMixin):
         if self.is_master and self.channel is not None and self.channel.longest_silence:
             try:  # beside the logs: how close the live nodes came to --heartbeat-timeout
                 (log_dir(self.cfg) / "heartbeats.json").write_text(json.dumps(
-                    {"timeout": self.cfg.heartbeat_timeout, "longest_silence": self.channel.longest_silence}))
+                    {"timeout": self.cfg.heartbeat_timeout, "longest_silence": self.channel.longest_silence.copy()}))
             except OSError:
                 pass
         code = self._outcome_report(outcome)

@@ -308,6 +308,12 @@ class ControlChannel(threading.Thread):
                     if report is not None:
                         self.hang_reports[node] = report
 
+    def members_progress(self) -> dict[int, dict]:
+        """Node 0: this attempt's members' progress summaries, copied (the control thread adds to
+        ``progress`` while the agent reads it)."""
+        members = set(self.members)
+        return {node: summary for node, summary in self.progress.copy().items() if node in members}
+
     def _flush_outbox(self) -> None:
         with self.lock:
             pending = list(self._outbox)

@@ -446,7 +446,7 @@ class AttemptDiagnosis:
                 channel.post(f"hang/{self.attempt}/{self.node}", json.dumps(watch.dump()))
         if self.job is None:
             return None
-        self.ranks = merge({node: s for node, s in channel.progress.items() if node in channel.members})
+        self.ranks = merge(channel.members_progress())
         if self.hang is not None:
             return self._hang_failure(Failure)
         odd = self.job.desync(self.ranks)
@@ -472,7 +472,7 @@ class AttemptDiagnosis:
         if len(self.channel.hang_reports) < len(members) and time.monotonic() - asked < DUMP_WAIT + 2.5:
             return None  # the nodes' stacks are on their way
         dumps: dict[int, dict] = {}
-        for report in self.channel.hang_reports.values():
+        for report in self.channel.hang_reports.copy().values():
             for rank, dump in report.items():
                 if str(rank).isdigit() and isinstance(dump, dict):
                     dumps[int(rank)] = dump
@@ -495,7 +495,7 @@ class AttemptDiagnosis:
     def final_lines(self) -> list[str]:
         if self.job is None:
             return []
-        self.ranks = merge({node: s for node, s in self.channel.progress.items() if node in self.channel.members})
+        self.ranks = merge(self.channel.members_progress())
         return JobWatch.timing_table(self.ranks)
 
     def write_timings(self) -> None:

@@ -119,7 +119,7 @@ class Coordinator:
         if not self.cfg.elastic:
             return []
         ready = []
-        for node, theirs in sorted(self.channel.joiners.items()):
+        for node, theirs in sorted(self.channel.joiners.copy().items()):
             if node in self._refused:
                 continue
             problem = layout_problem(node, theirs, self.layout)
@@ -217,7 +217,7 @@ class Coordinator:
         store.set(f"members/{attempt}", json.dumps(members))
         store.set("job/signal", "")
         store.set("job/attempt", str(attempt))
-        self.channel.lost_nodes = {n: why for n, why in self.channel.lost_nodes.items() if n not in members}
+        self.channel.lost_nodes = {n: why for n, why in self.channel.lost_nodes.copy().items() if n not in members}
 
     def _end(self, reason: str) -> None:
         self.ended = reason
