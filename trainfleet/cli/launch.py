@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from trainfleet.cli.common import guarded
+from trainfleet.cli.common import exit_now, guarded
 from trainfleet.cli.launch_args import CLI_MODULE, attach_dash_values, build_parser, config_from_args
 from trainfleet.cli.submit import submit
 from trainfleet.engine import contract
@@ -95,3 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = build_parser().parse_args(attach_dash_values(argv))
     return guarded(lambda: run_launch(ns, argv))
+
+
+def console() -> None:
+    """Console script ``launch``: :func:`main`, then a prompt exit."""
+    exit_now(main())

@@ -263,6 +263,16 @@ class DeviceDataLoader:
                 (self.sampler.seed * 1_000_003 + epoch) * 4_099 + self.sampler.rank)
         batches = iter(self.loader)
         training = self.sampler.even  # an even loader gives every rank the same batches
+        evaluating = self.board if not training else None  # an evaluation pass: its time is evaluation
+        if evaluating is not None:
+            evaluating.begin("eval")
+        try:
+            yield from self._batches(batches, training)
+        finally:
+            if evaluating is not None:
+                evaluating.end()
+
+    def _batches(self, batches: Any, training: bool) -> Iterator[Any]:
         while True:
             waited = time.perf_counter()
             if self._moved:  # in-place recovery: same global order, this rank's share of the new world

@@ -259,7 +259,7 @@ class Engine(CheckpointMixin):
         if self._redo is not None:  # an in-place recovery interrupted this iteration
             redo, self._redo = self._redo, None
             if self.progress is not None:
-                self.progress.step_done()
+                self.progress.step_done(counted=False)
             return redo == "done"  # done: a peer's state of this step was taken; else train the batch again
         if self.rollback is not None and self.rollback.pending is not None:
             self._steps += 1
@@ -386,6 +386,8 @@ class Engine(CheckpointMixin):
         optimizer.zero_grad(set_to_none=True)  # the interrupted backward's local gradients are not the step's
         self._steps = newest
         self._redo = ("done" if behind else "again") if where == "backward" else None
+        if self.progress is not None:
+            self.progress.recovered(began, time.monotonic(), newest)
         record = ElasticSettings.from_env().resume_record
         if self.is_main and record:  # the launcher's report: where the new attempt went on from
             note_resume(record, None, self._train_loaders[0] if self._train_loaders else None, in_place=newest)

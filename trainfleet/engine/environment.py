@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 from trainfleet.engine.contract import ElasticSettings
 from trainfleet.utils.errors import UsageError
@@ -150,13 +150,19 @@ class ElasticInfo:
         return [nodes * self.per_node for nodes in range(self.low, self.high + 1)]
 
 
+def data_step(dataloader: Any) -> int | None:
+    """The global step a training loader's position stands at (None: not one of the engine's)."""
+    if dataloader is None or not hasattr(dataloader, "sampler"):
+        return None
+    state = dataloader.state_dict()
+    return state["epoch"] * dataloader.sampler.global_batches() + state["consumed"] // state["global_batch_size"]
+
+
 def note_resume(record: str, path: object, dataloader: object, in_place: int | None = None) -> None:
     """Write what rank 0 resumed from (or that it started fresh, or went on in place from a step
     held in memory) for the launcher's report, atomically: the launcher reads it while the job runs."""
     state = dataloader.state_dict() if dataloader is not None else None
-    step = None  # the global step the position stands at (the report counts the steps computed again)
-    if state is not None and hasattr(dataloader, "sampler"):
-        step = state["epoch"] * dataloader.sampler.global_batches() + state["consumed"] // state["global_batch_size"]
+    step = data_step(dataloader)  # the report counts the steps computed again from it
     tmp = f"{record}.tmp"
     with open(tmp, "w") as handle:
         json.dump({"path": str(path) if path is not None else None, "data": state, "in_place": in_place,

@@ -27,6 +27,7 @@ import traceback
 from typing import Any, Callable
 
 from trainfleet.engine.progress_record import (
+    ACCOUNT_KINDS,
     COLLECTIVE,
     DATA,
     FORWARD,
@@ -70,8 +71,19 @@ class ProgressBoard:
         self.nan_step = 0
         self.saves = 0
         self._loss: Any = None  # a CUDA loss is checked a step later, when reading it costs no wait
+        # The account (the job's ledger): each second since the engine began in one kind. A step's
+        # time runs from the previous step's end, less the saves, loads and evaluation inside it.
+        self.account = dict.fromkeys(ACCOUNT_KINDS, 0.0)
+        self.began = self.since
+        self.interval_start = self.since
+        self.excluded = 0.0
+        self.counted = 0  # steps counted in the account (an in-place redo is recovery)
+        self.base_step = -1  # the global step this process started from (resume; -1: not known)
+        self._timing: list[str] = []  # the kinds being timed (only the outermost counts)
+        self._timing_since = 0.0
         self._stacks_file = open(path + ".stacks", "w")  # noqa: SIM115 - faulthandler writes to it for our lifetime
         faulthandler.register(STACK_SIGNAL, file=self._stacks_file, all_threads=True, chain=False)
+        self._write_account()
         self._publish()
         self._halt = threading.Event()
         threading.Thread(target=self._serve_dumps, name="trainfleet-progress", daemon=True).start()
@@ -158,10 +170,55 @@ class ProgressBoard:
             self.batches += 1
         self.base(FORWARD)
 
-    def step_done(self) -> None:
-        """The optimizer stepped: the step's phase times and signature go into the record."""
+    # ----- the account (launcher/ledger.py) ----------------------------------------------------
+    def _write_account(self) -> None:
+        self.record.write_account(self.began, [self.account[k] for k in ACCOUNT_KINDS], self.counted, self.base_step)
+
+    def begin(self, kind: str) -> None:
+        """A save, load or evaluation begins; nested ones count in the outermost."""
+        if not self._timing:
+            self._timing_since = time.monotonic()
+        self._timing.append(kind)
+
+    def end(self) -> None:
+        if not self._timing:
+            return
+        kind = self._timing.pop()
+        if self._timing:
+            return
+        seconds = time.monotonic() - self._timing_since
+        self.account[kind] += seconds
+        self.excluded += seconds
+        self._write_account()
+        self._publish()
+
+    def set_base(self, step: int) -> None:
+        self.base_step = int(step)
+        self._write_account()
+        self._publish()
+
+    def recovered(self, began: float, ended: float, step: int) -> None:
+        """In-place recovery: the step in progress until the survivors' new places came (``began``)
+        is lost (failure detection); ``began`` to ``ended`` is the recovery; the job goes on from
+        global step ``step``."""
+        self.base_step = step - self.counted
+        self.account["detect"] += max(began - self.interval_start - self.excluded, 0.0)
+        self.account["recover"] += max(ended - began, 0.0)
+        self.interval_start, self.excluded = ended, 0.0
+        self._write_account()
+        self._publish()
+
+    def step_done(self, counted: bool = True) -> None:
+        """The optimizer stepped: the step's phase times and signature go into the record. A step
+        not ``counted`` (an in-place recovery's redo) is recovery time in the account."""
         self._account()
         now = time.monotonic()
+        interval = max(now - self.interval_start - self.excluded, 0.0)
+        if counted:
+            self.counted += 1
+        self.account["recover" if not counted else "first" if self.counted == 1 else "steps"] += interval
+        self.interval_start, self.excluded = now, 0.0
+        self._write_account()
         self.step += 1
         self.step_time = now - self.step_started
         self.step_started = now

@@ -38,7 +38,13 @@ _ENTRY = struct.Struct("<QQQQ")
 LAST_AT = _HEADER.size
 TOTAL_AT = LAST_AT + _PHASE_TIMES.size
 RING_AT = TOTAL_AT + _PHASE_TIMES.size
-SIZE = RING_AT + RING * _ENTRY.size
+# The rank's account (the job's ledger, launcher/ledger.py): seconds since the engine began, each in
+# one kind, plus when it began (time.monotonic()), the steps it counted and the global step it
+# started from (-1: not known).
+ACCOUNT_KINDS = ("first", "steps", "save", "load", "eval", "detect", "recover")
+_ACCOUNT = struct.Struct(f"<d{len(ACCOUNT_KINDS)}dqq")
+ACCOUNT_AT = RING_AT + RING * _ENTRY.size
+SIZE = ACCOUNT_AT + _ACCOUNT.size
 
 
 @dataclass
@@ -60,6 +66,7 @@ class Snapshot:
     last: dict[str, float]  # seconds in each phase during the last step
     total: dict[str, float]  # seconds in each phase since the record began
     ring: list[tuple[int, int, int, int]]  # (step, seq, batches, colls), oldest first
+    account: dict[str, float] | None = None  # began, the ACCOUNT_KINDS' seconds, count, base (None: no engine)
 
 
 def create(path: str) -> None:
@@ -100,6 +107,10 @@ class ProgressRecord:
     def write_ring(self, step: int, seq: int, batches: int, colls: int) -> None:
         _ENTRY.pack_into(self.map, RING_AT + (step % RING) * _ENTRY.size, step, seq, batches, colls)
 
+    def write_account(self, began: float, seconds: list[float], steps: int, base: int) -> None:
+        """The rank's account; the caller publishes (bumps ``ticks``) after it."""
+        _ACCOUNT.pack_into(self.map, ACCOUNT_AT, began, *seconds, steps, base)
+
     def dump_request(self) -> int:
         return struct.unpack_from("<I", self.map, DUMP_REQ_AT)[0]
 
@@ -130,6 +141,11 @@ class ProgressRecord:
             entries = [_ENTRY.unpack_from(raw, RING_AT + i * _ENTRY.size) for i in range(RING)]
             ring = sorted(e for e in entries if e[0] > 0)
             phase = PHASES[head[5]] if head[5] < len(PHASES) else "?"
+            values = _ACCOUNT.unpack_from(raw, ACCOUNT_AT)
+            account = None
+            if values[0] > 0:
+                account = {"began": values[0], **dict(zip(ACCOUNT_KINDS, values[1:-2])), "count": values[-2],
+                           "base": values[-1]}
             return Snapshot(head[1], head[2], head[3], head[4], phase, head[6], head[7], head[8], head[9], head[10],
-                            head[11], head[12], last, total, ring)
+                            head[11], head[12], last, total, ring, account)
         return None

@@ -33,11 +33,13 @@ from trainfleet.launcher.config import LaunchConfig, Placement, log_dir, placeme
 from trainfleet.launcher.control import ControlChannel
 from trainfleet.launcher.diagnosis import AttemptDiagnosis
 from trainfleet.launcher.elastic import Coordinator
+from trainfleet.launcher.ledger import Ledger, job_id
 from trainfleet.launcher.rendezvous import RendezvousMixin, say
 from trainfleet.launcher.store_values import Failure, failed_at, parse_count, parse_members, peer_error
 from trainfleet.launcher.worker_group import WorkerGroup, exit_reason
 from trainfleet.launcher.workers import worker_env, worker_specs
 from trainfleet.utils.errors import UsageError
+from trainfleet.utils.ledger_file import table as ledger_table
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -96,6 +98,7 @@ class NodeAgent(RendezvousMixin):
         self._said: set[str] = set()  # in-place keys this node posted already
         self.presence: Any = None  # node 0: who is connected (launcher/presence.py)
         self.presence_link: Any = None  # another node: its connection to node 0's presence server
+        self.ledger = Ledger(log_dir(cfg), job_id()) if self.is_master else None  # where the wall time went
 
     # ----- control plane -------------------------------------------------------------
     def _enter(self, attempt: int, members: list[int]) -> int:
@@ -136,6 +139,8 @@ class NodeAgent(RendezvousMixin):
                                           socket.gethostname(), say, rollback=self.cfg.on_nan == "rollback")
         if self.is_master:
             self.diagnosis.timings_folder = log_dir(self.cfg)
+        if self.ledger is not None:
+            self.ledger.begin_attempt()
         try:
             in_place.clear(specs)
             group.start()
@@ -148,11 +153,18 @@ class NodeAgent(RendezvousMixin):
                     "failed", self.channel.failure or Failure(self.node_rank, None, "in-place recovery failed"))
                 attempt = attempt if attempt is not None else self.attempt_now
         finally:
+            if self.ledger is not None:
+                self._watch_ledger()
+                self.ledger.end_attempt("ok" if outcome.kind == "ok" else "signal" if outcome.kind == "signal" else
+                                        "failed" if outcome.kind in ("failed", "lost") else "other",
+                                        itemised=bool(self.diagnosis.watch.records))
             if outcome.kind == "signal":  # the workers got the signal: give them the grace period
                 group.stop(self.cfg.grace_period, terminate=False)
             else:
                 group.stop(FAILURE_GRACE if outcome.kind != "ok" else self.cfg.grace_period)
             group.close()
+            if self.ledger is not None and outcome.kind not in ("ok", "signal"):
+                self.ledger.begin("restart")  # until the next attempt's workers start (or the report)
             self._stop_attempt_servers()
             self._note_timings()
             self.diagnosis.close()
@@ -169,6 +181,7 @@ class NodeAgent(RendezvousMixin):
                        or self._check_in_place(group, attempt) or self._check_job(attempt) or self._diagnose(group))
             if outcome is not None:
                 return outcome
+            self._watch_ledger()
             if not resumed:  # node 0 of an elastic job: say where rank 0 resumed, once it has
                 resumed = self.coordinator.note_resume(attempt)
             if self.coordinator is not None and grow_asked is None and self.coordinator.pending():
@@ -238,6 +251,14 @@ class NodeAgent(RendezvousMixin):
             self.shown = (failure.rank, failure.how)
         self.channel.report_failure(failure)
         return Outcome("failed", self.channel.failure or failure)
+
+    def _watch_ledger(self) -> None:
+        """Node 0: rank 0's account, read from its progress record (launcher/ledger.py)."""
+        if self.ledger is None or self.diagnosis is None:
+            return
+        snap = self.diagnosis.watch.read(0)
+        if snap is not None:
+            self.ledger.watch(snap.account)
 
     def _note_timings(self) -> None:
         """Node 0: every rank's step time by phase, kept beside the logs (and printed by _report)."""
@@ -471,6 +492,11 @@ class NodeAgent(RendezvousMixin):
         code = self._outcome_report(outcome)
         for line in self.timings:
             print(f"  | {line}", file=sys.stderr)
+        if self.ledger is not None and not self.stopped_early:
+            lines = ledger_table(self.ledger.finish())
+            say(lines[0])
+            for line in lines[1:]:
+                print(f"  | {line}", file=sys.stderr)
         return code
 
     def _outcome_report(self, outcome: Outcome) -> int:

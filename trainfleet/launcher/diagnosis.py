@@ -93,6 +93,14 @@ class NodeWatch:
             self.snapshots[rank] = snap
             self._note_cpu(rank, snap.pid, now)
 
+    def read(self, rank: int) -> Any:
+        """A fresh snapshot of one of this node's ranks (None: no record, or nothing in it yet)."""
+        record = self.records.get(rank)
+        try:
+            return record.read() if record is not None else None
+        except ValueError:  # closed
+            return None
+
     def _note_cpu(self, rank: int, pid: int, now: float) -> None:
         """A rank that computes is not hung, even outside the engine's calls (a hand-written loop,
         metrics on rank 0 while the others wait): it counts as active while its process used at

@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 from trainfleet.slurm import records
 from trainfleet.slurm.sweep import ArrayTask
+from trainfleet.utils import ledger_file
 from trainfleet.utils.errors import UsageError
 from trainfleet.utils.process import process_state
 from trainfleet.utils.timings import read_timings, timing_table
@@ -121,6 +122,9 @@ def format_status(folder: Path, record: dict[str, Any], statuses: list[TaskStatu
     lines = [head, f"state {s.state}, exit code {'-' if s.exit_code is None else s.exit_code}, nodes {s.nodes}, "
                    f"elapsed {s.elapsed}, requeues {s.requeues}"]
     lines += timing_table(read_timings(folder / "logs"))  # node 0's agent keeps it current
+    account = ledger_file.read(folder / "logs")  # written at each run's end (a requeued job's continues)
+    if account is not None:
+        lines += ledger_file.table(account)
     log = records.rank_log(folder, 0) if tail > 0 else None
     if log is not None:
         lines.append(f"last lines of {log}:")

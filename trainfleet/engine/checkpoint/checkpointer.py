@@ -28,18 +28,28 @@ from trainfleet.engine.checkpoint.training_state import capture_rng, library_ver
 from trainfleet.engine.checkpoint.training_state import restore_rng as restore_rng_state
 from trainfleet.engine.contract import JobSettings
 from trainfleet.engine.data import DeviceDataLoader
-from trainfleet.engine.environment import note_resume
+from trainfleet.engine.environment import data_step, note_resume
 from trainfleet.engine.progress_record import CHECKPOINT
 from trainfleet.utils.errors import UsageError
 
 
 def _in_checkpoint_phase(method: Any) -> Any:
     """The rank is in the checkpoint phase while ``method`` runs (its agent allows a save longer
-    than a step before it calls anything a hang)."""
+    than a step before it calls anything a hang); the time is a save or a load in its account
+    (launcher/ledger.py: the job's checkpoint stalls and loads)."""
+    kind = "load" if method.__name__ == "load" else "save"
+
     @functools.wraps(method)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with self._phase(CHECKPOINT):
-            return method(self, *args, **kwargs)
+        board = self.progress
+        if board is not None:
+            board.begin(kind)
+        try:
+            with self._phase(CHECKPOINT):
+                return method(self, *args, **kwargs)
+        finally:
+            if board is not None:
+                board.end()
     return wrapper
 
 
@@ -169,6 +179,7 @@ class CheckpointMixin:
         side = make_sidecar(self._common_state(scheduler, dataloader, extra, gather_rng=False), layout)
         return self._sharded.save(path, tensors, side, keep_last, asynchronous)
 
+    @_in_checkpoint_phase
     def wait_for_checkpoint(self) -> None:
         """Block until an asynchronous save is on disk (raises its error if it failed)."""
         self._saver.wait()
@@ -261,6 +272,10 @@ class CheckpointMixin:
             path = resolve(where)
             extra = self.load(path, model=model, optimizer=optimizer, scheduler=scheduler, dataloader=dataloader)
             self.print(f"resumed from {path}")
+        if self.progress is not None:  # the job's ledger counts the steps computed again from it
+            step = data_step(dataloader) if dataloader is not None else None if found else 0
+            if step is not None:
+                self.progress.set_base(step)
         if self.elastic is not None and self.elastic.record and self.is_main:  # for launch's report
             note_resume(self.elastic.record, path if found else None, dataloader)
         return extra
