@@ -27,11 +27,12 @@ SAMPLES = {
     "collective_timeout": ["--collective-timeout", "12"],
     "hang_timeout": ["--hang-timeout", "9"],
     "on_nan": ["--on-nan", "rollback"],
+    "console": ["--console", "rank0"],
     "max_rollbacks": ["--max-rollbacks", "5"],
 }
 FIELDS = ("nodes", "min_nodes", "devices_per_node", "strategy", "strategy_options", "precision", "amp_backend", "cpu",
           "start_method", "grace_period", "max_restarts", "heartbeat_timeout", "rendezvous_timeout",
-          "collective_timeout", "hang_timeout", "on_nan", "max_rollbacks")
+          "collective_timeout", "hang_timeout", "on_nan", "max_rollbacks", "console")
 
 
 @pytest.fixture

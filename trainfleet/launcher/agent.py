@@ -30,6 +30,7 @@ from typing import Any
 
 from trainfleet.launcher import elastic, in_place
 from trainfleet.launcher.config import LaunchConfig, Placement, log_dir, placement
+from trainfleet.launcher.console import ConsoleMerger, decode
 from trainfleet.launcher.control import ControlChannel
 from trainfleet.launcher.diagnosis import AttemptDiagnosis
 from trainfleet.launcher.elastic import Coordinator
@@ -73,9 +74,11 @@ class NodeAgent(RendezvousMixin):
         cfg: the validated launch request.
         node_rank: this node's index.
         sockets: listening sockets node 0 bound earlier (``control``); bound here when None.
+        origin: when the job started (``time.monotonic()``), if before this process.
     """
 
-    def __init__(self, cfg: LaunchConfig, node_rank: int, sockets: dict[str, socket.socket] | None = None):
+    def __init__(self, cfg: LaunchConfig, node_rank: int, sockets: dict[str, socket.socket] | None = None,
+                 origin: float | None = None):
         self.cfg, self.node_rank = cfg, node_rank
         self.sockets = dict(sockets or {})
         self.is_master = node_rank == 0
@@ -98,7 +101,13 @@ class NodeAgent(RendezvousMixin):
         self._said: set[str] = set()  # in-place keys this node posted already
         self.presence: Any = None  # node 0: who is connected (launcher/presence.py)
         self.presence_link: Any = None  # another node: its connection to node 0's presence server
-        self.ledger = Ledger(log_dir(cfg), job_id()) if self.is_master else None  # where the wall time went
+        # node 0: where the wall time went, from ``origin`` (time.monotonic() at the launcher's start) or this
+        # process's start
+        self.ledger = Ledger(log_dir(cfg), job_id(), origin) if self.is_master else None
+        # node 0: every rank's lines, merged (launcher/console.py); another node sends its ranks' lines there
+        self.console = ConsoleMerger(cfg.nodes * cfg.devices_per_node) if (
+            self.is_master and cfg.console == "merged") else None
+        self.line_link: Any = None
 
     # ----- control plane -------------------------------------------------------------
     def _enter(self, attempt: int, members: list[int]) -> int:
@@ -133,7 +142,7 @@ class NodeAgent(RendezvousMixin):
         self.attempt_now = attempt
         port, hvd_port = self._attempt_ports(attempt)
         specs = worker_specs(self, attempt, port, hvd_port)
-        group = WorkerGroup(specs, self.cfg.start_method, 0 if self.is_master else None)
+        group = WorkerGroup(specs, self.cfg.start_method, 0 if self.is_master else None, self._line_sink(specs))
         outcome = Outcome("failed")  # if anything below raises
         self.diagnosis = AttemptDiagnosis(self.channel, specs, self.node_rank, attempt, self.cfg.hang_timeout,
                                           socket.gethostname(), say, rollback=self.cfg.on_nan == "rollback")
@@ -163,6 +172,8 @@ class NodeAgent(RendezvousMixin):
             else:
                 group.stop(FAILURE_GRACE if outcome.kind != "ok" else self.cfg.grace_period)
             group.close()
+            if self.console is not None:
+                self.console.flush(final=True)  # this attempt's lines before the report or the next attempt's
             if self.ledger is not None and outcome.kind not in ("ok", "signal"):
                 self.ledger.begin("restart")  # until the next attempt's workers start (or the report)
             self._stop_attempt_servers()
@@ -251,6 +262,29 @@ class NodeAgent(RendezvousMixin):
             self.shown = (failure.rank, failure.how)
         self.channel.report_failure(failure)
         return Outcome("failed", self.channel.failure or failure)
+
+    def _line_sink(self, specs: list[Any]) -> Any:
+        """Where this node's workers' complete lines go for the merged console (None: nowhere)."""
+        if self.cfg.console != "merged":
+            return None
+        if self.console is not None:
+            self.console.set_world(int(specs[0].env.get("WORLD_SIZE", 1)) if specs else 1)
+            if not self.console.is_alive() and self.console.ident is None:
+                self.console.start()
+            return self.console.add
+        if self.presence_link is None:
+            return None
+        if self.line_link is None:
+            from trainfleet.launcher.presence import LineLink
+
+            self.line_link = LineLink(self.presence_link)
+        return self.line_link.send
+
+    def _remote_line(self, raw: bytes) -> None:
+        """Node 0: a line another node's agent sent (launcher/presence.py)."""
+        found = decode(raw)
+        if found is not None and self.console is not None:
+            self.console.add(*found)
 
     def _watch_ledger(self) -> None:
         """Node 0: rank 0's account, read from its progress record (launcher/ledger.py)."""
@@ -489,6 +523,8 @@ class NodeAgent(RendezvousMixin):
                     {"timeout": self.cfg.heartbeat_timeout, "longest_silence": self.channel.longest_silence.copy()}))
             except OSError:
                 pass
+        if self.console is not None:
+            self.console.stop()
         code = self._outcome_report(outcome)
         for line in self.timings:
             print(f"  | {line}", file=sys.stderr)

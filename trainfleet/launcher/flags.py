@@ -111,6 +111,10 @@ LAUNCH_FLAGS: tuple[Flag, ...] = (
     Flag("on_nan", ("--on-nan",), "what a non-finite (NaN/inf) loss on any rank does: report (default: named "
          "by rank, training goes on) or rollback (every rank returns to the last step, held in memory, and "
          "drops that batch exactly; engine scripts)", default="report", metavar="{report,rollback}"),
+    Flag("console", ("--console",), "what the console shows of the workers' output: merged (default: rank 0 as "
+         "it prints, every other rank's lines once, with the ranks that printed them, e.g. '[ranks 1,3-7] ...') "
+         "or rank0 (rank 0 only); every rank's full log is kept in --log-dir either way", default="merged",
+         metavar="{merged,rank0}"),
     Flag("max_rollbacks", ("--max-rollbacks",), "with --on-nan rollback: rollbacks allowed before a non-finite "
          "loss fails the job (default 3)", type=int, default=3),
     Flag("hosts", ("--hosts",), "start one node on each host over ssh (node 0 on the first; here when it is "

@@ -21,6 +21,7 @@ from trainfleet.engine import contract
 from trainfleet.launcher import horovod
 from trainfleet.launcher.agent import FORWARDED_SIGNALS, NodeAgent
 from trainfleet.launcher.config import LaunchConfig, Placement, check_log_root, default_log_root, log_dir
+from trainfleet.launcher.ledger import process_age
 from trainfleet.launcher.network import reserve_port
 from trainfleet.launcher.rendezvous import say
 from trainfleet.launcher.store_auth import new_token
@@ -61,7 +62,8 @@ def _announce(cfg: LaunchConfig) -> None:
         say(f"no CUDA devices in use; running {cfg.world_size} CPU worker(s) over gloo.")
 
 
-def _agent_main(cfg: LaunchConfig, node_rank: int, sockets: dict[str, socket.socket], parent: int) -> None:
+def _agent_main(cfg: LaunchConfig, node_rank: int, sockets: dict[str, socket.socket], parent: int,
+                origin: float) -> None:
     """A simulated node: its own session, its own workers, dies with the launcher."""
     os.setsid()
     die_with_parent(parent)
@@ -72,7 +74,7 @@ def _agent_main(cfg: LaunchConfig, node_rank: int, sockets: dict[str, socket.soc
             sock.close()
     code = 1
     try:
-        code = NodeAgent(cfg, node_rank, sockets if node_rank == 0 else None).run()
+        code = NodeAgent(cfg, node_rank, sockets if node_rank == 0 else None, origin=origin).run()
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         code = 2
@@ -99,7 +101,8 @@ def run_simulated_nodes(cfg: LaunchConfig) -> int:
                               horovod_port=sockets["horovod"].getsockname()[1] if "horovod" in sockets else None)
     # the agents fork (or spawn); forkserver applies to the workers, each agent running its own server
     context = mp.get_context("fork" if cfg.start_method == "forkserver" else cfg.start_method)
-    agents = [context.Process(target=_agent_main, args=(cfg, n, sockets, os.getpid()), name=f"node{n}")
+    origin = time.monotonic() - process_age()  # the job's ledger counts from this process's start
+    agents = [context.Process(target=_agent_main, args=(cfg, n, sockets, os.getpid(), origin), name=f"node{n}")
               for n in range(cfg.nodes)]
     for agent in agents:
         agent.start()

@@ -56,12 +56,16 @@ class Ledger:
         folder: where ``ledger.json`` goes (the log folder).
         job_id: the SLURM job (``<id>`` or ``<array id>_<task>``) a requeue continues; None: a
             fresh ledger every run.
+        origin: the job's start (``time.monotonic()``) when it began before this process (the
+            launcher of simulated nodes); else this process's start.
     """
 
-    def __init__(self, folder: Path | None, job_id: str | None = None):
+    def __init__(self, folder: Path | None, job_id: str | None = None, origin: float | None = None):
         now = time.monotonic()
         self.folder, self.job_id = folder, job_id
         self.started = now - process_age()
+        if origin is not None and now - 86400 < origin < self.started:
+            self.started = origin
         self.wall_started = time.time() - (now - self.started)
         self.rows = dict.fromkeys(KEYS, 0.0)
         self.recomputed_steps = 0
@@ -173,7 +177,8 @@ class Ledger:
         length = max(now - attempt["spawned"], 0.0)
         rest = max(length - attempt["explained"], 0.0)
         before_row = "startup" if attempt["first"] else "restart"
-        if attempt["began"] is None:
+        if attempt["began"] is None:  # no engine (or it never began): start-up, unless the script ran without one
+            itemised = itemised and how != "ok"
             self.itemised = self.itemised and itemised
             self.rows[before_row if itemised else "idle"] += rest
         else:

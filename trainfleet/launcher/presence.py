@@ -9,6 +9,10 @@ from a node whose agent is gone.
 The hello an agent sends is its node id and, when the job has a token, the token's signature of
 ``presence/<node>`` (:mod:`trainfleet.launcher.store_auth`): a process that merely reaches the port
 cannot pose as a node. A malformed or unsigned hello is dropped.
+
+After the hello the connection carries the node's workers' log lines for the merged console
+(``launcher/console.py``): ``<rank> <text>\n`` each, handed to ``on_line``. They are untrusted
+text: bounded (:data:`LINE_BYTES`), ranks checked by the console.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import time
 from typing import Any
 
 HELLO_LIMIT = 200  # bytes
+LINE_BYTES = 65536  # a longer line is cut there
 
 
 def hello(store: Any, node: int) -> bytes:
@@ -38,15 +43,16 @@ def parse_hello(store: Any, raw: bytes, nodes: int) -> int | None:
         return None
     if getattr(store, "sign", None) is not None:
         return node if len(parts) == 2 and raw.strip() + b"\n" == hello(store, node) else None
-    return node
+    return node if len(parts) == 1 else None  # no token: the node id alone
 
 
 class PresenceServer(threading.Thread):
     """Node 0: who is connected, and since when each node's agent is gone."""
 
-    def __init__(self, sock: socket.socket, store: Any, nodes: int):
+    def __init__(self, sock: socket.socket, store: Any, nodes: int, on_line: Any = None):
         super().__init__(name="trainfleet-presence", daemon=True)
-        self.listener, self.store, self.nodes = sock, store, nodes
+        self.listener, self.store, self.nodes, self.on_line = sock, store, nodes, on_line
+        self.buffers: dict[socket.socket, bytes] = {}
         self.listener.setblocking(False)
         self.port = sock.getsockname()[1]
         self.gone: dict[int, float] = {}  # node -> when its connection closed (monotonic)
@@ -74,28 +80,70 @@ class PresenceServer(threading.Thread):
         self.connected[conn] = None
 
     def _read(self, conn: socket.socket) -> None:
+        node = self.connected.get(conn)
         try:
-            data = conn.recv(HELLO_LIMIT)
+            data = conn.recv(HELLO_LIMIT if node is None else LINE_BYTES)
         except OSError:
             data = b""
-        node = self.connected.get(conn)
-        if node is None and data:  # the hello (one short line)
-            node = parse_hello(self.store, data, self.nodes)
+        if node is None and data:  # the hello (one short line), maybe with the first log lines
+            first, _, rest = data.partition(b"\n")
+            node = parse_hello(self.store, first + b"\n", self.nodes)
             if node is not None:
                 self.connected[conn] = node
                 self.gone.pop(node, None)
+                self._lines(conn, rest)
                 return
         if not data or node is None:  # closed, reset, or not one of ours
             self.connected.pop(conn, None)
+            self.buffers.pop(conn, None)
             conn.close()
             if node is not None and node not in self.connected.values():
                 self.gone[node] = time.monotonic()
+            return
+        self._lines(conn, data)
+
+    def _lines(self, conn: socket.socket, data: bytes) -> None:
+        """Hand the complete lines to ``on_line``; keep the rest for the next read."""
+        buffer = self.buffers.get(conn, b"") + data
+        lines = buffer.split(b"\n")
+        rest = lines.pop()
+        if len(rest) > LINE_BYTES:
+            lines.append(rest[:LINE_BYTES])
+            rest = b""
+        self.buffers[conn] = rest
+        if self.on_line is None:
+            return
+        for raw in lines:
+            try:
+                self.on_line(raw)
+            except Exception:  # noqa: BLE001 - a bad line must not stop the presence watch
+                pass
 
     def stop(self) -> None:
         self._halt.set()
         for conn in list(self.connected):
             conn.close()
         self.listener.close()
+
+
+class LineLink:
+    """Another node: sends its workers' complete log lines to node 0 over the presence connection.
+    A link that fails (node 0 gone, a cut link) stops sending; the log files keep every line."""
+
+    def __init__(self, sock: socket.socket | None):
+        self.sock = sock
+        self.lock = threading.Lock()
+
+    def send(self, rank: int, text: str) -> None:
+        from trainfleet.launcher.console import encode
+
+        with self.lock:
+            if self.sock is None:
+                return
+            try:
+                self.sock.sendall(encode(rank, text))
+            except OSError:
+                self.sock = None
 
 
 def connect(address: tuple[str, int], store: Any, node: int) -> socket.socket | None:

@@ -54,7 +54,8 @@ class RendezvousMixin:
         if self.is_master:
             client.set("job/run_id", cfg.run_id)
             if cfg.nodes > 1:  # node 0 learns at once when another node's agent dies (launcher/presence.py)
-                self.presence = presence.PresenceServer(reserve_port(cfg.master_addr, None), client, cfg.nodes)
+                self.presence = presence.PresenceServer(reserve_port(cfg.master_addr, None), client, cfg.nodes,
+                                                        on_line=self._remote_line)
                 self.presence.start()
                 client.set("presence/port", str(self.presence.port))
         else:

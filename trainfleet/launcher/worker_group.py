@@ -1,6 +1,7 @@
 """One node's worker processes: start them, tail their logs, reap and stop them."""
 from __future__ import annotations
 
+import codecs
 import collections
 import errno
 import os
@@ -12,7 +13,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from trainfleet.engine import contract
 from trainfleet.launcher.worker_process import worker_main
@@ -84,34 +85,48 @@ def exit_reason(lines: list[str]) -> str:
 
 
 class LogTailer(threading.Thread):
-    """Follows every rank's log file: echoes one rank to the console, keeps each tail."""
+    """Follows every rank's log file: echoes one rank to the console as it comes, keeps each tail
+    and hands every complete line to ``sink(rank, line)`` (the merged console: launcher/console.py)."""
 
-    def __init__(self, paths: dict[int, str], console_rank: int | None, interval: float = 0.05):
+    def __init__(self, paths: dict[int, str], console_rank: int | None, interval: float = 0.02,
+                 sink: Callable[[int, str], None] | None = None):
         super().__init__(name="trainfleet-log-tailer", daemon=True)
-        self.paths, self.console_rank, self.interval = paths, console_rank, interval
+        self.paths, self.console_rank, self.interval, self.sink = paths, console_rank, interval, sink
         self.tails = {rank: collections.deque(maxlen=TAIL_LINES) for rank in paths}
-        self._offsets = dict.fromkeys(paths, 0)
+        self._files: dict[int, Any] = {}
         self._partial = dict.fromkeys(paths, "")
+        self._decoders = {rank: codecs.getincrementaldecoder("utf-8")("replace") for rank in paths}
         self._stop_event = threading.Event()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _read(self, rank: int, path: str) -> bytes:
+        handle = self._files.get(rank)
+        if handle is None:
+            try:
+                handle = self._files[rank] = open(path, "rb")  # noqa: SIM115 - kept open while it is followed
+            except FileNotFoundError:
+                return b""
+        return handle.read()
 
     def _poll(self) -> None:
-        for rank, path in self.paths.items():
-            try:
-                with open(path, "rb") as handle:
-                    handle.seek(self._offsets[rank])
-                    chunk = handle.read()
-            except FileNotFoundError:
-                continue
-            if not chunk:
-                continue
-            self._offsets[rank] += len(chunk)
-            text = chunk.decode("utf-8", "replace")
-            if rank == self.console_rank:
-                sys.stdout.write(text)
-                sys.stdout.flush()
-            lines = (self._partial[rank] + text).split("\n")
-            self._partial[rank] = lines.pop()
-            self.tails[rank].extend(lines)
+        with self._lock:
+            if self._closed:
+                return
+            for rank, path in self.paths.items():
+                chunk = self._read(rank, path)
+                if not chunk:
+                    continue
+                text = self._decoders[rank].decode(chunk)  # a character split between reads waits
+                if rank == self.console_rank:
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+                lines = (self._partial[rank] + text).split("\n")
+                self._partial[rank] = lines.pop()
+                self.tails[rank].extend(lines)
+                if self.sink is not None:
+                    for line in lines:
+                        self.sink(rank, line)
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):
@@ -123,10 +138,19 @@ class LogTailer(threading.Thread):
         if self.is_alive():
             self.join()
         self._poll()
-        for rank, rest in self._partial.items():
-            if rest:
-                self.tails[rank].append(rest)
-                self._partial[rank] = ""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for rank, rest in self._partial.items():
+                if rest:
+                    self.tails[rank].append(rest)
+                    if self.sink is not None:
+                        self.sink(rank, rest)
+                    self._partial[rank] = ""
+            for handle in self._files.values():
+                handle.close()
+            self._files.clear()
 
     def last_lines(self, rank: int) -> list[str]:
         return list(self.tails[rank])
@@ -135,10 +159,11 @@ class LogTailer(threading.Thread):
 class WorkerGroup:
     """The workers of one node for one attempt."""
 
-    def __init__(self, specs: list[WorkerSpec], start_method: str, console_rank: int | None):
+    def __init__(self, specs: list[WorkerSpec], start_method: str, console_rank: int | None,
+                 sink: Callable[[int, str], None] | None = None):
         self.specs, self.start_method = specs, start_method
         self.workers: list[Worker] = []
-        self.tailer = LogTailer({s.rank: s.log_path for s in specs}, console_rank)
+        self.tailer = LogTailer({s.rank: s.log_path for s in specs}, console_rank, sink=sink)
 
     def start(self) -> None:
         """Fork (or spawn) every worker, then start following their logs."""
