@@ -162,6 +162,9 @@ def test_agent_killed_job_goes_on_on_two_nodes_exactly(tmp_path, reference):
     assert worlds(out)[0] == 3 and worlds(out)[-1] == 2
     assert_exact(out, reference)
     assert not [pid for pid in pids_recorded(out) if alive(pid)]
+    ledger = json.loads((tmp_path / "logs" / "ledger.json").read_text())  # the loss in the job's account
+    assert ledger["recomputed_steps"] == 0 and ledger["rows"]["recomputed"] == 0
+    assert ledger["rows"]["detection"] > 0 and ledger["rows"]["restart"] > 0, ledger
 
 
 def test_fsdp_loses_a_node_resumes_from_disk_and_counts_the_steps_computed_again(tmp_path):
@@ -181,6 +184,10 @@ def test_fsdp_loses_a_node_resumes_from_disk_and_counts_the_steps_computed_again
     resumed, again, reached = (int(v) for v in found.groups())
     assert resumed % 4 == 0 and again == reached - resumed and 1 <= again <= 4, found.group(0)
     assert "in place" not in stderr
+    ledger = json.loads((tmp_path / "logs" / "ledger.json").read_text())  # the same count in the job's account
+    assert ledger["recomputed_steps"] == again and ledger["rows"]["recomputed"] > 0, ledger
+    assert ledger["rows"]["detection"] > 0 and ledger["rows"]["restart"] > 0, ledger
+    assert f"({again} step(s) computed again)" in stderr
     assert worlds(out)[-1] == 2
 
 

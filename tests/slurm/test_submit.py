@@ -46,12 +46,15 @@ def wait_for(predicate, timeout=120, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def release(job: str, requeued_at: float) -> None:
-    """Start a requeued job now instead of after SLURM's ~2-minute hold. Not within the second
-    of the requeue: slurmd refuses a job whose new credential is no newer than its revocation
-    (one-second resolution: "Job credential revoked"), and the job then fails."""
-    time.sleep(max(0.0, requeued_at + 2.0 - time.time()))
+def release(job: str, requeued_at: float, hold: float = 2.0) -> float:
+    """Start a requeued job now instead of after SLURM's ~2-minute hold (``hold`` seconds after its
+    requeue; returns when it was released). Not within the second of the requeue: slurmd refuses a
+    job whose new credential is no newer than its revocation (one-second resolution: "Job
+    credential revoked"), and the job then fails."""
+    time.sleep(max(0.0, requeued_at + max(hold, 2.0) - time.time()))
+    released = time.time()
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    return released
 
 
 def weights(path):
@@ -143,14 +146,26 @@ def test_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(t
     wait_for(lambda: state()["state"] == "REQUEUED", what="the requeue")
     stopped_at = json.loads((folder / "checkpoints" / "latest.json").read_text())["latest"]
     assert 4 <= int(stopped_at.removeprefix("step").removesuffix(".pt")) < 16
-    # SLURM holds a requeued job ~2 minutes (BeginTime); release it now.
+    first = json.loads((folder / "logs" / "ledger.json").read_text())  # the first run's account, at its end
+    assert first["runs"] == 1 and first["rows"]["productive"] > 0
+    # SLURM holds a requeued job ~2 minutes (BeginTime); release it after 12 s (the requeue wait injected).
     wait_for(lambda: sacct_state(job) == "PENDING", what="the requeued job to pend")
-    release(job, state()["requeued_at"])
+    log = folder / "logs/node0/rank0.log"
+    before = log.stat().st_mtime
+    released = release(job, state()["requeued_at"], hold=12.0)
+    restarted = wait_for(lambda: log.stat().st_mtime != before and log.stat().st_mtime, what="the second run's log")
     wait_for(lambda: sacct_state(job) == "COMPLETED", timeout=180, what="the resumed job to complete")
     assert state()["requeues"] == 1 and state()["exit_code"] == 0
-    assert f"resumed from {folder / 'checkpoints' / stopped_at}" in (folder / "logs/node0/rank0.log").read_text()
+    assert f"resumed from {folder / 'checkpoints' / stopped_at}" in log.read_text()
     status = cli("trainfleet", "status", job)
     assert "state COMPLETED, exit code 0" in status.stdout and "requeues 1" in status.stdout
+    # the ledger went on across the requeue: the wait between the runs in its row, the rows adding up
+    ledger = json.loads((folder / "logs" / "ledger.json").read_text())
+    assert ledger["runs"] == 2 and ledger["rows"]["productive"] > first["rows"]["productive"]
+    waited = ledger["rows"]["requeue"]
+    assert released - first["ended"] <= waited <= restarted - first["ended"], (waited, released, restarted, first)
+    assert sum(ledger["rows"].values()) == pytest.approx(ledger["wall"], rel=0.01)
+    assert "requeue waits" in status.stdout and "over 2 runs of this SLURM job" in status.stdout
 
     ref = cli("launch", "--gpus", "2", PREEMPT, str(tmp_path / "ref"), "--steps", "16")
     assert ref.returncode == 0, ref.stderr

@@ -442,6 +442,11 @@ class NodeAgent(RendezvousMixin):
             steps = [n for n in steps if isinstance(n, int) and not isinstance(n, bool)]
             if steps and self.coordinator is not None:
                 self.coordinator.note_reached(attempt, max(steps))
+            if self.ledger is not None and self.coordinator is not None:  # both reports count the same steps again:
+                # the furthest of the ranks' summaries (a poll old) and rank 0's record read as the attempt ended
+                furthest = max(self.coordinator.reached.get(attempt, -1), self.ledger.reached)
+                if furthest >= 0:
+                    self.coordinator.reached[attempt] = self.ledger.reached = furthest
             members = self.coordinator.decide(attempt, outcome, self.members)
             if members is None:
                 self.ended = self.coordinator.ended
@@ -525,14 +530,14 @@ class NodeAgent(RendezvousMixin):
                 pass
         if self.console is not None:
             self.console.stop()
-        code = self._outcome_report(outcome)
-        for line in self.timings:
-            print(f"  | {line}", file=sys.stderr)
-        if self.ledger is not None and not self.stopped_early:
+        if self.ledger is not None and not self.stopped_early:  # before the outcome: its line stays the last said
             lines = ledger_table(self.ledger.finish())
             say(lines[0])
             for line in lines[1:]:
                 print(f"  | {line}", file=sys.stderr)
+        code = self._outcome_report(outcome)
+        for line in self.timings:
+            print(f"  | {line}", file=sys.stderr)
         return code
 
     def _outcome_report(self, outcome: Outcome) -> int:

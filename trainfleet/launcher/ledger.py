@@ -56,15 +56,15 @@ class Ledger:
         folder: where ``ledger.json`` goes (the log folder).
         job_id: the SLURM job (``<id>`` or ``<array id>_<task>``) a requeue continues; None: a
             fresh ledger every run.
-        origin: the job's start (``time.monotonic()``) when it began before this process (the
-            launcher of simulated nodes); else this process's start.
+        origin: the job's start (``time.monotonic()``) when it is not this process's start (the
+            launcher of simulated nodes started before their agents).
     """
 
     def __init__(self, folder: Path | None, job_id: str | None = None, origin: float | None = None):
         now = time.monotonic()
         self.folder, self.job_id = folder, job_id
         self.started = now - process_age()
-        if origin is not None and now - 86400 < origin < self.started:
+        if origin is not None and now - 86400 < origin <= now:
             self.started = origin
         self.wall_started = time.time() - (now - self.started)
         self.rows = dict.fromkeys(KEYS, 0.0)

@@ -20,7 +20,7 @@ ROWS = (
     ("eval", "evaluation"),
     ("detection", "failure detection"),
     ("teardown", "teardown"),
-    ("restart", "restarts (in place or not)"),
+    ("restart", "restarts and recoveries"),
     ("requeue", "requeue waits"),
     ("recomputed", "recomputed steps"),
     ("idle", "idle / unaccounted"),
