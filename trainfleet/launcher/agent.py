@@ -418,6 +418,8 @@ class NodeAgent(RendezvousMixin):
         self.attempt_now = new
         in_place.place_workers([w.spec for w in group.workers],
                                lambda local: worker_env(self.cfg, self.placement, local, port, None, new), new)
+        if self.console is not None:  # the ranks are renumbered: a line is complete when the new world printed it
+            self.console.set_world(len(members) * self.cfg.devices_per_node)
         self.diagnosis = AttemptDiagnosis(self.channel, [w.spec for w in group.workers], self.node_rank, new,
                                           self.cfg.hang_timeout, socket.gethostname(), say,
                                           rollback=self.cfg.on_nan == "rollback")
