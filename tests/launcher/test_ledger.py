@@ -38,9 +38,10 @@ def test_steps_again_after_a_restart_are_recomputed_not_productive(tmp_path):
     assert result["recomputed_steps"] == 3  # 6, 7, 8 again
     assert rows["recomputed"] == pytest.approx(2.0)  # 7 and 8 (6 was the attempt's first step)
     assert rows["productive"] == pytest.approx(7.0 + 4.0)
-    assert rows["first_step"] == pytest.approx(2.5) and rows["save"] == 0.5 and rows["load"] == 0.25
+    assert rows["first_step"] == pytest.approx(1.5) and rows["save"] == 0.5 and rows["load"] == 0.25
     assert rows["detection"] == pytest.approx(10.5 - 0.5 - 9.0)  # after the last event, until the failure
-    assert rows["restart"] == pytest.approx(1.0 + 0.5)  # teardown's end to the next attempt, its processes' start
+    # teardown's end to the next attempt, its processes' start, its first step (the warm-up again)
+    assert rows["restart"] == pytest.approx(1.0 + 0.5 + 1.0)
     assert rows["teardown"] == pytest.approx(0.5 + 0.75 + 0.5)  # after each attempt, and to the report
     assert rows["startup"] == pytest.approx(1.0 + 0.5)
     assert sum(rows.values()) == pytest.approx(result["wall"])

@@ -141,6 +141,8 @@ class Ledger:
         seen = attempt["seen"]
         moved = False
         for kind, row in FROM_ACCOUNT.items():
+            if kind == "first" and not attempt["first"]:
+                row = "restart"  # a restarted attempt's warm-up is what the restart cost
             delta = account[kind] - seen.get(kind, 0.0)
             if delta > 0:
                 self.rows[row] += delta
