@@ -93,3 +93,19 @@ def test_node_0_reads_the_summaries_while_its_control_thread_adds_them():
         stop.set()
         writer.join(5)
         sys.setswitchinterval(interval)
+
+
+def test_node_0_does_not_wait_for_a_node_whose_agent_is_gone_to_say_it_left():
+    """Seen in benchmarks/faults ('kill -9 agent'): node 0 saw the killed agent's connection close at
+    once, stopped the job, then waited --heartbeat-timeout for that agent's "left" before exiting."""
+    server = dist.TCPStore("127.0.0.1", 0, None, True, datetime.timedelta(seconds=5), wait_for_workers=False)
+    client = dist.TCPStore("127.0.0.1", server.port, None, False, datetime.timedelta(seconds=5))
+    channel = ControlChannel(client, 0, 2, 0.05, 30.0)  # node 1 never says it left; the wait is at most 30 s
+    channel.start()
+    try:
+        began = time.monotonic()
+        channel.leave(wait_for_all=True, gone={1})
+        assert time.monotonic() - began < 10.0  # not the 30 s a live member gets
+    finally:
+        channel.stop()
+        channel.join(5)

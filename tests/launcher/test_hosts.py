@@ -98,6 +98,9 @@ def test_two_hosts_by_two_equal_a_local_one_by_four(tmp_path):
     a, b = (torch.load(d / "final.pt", weights_only=True)["model"] for d in (out, local))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert (tmp_path / "logs" / "node1" / "rank3.log").exists()  # node 1's logs, written on host B
+    ledger = json.loads((tmp_path / "logs" / "ledger.json").read_text())  # node 0's account of the job
+    assert ledger["rows"]["productive"] > 0 and sum(ledger["rows"].values()) == pytest.approx(ledger["wall"], rel=0.01)
+    assert "where the" in stderr and "goodput" in stderr
 
 
 @pytest.mark.ssh

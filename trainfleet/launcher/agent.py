@@ -508,9 +508,11 @@ class NodeAgent(RendezvousMixin):
 
     def _close(self) -> None:
         if self.channel is not None:
-            self.channel.leave(wait_for_all=self.is_master and not self.stopped_early)
+            cut_off = self.channel.lost is not None  # the master is gone: no store to say goodbye to
+            gone = set(self._gone()) if self.is_master else set()  # their agents cannot say they left
+            self.channel.leave(wait_for_all=self.is_master and not self.stopped_early, gone=gone, flush=not cut_off)
             self.channel.stop()
-            self.channel.join(timeout=3.0)
+            self.channel.join(timeout=0.2 if cut_off else 3.0)
             # A thread still inside a store call (a cut link) would abort the interpreter's
             # shutdown ("terminate called without an active exception"): exit hard instead.
             self.exit_hard = self.channel.is_alive()

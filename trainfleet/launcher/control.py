@@ -172,18 +172,21 @@ class ControlChannel(threading.Thread):
         seen = self._seen.get(str(node))
         return time.monotonic() - seen[1] if seen else 0.0
 
-    def leave(self, wait_for_all: bool) -> None:
+    def leave(self, wait_for_all: bool, gone: set[int] | None = None, flush: bool = True) -> None:
         """Say this agent is leaving. The master (whose store is local) waits, bounded,
         until every member said so, so nobody loses the store before reading the job's
-        final state; the others wait at most a second for their message to go out."""
+        final state; the others wait at most a second for their message to go out (none when
+        not ``flush``: the master is gone). Members lost, or ``gone`` (their agent's connection
+        closed), are not waited for."""
         self._send(f"left/{self.node}", "1")
-        self._flushed.wait(1.0)
+        if flush:
+            self._flushed.wait(1.0)
         if not wait_for_all:
             return
         deadline = time.monotonic() + self.timeout
         try:
-            while time.monotonic() < deadline:  # members already lost are not waited for
-                waiting = [node for node in self.members if node not in self.lost_nodes]
+            while time.monotonic() < deadline:
+                waiting = [node for node in self.members if node not in self.lost_nodes and node not in (gone or ())]
                 if all(self.store.check([f"left/{node}"]) for node in waiting):
                     break
                 time.sleep(0.05)
