@@ -12,7 +12,8 @@ import pytest
 
 from benchmarks.console_merge import check, run_job
 from trainfleet.launcher import presence
-from trainfleet.launcher.console import GRACE, WINDOW, ConsoleMerger, clean, decode, encode, rank_set
+from trainfleet.launcher.console import GRACE, WINDOW, ConsoleMerger, clean, rank_set
+from trainfleet.launcher.presence import decode_line, encode_line
 
 LAUNCH = str(Path(sys.executable).with_name("launch"))
 
@@ -75,9 +76,9 @@ def test_stop_shows_everything_still_waiting():
 def test_hostile_lines_cannot_rewrite_the_console_or_pose_as_a_rank():
     assert clean("ok\x07\x08\r\x1b[31mred") == "ok\x1b[31mred"  # colours kept, bells and carriage returns not
     assert clean("x" * 10000).endswith("[...]") and len(clean("x" * 10000)) < 4200
-    assert decode(encode(3, "hello world").rstrip(b"\n")) == (3, "hello world")
+    assert decode_line(encode_line(3, "hello world").rstrip(b"\n")) == (3, "hello world")
     for raw in (b"", b"x hello", b"-1 hello", b"99999999999 hello", b" 3 hello"):
-        assert decode(raw) is None
+        assert decode_line(raw) is None
     m, out, _ = merger(4)
     m.add(4, "not a rank of this job")
     m.add(-1, "nor this")
@@ -87,25 +88,25 @@ def test_hostile_lines_cannot_rewrite_the_console_or_pose_as_a_rank():
 
 def test_node_0_takes_lines_only_after_a_valid_hello(tmp_path):
     """The presence connection carries a node's lines; a connection without the hello carries none."""
-    got: list[bytes] = []
+    got: list[tuple[int, str]] = []
     listener = socket.create_server(("127.0.0.1", 0))
-    server = presence.PresenceServer(listener, store=None, nodes=3, on_line=got.append)
+    server = presence.PresenceServer(listener, store=None, nodes=3, on_line=lambda *line: got.append(line))
     server.start()
     try:
         good = socket.create_connection(("127.0.0.1", server.port))
-        good.sendall(presence.hello(None, 2) + encode(9, "from node 2"))
+        good.sendall(presence.hello(None, 2) + encode_line(9, "from node 2") + b"not a line\n")
         bad = socket.create_connection(("127.0.0.1", server.port))
-        bad.sendall(encode(1, "no hello") + encode(1, "at all"))
+        bad.sendall(encode_line(1, "no hello") + encode_line(1, "at all"))
         deadline = time.monotonic() + 5
         while not got and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert got == [b"9 from node 2"]
+        assert got == [(9, "from node 2")]  # the malformed line after it dropped
         link = presence.LineLink(good)
         link.send(4, "second line")
         deadline = time.monotonic() + 5
         while len(got) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert got == [b"9 from node 2", b"4 second line"]
+        assert got == [(9, "from node 2"), (4, "second line")]
         good.close()
         bad.close()
     finally:

@@ -26,12 +26,12 @@ def test_steps_again_after_a_restart_are_recomputed_not_productive(tmp_path):
     ledger = Ledger(tmp_path)
     t = ledger.started + 1.0
     ledger.begin_attempt(now=t)  # attempt 0: steps 1..8 (1 s each), killed during step 9
-    ledger.watch(account(t + 0.5, 1, first=1.5), now=t + 2)
-    ledger.watch(account(t + 0.5, 8, first=1.5, steps=7.0, save=0.5), now=t + 9.5)
+    ledger.watch(account(t + 0.5, 1, first=1.5))
+    ledger.watch(account(t + 0.5, 8, first=1.5, steps=7.0, save=0.5))
     ledger.end_attempt("failed", now=t + 10.5)
     ledger.begin("restart", now=t + 11)
     ledger.begin_attempt(now=t + 12)  # attempt 1: resumed from step 5, steps 6..12
-    ledger.watch(account(t + 12.5, 7, base=5, first=1.0, steps=6.0, load=0.25), now=t + 20)
+    ledger.watch(account(t + 12.5, 7, base=5, first=1.0, steps=6.0, load=0.25))
     ledger.end_attempt("ok", now=t + 20.5)
     result = ledger.finish(now=t + 21)
     rows = result["rows"]

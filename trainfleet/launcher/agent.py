@@ -28,9 +28,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from trainfleet.launcher import elastic, in_place
+from trainfleet.launcher import elastic, in_place, presence
 from trainfleet.launcher.config import LaunchConfig, Placement, log_dir, placement
-from trainfleet.launcher.console import ConsoleMerger, decode
+from trainfleet.launcher.console import ConsoleMerger
 from trainfleet.launcher.control import ControlChannel
 from trainfleet.launcher.diagnosis import AttemptDiagnosis
 from trainfleet.launcher.elastic import Coordinator
@@ -163,10 +163,8 @@ class NodeAgent(RendezvousMixin):
                 attempt = attempt if attempt is not None else self.attempt_now
         finally:
             if self.ledger is not None:
-                self._watch_ledger()
-                self.ledger.end_attempt("ok" if outcome.kind == "ok" else "signal" if outcome.kind == "signal" else
-                                        "failed" if outcome.kind in ("failed", "lost") else "other",
-                                        itemised=bool(self.diagnosis.watch.records))
+                self._watch_ledger(fresh=True)
+                self.ledger.end_attempt(outcome.kind, itemised=bool(self.diagnosis.watch.records))
             if outcome.kind == "signal":  # the workers got the signal: give them the grace period
                 group.stop(self.cfg.grace_period, terminate=False)
             else:
@@ -265,32 +263,24 @@ class NodeAgent(RendezvousMixin):
 
     def _line_sink(self, specs: list[Any]) -> Any:
         """Where this node's workers' complete lines go for the merged console (None: nowhere)."""
-        if self.cfg.console != "merged":
-            return None
         if self.console is not None:
             self.console.set_world(int(specs[0].env.get("WORLD_SIZE", 1)) if specs else 1)
-            if not self.console.is_alive() and self.console.ident is None:
+            if self.console.ident is None:
                 self.console.start()
             return self.console.add
-        if self.presence_link is None:
+        if self.cfg.console != "merged" or self.presence_link is None:
             return None
         if self.line_link is None:
-            from trainfleet.launcher.presence import LineLink
-
-            self.line_link = LineLink(self.presence_link)
+            self.line_link = presence.LineLink(self.presence_link)
         return self.line_link.send
 
-    def _remote_line(self, raw: bytes) -> None:
-        """Node 0: a line another node's agent sent (launcher/presence.py)."""
-        found = decode(raw)
-        if found is not None and self.console is not None:
-            self.console.add(*found)
-
-    def _watch_ledger(self) -> None:
-        """Node 0: rank 0's account, read from its progress record (launcher/ledger.py)."""
+    def _watch_ledger(self, fresh: bool = False) -> None:
+        """Node 0: rank 0's account from its progress record (launcher/ledger.py): as this poll's
+        diagnosis read it, or ``fresh`` (the attempt just ended)."""
         if self.ledger is None or self.diagnosis is None:
             return
-        snap = self.diagnosis.watch.read(0)
+        watch = self.diagnosis.watch
+        snap = watch.read(0) if fresh else watch.snapshots.get(0)
         if snap is not None:
             self.ledger.watch(snap.account)
 

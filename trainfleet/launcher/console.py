@@ -150,15 +150,3 @@ class ConsoleMerger(threading.Thread):
             self.join(2.0)
         self.flush(final=True)
 
-
-def encode(rank: int, text: str) -> bytes:
-    """One line as another node's agent sends it to node 0: ``<rank> <text>\\n``."""
-    return f"{rank} {text}\n".encode("utf-8", "replace")
-
-
-def decode(raw: bytes) -> tuple[int, str] | None:
-    """(rank, text) from one received line, or None when it is not one."""
-    head, _, text = raw.partition(b" ")
-    if not head.isdigit() or len(head) > 9:
-        return None
-    return int(head), text.decode("utf-8", "replace")

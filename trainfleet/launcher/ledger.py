@@ -16,17 +16,20 @@ whose workers' time cannot be itemised).
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from trainfleet.utils.ledger_file import FILE, KEYS
+from trainfleet.engine.contract import write_json
+from trainfleet.utils.ledger_file import FILE, KEYS, read
 
 # rank 0's account kinds -> rows
 FROM_ACCOUNT = {"first": "first_step", "save": "save", "load": "load", "eval": "eval", "detect": "detection",
                 "recover": "restart"}
+
+
+AFTER_LAST_EVENT = {"failed": "detection", "lost": "detection", "ok": "teardown", "signal": "teardown"}
 
 
 def process_age() -> float:
@@ -84,16 +87,10 @@ class Ledger:
         """Take over the ledger of this SLURM job's earlier run (same job id), adding the wait."""
         if self.folder is None or self.job_id is None:
             return
-        try:
-            before = json.loads((self.folder / FILE).read_text())
-        except (OSError, ValueError):
+        before = read(self.folder)
+        if before is None or before.get("job") != self.job_id or not isinstance(before.get("ended"), (int, float)):
             return
-        if not isinstance(before, dict) or before.get("job") != self.job_id:
-            return
-        rows = before.get("rows")
-        ended = before.get("ended")
-        if not isinstance(rows, dict) or not isinstance(ended, (int, float)):
-            return
+        rows, ended = before["rows"], before["ended"]
         for key in KEYS:
             value = rows.get(key)
             if isinstance(value, (int, float)) and value >= 0:
@@ -106,7 +103,8 @@ class Ledger:
             if isinstance(value, int) and not isinstance(value, bool):
                 setattr(self, name, value)
         self.reached = self.high
-        self.runs = int(before.get("runs") or 1) + 1 if isinstance(before.get("runs"), int) else 2
+        runs = before.get("runs")
+        self.runs = (runs if isinstance(runs, int) and runs > 0 else 1) + 1
 
     # ----- segments -----------------------------------------------------------------------------
     def _close(self, now: float) -> None:
@@ -126,20 +124,18 @@ class Ledger:
         now = time.monotonic() if now is None else now
         self._close(now)
         self.attempts += 1
-        self._attempt = {"spawned": now, "seen": {}, "began": None, "last_event": None, "explained": 0.0,
+        self._attempt = {"spawned": now, "seen": {}, "began": None, "explained": 0.0,
                          "first": self.attempts == 1 and self.runs == 1}
         self.high = max(self.high, self.reached)
 
-    def watch(self, account: dict[str, Any] | None, now: float | None = None) -> None:
+    def watch(self, account: dict[str, Any] | None) -> None:
         """Rank 0's account as its record says now (None: no engine yet)."""
         attempt = self._attempt
         if attempt is None or not account:
             return
-        now = time.monotonic() if now is None else now
         if account["began"] != attempt["began"]:  # a new process: its account starts from 0
             attempt["began"], attempt["seen"] = account["began"], {}
         seen = attempt["seen"]
-        moved = False
         for kind, row in FROM_ACCOUNT.items():
             if kind == "first" and not attempt["first"]:
                 row = "restart"  # a restarted attempt's warm-up is what the restart cost
@@ -147,7 +143,6 @@ class Ledger:
             if delta > 0:
                 self.rows[row] += delta
                 attempt["explained"] += delta
-                moved = True
         base = max(int(account["base"]), 0)  # unknown (no resume): from 0
         before, done = int(seen.get("count", 0)), int(account["count"])
         if done > before:  # global steps base+before+1 .. base+done; those up to `high` were computed before
@@ -161,16 +156,13 @@ class Ledger:
             self.rows["recomputed"] += delta * share
             self.rows["productive"] += delta * (1 - share)
             attempt["explained"] += delta
-            moved = True
-        if moved:
-            attempt["last_event"] = now
         attempt["seen"] = {**{kind: account[kind] for kind in (*FROM_ACCOUNT, "steps")}, "count": done}
 
     def end_attempt(self, how: str, itemised: bool = True, now: float | None = None) -> None:
-        """The attempt's outcome is known (its workers are about to be stopped): what rank 0's
-        account did not explain is start-up (or restart) before its engine began, and after its
-        last event failure detection (``how`` "failed"), teardown ("ok", "signal") or restart
-        (the job stopped to take new nodes)."""
+        """The attempt's outcome (``Outcome.kind``) is known and its workers are about to be
+        stopped: what rank 0's account did not explain is start-up (or restart) before its engine
+        began, and after its last event failure detection ("failed", "lost"), teardown ("ok",
+        "signal") or restart (the job stopped to take new nodes)."""
         attempt = self._attempt
         if attempt is None:
             return
@@ -186,7 +178,7 @@ class Ledger:
         else:
             before = min(max(attempt["began"] - attempt["spawned"], 0.0), rest)
             self.rows[before_row] += before
-            after = {"failed": "detection", "ok": "teardown", "signal": "teardown"}.get(how, "restart")
+            after = AFTER_LAST_EVENT.get(how, "restart")
             self.rows[after] += rest - before
         self.segment, self.since = "teardown", now
 
@@ -197,7 +189,6 @@ class Ledger:
         if self._attempt is not None:
             self.end_attempt("failed", now=now)
         self._close(now)
-        self.since = now
         wall = self.previous_wall + (now - self.started)
         self.rows["idle"] += max(wall - sum(self.rows.values()), 0.0)
         result = {"job": self.job_id, "wall": wall, "rows": dict(self.rows),
@@ -206,9 +197,7 @@ class Ledger:
                   "attempts": self.attempts, "runs": self.runs, "ended": time.time(), "itemised": self.itemised}
         if self.folder is not None:
             try:
-                tmp = self.folder / f".{FILE}.{os.getpid()}.tmp"
-                tmp.write_text(json.dumps(result, indent=1))
-                os.replace(tmp, self.folder / FILE)
+                write_json(self.folder / FILE, result)
             except OSError:
                 pass
         return result

@@ -11,8 +11,9 @@ The hello an agent sends is its node id and, when the job has a token, the token
 cannot pose as a node. A malformed or unsigned hello is dropped.
 
 After the hello the connection carries the node's workers' log lines for the merged console
-(``launcher/console.py``): ``<rank> <text>\n`` each, handed to ``on_line``. They are untrusted
-text: bounded (:data:`LINE_BYTES`), ranks checked by the console.
+(``launcher/console.py``): ``<rank> <text>\n`` each (:func:`encode_line`), handed to
+``on_line(rank, text)``. They are untrusted text: bounded (:data:`LINE_BYTES`), malformed ones
+dropped, ranks checked by the console.
 """
 from __future__ import annotations
 
@@ -44,6 +45,19 @@ def parse_hello(store: Any, raw: bytes, nodes: int) -> int | None:
     if getattr(store, "sign", None) is not None:
         return node if len(parts) == 2 and raw.strip() + b"\n" == hello(store, node) else None
     return node if len(parts) == 1 else None  # no token: the node id alone
+
+
+def encode_line(rank: int, text: str) -> bytes:
+    """One log line as another node's agent sends it to node 0: ``<rank> <text>\n``."""
+    return f"{rank} {text}\n".encode("utf-8", "replace")
+
+
+def decode_line(raw: bytes) -> tuple[int, str] | None:
+    """(rank, text) from one received line (without its newline), or None when it is not one."""
+    head, _, text = raw.partition(b" ")
+    if not head.isdigit() or len(head) > 9:
+        return None
+    return int(head), text.decode("utf-8", "replace")
 
 
 class PresenceServer(threading.Thread):
@@ -114,8 +128,11 @@ class PresenceServer(threading.Thread):
         if self.on_line is None:
             return
         for raw in lines:
+            found = decode_line(raw)
+            if found is None:
+                continue
             try:
-                self.on_line(raw)
+                self.on_line(*found)
             except Exception:  # noqa: BLE001 - a bad line must not stop the presence watch
                 pass
 
@@ -135,13 +152,11 @@ class LineLink:
         self.lock = threading.Lock()
 
     def send(self, rank: int, text: str) -> None:
-        from trainfleet.launcher.console import encode
-
         with self.lock:
             if self.sock is None:
                 return
             try:
-                self.sock.sendall(encode(rank, text))
+                self.sock.sendall(encode_line(rank, text))
             except OSError:
                 self.sock = None
 

@@ -55,7 +55,7 @@ class RendezvousMixin:
             client.set("job/run_id", cfg.run_id)
             if cfg.nodes > 1:  # node 0 learns at once when another node's agent dies (launcher/presence.py)
                 self.presence = presence.PresenceServer(reserve_port(cfg.master_addr, None), client, cfg.nodes,
-                                                        on_line=self._remote_line)
+                                                        on_line=self.console.add if self.console is not None else None)
                 self.presence.start()
                 client.set("presence/port", str(self.presence.port))
         else:

@@ -33,24 +33,24 @@ from trainfleet.engine.progress_record import CHECKPOINT
 from trainfleet.utils.errors import UsageError
 
 
-def _in_checkpoint_phase(method: Any) -> Any:
-    """The rank is in the checkpoint phase while ``method`` runs (its agent allows a save longer
-    than a step before it calls anything a hang); the time is a save or a load in its account
-    (launcher/ledger.py: the job's checkpoint stalls and loads)."""
-    kind = "load" if method.__name__ == "load" else "save"
-
-    @functools.wraps(method)
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        board = self.progress
-        if board is not None:
-            board.begin(kind)
-        try:
-            with self._phase(CHECKPOINT):
-                return method(self, *args, **kwargs)
-        finally:
+def _in_checkpoint_phase(kind: str) -> Any:
+    """The rank is in the checkpoint phase while the method runs (its agent allows a save longer
+    than a step before it calls anything a hang); its time is ``kind`` ("save" or "load") in the
+    rank's account (launcher/ledger.py: the job's checkpoint stalls and loads)."""
+    def decorate(method: Any) -> Any:
+        @functools.wraps(method)
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            board = self.progress
             if board is not None:
-                board.end()
-    return wrapper
+                board.begin(kind)
+            try:
+                with self._phase(CHECKPOINT):
+                    return method(self, *args, **kwargs)
+            finally:
+                if board is not None:
+                    board.end()
+        return wrapper
+    return decorate
 
 
 class CheckpointMixin:
@@ -93,7 +93,7 @@ class CheckpointMixin:
         state["optimizer"] = self.strategy.full_optimizer_state(module, optimizer) if optimizer is not None else None
         return state
 
-    @_in_checkpoint_phase
+    @_in_checkpoint_phase("save")
     def save(self, path: str | os.PathLike[str], model: torch.nn.Module | None = None,
              optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
              dataloader: DeviceDataLoader | None = None, *, keep_last: int | None = None,
@@ -179,12 +179,12 @@ class CheckpointMixin:
         side = make_sidecar(self._common_state(scheduler, dataloader, extra, gather_rng=False), layout)
         return self._sharded.save(path, tensors, side, keep_last, asynchronous)
 
-    @_in_checkpoint_phase
+    @_in_checkpoint_phase("save")
     def wait_for_checkpoint(self) -> None:
         """Block until an asynchronous save is on disk (raises its error if it failed)."""
         self._saver.wait()
 
-    @_in_checkpoint_phase
+    @_in_checkpoint_phase("load")
     def load(self, path: str | os.PathLike[str], model: torch.nn.Module | None = None,
              optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
              dataloader: DeviceDataLoader | None = None, strict: bool = True,
