@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -90,7 +91,7 @@ def quantiles(values: list[float]) -> tuple[float, float, float]:
     ordered = sorted(values)
     if not ordered:
         return float("nan"), float("nan"), float("nan")
-    return ordered[len(ordered) // 2], ordered[int(0.9 * (len(ordered) - 1))], ordered[-1]
+    return statistics.median(ordered), ordered[int(0.9 * (len(ordered) - 1))], ordered[-1]
 
 
 @cleans_up
