@@ -199,3 +199,31 @@ def test_convert_both_ways_and_inspect(saved, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "sharded (torch.distributed.checkpoint): 1 shard files from 1 ranks" in result.stdout
     assert "optimizer:  state for 4 parameters" in result.stdout and "0.weight" in result.stdout
+
+
+def test_async_sharded_save_under_fsdp_is_the_step_it_was_called_at(tmp_path):
+    """Two fsdp ranks: the asynchronous folder equals the synchronous one of the same step, tensor for
+    tensor and shard for shard, although the optimizer changed the shards while it was written."""
+    from tests.conftest import SCRIPTS
+    from trainfleet.engine.checkpoint.sharded_load import read_index
+
+    result = run_cli("launch", "--log-dir", str(tmp_path / "logs"), "--strategy", "fsdp", "--gpus", "2",
+                     str(SCRIPTS / "async_sharded_save.py"), str(tmp_path), timeout=180)
+    assert result.returncode == 0, result.stderr
+    sync, later = read_checkpoint(tmp_path / "sync"), read_checkpoint(tmp_path / "later")
+    written = read_checkpoint(tmp_path / "async")
+    assert written["extra"]["step"] == 2 and later["extra"]["step"] == 5
+    for name, value in sync["model"].items():
+        assert torch.equal(written["model"][name], value), name
+        assert not torch.equal(later["model"][name], value), name  # training did move on
+    for key, state in sync["optimizer"]["state"].items():
+        for field, value in state.items():
+            assert torch.equal(written["optimizer"]["state"][key][field], value), (key, field)
+
+    def chunks(folder):
+        index = read_index(folder)
+        return {key: sorted((tuple(c.offsets), tuple(c.sizes)) for c in meta.chunks)
+                for key, meta in index.state_dict_metadata.items() if hasattr(meta, "chunks")}
+
+    assert chunks(tmp_path / "async") == chunks(tmp_path / "sync")  # each rank wrote its own shard
+    assert any(len(c) == 2 for c in chunks(tmp_path / "sync").values())

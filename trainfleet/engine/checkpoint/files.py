@@ -246,6 +246,11 @@ class AsyncSaver:
         return staged
 
     def _stage(self, obj: Any, path: tuple[Any, ...], used: set[tuple[Any, ...]]) -> Any:
+        spec = getattr(obj, "_spec", None)
+        if spec is not None and isinstance(obj, torch.Tensor):  # a DTensor: stage its shard, keep its layout
+            from torch.distributed.tensor import DTensor
+
+            return DTensor(self._stage(obj._local_tensor, path, used), spec, requires_grad=False)
         if isinstance(obj, torch.Tensor):
             key = (path, tuple(obj.shape), obj.dtype)
             buffer = self._buffers.get(key)

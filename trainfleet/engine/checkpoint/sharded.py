@@ -281,11 +281,18 @@ class ShardedCheckpointer:
                     remove_path(tmp)
                 raise
 
-        with _single_process():
-            if asynchronous:
-                future = dcp.async_save(tensors, storage_writer=writer, process_group=group, no_dist=group is None)
-                self.saver.submit(lambda: finish(future.result))
-                return path
-            finish(lambda: dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=group is None))
+        def write(state: dict[str, torch.Tensor]) -> None:
+            with _single_process():
+                dcp.save(state, storage_writer=writer, process_group=group, no_dist=group is None)
+
+        if asynchronous:
+            # Training waits only for the copy into the saver's reused buffers; DCP's planning
+            # (two collectives on the checkpoint's own group), the writing and the commit run on the
+            # saver thread. dcp.async_save planned on the caller's thread and staged into fresh
+            # memory each time: it blocked for 0.92 of a synchronous save (run.txt at 2de63bf).
+            staged = self.saver.stage(tensors)
+            self.saver.submit(lambda: finish(lambda: write(staged)))
+            return path
+        finish(lambda: write(tensors))
         self.strategy.barrier()
         return path
