@@ -23,7 +23,7 @@ LAYOUTS = {
     "fsdp2": ["--strategy", "fsdp", "--gpus", "2"],
     "fsdp4": ["--strategy", "fsdp", "--gpus", "4"],
 }
-WORLD = {"ddp1": 1, "ddp2": 2, "single": 1, "dp": 1, "fsdp2": 2}
+WORLD = {"ddp1": 1, "ddp2": 2, "single": 1, "dp": 1, "fsdp2": 2, "fsdp4": 4}
 
 
 def train(out, layout, tag, *args):
@@ -53,7 +53,7 @@ def reference(tmp_path_factory):
     # dp only where it is DataParallel: on CPU it is single under another name
     pytest.param("ddp2", "dp", marks=pytest.mark.gpu(devices=2)),
     # fsdp writes sharded folders: they reshard into any world size and strategy, and back
-    ("fsdp4", "fsdp2"), ("fsdp2", "single"), ("ddp2", "fsdp2"), ("fsdp2", "ddp1"),
+    ("fsdp4", "fsdp2"), ("fsdp2", "fsdp4"), ("fsdp2", "single"), ("ddp2", "fsdp2"), ("fsdp2", "ddp1"),
 ])
 def test_resume_matches_uninterrupted_run(reference, before, after):
     out = reference
