@@ -204,3 +204,20 @@ def test_interleave_runs_exactly_the_rounds_asked():
 
     comparison = interleave(4, timed("ours", [1.0, 1.4]), timed("peer", [1.0]), Comparison("x", 1.2))
     assert len(comparison.ours) == len(comparison.peer) == 4 and calls == {"ours": 5, "peer": 5}
+
+
+def test_bench_reports_the_state_copys_memory_per_rank(tmp_path):
+    """The host memory of the state copy in-place recovery and rollback keep (the model's buffers,
+    the RNG and the loader's position; parameters and optimizer state are read live), per rank."""
+    from trainfleet.models import build_model
+
+    result = run_cli("trainfleet", "bench", "--model", "resnet18", "--strategies", "ddp", "--gpus", "2",
+                     "--steps", "2", "--warmup", "1", "--rounds", "1", "--batch-size", "4",
+                     "--out", str(tmp_path / "bench"), "--no-progress", timeout=300)
+    assert result.returncode == 0, result.stderr
+    row = next(csv.DictReader(open(tmp_path / "bench" / "results.csv")))
+    model = build_model("resnet18", num_classes=10, input_shape=(3, 32, 32))
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers()) / 2**20
+    assert buffers > 0.03
+    assert buffers <= float(row["copy_mb_per_rank"]) < buffers + 0.05  # + RNG states and positions
+    assert "state copy MB/rank" in (tmp_path / "bench" / "results.md").read_text()

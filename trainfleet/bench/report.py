@@ -62,6 +62,7 @@ def rows(results: list[BenchResult], threads: dict[str, int]) -> list[dict[str, 
             "data/fwd/bwd/comm/opt ms": "/".join(f"{phases[p]:.1f}" for p in PHASES),
             "peak MB/rank": f"{r.median(r.peak_mb):.0f}",
             "params+optim MB/rank": _fmt(r.median(r.state_mb), ".2f"),
+            "state copy MB/rank": _fmt(r.median(r.copy_mb), ".2f"),
             "efficiency": _fmt(r.efficiency, ".2f"),
             "speedup vs 32": _fmt(r.speedup, ".2f"),
             "notes": "",
@@ -71,7 +72,8 @@ def rows(results: list[BenchResult], threads: dict[str, int]) -> list[dict[str, 
 
 
 COLUMNS = ["strategy", "precision", "workers", "threads/worker", "samples/s", "min-max", "step ms",
-           "data/fwd/bwd/comm/opt ms", "peak MB/rank", "params+optim MB/rank", "efficiency", "speedup vs 32",
+           "data/fwd/bwd/comm/opt ms", "peak MB/rank", "params+optim MB/rank", "state copy MB/rank", "efficiency",
+           "speedup vs 32",
            "notes"]
 
 
@@ -103,18 +105,19 @@ def write_csv(path: Path, results: list[BenchResult], threads: dict[str, int]) -
         writer = csv.writer(handle)
         writer.writerow(["strategy", "precision", "workers", "threads_per_worker", "status", "samples_per_s",
                          "samples_per_s_min", "samples_per_s_max", "step_ms", *[f"{p}_ms" for p in PHASES],
-                         "peak_mb_per_rank", "state_mb_per_rank", "efficiency", "speedup_vs_32", "rounds", "reason"])
+                         "peak_mb_per_rank", "state_mb_per_rank", "copy_mb_per_rank", "efficiency", "speedup_vs_32",
+                         "rounds", "reason"])
         for r in results:
             c = r.config
             head = [c.strategy, c.precision, c.workers, threads.get(c.label, "")]
             if r.skipped:
-                writer.writerow(head + ["skipped"] + [""] * (9 + len(PHASES)) + [r.skipped])
+                writer.writerow(head + ["skipped"] + [""] * (10 + len(PHASES)) + [r.skipped])
                 continue
             phases = r.phase_medians
             writer.writerow(head + ["ok", f"{r.median(r.samples_per_s):.3f}", f"{min(r.samples_per_s):.3f}",
                                     f"{max(r.samples_per_s):.3f}", f"{r.median(r.step_ms):.3f}",
                                     *[f"{phases[p]:.3f}" for p in PHASES], f"{r.median(r.peak_mb):.1f}",
-                                    _fmt(r.median(r.state_mb), ".3f"),
+                                    _fmt(r.median(r.state_mb), ".3f"), _fmt(r.median(r.copy_mb), ".3f"),
                                     _fmt(r.efficiency, ".4f"), _fmt(r.speedup, ".4f"), len(r.samples_per_s), ""])
 
 

@@ -52,6 +52,7 @@ class BenchResult:
     phases_ms: list[dict[str, float]] = field(default_factory=list)
     peak_mb: list[float] = field(default_factory=list)
     state_mb: list[float] = field(default_factory=list)
+    copy_mb: list[float] = field(default_factory=list)  # the state copy in-place recovery and rollback keep
     efficiency: float | None = None
     speedup: float | None = None
 
@@ -102,8 +103,9 @@ def plan(strategies: list[str], precisions: list[str], workers: list[int], cuda_
     return results
 
 
-def _aggregate(records: list[dict]) -> tuple[float, float, dict[str, float], float, float]:
-    """(samples/s, step ms, phase ms, peak MB, params+optimizer MB) of one run; MB: the largest rank's."""
+def _aggregate(records: list[dict]) -> tuple[float, float, dict[str, float], float, float, float]:
+    """(samples/s, step ms, phase ms, peak MB, params+optimizer MB, state copy MB) of one run; MB: the
+    largest rank's."""
     steps = min(len(r["steps"]) for r in records)
     if steps == 0:
         raise RuntimeError("the run recorded no timed step; raise --steps or check the script")
@@ -115,11 +117,13 @@ def _aggregate(records: list[dict]) -> tuple[float, float, dict[str, float], flo
     phases = {p: 1000 * statistics.median(r["steps"][i][p] for r in records for i in range(steps)) for p in PHASES}
     states = [r["state_mb"] for r in records if r.get("state_mb") is not None]
     state = max(states) if states else float("nan")
-    return statistics.median(samples) / step, 1000 * step, phases, max(r["peak_mb"] for r in records), state
+    copies = [r["copy_mb"] for r in records if r.get("copy_mb") is not None]
+    copy = max(copies) if copies else float("nan")
+    return statistics.median(samples) / step, 1000 * step, phases, max(r["peak_mb"] for r in records), state, copy
 
 
 def run_once(config: BenchConfig, target: list[str], steps: int, warmup: int, log_dir: Path,
-             timeout: float) -> tuple[float, float, dict[str, float], float, float]:
+             timeout: float) -> tuple[float, float, dict[str, float], float, float, float]:
     """One launch of one configuration; returns what :func:`_aggregate` returns."""
     out = Path(tempfile.mkdtemp(prefix="trainfleet-bench-"))
     env = {**os.environ, **contract.bench_variables(str(out), steps, warmup)}
@@ -167,7 +171,7 @@ def run_bench(results: list[BenchResult], target: list[str], steps: int, warmup:
                 continue
             bar.set_postfix_str(result.config.label)
             try:
-                sps, step, phases, peak, state = run_once(result.config, target, steps, warmup, log_dir, timeout)
+                sps, step, phases, peak, state, copy = run_once(result.config, target, steps, warmup, log_dir, timeout)
             except (RuntimeError, subprocess.TimeoutExpired) as err:
                 bar.write(f"bench: {err}")
                 result.skipped = "failed: " + str(err).splitlines()[0]
@@ -178,11 +182,13 @@ def run_bench(results: list[BenchResult], target: list[str], steps: int, warmup:
             result.phases_ms.append(phases)
             result.peak_mb.append(peak)
             result.state_mb.append(state)
+            result.copy_mb.append(copy)
             bar.update(1)
     bar.close()
     for result in runnable:
         if result.skipped:  # keep only configurations that completed every round
-            result.samples_per_s, result.step_ms, result.phases_ms, result.peak_mb, result.state_mb = [], [], [], [], []
+            result.samples_per_s, result.step_ms, result.phases_ms = [], [], []
+            result.peak_mb, result.state_mb, result.copy_mb = [], [], []
     derive(results)
     return results
 

@@ -279,6 +279,7 @@ class Engine(CheckpointMixin):
             self.progress.step_done()
         if self.timer is not None:
             self.timer.optimizer = optimizer
+            self.timer.copy_bytes = self._copy_bytes
             self.timer.step_done()
         return stepped
 
@@ -298,6 +299,17 @@ class Engine(CheckpointMixin):
             raise UsageError("on_nan='rollback' needs the model from engine.setup(model, optimizer): the "
                              "engine returns to its state.", "call engine.setup() before training.")
         self.snapshot.capture(self._steps, model, optimizer, self.precision, self._rng(), self._train_loaders)
+
+    def _copy_bytes(self) -> int:
+        """Host memory of the state copy: the one kept, or (with the copy off, as in a plain bench run)
+        what one capture would hold, taken once when the bench writes its record."""
+        if self.snapshot.step is not None:
+            return self.snapshot.nbytes()
+        if self._trained is None or self._trained[1] is None:
+            return 0
+        probe = StateSnapshot()
+        probe.capture(self._steps, self._trained[0], self._trained[1], self.precision, self._rng(), self._train_loaders)
+        return probe.nbytes()
 
     def _first_snapshot(self) -> None:
         if self.snapshot.step is None and self._trained is not None and self._trained[1] is not None:

@@ -38,6 +38,7 @@ class StepTimer:
         self._open: list[str] = []  # phases being timed, innermost last
         self._step_start: float | None = None
         self.optimizer: Any = None  # set by Engine.step: its tensors give state_mb
+        self.copy_bytes: Any = None  # set by Engine.step: the bytes of its state copy (engine/snapshot.py)
         self.comm_events: list[Any] = []  # (start, end) CUDA events of this step's all-reduces
 
     @classmethod
@@ -124,9 +125,11 @@ class StepTimer:
 
             peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        on_cuda = self.device is not None and self.device.type == "cuda"
         record = {"rank": self.rank, "world_size": self.world_size, "steps": self.records[self.warmup:],
-                  "peak_mb": peak_mb, "state_mb": self.state_mb(), "memory": "cuda allocated" if self.device is not None
-                  and self.device.type == "cuda" else "max RSS"}
+                  "peak_mb": peak_mb, "state_mb": self.state_mb(),
+                  "copy_mb": self.copy_bytes() / 2**20 if self.copy_bytes is not None else None,
+                  "memory": "cuda allocated" if on_cuda else "max RSS"}
         (self.out_dir / f"rank{self.rank}.json").write_text(json.dumps(record))
 
 
