@@ -238,61 +238,57 @@ class ShardedCheckpointer:
     def _temporary(self, path: Path) -> Path:
         """The folder every rank writes into: named after rank 0 (its host, boot, pid and start time,
         learnt once with a random token) and a save count every rank keeps alike, so no collective
-        is needed per save, and no other job's save can share it."""
+        is needed per save, and no other job's save can share it. Named only: :meth:`_write` makes it."""
         if self._writer is None:
             self._writer = self.strategy.broadcast((owner(), new_tag()))
         self._saves += 1
-        if self.strategy.is_global_zero:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(path.parent)
         writer, token = self._writer
-        tmp = path.parent / temporary_name(path, writer, f"{token}{self._saves}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        return tmp
+        return path.parent / temporary_name(path, writer, f"{token}{self._saves}")
 
     def save(self, path: Path, tensors: dict[str, torch.Tensor], side_state: dict[str, Any],
              keep_last: int | None = None, asynchronous: bool = False) -> Path:
         """Every rank writes its shards of ``tensors`` into ``path``; rank 0 adds ``side_state``
         (``trainfleet.pt``) and finishes the folder.
 
-        With ``asynchronous`` this returns once DCP has staged the shards in CPU memory; the
-        writing, the rename and ``latest.json`` happen on the saver thread.
+        With ``asynchronous`` this returns once the shards are copied into the saver's buffers in
+        CPU memory. DCP's planning (two collectives on the checkpoint's own group), the folder's
+        creation, the writing, the rename and ``latest.json`` happen on the saver thread.
+        (``dcp.async_save`` planned on the caller's thread and staged into fresh memory each time:
+        it blocked for 0.92 of a synchronous save, run.txt at 6614828.)
         """
-        import torch.distributed.checkpoint as dcp
-
         self.saver.wait()
         group = self._process_group()
         tmp = self._temporary(path)
-        main = self.strategy.is_global_zero
-        writer = dcp.FileSystemWriter(str(tmp), sync_files=True)
-
-        # Rank 0 writes the sidecar while DCP writes the shards; the folder is committed after both.
-        side = _Background(save_atomic, side_state, tmp / SIDECAR) if main else None
-
-        def finish(wait: Callable[[], Any] = lambda: None) -> None:
-            try:
-                wait()
-                if side is not None:
-                    side.result()
-                    publish(tmp, path, keep_last)
-            except BaseException:
-                if side is not None:
-                    side.result(raise_error=False)
-                    remove_path(tmp)
-                raise
-
-        def write(state: dict[str, torch.Tensor]) -> None:
-            with _single_process():
-                dcp.save(state, storage_writer=writer, process_group=group, no_dist=group is None)
-
         if asynchronous:
-            # Training waits only for the copy into the saver's reused buffers; DCP's planning
-            # (two collectives on the checkpoint's own group), the writing and the commit run on the
-            # saver thread. dcp.async_save planned on the caller's thread and staged into fresh
-            # memory each time: it blocked for 0.92 of a synchronous save (run.txt at 6614828).
             staged = self.saver.stage(tensors)
-            self.saver.submit(lambda: finish(lambda: write(staged)))
+            self.saver.submit(lambda: self._write(path, tmp, staged, side_state, keep_last, group))
             return path
-        finish(lambda: write(tensors))
+        self._write(path, tmp, tensors, side_state, keep_last, group)
         self.strategy.barrier()
         return path
+
+    def _write(self, path: Path, tmp: Path, tensors: dict[str, torch.Tensor], side_state: dict[str, Any],
+               keep_last: int | None, group: Any) -> None:
+        """Make ``tmp``, write the shards there (rank 0 the sidecar beside them, on a thread of its
+        own), and rank 0 commits the folder as ``path`` after both; on an error it removes ``tmp``."""
+        import torch.distributed.checkpoint as dcp
+
+        main = self.strategy.is_global_zero
+        if main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(path.parent)
+        tmp.mkdir(parents=True, exist_ok=True)
+        side = _Background(save_atomic, side_state, tmp / SIDECAR) if main else None
+        try:
+            writer = dcp.FileSystemWriter(str(tmp), sync_files=True)
+            # the warning filter is process-wide: only a world of one (no group) needs it silenced
+            with _single_process() if group is None else contextlib.nullcontext():
+                dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=group is None)
+            if side is not None:
+                side.result()
+                publish(tmp, path, keep_last)
+        except BaseException:
+            if side is not None:
+                side.result(raise_error=False)
+                remove_path(tmp)
+            raise
