@@ -107,7 +107,6 @@ class NodeAgent(RendezvousMixin):
         # node 0: every rank's lines, merged (launcher/console.py); another node sends its ranks' lines there
         self.console = ConsoleMerger(cfg.nodes * cfg.devices_per_node) if (
             self.is_master and cfg.console == "merged") else None
-        self.line_link: Any = None
 
     # ----- control plane -------------------------------------------------------------
     def _enter(self, attempt: int, members: list[int]) -> int:
@@ -270,9 +269,7 @@ class NodeAgent(RendezvousMixin):
             return self.console.add
         if self.cfg.console != "merged" or self.presence_link is None:
             return None
-        if self.line_link is None:
-            self.line_link = presence.LineLink(self.presence_link)
-        return self.line_link.send
+        return self.presence_link.send
 
     def _watch_ledger(self, fresh: bool = False) -> None:
         """Node 0: rank 0's account from its progress record (launcher/ledger.py): as this poll's
@@ -347,6 +344,9 @@ class NodeAgent(RendezvousMixin):
             except RuntimeError:
                 left = False
             gone[node] = "left the job" if left else "its agent's connection closed"
+        if self.presence is not None:  # its beats stopped: a frozen agent or a cut link
+            for node, seconds in self.presence.silent(self.cfg.heartbeat_timeout).items():
+                gone.setdefault(node, f"no heartbeat for {seconds:.1f}s")
         return {**gone, **self.channel.lost_nodes}
 
     def _post_once(self, key: str) -> None:

@@ -1,10 +1,14 @@
 """Node 0 knows at once when another node's agent dies: each agent keeps one TCP connection open to
 node 0, and a killed process's connection is closed by its kernel (a reset, within milliseconds).
 
-The heartbeats stay the rule for what a closed connection cannot show (a frozen agent, a cut link:
-no reset comes); this is the fast path for the common case, a dead host or agent, used by the roll
-call of in-place recovery (:mod:`trainfleet.launcher.in_place`): node 0 does not wait for an answer
-from a node whose agent is gone.
+What a closed connection cannot show (a frozen agent, a cut link: no reset comes) the heartbeats
+show: the store's (``launcher/control.py``, polled by node 0 every 0.5 s) and this connection's,
+an empty line every :data:`BEAT` seconds from a thread of the agent. Node 0 hears these as they
+arrive, so a node silent for ``--heartbeat-timeout`` is seen within a poll of the agent's loop
+(0.1 s), not within the store's poll: a cut link was noticed 1.5-2.6 s after the cut with a 2 s
+timeout, now 1.75-2.1 s. Silence is counted up to the server's last pass over its sockets, so a
+stalled server thread cannot make every node look silent. Node 0 does not wait in the roll call
+of in-place recovery (:mod:`trainfleet.launcher.in_place`) for a node gone either way.
 
 The hello an agent sends is its node id and, when the job has a token, the token's signature of
 ``presence/<node>`` (:mod:`trainfleet.launcher.store_auth`): a process that merely reaches the port
@@ -24,6 +28,7 @@ import time
 from typing import Any
 
 HELLO_LIMIT = 200  # bytes
+BEAT = 0.25  # seconds between another node's beats on its connection (an empty line)
 LINE_BYTES = 65536  # a longer line is cut there
 
 
@@ -70,6 +75,8 @@ class PresenceServer(threading.Thread):
         self.listener.setblocking(False)
         self.port = sock.getsockname()[1]
         self.gone: dict[int, float] = {}  # node -> when its connection closed (monotonic)
+        self.heard: dict[int, float] = {}  # node -> when anything last came over its connection
+        self.looked = time.monotonic()  # the end of the server's last pass over its sockets
         self.connected: dict[socket.socket, int | None] = {}
         self._halt = threading.Event()
 
@@ -84,6 +91,13 @@ class PresenceServer(threading.Thread):
                     self._accept()
                 else:
                     self._read(sock)
+            self.looked = time.monotonic()
+
+    def silent(self, timeout: float) -> dict[int, float]:
+        """The connected nodes nothing came from for over ``timeout`` seconds before the server's
+        last pass (their agent frozen or their link cut), with those seconds."""
+        looked, heard, live = self.looked, dict(self.heard), set(self.connected.values())
+        return {node: looked - at for node, at in heard.items() if node in live and looked - at > timeout}
 
     def _accept(self) -> None:
         try:
@@ -105,6 +119,7 @@ class PresenceServer(threading.Thread):
             if node is not None:
                 self.connected[conn] = node
                 self.gone.pop(node, None)
+                self.heard[node] = time.monotonic()
                 self._lines(conn, rest)
                 return
         if not data or node is None:  # closed, reset, or not one of ours
@@ -114,6 +129,7 @@ class PresenceServer(threading.Thread):
             if node is not None and node not in self.connected.values():
                 self.gone[node] = time.monotonic()
             return
+        self.heard[node] = time.monotonic()
         self._lines(conn, data)
 
     def _lines(self, conn: socket.socket, data: bytes) -> None:
@@ -144,12 +160,34 @@ class PresenceServer(threading.Thread):
 
 
 class LineLink:
-    """Another node: sends its workers' complete log lines to node 0 over the presence connection.
-    A link that fails (node 0 gone, a cut link) stops sending; the log files keep every line."""
+    """Another node: its presence connection to node 0. A thread sends a beat every ``beat``
+    seconds; :meth:`send` sends its workers' complete log lines. A link that fails (node 0 gone, a
+    cut link) stops sending; the log files keep every line."""
 
-    def __init__(self, sock: socket.socket | None):
+    def __init__(self, sock: socket.socket | None, beat: float = BEAT):
         self.sock = sock
         self.lock = threading.Lock()
+        self._halt = threading.Event()
+        if sock is not None:
+            threading.Thread(target=self._beats, args=(beat,), name="trainfleet-presence-beat", daemon=True).start()
+
+    def _beats(self, beat: float) -> None:
+        while not self._halt.wait(beat):
+            with self.lock:
+                if self.sock is None:
+                    return
+                try:
+                    self.sock.sendall(b"\n")
+                except OSError:
+                    self.sock = None
+                    return
+
+    def close(self) -> None:
+        self._halt.set()
+        with self.lock:
+            if self.sock is not None:
+                self.sock.close()
+                self.sock = None
 
     def send(self, rank: int, text: str) -> None:
         with self.lock:

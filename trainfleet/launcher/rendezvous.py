@@ -63,7 +63,8 @@ class RendezvousMixin:
             self.cfg = cfg = dataclasses.replace(cfg, run_id=self._job_run_id(client))
             port = parse_count(client.get("presence/port")) if client.check(["presence/port"]) else None
             if port is not None and 0 < port < 65536:
-                self.presence_link = presence.connect((cfg.master_addr, port), client, self.node_rank)
+                sock = presence.connect((cfg.master_addr, port), client, self.node_rank)
+                self.presence_link = presence.LineLink(sock) if sock is not None else None  # it beats from now
         self.channel = ControlChannel(client, self.node_rank, cfg.nodes, HEARTBEAT_INTERVAL, cfg.heartbeat_timeout,
                                       master=(cfg.master_addr, cfg.master_port))
         self.channel.start()
