@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from trainfleet.launcher import elastic, in_place, presence
+from trainfleet.launcher import elastic, in_place
 from trainfleet.launcher.config import LaunchConfig, Placement, log_dir, placement
 from trainfleet.launcher.console import ConsoleMerger
 from trainfleet.launcher.control import ControlChannel
