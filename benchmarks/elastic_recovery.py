@@ -60,6 +60,7 @@ FAULT_STEPS = range(4, 10)
 CAP = 60.0  # a peer run not training again after this long is stopped and counted at CAP
 STARTED: list[subprocess.Popen] = []
 CAPPED: list[str] = []
+SLOW: list[str] = []  # trainfleet trials over 3 s: node 0's launch lines, to see where the time went
 
 
 def _port() -> int:
@@ -124,8 +125,11 @@ def trial(tool: str) -> float | None:
     env = {k: v for k, v in os.environ.items() if not k.endswith("SOCKET_IFNAME")}
     try:
         for node in range(3):
+            sink = open(out / f"node{node}.out", "w") if node == 0 else subprocess.DEVNULL
             STARTED.append(subprocess.Popen(_command(tool, node, port, out), env=env, start_new_session=True,
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                                            stdout=sink, stderr=subprocess.STDOUT))
+            if node == 0:
+                sink.close()  # the child has its own
         fault_at = random.choice(FAULT_STEPS)
         _wait(out, lambda p: p >= (0, fault_at), 120, f"{tool}: no step {fault_at}")
         if (out / "trace" / "a0.r2.jsonl").exists() is False:
@@ -139,7 +143,13 @@ def trial(tool: str) -> float | None:
                 raise
             CAPPED.append(tool)  # counted at the cap: the real time is longer
             return CAP
-        return time.monotonic() - fault
+        seconds = time.monotonic() - fault
+        if tool == "trainfleet" and seconds > 3.0:
+            time.sleep(0.5)  # node 0's lines about the recovery
+            said = [line for line in (out / "node0.out").read_text(errors="replace").splitlines()
+                    if line.startswith("launch:") and any(word in line for word in ("lost", "place", "disk", "again"))]
+            SLOW.append(f"{seconds:.2f}s (fault at step {fault_at}): " + " | ".join(said[:4]))
+        return seconds
     finally:
         _stop_all()
         shutil.rmtree(out, ignore_errors=True)
@@ -214,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"in_place_death_to_next_step: median {median:.2f}s, worst {worst:.2f}s over {len(ours)} kills "
           f"(quartiles {quartiles[0]:.2f}-{quartiles[2]:.2f}s) (target: median <= 1.5 s, worst <= 3 s) "
           f"{'MET' if met else 'MISSED'}", flush=True)
+    for line in SLOW:
+        print(f"  over 3 s: {line}", flush=True)
     copy, samples = state_copy_overhead(max(rounds * 2, 1))
     print(copy.line(), flush=True)
     print(f"state_copy_size: {samples['bytes'] / 2**20:.2f} MiB of host memory per rank (the model's buffers; "
