@@ -148,7 +148,10 @@ def trial(tool: str) -> float | None:
             time.sleep(0.5)  # node 0's lines about the recovery
             said = [line for line in (out / "node0.out").read_text(errors="replace").splitlines()
                     if line.startswith("launch:") and any(word in line for word in ("lost", "place", "disk", "again"))]
-            SLOW.append(f"{seconds:.2f}s (fault at step {fault_at}): " + " | ".join(said[:4]))
+            for log in sorted((out / "logs").glob("node*/**/*.log")):  # the workers' own word on why
+                said += [f"{log.name}: {line.strip()[:240]}" for line in log.read_text(errors="replace").splitlines()
+                         if "in-place recovery" in line or line.startswith(("RuntimeError", "torch.distributed"))]
+            SLOW.append(f"{seconds:.2f}s (fault at step {fault_at}): " + " | ".join(said[:8]))
         return seconds
     finally:
         _stop_all()
