@@ -167,6 +167,36 @@ def test_agent_killed_job_goes_on_on_two_nodes_exactly(tmp_path, reference):
     assert ledger["rows"]["detection"] > 0 and ledger["rows"]["restart"] > 0, ledger
 
 
+def test_a_node_lost_during_a_save_is_recovered_in_place_and_the_save_made_again(tmp_path, reference):
+    """Node 2's agent dies while rank 0 writes step 20's checkpoint (its extra value takes 3 s to
+    pickle; the other ranks wait in the save's barrier). The survivors recover in place from inside
+    the save and make it again at world size 2. On the old code their workers exited with the
+    barrier's error and were started again from the last checkpoint on disk (and on three namespace
+    hosts, a frozen agent met during a save failed the whole job)."""
+    out = tmp_path / "out"
+    job = subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--log-dir", str(tmp_path / "logs"),
+                                  *script(out, *SLOW_STEP, "--slow-save-at", "20", "--slow-save", "3")),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(out, 20)
+    deadline = time.monotonic() + 30  # rank 0 is pickling step 20's checkpoint into its temporary file
+    while not any("step20.pt" in p.name and p.name.startswith(".") for p in (out / "ckpt").iterdir()):
+        assert time.monotonic() < deadline, "step 20's save did not start"
+        time.sleep(0.01)
+    os.kill(agent_of(out, 2), signal.SIGKILL)
+    _, stderr = job.communicate(timeout=180)
+    assert job.returncode == 0, stderr
+    assert "lost node 2" in stderr and "attempt 1 on nodes 0,1 (2 of --nodes 2:3)" in stderr, stderr
+    assert_in_place(out, stderr)
+    assert_exact(out, reference)
+    rank0 = (tmp_path / "logs" / "node0" / "rank0.log").read_text()
+    assert "lost a peer at step 20; recovered in place" in rank0, rank0
+    from trainfleet.engine.checkpoint.tools import read_checkpoint
+    saved = read_checkpoint(out / "ckpt" / "step20.pt")  # made again by the two survivors
+    assert saved["extra"]["step"] == 20 and saved["meta"]["world_size"] == 2, saved["meta"]
+    assert saved["data"]["consumed"] == 12  # 20 steps of 6 samples: 3 epochs of 36, then 12
+    assert not [pid for pid in pids_recorded(out) if alive(pid)]
+
+
 def test_fsdp_loses_a_node_resumes_from_disk_and_counts_the_steps_computed_again(tmp_path):
     """fsdp's shards die with their node: the survivors restart from the last checkpoint (every 4
     steps), and the report says how many steps were computed again."""

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from indexed import WithIndex  # tests/scripts, next to this script
+from slow_payload import Slow
 
 import trainfleet
 from trainfleet.datasets import build_dataset
 from trainfleet.models import build_model
-
-from indexed import WithIndex  # tests/scripts, next to this script
-
 
 parser = argparse.ArgumentParser()
 parser.add_argument("out")
@@ -30,6 +29,8 @@ parser.add_argument("--steps", type=int, default=24)
 parser.add_argument("--save-every", type=int, default=4)
 parser.add_argument("--step-sleep", type=float, default=0.0)
 parser.add_argument("--global-batch-size", type=int, default=6)
+parser.add_argument("--slow-save-at", type=int, default=0, help="the save after this step takes --slow-save s")
+parser.add_argument("--slow-save", type=float, default=3.0)
 args = parser.parse_args()
 out = Path(args.out)
 for folder in ("trace", "pids", "ckpt"):
@@ -51,8 +52,9 @@ trace = open(out / "trace" / f"a{attempt}.r{engine.rank}.jsonl", "a")
 
 
 def save() -> None:
+    stall = {"stall": Slow(args.slow_save)} if step == args.slow_save_at else {}  # pickled by rank 0, in the save
     engine.save(out / "ckpt" / f"step{step}.pt", model=model, optimizer=optimizer, dataloader=loader,
-                keep_last=2, step=step)
+                keep_last=2, step=step, **stall)
 
 
 while step < args.steps:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from slow_payload import Slow  # the script's folder is on sys.path, as under python
 
 import trainfleet
 from trainfleet.datasets import build_dataset
@@ -35,17 +36,6 @@ parser.add_argument("--checkpoint-every", type=int, default=0)
 parser.add_argument("--kill-at", type=int, default=0)
 args = parser.parse_args()
 out = Path(args.out)
-
-
-class Slow:
-    """Pickles as 0, after ``seconds``: a save whose writing takes that long."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-
-    def __reduce__(self):
-        time.sleep(self.seconds)
-        return (int, (0,))
 
 
 engine = trainfleet.Engine(seed=1)

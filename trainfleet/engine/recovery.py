@@ -38,7 +38,8 @@ from typing import Any
 from trainfleet.engine.contract import lost_path, next_path, read_json, write_json
 
 PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused",
-             "NCCL communicator was aborted", "remote process exited", "Socket closed", "Connection timed out")
+             "NCCL communicator was aborted", "remote process exited", "Socket closed", "Connection timed out",
+             "Connection was likely closed")  # the last: the group's store, its socket closed
 WAIT_FOR_AGENT = 30.0  # seconds a worker waits for its agent's answer before it gives up (and exits)
 
 

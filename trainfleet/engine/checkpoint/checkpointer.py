@@ -30,13 +30,19 @@ from trainfleet.engine.contract import JobSettings
 from trainfleet.engine.data import DeviceDataLoader
 from trainfleet.engine.environment import data_step, note_resume
 from trainfleet.engine.progress_record import CHECKPOINT
+from trainfleet.engine.recovery import lost_a_peer
 from trainfleet.utils.errors import UsageError
 
 
 def _in_checkpoint_phase(kind: str) -> Any:
     """The rank is in the checkpoint phase while the method runs (its agent allows a save longer
     than a step before it calls anything a hang); its time is ``kind`` ("save" or "load") in the
-    rank's account (launcher/ledger.py: the job's checkpoint stalls and loads)."""
+    rank's account (launcher/ledger.py: the job's checkpoint stalls and loads).
+
+    A save that loses a peer in an elastic ddp job (a collective or the store failing as a node
+    dies or is cut off) is recovered from in place, as between steps, and made again by the
+    survivors: the same step's checkpoint at the new world size. Before, the survivors' workers
+    exited and the job failed (tests/launcher/test_elastic.py, a frozen agent met during a save)."""
     def decorate(method: Any) -> Any:
         @functools.wraps(method)
         def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -44,6 +50,13 @@ def _in_checkpoint_phase(kind: str) -> Any:
             if board is not None:
                 board.begin(kind)
             try:
+                try:
+                    with self._phase(CHECKPOINT):
+                        return method(self, *args, **kwargs)
+                except RuntimeError as err:
+                    if kind != "save" or self.in_place is None or not lost_a_peer(err):
+                        raise
+                    self._recover(err, "between steps")  # raises err where that cannot be done
                 with self._phase(CHECKPOINT):
                     return method(self, *args, **kwargs)
             finally:
