@@ -94,6 +94,7 @@ def test_a_node_whose_beats_stop_is_silent_within_the_timeout_and_a_beat_away():
         began = time.monotonic()
         assert _until(lambda: server.looked - began > 0.6)  # beating: never silent for 0.3 s
         assert server.silent(0.3) == {}
+        assert 0 < server.longest[1] < 0.3  # the widest gap between two beats (the soak benchmark reads it)
         link._halt.set()  # the beats stop; the connection stays open (no reset comes)
         stopped = time.monotonic()
         assert _until(lambda: 1 in server.silent(0.3), timeout=3)

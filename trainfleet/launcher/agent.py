@@ -518,8 +518,10 @@ class NodeAgent(RendezvousMixin):
     def _report(self, outcome: Outcome) -> int:
         if self.is_master and self.channel is not None and self.channel.longest_silence:
             try:  # beside the logs: how close the live nodes came to --heartbeat-timeout
+                presence = dict(self.presence.longest) if self.presence is not None else {}
                 (log_dir(self.cfg) / "heartbeats.json").write_text(json.dumps(
-                    {"timeout": self.cfg.heartbeat_timeout, "longest_silence": self.channel.longest_silence.copy()}))
+                    {"timeout": self.cfg.heartbeat_timeout, "longest_silence": self.channel.longest_silence.copy(),
+                     "presence_longest_silence": {str(node): gap for node, gap in presence.items()}}))
             except OSError:
                 pass
         if self.console is not None:

@@ -76,6 +76,7 @@ class PresenceServer(threading.Thread):
         self.port = sock.getsockname()[1]
         self.gone: dict[int, float] = {}  # node -> when its connection closed (monotonic)
         self.heard: dict[int, float] = {}  # node -> when anything last came over its connection
+        self.longest: dict[int, float] = {}  # node -> the longest gap between two arrivals (its margin)
         self.looked = time.monotonic()  # the end of the server's last pass over its sockets
         self.connected: dict[socket.socket, int | None] = {}
         self._halt = threading.Event()
@@ -129,7 +130,10 @@ class PresenceServer(threading.Thread):
             if node is not None and node not in self.connected.values():
                 self.gone[node] = time.monotonic()
             return
-        self.heard[node] = time.monotonic()
+        now = time.monotonic()
+        if node in self.heard:
+            self.longest[node] = max(self.longest.get(node, 0.0), now - self.heard[node])
+        self.heard[node] = now
         self._lines(conn, data)
 
     def _lines(self, conn: socket.socket, data: bytes) -> None:
