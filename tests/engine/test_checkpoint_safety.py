@@ -275,3 +275,18 @@ def test_an_index_declaring_more_bytes_than_its_files_hold_is_refused(engine, tm
     _rewrite_index(path, inflate)
     with pytest.raises(UsageError, match=r"declares \d+ bytes of tensors but its shard files hold \d+"):
         engine.load(path, model=net())
+
+
+@pytest.mark.parametrize("offset, length", [(-(1 << 40), (1 << 40) + 8), (0, -5), (0.5, 10)])
+def test_a_chunk_with_a_negative_or_odd_place_is_refused_before_anything_is_read(engine, tmp_path, offset, length):
+    """A negative offset with a huge length passes "offset + length <= the file's size"; the chunk
+    reader would have sized its buffer from the length (1 TiB here)."""
+    path = engine.save(tmp_path / "ckpt", model=net(), sharded=True)
+
+    def misplace(index):
+        key = next(iter(index.storage_data))
+        index.storage_data[key] = dataclasses.replace(index.storage_data[key], offset=offset, length=length)
+
+    _rewrite_index(path, misplace)
+    with pytest.raises(UsageError, match=r"gives a chunk of __0_0.distcp at byte"):
+        engine.load(path, model=net())

@@ -96,6 +96,12 @@ def check_shards(folder: Path, index: Any) -> None:
     for info in (getattr(index, "storage_data", None) or {}).values():
         if not isinstance(info.relative_path, str) or info.relative_path not in needed:
             _check_chunk(folder, info.relative_path)  # once per file
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
+            # a negative offset would pass the size check below and size a read buffer at will
+            raise UsageError(f"refusing to load {str(folder)!r}: its {DCP_METADATA} gives a chunk of "
+                             f"{info.relative_path} at byte {offset!r}, {length!r} bytes long.",
+                             "re-save the checkpoint with trainfleet or torch.distributed.checkpoint.")
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
     hint = "copy the whole folder again, or load an earlier checkpoint."
     stored = 0
