@@ -109,9 +109,10 @@ def wait_ready(tmp_path, ranks=4, timeout=90):
     """The pids of ranks 0..ranks-1 once each has written ready.rank<R> (long_train.py)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if all((tmp_path / f"ready.rank{r}").exists() for r in range(ranks)):
+        try:  # a file can exist before its pid is in it (the suite once read it empty: IndexError)
             return {r: int((tmp_path / f"ready.rank{r}").read_text().split()[0]) for r in range(ranks)}
-        time.sleep(0.1)
+        except (OSError, IndexError, ValueError):
+            time.sleep(0.1)
     raise AssertionError("the job did not start")
 
 
