@@ -2,6 +2,7 @@
 it is gone; the port is untrusted, so only a hello signed with the job's token counts."""
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -82,15 +83,26 @@ def test_the_signed_hello_is_taken_and_its_close_noted():
         server.stop()
 
 
-def test_a_node_whose_beats_stop_is_silent_within_the_timeout_and_a_beat_away():
-    """A frozen agent or a cut link sends nothing and closes nothing: node 0 counts the silence from
-    the last beat, and tells it within a pass of its server (0.2 s) after the timeout."""
+@contextlib.contextmanager
+def _beating_node():
+    """Node 0's server and node 1's link to it, beating every 0.05 s; both closed after."""
     store = SignedStore(object(), "a" * 32, "test")
     server = _server(store)
     link = None
     try:
         link = presence.LineLink(presence.connect(("127.0.0.1", server.port), store, 1), beat=0.05)
         assert _until(lambda: 1 in server.connected.values())
+        yield server, link
+    finally:
+        if link is not None:
+            link.close()
+        server.stop()
+
+
+def test_a_node_whose_beats_stop_is_silent_within_the_timeout_and_a_beat_away():
+    """A frozen agent or a cut link sends nothing and closes nothing: node 0 counts the silence from
+    the last beat, and tells it within a pass of its server (0.2 s) after the timeout."""
+    with _beating_node() as (server, link):
         began = time.monotonic()
         assert _until(lambda: server.looked - began > 0.6)  # beating: never silent for 0.3 s
         assert server.silent(0.3) == {}
@@ -100,25 +112,12 @@ def test_a_node_whose_beats_stop_is_silent_within_the_timeout_and_a_beat_away():
         assert _until(lambda: 1 in server.silent(0.3), timeout=3)
         assert 0.3 - 0.05 < time.monotonic() - stopped < 0.3 + 0.05 + 0.25
         assert 1 not in server.gone
-    finally:
-        if link is not None:
-            link.close()
-        server.stop()
 
 
 def test_a_stalled_server_does_not_make_the_nodes_look_silent():
-    store = SignedStore(object(), "a" * 32, "test")
-    server = _server(store)
-    link = None
-    try:
-        link = presence.LineLink(presence.connect(("127.0.0.1", server.port), store, 1), beat=0.05)
-        assert _until(lambda: 1 in server.connected.values())
+    with _beating_node() as (server, link):
         server._halt.set()  # its thread stops passing over the sockets (as a stalled one would)
         server.join(timeout=2)
         link._halt.set()
         since = time.monotonic()
         assert not _until(lambda: time.monotonic() - since > 0.6 and server.silent(0.3), timeout=0.8)
-    finally:
-        if link is not None:
-            link.close()
-        server.listener.close()
