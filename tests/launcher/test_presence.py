@@ -121,3 +121,48 @@ def test_a_stalled_server_does_not_make_the_nodes_look_silent():
         link._halt.set()
         since = time.monotonic()
         assert not _until(lambda: time.monotonic() - since > 0.6 and server.silent(0.3), timeout=0.8)
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_node_0_leaves_a_node_gone_to_the_in_place_check_when_its_workers_can_go_on(tmp_path, in_place):
+    """elastic-recovery.txt at 13d4ee6: one kill in 30 was restarted from disk ("lost node 2 (its
+    agent's connection closed)") instead of going on in place. Each poll of node 0's agent asked the
+    presence server twice: the in-place check looked a moment before the connection closed, the
+    job check a moment after, and took the node as lost the classic way. Now, in an attempt whose
+    workers can go on in place, a gone node is the in-place check's alone (at the next poll)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from tests.conftest import SCRIPTS
+    from trainfleet.launcher.agent import NodeAgent
+    from trainfleet.launcher.config import LaunchConfig
+    from trainfleet.launcher.control import ControlChannel
+
+    store = dist.TCPStore("127.0.0.1", 0, None, True, datetime.timedelta(seconds=5), wait_for_workers=False)
+    server = _server(NoStore())
+    channel = ControlChannel(store, 0, 3, 0.05, 5.0)
+    channel.start()
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import socket, sys, time; s = socket.create_connection(('127.0.0.1', int(sys.argv[1]))); "
+        "s.sendall(b'2 \\n'); time.sleep(60)"), str(server.port)])
+    try:
+        agent = NodeAgent(LaunchConfig(str(SCRIPTS / "elastic_train.py"), nodes=3, min_nodes=2,
+                                       log_dir=str(tmp_path / "logs")), 0)
+        agent.channel, agent.presence = channel, server
+        channel.watch_in_place = in_place  # what _check_in_place sets when the workers have the recovery files
+        assert _until(lambda: 2 in server.connected.values())
+        assert agent._check_job(0) is None  # nothing gone yet: what the in-place check saw this poll
+        child.kill()
+        assert _until(lambda: 2 in server.gone)
+        outcome = agent._check_job(0)  # ... and the job check, a moment later in the same poll
+        if in_place:
+            assert outcome is None and channel.failure is None
+        else:  # no in-place recovery in this job: lost, the classic way
+            assert outcome.kind == "lost" and "lost node 2: its agent's connection closed" in outcome.failure.how
+    finally:
+        child.kill()
+        child.wait()
+        channel.stop()
+        channel.join(5)
+        server.stop()

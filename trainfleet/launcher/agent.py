@@ -304,6 +304,8 @@ class NodeAgent(RendezvousMixin):
         if not self.is_master and (channel.attempt > attempt or channel.ended is not None):
             return Outcome("behind")
         if self.is_master:
+            if channel.watch_in_place:  # the in-place check owns a lost node: it may have looked a moment before
+                return None             # the node was gone, and the next poll's look goes in place
             lost = next(((n, why) for n, why in sorted(self._gone().items()) if n in self.members), None)
             if lost is not None:
                 failure = Failure(lost[0], None, f"lost node {lost[0]}: {lost[1]}")
