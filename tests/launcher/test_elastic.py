@@ -25,6 +25,9 @@ from tests.conftest import BIN, SCRIPTS
 SCRIPT = str(SCRIPTS / "elastic_train.py")
 STEPS, SAMPLES = 24, 36
 SLOW_STEP = ["--step-sleep", "0.25"]
+# node 2 joins a running job: its workers take the state from the survivors' memory, who keep going
+JOINED_IN_PLACE = ("node 2 joined; the survivors kept their workers (in place); attempt 2 on nodes 0,1,2 "
+                   "(3 of --nodes 2:3)")
 
 
 def free_port() -> int:
@@ -94,13 +97,14 @@ def alive(pid: int) -> bool:
 
 
 def committed(out: Path) -> dict[int, list[dict]]:
-    """step -> the records of every rank, from the last attempt that ran the step."""
+    """step -> the records of every rank, from the last attempt that ran the step (a record's own
+    attempt: in place, a survivor's file, named by the attempt it started in, goes on)."""
     latest: dict[int, int] = {}
     records: dict[tuple[int, int], list[dict]] = {}
     for path in (out / "trace").glob("a*.r*.jsonl"):
-        attempt = int(path.name[1:].split(".")[0])
         for line in path.read_text().splitlines():
             record = json.loads(line)
+            attempt = record.get("attempt", int(path.name[1:].split(".")[0]))
             records.setdefault((attempt, record["step"]), []).append(record)
             latest[record["step"]] = max(latest.get(record["step"], -1), attempt)
     return {step: records[(attempt, step)] for step, attempt in latest.items()}
@@ -130,13 +134,15 @@ def assert_exact(out: Path, reference: Path) -> None:
         assert sorted(seen) == list(range(SAMPLES)), f"epoch {epoch}: samples repeated or skipped"
 
 
-def assert_in_place(out: Path, stderr: str) -> None:
+def assert_in_place(out: Path, stderr: str, joined: tuple[str, ...] = ()) -> None:
     """The survivors went on from the step held in memory, in the same processes: no step computed
-    twice, no worker started again (each survivor's one trace file, of attempt 0, holds every step)."""
+    twice, no worker started again (each survivor's one trace file, of attempt 0, holds every step;
+    ``joined``: the trace files of a node that joined in place)."""
     found = re.search(r"attempt (\d+): rank 0 went on in place from step (\d+), held in memory", stderr)
     assert found, stderr
     assert "resumed from" not in stderr, stderr  # nothing read from disk
-    assert sorted(p.name for p in (out / "trace").iterdir()) == ["a0.r0.jsonl", "a0.r1.jsonl", "a0.r2.jsonl"]
+    assert sorted(p.name for p in (out / "trace").iterdir()) == sorted(["a0.r0.jsonl", "a0.r1.jsonl", "a0.r2.jsonl",
+                                                                        *joined])
     survivors = [json.loads(line) for name in ("a0.r0.jsonl", "a0.r1.jsonl")
                  for line in (out / "trace" / name).read_text().splitlines()]
     steps = sorted(record["step"] for record in survivors)
@@ -231,6 +237,7 @@ def test_an_agent_started_again_at_once_waits_for_its_node_to_be_dropped_then_re
                                   str(tmp_path / "logs"), *script(out, *SLOW_STEP)),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     wait_for(out, 6)
+    survivors = {node: worker_pids(out, node) for node in (0, 1)}
     os.kill(agent_of(out, 2), signal.SIGKILL)
     again = subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--node-rank", "2", "--master-port", str(port),
                                     "--log-dir", str(tmp_path / "logs2"), *script(out, *SLOW_STEP)),
@@ -238,8 +245,10 @@ def test_an_agent_started_again_at_once_waits_for_its_node_to_be_dropped_then_re
     _, stderr = job.communicate(timeout=180)
     assert job.returncode == 0, stderr
     assert again.wait(timeout=30) == 0, again.communicate()
-    assert "lost node 2" in stderr and "node 2 joined; attempt 2 on nodes 0,1,2 (3 of --nodes 2:3)" in stderr, stderr
+    assert "lost node 2" in stderr and JOINED_IN_PLACE in stderr, stderr
     assert worlds(out)[-1] == 3 and 2 in worlds(out), worlds(out)
+    assert_in_place(out, stderr, joined=("a2.r2.jsonl",))  # the joiner's workers took the step from memory
+    assert {node: worker_pids(out, node) for node in (0, 1)} == survivors
     assert_exact(out, reference)
     assert not [pid for pid in pids_recorded(out) if alive(pid)]
 
@@ -338,16 +347,15 @@ def test_three_hosts_lose_one_and_end_exactly(tmp_path, reference, fault):
         assert [agents[n].returncode for n in (0, 1)] == [0, 0], outputs
         master = outputs[0][1]
         if fault == "rejoin":
-            assert "node 2 joined; attempt 2 on nodes 0,1,2 (3 of --nodes 2:3)" in master, master
+            assert JOINED_IN_PLACE in master, master
             assert agents[3].wait(timeout=30) == 0, agents[3].communicate()
             assert 3 in worlds(out)[-4:] and 2 in worlds(out), worlds(out)
         else:
             assert worlds(out)[-1] == 2, worlds(out)
         assert "lost node 2" in master and "attempt 1 on nodes 0,1 (2 of --nodes 2:3)" in master, master
         assert "the survivors kept their workers (in place)" in master, master
-        if fault != "rejoin":  # (a join restarts every worker from the checkpoint the stop wrote)
-            assert_in_place(out, master)
-            assert {node: worker_pids(out, node) for node in (0, 1)} == survivors  # no worker started again
+        assert_in_place(out, master, joined=("a2.r2.jsonl",) if fault == "rejoin" else ())  # 3 -> 2 -> 3: from memory
+        assert {node: worker_pids(out, node) for node in (0, 1)} == survivors  # no worker started again
         if fault == "frozen agent":
             os.kill(victim, signal.SIGCONT)  # it wakes up to a job that went on without it, and leaves
         assert agents[2].wait(timeout=60) != 0

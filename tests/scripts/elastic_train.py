@@ -4,7 +4,8 @@ when ``engine.should_stop()``, and records what every rank trained on.
     elastic_train.py OUT [--steps N] [--save-every K] [--step-sleep S] [--global-batch-size G]
 
 Checkpoints go to OUT/ckpt. Each rank appends one JSON line per step to
-OUT/trace/a<attempt>.r<rank>.jsonl (step, epoch, dataset indices, world size); it writes
+OUT/trace/a<attempt>.r<rank>.jsonl (step, epoch, dataset indices, world size, the attempt it was
+trained in: in place, a worker's attempt moves on under the same file); it writes
 ``<pid> <agent pid>`` to OUT/pids/node<N>.r<rank> when it starts. Rank 0 writes
 OUT/progress (``attempt step``) every step and OUT/final.pt at the end.
 """
@@ -65,7 +66,7 @@ while step < args.steps:
             continue  # the step a lost node interrupted: its batch comes again (in-place recovery)
         step += 1
         trace.write(json.dumps({"step": step, "epoch": loader.epoch, "idx": index.tolist(),
-                                "world": engine.world_size}) + "\n")
+                                "world": engine.world_size, "attempt": engine.restart_count}) + "\n")
         trace.flush()
         if engine.is_main:
             (out / "progress").write_text(f"{engine.restart_count} {step}")  # in place, the attempt moves on

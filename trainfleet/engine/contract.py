@@ -44,6 +44,7 @@ TTY = "TRAINFLEET_TTY"  # 1 when rank 0's echo lands on a terminal (progress bar
 COLLECTIVE_TIMEOUT = "TRAINFLEET_COLLECTIVE_TIMEOUT"  # --collective-timeout, seconds
 PROGRESS_FILE = "TRAINFLEET_PROGRESS_FILE"  # this rank's progress record (engine/progress_record.py)
 RECOVERY = "TRAINFLEET_RECOVERY"  # elastic ddp: the files a worker and its agent share after a lost node
+JOINING = "TRAINFLEET_JOINING"  # 1: this worker joins a running job in place (resume takes the peers' state)
 ON_NAN = "TRAINFLEET_ON_NAN"  # --on-nan and --max-rollbacks: "rollback:3" (engine/snapshot.py)
 # elastic jobs (--nodes MIN:MAX) only
 NODES = "TRAINFLEET_NODES"  # MIN:MAX
@@ -128,6 +129,7 @@ class WorkerSettings:
     on_nan: str | None = None  # --on-nan
     max_rollbacks: int | None = None  # --max-rollbacks
     recovery: str | None = None  # the in-place recovery files' base path (engine/recovery.py)
+    joining: bool = False  # this worker's node joins a running job in place (engine/recovery.py)
 
     @property
     def under_launch(self) -> bool:
@@ -141,7 +143,7 @@ class WorkerSettings:
         timeout = env.get(COLLECTIVE_TIMEOUT)
         tty = env.get(TTY)
         on_nan, _, limit = (env.get(ON_NAN) or "").partition(":")
-        return cls(recovery=env.get(RECOVERY) or None, on_nan=on_nan or None,
+        return cls(recovery=env.get(RECOVERY) or None, joining=env.get(JOINING) == "1", on_nan=on_nan or None,
                    max_rollbacks=int(limit) if limit.isdigit() else None,
                    strategy=env.get(STRATEGY) or None, precision=env.get(PRECISION) or None, strategy_options=options,
                    amp_backend=env.get(AMP_BACKEND) or None, accelerator=env.get(ACCELERATOR) or None,
@@ -284,6 +286,16 @@ def lost_path(base: str | os.PathLike[str]) -> Path:
 
 def next_path(base: str | os.PathLike[str]) -> Path:
     return Path(f"{base}.next")
+
+
+def ready_path(base: str | os.PathLike[str]) -> Path:
+    """A joining worker's word that it is about to join the running job's new group."""
+    return Path(f"{base}.ready")
+
+
+def resumes_path(base: str | os.PathLike[str]) -> Path:
+    """A worker's word that its script calls ``engine.resume`` (so a node can join in place)."""
+    return Path(f"{base}.resumes")
 
 
 def read_lost(base: str | os.PathLike[str]) -> dict | None:

@@ -255,6 +255,7 @@ class DeviceDataLoader:
         if self.on_start is not None:
             self.on_start()
         epoch, start = self._next_epoch, self._next_start
+        self._moved = False  # a pass that begins here starts at the position reshard() loaded (a joining rank's)
         self.sampler.set_epoch(epoch, start)
         self._next_epoch, self._next_start = epoch + 1, 0
         self.consumed = start

@@ -29,7 +29,7 @@ from trainfleet.engine.data import (
     elastic_global_batch,
     resolve_batch_sizes,
 )
-from trainfleet.engine.environment import ElasticInfo, note_resume
+from trainfleet.engine.environment import ElasticInfo, data_step, note_resume
 from trainfleet.engine.precision import build_precision
 from trainfleet.engine.profiling import StepTimer
 from trainfleet.engine.progress import ProgressBoard, default_group_seq
@@ -45,6 +45,7 @@ _PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
 
 
 BACKWARD_CALL = "backward (gradient all-reduce)"
+JOIN_FLAG = 1 << 8  # above every signal number: should_stop's agreement that a node joins in place
 
 
 class CollectiveTimeoutError(RuntimeError):
@@ -108,6 +109,12 @@ class Engine(CheckpointMixin):
         self.seed = seed
         self._saver = AsyncSaver()
         seed_everything(seed)
+        # a node joining a running elastic ddp job in place: its agent tells node 0 once every worker is here,
+        # and the survivors then make the group this one waits for (engine/recovery.py)
+        self._joining = bool(told.joining and told.recovery and self.strategy.name == "ddp")
+        self._joined: tuple[int, float] | None = None  # (the step, when) a joining rank received in setup()
+        if self._joining:
+            Handshake(told.recovery).say_ready()
         self.strategy.setup_environment()
         self._sharded = ShardedCheckpointer(self.strategy, self._saver)
         self.stop_signal: int | None = None  # the signal behind a stop request, once agreed
@@ -123,7 +130,10 @@ class Engine(CheckpointMixin):
                                               told.max_rollbacks if max_rollbacks is None else max_rollbacks)
         self.snapshot = StateSnapshot()  # the last step's state in host memory (with rollback on)
         self._trained: tuple[Any, Any] | None = None  # (model, optimizer) of setup()
+        self._scheduler: Any = None  # the script's scheduler, once given to resume() (a joining rank needs it)
         self._steps = 0  # calls of step(): the training steps so far, rolled-back ones included
+        self._join_seen = -1  # the attempt of the last join the watcher saw (said at the next should_stop)
+        self._join_next = False  # every rank agreed a join: the next backward() moves to the new group
         # an elastic ddp job: a lost node does not end this process (engine/recovery.py)
         self.in_place = Handshake(told.recovery) if told.recovery and self.strategy.name == "ddp" else None
         self._redo: str | None = None  # after an in-place recovery: what step() does with this iteration
@@ -132,8 +142,7 @@ class Engine(CheckpointMixin):
         self.keep_snapshot = self.rollback is not None or self.in_place is not None
         self._watcher = None
         if self.in_place is not None:  # the agent's answer can come before this rank's own error
-            self._watcher = Watcher(self.in_place, lambda: self.restart_count,
-                                    lambda: cut(getattr(self.strategy, "group_sockets", set())))
+            self._watcher = Watcher(self.in_place, lambda: self.restart_count, self._on_answer)
             self._watcher.start()
         self.timer = StepTimer.from_env(self.rank, self.world_size)  # trainfleet bench only
         if self.timer is not None:
@@ -193,9 +202,11 @@ class Engine(CheckpointMixin):
             model.register_forward_pre_hook(lambda _module, _inputs: self.progress and self.progress.tick())
         if optimizer is None:
             self._trained = (model, None)
+            self._receive_from_peers()
             return model
         optimizer = self.strategy.setup_optimizer(optimizer)
         self._trained = (model, optimizer)
+        self._receive_from_peers()
         return model, optimizer
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -241,6 +252,10 @@ class Engine(CheckpointMixin):
 
     def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()`` through the precision (loss scaling) and strategy."""
+        if self._join_next:  # agreed at the last should_stop: a node joins; this batch is trained again with it
+            self._join_next = False
+            self._recover(None, "backward")
+            return
         if self.progress is not None:
             self.progress.check_loss(loss)
         if self.rollback is not None and self._non_finite_anywhere(loss):
@@ -351,20 +366,24 @@ class Engine(CheckpointMixin):
                    "batch.")
 
     # ----- in-place recovery (engine/recovery.py) -----------------------------------------
-    def _recover(self, err: RuntimeError, where: str) -> None:
+    def _recover(self, err: RuntimeError | None, where: str) -> None:
         """A peer was lost in this step's collectives: join the survivors' new group and go on
-        from the latest step any of them completed; raise ``err`` where that cannot be done."""
+        from the latest step any of them completed; raise ``err`` where that cannot be done.
+        ``err`` None: no peer was lost, a node joins (every rank agreed it at ``should_stop``)."""
         from trainfleet.engine.environment import ClusterEnvironment
 
         attempt = self.restart_count
         model, optimizer = self._trained if self._trained is not None else (None, None)
+        cannot = err or RuntimeError(f"rank {self.rank}: a node joins in place, but this rank holds no state to "
+                                     "give it (engine.setup(model, optimizer) and one step are needed)")
         if model is None or optimizer is None or self.snapshot.step is None:
-            raise err
+            raise cannot
         self.strategy.abandon_group()  # at once: a survivor waiting on this rank fails too, and says so
-        self.in_place.say_lost(attempt, self._steps, where)
+        if err is not None:
+            self.in_place.say_lost(attempt, self._steps, where)
         place = self.in_place.wait_next(attempt)
         if place is None:
-            raise err
+            raise cannot
         began = time.monotonic()
         strategy = self.strategy
         wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel)
@@ -376,36 +395,106 @@ class Engine(CheckpointMixin):
         strategy.setup_environment()
         if wrapped:
             rebuild_ddp_in_place(model, strategy.wrap_again)
-        steps = torch.tensor([self._steps, -self._steps], dtype=torch.int64)
-        newest, oldest = (int(v) for v in strategy.all_reduce(steps, "max").tolist())
-        oldest = -oldest
-        if newest - oldest > 1 or (self._steps < newest and where != "backward"):
-            raise RuntimeError(f"in-place recovery: the survivors completed {oldest} to {newest} steps and rank "
-                               f"{self.rank} cannot be brought to step {newest} ({where}); restarting from the "
-                               f"last checkpoint instead. (Lost a peer: {err})") from err
-        behind = self._steps < newest
-        if newest != oldest:  # the ranks one step behind take the step from one that completed it
-            holder = int(strategy.all_reduce(torch.tensor([self.rank if not behind else self.world_size]),
-                                             "min").item())
-            held = strategy.broadcast(self.snapshot.whole(model, optimizer) if not behind else None, holder)
-            if behind:
-                held.rng = self.snapshot.rng  # this rank's own random stream
-                self.snapshot = held
-        positions = iter(self.snapshot.loaders)  # the training loaders', in order
-        for loader in self._loaders:
-            loader.reshard(self.world_size, self.rank, next(positions) if loader.sampler.even else None)
-        self.snapshot.restore(model, optimizer, self.precision, lambda rng: restore_rng(rng, self.device))
-        optimizer.zero_grad(set_to_none=True)  # the interrupted backward's local gradients are not the step's
-        self._steps = newest
+            strategy._share_masters()  # as a joining rank's setup() does (O2's masters; nothing otherwise)
+        newest, behind, joined = self._agree_state(model, optimizer, where, err, joining=False)
+        self._take_state(model, optimizer, newest)
         self._redo = ("done" if behind else "again") if where == "backward" else None
         if self.progress is not None:
             self.progress.recovered(began, time.monotonic(), newest)
         record = ElasticSettings.from_env().resume_record
         if self.is_main and record:  # the launcher's report: where the new attempt went on from
             note_resume(record, None, self._train_loaders[0] if self._train_loaders else None, in_place=newest)
-        self.print(f"trainfleet: lost a peer at step {newest}; recovered in place in {time.monotonic() - began:.2f}s "
+        what = "a node joined" if err is None else "lost a peer"
+        self.print(f"trainfleet: {what} at step {newest}; recovered in place in {time.monotonic() - began:.2f}s "
                    f"at world size {self.world_size}: going on from step {newest}"
-                   f"{' (a rank one step behind took it from a peer)' if behind else ''}.")
+                   f"{' (a rank one step behind took it from a peer)' if behind else ''}"
+                   f"{' (the joining ranks took it from this memory)' if joined else ''}.")
+
+    def _on_answer(self, place: dict) -> bool:
+        """The watcher's: a node lost, cut the old group now; a node joins, say so at the next
+        ``should_stop`` (every rank agrees there, and all move at the next ``backward``, where the
+        joining ranks' loop begins too: cutting the group mid-step could leave the survivors in a
+        save or one step ahead, and the joiners in neither)."""
+        if place.get("join"):
+            self._join_seen = int(place["attempt"])
+            return True
+        cut(getattr(self.strategy, "group_sockets", set()))
+        return True
+
+    def _agree_state(self, model: Any, optimizer: Any, where: str, err: BaseException | None,
+                     joining: bool) -> tuple[int, bool, int]:
+        """Every rank of the new group, the survivors' ``_recover`` and a joining rank's ``resume``
+        alike: agree the newest step any survivor completed; the ranks without it (one step
+        behind, or ``joining``) take it, whole, from the lowest rank that has it. Returns (that
+        step, whether this rank took it, how many ranks joined)."""
+        strategy = self.strategy
+        mine = [-1, -(2 ** 62), 1] if joining else [self._steps, -self._steps, 0]
+        newest, oldest, joined = (int(v) for v in strategy.all_reduce(torch.tensor(mine, dtype=torch.int64),
+                                                                       "max").tolist())
+        oldest = -oldest
+        if not joining and (newest - oldest > 1 or (self._steps < newest and where != "backward")):
+            raise RuntimeError(f"in-place recovery: the survivors completed {oldest} to {newest} steps and rank "
+                               f"{self.rank} cannot be brought to step {newest} ({where}); restarting from the "
+                               f"last checkpoint instead. (Lost a peer: {err})") from err
+        behind = joining or self._steps < newest
+        if newest != oldest or joined:  # the ranks one step behind, or joining, take it from one that has it
+            holder = int(strategy.all_reduce(torch.tensor([self.rank if not behind else self.world_size]),
+                                             "min").item())
+            whole = None
+            if not behind:
+                whole = self.snapshot.whole(model, optimizer, self._scheduler)
+                whole.counters = self.progress.counters() if self.progress is not None else None
+            held = strategy.broadcast(whole, holder)
+            if behind:
+                if not joining:
+                    held.rng = self.snapshot.rng  # this rank's own random stream (a joining rank: the holder's)
+                self.snapshot = held
+        return newest, behind, joined
+
+    def _take_state(self, model: Any, optimizer: Any, newest: int) -> None:
+        """Put the agreed step's state in place at the new world size (the loaders re-sharded)."""
+        positions = iter(self.snapshot.loaders)  # the training loaders', in order
+        for loader in self._loaders:
+            loader.reshard(self.world_size, self.rank, next(positions) if loader.sampler.even else None)
+        self.snapshot.restore(model, optimizer, self.precision, lambda rng: restore_rng(rng, self.device))
+        optimizer.zero_grad(set_to_none=True)  # the interrupted backward's local gradients are not the step's
+        self._steps = newest
+
+    def _receive_from_peers(self) -> None:
+        """``setup`` on a rank whose node joins a running job in place: the survivors are in their
+        ``_recover`` (their DDP rebuilt, as this rank's setup just wrapped its model: the wrap
+        broadcast rank 0's parameters and buffers); this rank receives the rest of the newest step's
+        state from one of them, and puts it in place in ``resume``."""
+        if not self._joining:
+            return
+        self._joining = False
+        began = time.monotonic()
+        newest, _, _ = self._agree_state(None, None, "join", None, joining=True)
+        self._joined = (newest, began)
+
+    def _join_from_peers(self, model: Any, optimizer: Any, scheduler: Any, dataloader: Any) -> dict[str, Any]:
+        """``resume`` on a rank that joined in place: the state received in ``setup`` goes in place.
+        Returns ``{"step": the global step}`` (from the data position: a checkpoint's other saved
+        values are not held in memory)."""
+        (newest, began), self._joined = self._joined, None
+        trained = self._trained or (None, None)
+        model, optimizer = model or trained[0], optimizer or trained[1]
+        if model is None or optimizer is None or dataloader is None:
+            raise UsageError("a node that joins in place takes its state from its peers in engine.resume(model, "
+                             "optimizer, dataloader=...): all three are needed.",
+                             "pass them as the script's first attempt does.")
+        self._take_state(model, optimizer, newest)
+        if scheduler is not None and self.snapshot.scheduler is not None:
+            scheduler.load_state_dict(self.snapshot.scheduler)
+        step = data_step(dataloader)
+        if self.progress is not None:
+            if self.snapshot.counters is not None:  # the survivors redo their batch with a step() first
+                self.progress.adopt(self.snapshot.counters, steps_ahead=1)
+            if step is not None:
+                self.progress.set_base(step)
+        print(f"trainfleet: rank {self.rank} joined in place in {time.monotonic() - began:.2f}s: the state of step "
+              f"{newest} from its peers' memory, at world size {self.world_size}", flush=True)
+        return {"step": step} if step is not None else {}
 
     # ----- stop requests ---------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -422,8 +511,12 @@ class Engine(CheckpointMixin):
         ``--grace-period`` seconds before SIGKILL. :attr:`stop_signal` says which signal.
         """
         agreed = 0  # also after an in-place recovery inside the call
+        joining = self._join_seen > self.restart_count  # a node joins in place (said in the bit above a signal's)
         with self._collective("should_stop"):  # on the host: no wait for the GPU's queue
-            agreed = self.strategy.max_on_host(int(self._pending_signal or 0))
+            agreed = self.strategy.max_on_host(int(self._pending_signal or 0) | (JOIN_FLAG if joining else 0))
+        if agreed & JOIN_FLAG:
+            self._join_next = True
+        agreed &= JOIN_FLAG - 1  # (a signal another rank had meets the next call: it stays pending there)
         if agreed:
             self.stop_signal = agreed
         return bool(agreed)

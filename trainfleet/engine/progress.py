@@ -192,6 +192,18 @@ class ProgressBoard:
         self._write_account()
         self._publish()
 
+    def counters(self) -> list[int]:
+        """What the signature of a save compares, but the group's own count: steps, batches, the
+        engine's collectives, saves (a joining rank takes them from a peer: ``adopt``)."""
+        return [self.step, self.batches, self.colls, self.saves]
+
+    def adopt(self, counters: list[int], steps_ahead: int = 0) -> None:
+        """A joining rank: a peer's :meth:`counters`, as they will be when this rank's loop begins
+        (``steps_ahead``: the peer's step calls before its next batch)."""
+        step, self.batches, self.colls, self.saves = (int(v) for v in counters)
+        self.step = step + steps_ahead
+        self._publish()
+
     def set_base(self, step: int) -> None:
         self.base_step = int(step)
         self._write_account()

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from trainfleet.engine.contract import lost_path, next_path, read_json, write_json
+from trainfleet.engine.contract import lost_path, next_path, read_json, ready_path, resumes_path, write_json
 
 PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused",
              "NCCL communicator was aborted", "remote process exited", "Socket closed", "Connection timed out",
@@ -58,6 +58,17 @@ class Handshake:
     def say_lost(self, attempt: int, steps: int, where: str) -> None:
         write_json(lost_path(self.base), {"attempt": attempt, "steps": steps, "where": where,
                                            "pid": os.getpid()})
+
+    def say_resumes(self) -> None:
+        """The script calls ``engine.resume``: a node can join in place (its workers take the
+        peers' state there); without it, a join restarts every worker from a checkpoint."""
+        path = resumes_path(self.base)
+        if not path.exists():
+            write_json(path, {"pid": os.getpid()})
+
+    def say_ready(self) -> None:
+        """A joining worker: about to join the new group (its agent tells node 0 once all are)."""
+        write_json(ready_path(self.base), {"pid": os.getpid()})
 
     def wait_next(self, attempt: int, timeout: float = WAIT_FOR_AGENT) -> dict | None:
         """The agent's answer for an attempt after ``attempt`` (None after ``timeout``)."""
@@ -122,8 +133,9 @@ def cut(inodes: set[str]) -> int:
 class Watcher(threading.Thread):
     """Watches for the agent's answer while the script trains: an answer this process did not ask
     for (its node's agent learnt of a lost or frozen node first, or a peer's error never reached
-    this rank) cuts the old group's sockets, so the collective this rank waits in fails now and
-    the engine recovers."""
+    this rank, or a node joins) makes ``on_answer(place)`` cut the old group's sockets, so the
+    collective this rank waits in fails now and the engine recovers. ``on_answer`` returns False
+    to be asked again (a join waits for the step's own collectives)."""
 
     def __init__(self, handshake: Handshake, current: Any, on_answer: Any, interval: float = 0.05):
         super().__init__(name="trainfleet-recovery", daemon=True)
@@ -138,6 +150,6 @@ class Watcher(threading.Thread):
                 continue
             place = read_json(path)
             attempt = place.get("attempt") if place else None
-            if isinstance(attempt, int) and attempt > self.current() and attempt != self._seen:
+            if isinstance(attempt, int) and attempt > self.current() and attempt != self._seen \
+                    and self.on_answer(place):
                 self._seen = attempt
-                self.on_answer()

@@ -71,6 +71,8 @@ class StateSnapshot:
     rng: Any = None
     loaders: list = field(default_factory=list)
     seconds: float = 0.0  # the last capture's time
+    scheduler: Any = None  # only in a whole snapshot (for a joining rank): the script's scheduler's state
+    counters: Any = None  # ... and the sender's progress counters (ProgressBoard.counters: the save's signature)
 
     def capture(self, step: int, model: torch.nn.Module, optimizer: Any, precision: Any, rng: dict,
                 loaders: list) -> None:
@@ -86,13 +88,14 @@ class StateSnapshot:
         self.step = step
         self.seconds = time.perf_counter() - began
 
-    def whole(self, model: torch.nn.Module, optimizer: Any) -> "StateSnapshot":
-        """This snapshot with the live parameters and optimizer state (what a rank one step behind
-        takes from a peer that completed the step), as a new snapshot to send."""
+    def whole(self, model: torch.nn.Module, optimizer: Any, scheduler: Any = None) -> "StateSnapshot":
+        """This snapshot with the live parameters and optimizer state (what a rank one step behind,
+        or a joining one, takes from a peer that completed the step), as a new snapshot to send;
+        with the scheduler's state when the engine knows the script's scheduler."""
         state = {**model.state_dict(), **(self.model or {})}
         return StateSnapshot(self.step, {k: v.detach().cpu() for k, v in state.items()},
                              optimizer.state_dict() if optimizer is not None else None, self.precision, self.rng,
-                             list(self.loaders))
+                             list(self.loaders), scheduler=scheduler.state_dict() if scheduler is not None else None)
 
     def restore(self, model: torch.nn.Module, optimizer: Any, precision: Any, restore_rng: Any,
                 loaders: list | None = None) -> None:

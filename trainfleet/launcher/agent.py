@@ -99,6 +99,8 @@ class NodeAgent(RendezvousMixin):
         self.shown: tuple | None = None  # node 0: the diagnosis report it printed as it happened
         self.attempt_now = 0  # the attempt this node's workers are in (in-place recovery moves it on)
         self._said: set[str] = set()  # in-place keys this node posted already
+        self.join_in_place: int | None = None  # a joining node: the attempt its workers join the running ones in
+        self._join: dict[str, Any] | None = None  # node 0: a join in place being prepared (_prepare_join)
         self.presence: Any = None  # node 0: who is connected (launcher/presence.py)
         self.presence_link: Any = None  # another node: its connection to node 0's presence server
         # node 0: where the wall time went, from ``origin`` (time.monotonic() at the launcher's start) or this
@@ -133,7 +135,12 @@ class NodeAgent(RendezvousMixin):
         if not self.cfg.elastic:
             raise UsageError(f"node {node}: the job already runs without it.", "start every node together.")
         say(f"node {node}: asking to join the running job (attempt {attempt}, nodes {members}).")
-        latest, members = elastic.wait_to_join(self.channel, node, self._layout(), self.cfg.rendezvous_timeout)
+        latest, members, in_place_join = elastic.wait_to_join(self.channel, node, self._layout(),
+                                                              self.cfg.rendezvous_timeout)
+        if in_place_join:
+            self.join_in_place = latest
+            say(f"node {node}: joining attempt {latest} in place (nodes {members}): the state comes from the "
+                "peers' memory.")
         return self._enter(latest, members)
 
     # ----- attempts ------------------------------------------------------------------
@@ -192,7 +199,12 @@ class NodeAgent(RendezvousMixin):
             self._watch_ledger()
             if not resumed:  # node 0 of an elastic job: say where rank 0 resumed, once it has
                 resumed = self.coordinator.note_resume(attempt)
-            if self.coordinator is not None and grow_asked is None and self.coordinator.pending():
+            if self.coordinator is not None and grow_asked is None and self.channel.watch_in_place \
+                    and in_place.can_take_joiners([w.spec for w in group.workers]):
+                joiners = self.coordinator.pending(in_place=True)
+                if joiners and self._prepare_join(attempt, joiners):
+                    return Outcome("in place")
+            elif self.coordinator is not None and grow_asked is None and self.coordinator.pending():
                 grow_asked = time.monotonic()
                 self.channel.report_signal(signal.SIGUSR1, attempt)  # every node's workers: checkpoint and return
                 forwarded.add(("remote", signal.SIGUSR1))
@@ -367,6 +379,9 @@ class NodeAgent(RendezvousMixin):
         if in_place.waiting(specs, attempt):
             self._post_once(f"inplace/{attempt}/{self.node_rank}")
             channel.poke()  # a round with the store now: node 0 calls the roll within a poll
+        if self.join_in_place == attempt and in_place.all_ready(specs):
+            self._post_once(f"joinready/{attempt}/{self.node_rank}")
+            channel.poke()
         if self.is_master:  # its store is local
             try:
                 asked = (any(node in self._gone() for node in self.members)  # dead, or silent: frozen, cut off
@@ -382,6 +397,41 @@ class NodeAgent(RendezvousMixin):
             return Outcome("in place")
         return None
 
+    def _prepare_join(self, attempt: int, joiners: list[int]) -> bool:
+        """Node 0, nodes asking to join an attempt whose workers can go on in place: host the next
+        attempt's store and post its members and ``joining/<node>``; the joiners start their workers
+        in it. True once every joiner's workers are ready (the survivors then move: _go_in_place);
+        a joiner that goes away or is not ready within GROW_WAIT is dropped, and nothing changed."""
+        store, new, join = self.channel.store, attempt + 1, self._join
+        if join is None or join["attempt"] != new:
+            members = sorted(set(self.members) | set(joiners))
+            port, _ = self._attempt_ports(new)  # the running attempt's store stays up beside it
+            self._host_attempt_servers()
+            store.set(f"members/{new}", json.dumps(members))
+            for node in joiners:
+                store.set(f"joining/{node}", str(new))
+            self._join = {"attempt": new, "members": members, "joiners": list(joiners), "port": port,
+                          "since": time.monotonic(), "ready": False}
+            return False
+        closed = self.presence.gone if self.presence is not None else {}  # (a rejoining node's old loss is not this)
+        gone = [node for node in join["joiners"] if node in closed or node not in self.channel.joiners]
+        late = time.monotonic() - join["since"] > elastic.GROW_WAIT
+        if gone or late:
+            why = "went away" if gone else f"was not ready within {elastic.GROW_WAIT:.0f}s"
+            say(f"node(s) {','.join(map(str, gone or join['joiners']))} {why} before joining in place; going on "
+                "without them.")
+            for node in join["joiners"]:
+                self.channel.joiners.pop(node, None)
+                for key in (f"join/{node}", f"joining/{node}"):
+                    store.delete_key(key)
+                if late and not gone:
+                    self.channel.post(f"join/{node}/answer", f"node {node}: its workers were not ready to join "
+                                                             f"within {elastic.GROW_WAIT:.0f}s; start it again.")
+            self._join = None
+            return False
+        join["ready"] = all(store.check([f"joinready/{new}/{node}"]) for node in join["joiners"])
+        return join["ready"]
+
     def _go_in_place(self, group: WorkerGroup, attempt: int) -> int | None:
         """The next attempt with the same workers (None: not possible; they are restarted)."""
         started = time.monotonic()
@@ -389,16 +439,22 @@ class NodeAgent(RendezvousMixin):
         if self.is_master:
             gone = self._gone()
             members = in_place.roll_call(store, attempt, self.members, gone)
+            join, self._join = self._join, None
+            if join is not None and not (join["ready"] and join["attempt"] == attempt + 1 and members == self.members):
+                return None  # a node was lost while another joined: every node restarts from the checkpoint
             if len(members) < self.cfg.min_nodes or len(group.alive()) != len(group.workers):
                 return None
             silent = f"its agent did not answer the roll call within {in_place.ROLL_WAIT:.1f}s after its peers lost it"
             lost = {node: gone.get(node) or silent for node in self.members if node not in members}
             new = attempt + 1
-            self._stop_attempt_servers()
-            port, _ = self._attempt_ports(new)
-            self._host_attempt_servers()
+            if join is not None:  # its store is up since _prepare_join, and the joiners' workers wait in it
+                members, port = join["members"], join["port"]
+            else:
+                self._stop_attempt_servers()
+                port, _ = self._attempt_ports(new)
+                self._host_attempt_servers()
             store.set(f"inplace/{new}", "1")
-            self.coordinator.record_in_place(new, members, lost)
+            self.coordinator.record_in_place(new, members, lost, join["joiners"] if join else None)
         else:
             new = self.channel.in_place_attempt
             members = parse_members(store.get(f"members/{new}"), self.cfg.nodes)
@@ -406,10 +462,13 @@ class NodeAgent(RendezvousMixin):
                 return None
             port, _ = self._attempt_ports(new)
         self.diagnosis.close()
+        previous = list(self.members)
         self._enter(new, members)
         self.attempt_now = new
+        joined = [node for node in members if node not in previous]
         in_place.place_workers([w.spec for w in group.workers],
-                               lambda local: worker_env(self.cfg, self.placement, local, port, None, new), new)
+                               lambda local: worker_env(self.cfg, self.placement, local, port, None, new), new,
+                               join=bool(joined))
         if self.console is not None:  # the ranks are renumbered: a line is complete when the new world printed it
             self.console.set_world(len(members) * self.cfg.devices_per_node)
         self.diagnosis = AttemptDiagnosis(self.channel, [w.spec for w in group.workers], self.node_rank, new,

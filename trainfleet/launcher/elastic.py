@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainfleet.launcher.config import log_dir
-from trainfleet.launcher.store_values import parse_members, printable
+from trainfleet.launcher.store_values import parse_count, parse_members, printable
 from trainfleet.utils.errors import UsageError
 
 GROW_WAIT = 60.0  # seconds the workers get to checkpoint and return after a join request
@@ -114,8 +114,9 @@ class Coordinator:
         self.gone: Any = lambda: dict(channel.lost_nodes)  # the agent's: heartbeats and closed connections
 
     # ----- joiners ------------------------------------------------------------------------
-    def pending(self) -> list[int]:
-        """Nodes asking to join whose layout matches; the others are refused in one line."""
+    def pending(self, in_place: bool = False) -> list[int]:
+        """Nodes asking to join whose layout matches; the others are refused in one line.
+        ``in_place``: the running workers take them in without stopping (said once)."""
         if not self.cfg.elastic:
             return []
         ready = []
@@ -130,8 +131,10 @@ class Coordinator:
                 continue
             if node not in self._announced:
                 self._announced.add(node)
-                self.say(f"node {node} ({theirs['host']}) asks to join: the workers checkpoint and stop "
-                         "at their next step (SIGUSR1), then every node restarts with it.")
+                self.say(f"node {node} ({theirs['host']}) asks to join: " + (
+                    "its workers take the state from their peers' memory and the running workers go on in place."
+                    if in_place else
+                    "the workers checkpoint and stop at their next step (SIGUSR1), then every node restarts with it."))
             ready.append(node)
         return ready
 
@@ -202,12 +205,18 @@ class Coordinator:
             self.say(f"{restarted}.")
         return new
 
-    def record_in_place(self, attempt: int, members: list[int], lost: dict[int, str]) -> None:
-        """Node 0: the survivors of a lost node go on in place (launcher/in_place.py) in ``attempt``."""
+    def record_in_place(self, attempt: int, members: list[int], lost: dict[int, str],
+                        joined: list[int] | None = None) -> None:
+        """Node 0: the survivors of a lost node, or the workers a node joins, go on in place
+        (launcher/in_place.py) in ``attempt``."""
         for node in lost:  # an agent started again for a lost node may take its id back
             self.channel.store.delete_key(f"agent/{node}")
+        for node in joined or []:
+            self.channel.joiners.pop(node, None)
+            for key in (f"join/{node}", f"joining/{node}"):
+                self.channel.store.delete_key(key)
         self._post(attempt, members)
-        change = Change(attempt, time.monotonic() - self.started, members, lost, [],
+        change = Change(attempt, time.monotonic() - self.started, members, lost, list(joined or []),
                         "the survivors kept their workers (in place)")
         self.history.append(change)
         self.say(change.describe(self.cfg.min_nodes, self.cfg.nodes))
@@ -259,8 +268,10 @@ class Coordinator:
 
 
 # ----- a node other than 0 ---------------------------------------------------------------------
-def wait_to_join(channel: Any, node: int, layout: dict[str, Any], timeout: float) -> tuple[int, list[int]]:
-    """Ask node 0 to take this node into the running job; wait for the attempt that does.
+def wait_to_join(channel: Any, node: int, layout: dict[str, Any], timeout: float) -> tuple[int, list[int], bool]:
+    """Ask node 0 to take this node into the running job; wait for the attempt that does, and
+    whether this node's workers join the running ones in place (node 0 posts ``joining/<node>``
+    with that attempt before the others move to it: they move once this node's workers are ready).
 
     Raises:
         UsageError: node 0 refused it (another layout), the job ended, or it was not taken in time.
@@ -273,11 +284,16 @@ def wait_to_join(channel: Any, node: int, layout: dict[str, Any], timeout: float
     while time.monotonic() < deadline and not channel.lost and channel.ended is None:
         if store.check([f"join/{node}/answer"]):
             raise UsageError(printable(store.get(f"join/{node}/answer").decode(errors="replace"), 300))
+        if store.check([f"joining/{node}"]):
+            prepared = parse_count(store.get(f"joining/{node}"))
+            members = parse_members(store.get(f"members/{prepared}"), channel.nodes) if prepared is not None else None
+            if members is not None and node in members:
+                return prepared, members, True
         latest = channel.attempt
         if latest > 0 and store.check([f"members/{latest}"]):
             members = parse_members(store.get(f"members/{latest}"), channel.nodes)
             if members is not None and node in members:
-                return latest, members
+                return latest, members, False
         time.sleep(0.1)
     raise UsageError(f"node {node}: the job did not take this node within {timeout:.0f}s.",
                      "check node 0's output; --rendezvous-timeout sets the wait.")

@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from trainfleet.engine import contract
-from trainfleet.engine.contract import lost_path, next_path, read_lost, write_next
+from trainfleet.engine.contract import lost_path, next_path, read_lost, ready_path, resumes_path, write_next
 
 ROLL_WAIT = 1.0  # seconds node 0 waits at most for an answer (none is awaited from a node whose agent is gone)
 # the variables a worker takes from its new place (the rest of its environment is unchanged)
@@ -36,7 +36,8 @@ def clear(specs: list[Any]) -> None:
     """Before a group of new workers starts: no answer of an earlier attempt's may remain."""
     for spec in specs:
         if spec.recovery:
-            for path in (lost_path(spec.recovery), next_path(spec.recovery)):
+            for path in (lost_path(spec.recovery), next_path(spec.recovery), ready_path(spec.recovery),
+                         resumes_path(spec.recovery)):
                 path.unlink(missing_ok=True)
 
 
@@ -64,12 +65,24 @@ def roll_call(store: Any, attempt: int, members: list[int], lost: dict[int, str]
     return sorted(answered)
 
 
-def place_workers(specs: list[Any], env_for: Any, attempt: int) -> None:
+def place_workers(specs: list[Any], env_for: Any, attempt: int, join: bool = False) -> None:
     """Every worker of this node: its place in ``attempt`` (``env_for(local_rank)`` is its full
-    worker environment in that attempt)."""
+    worker environment in that attempt); ``join``: a node joins, nobody was lost (the workers
+    move at their next step's collective, not in a save)."""
     for spec in specs:
         env = env_for(spec.local_rank)
         place = {key: env[key] for key in PLACE_VARIABLES if key in env}
         spec.rank = int(env["RANK"])
         spec.env.update(place)
-        write_next(spec.recovery, {"attempt": attempt, "env": place})
+        write_next(spec.recovery, {"attempt": attempt, "env": place, "join": join})
+
+
+def all_ready(specs: list[Any]) -> bool:
+    """A joining node: every worker said it is about to join the running job's new group."""
+    return bool(specs) and all(spec.recovery and ready_path(spec.recovery).exists() for spec in specs)
+
+
+def can_take_joiners(specs: list[Any]) -> bool:
+    """Node 0: its workers' script calls ``engine.resume`` (where a joining rank takes the peers'
+    state), so a node can join without stopping them."""
+    return bool(specs) and all(spec.recovery and resumes_path(spec.recovery).exists() for spec in specs)

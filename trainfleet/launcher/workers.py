@@ -115,6 +115,8 @@ def worker_specs(agent: Any, attempt: int, port: int, horovod_port: int | None) 
         if in_place_capable(cfg):  # named by local rank: the same process keeps it across attempts
             recovery = str(folder / f"local{local_rank}.recovery")
             env[contract.RECOVERY] = recovery
+            if getattr(agent, "join_in_place", None) == attempt:  # this node joins the running workers
+                env[contract.JOINING] = "1"
         specs.append(WorkerSpec(
             rank=rank, local_rank=local_rank, target=cfg.target, args=list(cfg.args), module=cfg.module,
             env=env, log_path=str(folder / f"rank{rank}{suffix}.log"),

@@ -278,6 +278,12 @@ class CheckpointMixin:
         when :meth:`should_stop` says so: a preempted and requeued job continues exactly
         where it stopped. Returns the saved ``extra`` values, or ``{}`` on a fresh start.
         """
+        if scheduler is not None:  # a joining rank takes its state from the peers' memory, this too
+            self._scheduler = scheduler
+        if self.in_place is not None:  # the agent joins new nodes in place only where the script resumes here
+            self.in_place.say_resumes()
+        if self._joined is not None:  # this node joined a running job in place: its peers' state, not a file's
+            return self._join_from_peers(model, optimizer, scheduler, dataloader)
         where = Path(path) if path is not None else self.checkpoint_dir
         found = where.is_file() or (where / MANIFEST).is_file() or is_sharded(where)
         extra = {}
