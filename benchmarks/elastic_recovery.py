@@ -1,6 +1,6 @@
 """A node lost in an elastic job: seconds from the fault to the first step on the survivors.
 
-    python -m benchmarks.elastic_recovery [--rounds 5] [--kills 30] [--quick] [--smoke]
+    python -m benchmarks.elastic_recovery [--rounds 5] [--kills 30] [--only join] [--quick] [--smoke]
 
 Three nodes of one worker each on this host (one agent process per node, over loopback),
 ``--nodes 2:3``, the same script for both (tests/scripts/elastic_train.py: it resumes from
@@ -13,6 +13,10 @@ go on in place, attempt 1; torchrun: restarted workers, TORCHELASTIC_RESTART_COU
 - ``elastic_fault_to_first_step_vs_torchrun``: --rounds pairs, trainfleet and torchrun in turns;
 - ``in_place_death_to_next_step``: --kills trainfleet trials in all (the paired ones included);
   targets: median <= 1.5 s, worst <= 3 s;
+- ``join_pause_in_place_vs_restart``: node 2 lost, then started again to join; rank 0's longest
+  pause between two steps from the joiner's start until 3 steps on 3 nodes, ``--join in-place``
+  (its workers take the state from the survivors' memory, who keep their processes) against
+  ``--join restart`` (every worker checkpoints, stops and restarts with it), --rounds pairs;
 - ``link_cut_to_next_step``: three namespace hosts (tests/twohosts.py), host 2's link cut at a
   random step; target <= 3 s (the 2 s heartbeat timeout, then the roll call and the new group);
 - ``state_copy_overhead``: the step time with the engine's copy of the state into host memory
@@ -60,6 +64,7 @@ FAULT_STEPS = range(4, 10)
 CAP = 60.0  # a peer run not training again after this long is stopped and counted at CAP
 STARTED: list[subprocess.Popen] = []
 CAPPED: list[str] = []
+JOIN_PAUSE = "join_pause_in_place_vs_restart (rank 0's longest pause between steps)"
 SLOW: list[str] = []  # trainfleet trials over 3 s: node 0's launch lines, to see where the time went
 
 
@@ -69,11 +74,11 @@ def _port() -> int:
         return sock.getsockname()[1]
 
 
-def _command(tool: str, node: int, port: int, out: Path) -> list[str]:
+def _command(tool: str, node: int, port: int, out: Path, join: str = "in-place") -> list[str]:
     job = [SCRIPT, str(out), "--steps", "60", "--step-sleep", "0.1"]
     if tool == "trainfleet":
         return [str(BIN / "launch"), "--nodes", "2:3", "--gpus", "1", "--node-rank", str(node), "--master-addr",
-                "127.0.0.1", "--master-port", str(port), "--log-dir", str(out / "logs"), *job]
+                "127.0.0.1", "--master-port", str(port), "--log-dir", str(out / "logs"), "--join", join, *job]
     return [str(BIN / "torchrun"), "--nnodes", "2:3", "--nproc-per-node", "1", "--max-restarts", "3",
             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"bench{port}",
             "--rdzv-conf", "last_call_timeout=1", *job]
@@ -166,6 +171,41 @@ def _retrying(tool: str) -> float:
     raise RuntimeError(f"{tool}: the job did not start on 3 nodes in 3 tries")
 
 
+def join_trial(join: str) -> float:
+    """Node 2 lost (in place), then started again: the longest pause of rank 0's steps from the
+    joiner's start until 3 steps after the attempt that takes it (``--join in-place``: the
+    survivors train on while the joiner starts, then take it in; ``restart``: every worker
+    checkpoints, stops and restarts with it)."""
+    out = scratch()
+    port = _port()
+    env = {k: v for k, v in os.environ.items() if not k.endswith("SOCKET_IFNAME")}
+    try:
+        for node in range(3):
+            STARTED.append(subprocess.Popen(_command("trainfleet", node, port, out, join), env=env,
+                                            start_new_session=True, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL))
+        _wait(out, lambda p: p >= (0, 4), 120, "no step 4")
+        _node_dies(out, port)
+        _wait(out, lambda p: p >= (1, 6), 60, "no step 6 after the loss")
+        STARTED.append(subprocess.Popen(_command("trainfleet", 2, port, out, join), env=env, start_new_session=True,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        seen, last, longest, began = progress(out), time.monotonic(), 0.0, None
+        deadline = last + 90
+        while time.monotonic() < deadline:
+            now, current = time.monotonic(), progress(out)
+            if current != seen:
+                longest, last, seen = max(longest, now - last), now, current
+                if current[0] >= 2 and began is None:
+                    began = current[1]
+                if began is not None and current[1] >= began + 3:
+                    return max(longest, now - last)
+            time.sleep(0.002)
+        raise RuntimeError(f"--join {join}: no 3 steps on 3 nodes within 90 s of the join (at {progress(out)})")
+    finally:
+        _stop_all()
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def link_cut_trial() -> float:
     """Seconds from cutting host 2's link (3 namespace hosts) to the survivors' next step."""
     from tests import twohosts
@@ -211,7 +251,13 @@ def state_copy_overhead(rounds: int) -> tuple[Comparison, dict]:
 @cleans_up
 def main(argv: list[str] | None = None) -> int:
     kills, argv = pop_option(argv, "--kills", 30, int)
+    only, argv = pop_option(argv, "--only", "", str)
     rounds = rounds_from_args(__doc__, argv, rounds=5, quick=2)
+    if only == "join":  # the join comparison alone
+        joins = interleave(rounds, lambda: join_trial("in-place"), lambda: join_trial("restart"),
+                           Comparison(JOIN_PAUSE, target=1.0), warmup=0)
+        print(joins.line(), flush=True)
+        return 0
     if "--smoke" in argv or "--quick" in argv:
         kills = rounds
     comparison = interleave(rounds, lambda: _retrying("trainfleet"), lambda: _retrying("torchrun"),
@@ -229,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{'MET' if met else 'MISSED'}", flush=True)
     for line in SLOW:
         print(f"  over 3 s: {line}", flush=True)
+    joins = interleave(rounds, lambda: join_trial("in-place"), lambda: join_trial("restart"),
+                       Comparison(JOIN_PAUSE, target=1.0), warmup=0)
+    print(joins.line(), flush=True)
     copy, samples = state_copy_overhead(max(rounds * 2, 1))
     print(copy.line(), flush=True)
     print(f"state_copy_size: {samples['bytes'] / 2**20:.2f} MiB of host memory per rank (the model's buffers; "

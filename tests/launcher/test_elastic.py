@@ -253,6 +253,58 @@ def test_an_agent_started_again_at_once_waits_for_its_node_to_be_dropped_then_re
     assert not [pid for pid in pids_recorded(out) if alive(pid)]
 
 
+@pytest.mark.parametrize("when", ["before it is ready", "after the survivors moved"])
+def test_a_node_that_goes_away_while_it_joins_in_place_leaves_the_running_workers_alone(tmp_path, reference, when):
+    """Node 2 is lost, then started again; its workers go away while they join in place (the
+    joiner's agent and workers killed). Before they said they were ready, node 0 had only prepared
+    the next attempt: the survivors never stopped. After, the survivors wait for it in the new
+    group's store: node 0 goes on in place without it, the survivors' watchers cut that store's
+    socket and they make the next group instead. Either way the job ends exactly on 2 nodes, in the
+    same worker processes, with no step computed again."""
+    out, port = tmp_path / "out", free_port()
+    env = {**os.environ, "TRAINFLEET_JOB_TOKEN": "0123456789abcdef" * 2}
+    job = subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--master-port", str(port), "--log-dir",
+                                  str(tmp_path / "logs"), *script(out, *SLOW_STEP)),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for(out, 4)
+    survivors = {node: worker_pids(out, node) for node in (0, 1)}
+    os.kill(agent_of(out, 2), signal.SIGKILL)
+    wait_for(out, 1, attempt=1)
+    joiner = subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--node-rank", "2", "--master-port", str(port),
+                                     "--log-dir", str(tmp_path / "logs2"),
+                                     *script(out, *SLOW_STEP, "--joiner-delay" if when.startswith("before")
+                                             else "--joiner-stall", "60")),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              start_new_session=True)
+    deadline = time.monotonic() + 60
+    moved = tmp_path / "logs" / "node0" / "local0.recovery.next"  # node 0's worker told to go to attempt 2
+    while not ((out / "joiner-waits").exists() if when.startswith("before") else '"attempt": 2' in _text(moved)):
+        assert time.monotonic() < deadline and joiner.poll() is None, "the joiner's workers never got there"
+        time.sleep(0.05)
+    os.killpg(joiner.pid, signal.SIGKILL)  # its agent and its workers
+    joiner.wait()
+    _, stderr = job.communicate(timeout=180)
+    assert job.returncode == 0, stderr
+    if when.startswith("before"):
+        assert "node(s) 2 went away before joining in place; going on without them." in stderr, stderr
+        assert "node 2 joined" not in stderr, stderr
+    else:
+        assert JOINED_IN_PLACE in stderr and "lost node 2" in stderr.split(JOINED_IN_PLACE)[1], stderr
+        assert "attempt 3 on nodes 0,1 (2 of --nodes 2:3)" in stderr, stderr
+    assert worlds(out)[-1] == 2, worlds(out)
+    assert_in_place(out, stderr)
+    assert {node: worker_pids(out, node) for node in (0, 1)} == survivors
+    assert_exact(out, reference)
+    assert not [pid for pid in pids_recorded(out) if alive(pid)]
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
 def test_below_min_stops_with_one_report_naming_the_lost_nodes(tmp_path):
     out = tmp_path / "out"
     job = subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--log-dir", str(tmp_path / "logs"),

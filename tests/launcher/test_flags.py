@@ -28,11 +28,12 @@ SAMPLES = {
     "hang_timeout": ["--hang-timeout", "9"],
     "on_nan": ["--on-nan", "rollback"],
     "console": ["--console", "rank0"],
+    "join": ["--join", "restart"],
     "max_rollbacks": ["--max-rollbacks", "5"],
 }
 FIELDS = ("nodes", "min_nodes", "devices_per_node", "strategy", "strategy_options", "precision", "amp_backend", "cpu",
           "start_method", "grace_period", "max_restarts", "heartbeat_timeout", "rendezvous_timeout",
-          "collective_timeout", "hang_timeout", "on_nan", "max_rollbacks", "console")
+          "collective_timeout", "hang_timeout", "on_nan", "max_rollbacks", "console", "join")
 
 
 @pytest.fixture

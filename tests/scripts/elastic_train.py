@@ -32,11 +32,27 @@ parser.add_argument("--step-sleep", type=float, default=0.0)
 parser.add_argument("--global-batch-size", type=int, default=6)
 parser.add_argument("--slow-save-at", type=int, default=0, help="the save after this step takes --slow-save s")
 parser.add_argument("--slow-save", type=float, default=3.0)
+parser.add_argument("--joiner-delay", type=float, default=0.0, help="a node joining in place waits this long first")
+parser.add_argument("--joiner-stall", type=float, default=0.0,
+                    help="... or waits this long after it said it is ready, before it joins the group")
 args = parser.parse_args()
 out = Path(args.out)
 for folder in ("trace", "pids", "ckpt"):
     (out / folder).mkdir(parents=True, exist_ok=True)
 
+if os.environ.get("TRAINFLEET_JOINING") == "1":  # (a test's joiner that goes away before it is ready)
+    (out / "joiner-waits").write_text(str(os.getpid()))
+    time.sleep(args.joiner_delay)
+    if args.joiner_stall:
+        import torch.distributed as dist
+
+        make_group = dist.init_process_group
+
+        def stalled(*a, **k):
+            time.sleep(args.joiner_stall)
+            return make_group(*a, **k)
+
+        dist.init_process_group = stalled
 engine = trainfleet.Engine(seed=11)
 attempt = engine.restart_count
 (out / "pids" / f"node{os.environ.get('TRAINFLEET_NODE', '0')}.r{engine.rank}").write_text(

@@ -79,6 +79,7 @@ class DDPStrategy(MultiProcessStrategy):
         self._owns_group = False
         self._host_group: Any = None  # gloo beside NCCL, for max_on_host
         self.group_sockets: set[str] = set()  # the default group's sockets (engine/recovery.py)
+        self._making: set[str] | None = None  # while a group is being made: the sockets there were before
 
     @property
     def backend(self) -> str:
@@ -91,10 +92,21 @@ class DDPStrategy(MultiProcessStrategy):
         # A plain `python train.py` (no launcher) is a world of one: an in-memory store, no port.
         where = {"init_method": "env://"} if self.env.launched else {"store": dist.HashStore()}
         before = set(socket_inodes())
-        dist.init_process_group(rank=self.rank, world_size=self.world_size, **where,
-                                **group_options(self.backend, self.root_device, self.timeout_s))
+        self._making = before
+        try:
+            dist.init_process_group(rank=self.rank, world_size=self.world_size, **where,
+                                    **group_options(self.backend, self.root_device, self.timeout_s))
+        finally:
+            self._making = None
         self.group_sockets = set(socket_inodes()) - before  # its store's and its peers' (in-place recovery)
         self._owns_group = True
+
+    def live_sockets(self) -> set[str]:
+        """The sockets a cut must close for this rank's collectives to fail now: the group's, or
+        while a group is being made (in-place recovery waiting for a member), every socket made
+        since (its store's)."""
+        making = self._making
+        return set(socket_inodes()) - making if making is not None else set(self.group_sockets)
 
     def _teardown(self, failed: bool = False) -> None:
         if self._owns_group and dist.is_initialized():
@@ -142,6 +154,7 @@ class DDPStrategy(MultiProcessStrategy):
         except RuntimeError:
             pass
         self._owns_group, self._host_group, self._environment_ready = False, None, False
+        self.group_sockets = set()  # closed now: their inode numbers may be a later socket's
 
     def wrap_again(self, module: torch.nn.Module) -> torch.nn.Module:
         """A new DDP around an already set-up module, over the current default group (in-place

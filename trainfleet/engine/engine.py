@@ -109,13 +109,16 @@ class Engine(CheckpointMixin):
         self.seed = seed
         self._saver = AsyncSaver()
         seed_everything(seed)
-        # a node joining a running elastic ddp job in place: its agent tells node 0 once every worker is here,
-        # and the survivors then make the group this one waits for (engine/recovery.py)
+        # a node joining a running elastic ddp job in place: the group is made in setup(), once the script
+        # built its model; its agent tells node 0 when every worker is there, and the survivors then make the
+        # group with it (engine/recovery.py), so they stop only for the group and the state, not the start-up
         self._joining = bool(told.joining and told.recovery and self.strategy.name == "ddp")
         self._joined: tuple[int, float] | None = None  # (the step, when) a joining rank received in setup()
-        if self._joining:
-            Handshake(told.recovery).say_ready()
-        self.strategy.setup_environment()
+        self._recovery_base = told.recovery
+        self._resumes = False  # the script called resume(): where a joining rank takes its peers' state
+        self._said_joinable = False
+        if not self._joining:
+            self.strategy.setup_environment()
         self._sharded = ShardedCheckpointer(self.strategy, self._saver)
         self.stop_signal: int | None = None  # the signal behind a stop request, once agreed
         self._pending_signal: int | None = None
@@ -196,6 +199,9 @@ class Engine(CheckpointMixin):
         """
         if optimizer is not None:
             self.strategy.check_optimizer(optimizer)
+        if self._joining:  # the survivors make the new group with this rank now
+            Handshake(self._recovery_base).say_ready()
+            self.strategy.setup_environment()
         model, optimizer = self.precision.connect(model, optimizer)
         model = self.strategy.setup_module(model)
         if self.progress is not None:  # every forward call is progress, evaluation's too
@@ -387,16 +393,27 @@ class Engine(CheckpointMixin):
         began = time.monotonic()
         strategy = self.strategy
         wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-        if wrapped:  # the old reducer holds the old group (and its sockets to the peers) alive
-            model.reducer = model.logger = model.process_group = None
-        strategy.abandon_group()
-        os.environ.update(place["env"])
-        strategy.env = ClusterEnvironment.from_env()
-        strategy.setup_environment()
-        if wrapped:
-            rebuild_ddp_in_place(model, strategy.wrap_again)
-            strategy._share_masters()  # as a joining rank's setup() does (O2's masters; nothing otherwise)
-        newest, behind, joined = self._agree_state(model, optimizer, where, err, joining=False)
+        retried = False
+        while True:
+            if wrapped:  # the old reducer holds the old group (and its sockets to the peers) alive
+                model.reducer = model.logger = model.process_group = None
+            strategy.abandon_group()
+            os.environ.update(place["env"])
+            strategy.env = ClusterEnvironment.from_env()
+            try:
+                strategy.setup_environment()
+                if wrapped:
+                    rebuild_ddp_in_place(model, strategy.wrap_again)
+                    strategy._share_masters()  # as a joining rank's setup() does (O2's masters; nothing otherwise)
+                newest, behind, joined = self._agree_state(model, optimizer, where, err, joining=False)
+                break
+            except RuntimeError as again:  # a member of the new group went away before it was made (a joiner)
+                if not lost_a_peer(again):
+                    raise
+                retried = True
+                place = self.in_place.wait_next(int(place["attempt"]))  # the agents' next answer (the watcher cut)
+                if place is None:
+                    raise cannot from again
         self._take_state(model, optimizer, newest)
         self._redo = ("done" if behind else "again") if where == "backward" else None
         if self.progress is not None:
@@ -404,7 +421,7 @@ class Engine(CheckpointMixin):
         record = ElasticSettings.from_env().resume_record
         if self.is_main and record:  # the launcher's report: where the new attempt went on from
             note_resume(record, None, self._train_loaders[0] if self._train_loaders else None, in_place=newest)
-        what = "a node joined" if err is None else "lost a peer"
+        what = "lost a peer" if err is not None else "a joining node went away" if retried else "a node joined"
         self.print(f"trainfleet: {what} at step {newest}; recovered in place in {time.monotonic() - began:.2f}s "
                    f"at world size {self.world_size}: going on from step {newest}"
                    f"{' (a rank one step behind took it from a peer)' if behind else ''}"
@@ -418,7 +435,8 @@ class Engine(CheckpointMixin):
         if place.get("join"):
             self._join_seen = int(place["attempt"])
             return True
-        cut(getattr(self.strategy, "group_sockets", set()))
+        live = getattr(self.strategy, "live_sockets", None)
+        cut(live() if live is not None else set())
         return True
 
     def _agree_state(self, model: Any, optimizer: Any, where: str, err: BaseException | None,
@@ -511,6 +529,9 @@ class Engine(CheckpointMixin):
         ``--grace-period`` seconds before SIGKILL. :attr:`stop_signal` says which signal.
         """
         agreed = 0  # also after an in-place recovery inside the call
+        if self.in_place is not None and self._resumes and not self._said_joinable:  # resume and should_stop: a
+            self._said_joinable = True                                            # node can join in place
+            self.in_place.say_resumes()
         joining = self._join_seen > self.restart_count  # a node joins in place (said in the bit above a signal's)
         with self._collective("should_stop"):  # on the host: no wait for the GPU's queue
             agreed = self.strategy.max_on_host(int(self._pending_signal or 0) | (JOIN_FLAG if joining else 0))

@@ -16,6 +16,12 @@ by peer" the moment the dead host's sockets close). Instead of exiting, it:
 4. the loaders continue from that step's position, re-sharded for the new world size, with the
    same global batch: no sample is skipped or seen twice, and no step is computed again.
 
+A node that **joins** (launcher/in_place.py, ``--join in-place``) is the same path without a loss:
+the survivors' agents answer with ``"join": true``, every rank agrees it at ``should_stop`` and
+moves at the next ``backward`` (``_recover(None, ...)``); the joining ranks make the group in
+their ``setup`` (``TRAINFLEET_JOINING``), receive the newest step's state there from a survivor
+(``Engine._agree_state``, shared with the recovery) and put it in place in ``resume``.
+
 What the script sees: the ``engine.backward``/``engine.step`` of the interrupted iteration return
 as usual, and ``engine.step`` returns False when the iteration's batch is to be trained again
 (count steps with ``if engine.step(optimizer): step += 1``); ``engine.should_stop()`` returns
@@ -60,8 +66,9 @@ class Handshake:
                                            "pid": os.getpid()})
 
     def say_resumes(self) -> None:
-        """The script calls ``engine.resume``: a node can join in place (its workers take the
-        peers' state there); without it, a join restarts every worker from a checkpoint."""
+        """The script calls ``engine.resume`` and ``engine.should_stop``: a node can join in place
+        (the ranks agree it in should_stop, the joining ones take the peers' state in resume);
+        without them, a join restarts every worker from a checkpoint."""
         path = resumes_path(self.base)
         if not path.exists():
             write_json(path, {"pid": os.getpid()})

@@ -200,7 +200,7 @@ class NodeAgent(RendezvousMixin):
             if not resumed:  # node 0 of an elastic job: say where rank 0 resumed, once it has
                 resumed = self.coordinator.note_resume(attempt)
             if self.coordinator is not None and grow_asked is None and self.channel.watch_in_place \
-                    and in_place.can_take_joiners([w.spec for w in group.workers]):
+                    and self.cfg.join == "in-place" and in_place.can_take_joiners([w.spec for w in group.workers]):
                 joiners = self.coordinator.pending(in_place=True)
                 if joiners and self._prepare_join(attempt, joiners):
                     return Outcome("in place")

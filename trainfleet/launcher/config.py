@@ -144,6 +144,7 @@ class LaunchConfig:
         hang_timeout: seconds in which no rank of the job made progress before it is called hung
             (launcher/diagnosis.py); None adapts it to the step time, 0 turns detection off.
         on_nan, max_rollbacks: what a non-finite loss does in engine scripts (engine/snapshot.py).
+        join: how a node joins a running elastic ddp job (``in-place`` or ``restart``).
         console: "merged" (every rank's lines once, with their rank set: launcher/console.py) or
             "rank0" (global rank 0's output only).
         horovod_port: port of Horovod's rendezvous server on the master; MASTER_PORT + 1
@@ -180,6 +181,7 @@ class LaunchConfig:
     on_nan: str = "report"
     max_rollbacks: int = 3
     console: str = "merged"
+    join: str = "in-place"
     horovod_port: int | None = None
     cuda_devices: int | None = None
     run_id: str = field(default_factory=new_run_id)
@@ -208,6 +210,9 @@ class LaunchConfig:
         if self.on_nan not in ("report", "rollback"):
             raise UsageError(f"--on-nan {self.on_nan!r}: expected report or rollback.",
                              "rollback returns every rank to the last step on a NaN/inf loss and drops that batch.")
+        if self.join not in ("in-place", "restart"):
+            raise UsageError(f"--join {self.join!r}: expected in-place or restart.",
+                             "in-place keeps the running workers; restart checkpoints and restarts them all.")
         if self.console not in ("merged", "rank0"):
             raise UsageError(f"--console {self.console!r}: expected merged or rank0.",
                              "merged shows every rank's lines once, with the ranks that printed them.")

@@ -111,6 +111,10 @@ LAUNCH_FLAGS: tuple[Flag, ...] = (
     Flag("on_nan", ("--on-nan",), "what a non-finite (NaN/inf) loss on any rank does: report (default: named "
          "by rank, training goes on) or rollback (every rank returns to the last step, held in memory, and "
          "drops that batch exactly; engine scripts)", default="report", metavar="{report,rollback}"),
+    Flag("join", ("--join",), "how a node joins a running elastic ddp job: in-place (default: its workers take "
+         "the newest step's state from their peers' memory while the others keep their processes; the script "
+         "calls engine.resume) or restart (every worker checkpoints, stops and restarts with it)",
+         default="in-place", metavar="{in-place,restart}"),
     Flag("console", ("--console",), "what the console shows of the workers' output: merged (default: rank 0 as "
          "it prints, every other rank's lines once, with the ranks that printed them, e.g. '[ranks 1,3-7] ...') "
          "or rank0 (rank 0 only); every rank's full log is kept in --log-dir either way", default="merged",

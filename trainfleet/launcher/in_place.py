@@ -16,6 +16,14 @@ their log and wait. Then:
 Anything else (node 0 lost, fewer than MIN nodes answer, a member that is no longer one, the
 workers' own refusal) ends the attempt as before: the workers are stopped and restarted from
 the last checkpoint.
+
+A node that joins takes the same road the other way (``NodeAgent._prepare_join``): node 0 hosts the
+next attempt's store beside the running one and posts ``members/<N>`` and ``joining/<node>``; the
+joiner starts its workers in attempt N; once they said they are ready (:func:`all_ready`: they
+are about to make the group, in ``engine.setup``) its agent posts ``joinready/<N>/<node>``, node 0
+calls the roll and posts ``inplace/<N>``, and every member writes its workers' places with
+``"join": true``. Only where the workers said their script resumes through the engine
+(:func:`can_take_joiners`); otherwise, and with ``--join restart``, the workers checkpoint and stop.
 """
 from __future__ import annotations
 

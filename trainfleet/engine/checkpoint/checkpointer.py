@@ -280,8 +280,7 @@ class CheckpointMixin:
         """
         if scheduler is not None:  # a joining rank takes its state from the peers' memory, this too
             self._scheduler = scheduler
-        if self.in_place is not None:  # the agent joins new nodes in place only where the script resumes here
-            self.in_place.say_resumes()
+        self._resumes = True  # with should_stop() called too, a node can join in place (its agent is told there)
         if self._joined is not None:  # this node joined a running job in place: its peers' state, not a file's
             return self._join_from_peers(model, optimizer, scheduler, dataloader)
         where = Path(path) if path is not None else self.checkpoint_dir
