@@ -227,21 +227,33 @@ def test_fsdp_loses_a_node_resumes_from_disk_and_counts_the_steps_computed_again
     assert worlds(out)[-1] == 2
 
 
+JOB_ENV = {**os.environ, "TRAINFLEET_JOB_TOKEN": "0123456789abcdef" * 2}  # both launches: the job's token
+
+
+def _three_nodes(tmp_path: Path, port: int) -> subprocess.Popen:
+    return subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--master-port", str(port), "--log-dir",
+                                   str(tmp_path / "logs"), *script(tmp_path / "out", *SLOW_STEP)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=JOB_ENV)
+
+
+def _node_2_again(tmp_path: Path, port: int, *extra: str) -> subprocess.Popen:
+    """Node 2's agent started again by hand (in a session of its own: a test may kill it whole)."""
+    return subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--node-rank", "2", "--master-port", str(port),
+                                   "--log-dir", str(tmp_path / "logs2"), *script(tmp_path / "out", *SLOW_STEP, *extra)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=JOB_ENV,
+                            start_new_session=True)
+
+
 def test_an_agent_started_again_at_once_waits_for_its_node_to_be_dropped_then_rejoins_exactly(tmp_path, reference):
     """Node 2's agent dies and is started again before node 0 noticed (its id still held by
     the dead agent): the new agent waits until node 0 drops the old one, then joins (3 -> 2 -> 3).
     The agent started by hand joins with the job's token, exported for both launches."""
     out, port = tmp_path / "out", free_port()
-    env = {**os.environ, "TRAINFLEET_JOB_TOKEN": "0123456789abcdef" * 2}
-    job = subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--master-port", str(port), "--log-dir",
-                                  str(tmp_path / "logs"), *script(out, *SLOW_STEP)),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    job = _three_nodes(tmp_path, port)
     wait_for(out, 6)
     survivors = {node: worker_pids(out, node) for node in (0, 1)}
     os.kill(agent_of(out, 2), signal.SIGKILL)
-    again = subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--node-rank", "2", "--master-port", str(port),
-                                    "--log-dir", str(tmp_path / "logs2"), *script(out, *SLOW_STEP)),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    again = _node_2_again(tmp_path, port)
     _, stderr = job.communicate(timeout=180)
     assert job.returncode == 0, stderr
     assert again.wait(timeout=30) == 0, again.communicate()
@@ -262,20 +274,12 @@ def test_a_node_that_goes_away_while_it_joins_in_place_leaves_the_running_worker
     socket and they make the next group instead. Either way the job ends exactly on 2 nodes, in the
     same worker processes, with no step computed again."""
     out, port = tmp_path / "out", free_port()
-    env = {**os.environ, "TRAINFLEET_JOB_TOKEN": "0123456789abcdef" * 2}
-    job = subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--master-port", str(port), "--log-dir",
-                                  str(tmp_path / "logs"), *script(out, *SLOW_STEP)),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    job = _three_nodes(tmp_path, port)
     wait_for(out, 4)
     survivors = {node: worker_pids(out, node) for node in (0, 1)}
     os.kill(agent_of(out, 2), signal.SIGKILL)
     wait_for(out, 1, attempt=1)
-    joiner = subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--node-rank", "2", "--master-port", str(port),
-                                     "--log-dir", str(tmp_path / "logs2"),
-                                     *script(out, *SLOW_STEP, "--joiner-delay" if when.startswith("before")
-                                             else "--joiner-stall", "60")),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                              start_new_session=True)
+    joiner = _node_2_again(tmp_path, port, "--joiner-delay" if when.startswith("before") else "--joiner-stall", "60")
     deadline = time.monotonic() + 60
     moved = tmp_path / "logs" / "node0" / "local0.recovery.next"  # node 0's worker told to go to attempt 2
     while not ((out / "joiner-waits").exists() if when.startswith("before") else '"attempt": 2' in _text(moved)):
