@@ -428,16 +428,17 @@ class Engine(CheckpointMixin):
                    f"{' (the joining ranks took it from this memory)' if joined else ''}.")
 
     def _on_answer(self, place: dict) -> bool:
-        """The watcher's: a node lost, cut the old group now; a node joins, say so at the next
-        ``should_stop`` (every rank agrees there, and all move at the next ``backward``, where the
-        joining ranks' loop begins too: cutting the group mid-step could leave the survivors in a
-        save or one step ahead, and the joiners in neither)."""
+        """The watcher's (True: done with this answer): a node lost, cut the old group now; a node
+        joins, say so at the next ``should_stop`` (every rank agrees there, and all move at the next
+        ``backward``, where the joining ranks' loop begins too: cutting the group mid-step could
+        leave the survivors in a save or one step ahead, and the joiners in neither)."""
         if place.get("join"):
             self._join_seen = int(place["attempt"])
             return True
         live = getattr(self.strategy, "live_sockets", None)
-        cut(live() if live is not None else set())
-        return True
+        # nothing to cut yet (between groups: this rank is on its way to an earlier answer): asked again, so a
+        # group it then waits to make with a member that is gone is cut too
+        return cut(live() if live is not None else set()) > 0
 
     def _agree_state(self, model: Any, optimizer: Any, where: str, err: BaseException | None,
                      joining: bool) -> tuple[int, bool, int]:
