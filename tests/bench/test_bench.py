@@ -106,6 +106,7 @@ def test_bench_bad_input(tmp_path):
     pytest.param("hosts_startup", ["hosts_first_step_vs_ssh_torchrun: ratio"], marks=pytest.mark.ssh),
     pytest.param("elastic_recovery", ["elastic_fault_to_first_step_vs_torchrun: ratio",
                                       "in_place_death_to_next_step: median", "link_cut_to_next_step: median",
+                                      "join_pause_in_place_vs_restart (rank 0's longest pause between steps): ratio",
                                       "state_copy_overhead (step time, copy on vs off, same workers): ratio",
                                       "state_copy_size:"], marks=pytest.mark.multinode),
     ("heartbeat_soak", ["heartbeat_soak: 0 false drop(s) in 1 rounds of 5 s"]),
