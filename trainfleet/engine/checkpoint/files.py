@@ -268,7 +268,7 @@ class AsyncSaver:
     def submit(self, job: Callable[[], Any]) -> None:
         """Wait for the previous save, then run ``job`` in the background."""
         self.wait()
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if torch.cuda.is_initialized() and torch.cuda.is_available():  # (is_available() asks NVML each call)
             torch.cuda.synchronize()  # the non-blocking copies of stage() must have landed
         if self._thread is None:
             self._thread = threading.Thread(target=self._worker, name="trainfleet-checkpoint", daemon=True)
