@@ -114,7 +114,6 @@ class Engine(CheckpointMixin):
         # group with it (engine/recovery.py), so they stop only for the group and the state, not the start-up
         self._joining = bool(told.joining and told.recovery and self.strategy.name == "ddp")
         self._joined: tuple[int, float] | None = None  # (the step, when) a joining rank received in setup()
-        self._recovery_base = told.recovery
         self._resumes = False  # the script called resume(): where a joining rank takes its peers' state
         self._said_joinable = False
         if not self._joining:
@@ -200,7 +199,7 @@ class Engine(CheckpointMixin):
         if optimizer is not None:
             self.strategy.check_optimizer(optimizer)
         if self._joining:  # the survivors make the new group with this rank now
-            Handshake(self._recovery_base).say_ready()
+            self.in_place.say_ready()
             self.strategy.setup_environment()
         model, optimizer = self.precision.connect(model, optimizer)
         model = self.strategy.setup_module(model)

@@ -69,9 +69,7 @@ class Handshake:
         """The script calls ``engine.resume`` and ``engine.should_stop``: a node can join in place
         (the ranks agree it in should_stop, the joining ones take the peers' state in resume);
         without them, a join restarts every worker from a checkpoint."""
-        path = resumes_path(self.base)
-        if not path.exists():
-            write_json(path, {"pid": os.getpid()})
+        write_json(resumes_path(self.base), {"pid": os.getpid()})
 
     def say_ready(self) -> None:
         """A joining worker: about to join the new group (its agent tells node 0 once all are)."""

@@ -199,10 +199,10 @@ class NodeAgent(RendezvousMixin):
             self._watch_ledger()
             if not resumed:  # node 0 of an elastic job: say where rank 0 resumed, once it has
                 resumed = self.coordinator.note_resume(attempt)
-            if self.coordinator is not None and grow_asked is None and self.channel.watch_in_place \
-                    and self.cfg.join == "in-place" and in_place.can_take_joiners([w.spec for w in group.workers]):
-                joiners = self.coordinator.pending(in_place=True)
-                if joiners and self._prepare_join(attempt, joiners):
+            if self.coordinator is not None and grow_asked is None and (self.channel.joiners or self._join) \
+                    and self.channel.watch_in_place and self.cfg.join == "in-place" \
+                    and in_place.can_take_joiners([w.spec for w in group.workers]):  # (files looked at only then)
+                if self._prepare_join(attempt, self.coordinator.pending(in_place=True)):
                     return Outcome("in place")
             elif self.coordinator is not None and grow_asked is None and self.coordinator.pending():
                 grow_asked = time.monotonic()
@@ -401,9 +401,14 @@ class NodeAgent(RendezvousMixin):
         """Node 0, nodes asking to join an attempt whose workers can go on in place: host the next
         attempt's store and post its members and ``joining/<node>``; the joiners start their workers
         in it. True once every joiner's workers are ready (the survivors then move: _go_in_place);
-        a joiner that goes away or is not ready within GROW_WAIT is dropped, and nothing changed."""
+        a joiner that goes away (even once it left the channel's joiners) or is not ready within
+        GROW_WAIT is dropped, and nothing changed."""
         store, new, join = self.channel.store, attempt + 1, self._join
-        if join is None or join["attempt"] != new:
+        if join is not None and join["attempt"] != new:  # the attempt moved on meanwhile: prepared again
+            join = self._join = None
+        if join is None:
+            if not joiners:
+                return False
             members = sorted(set(self.members) | set(joiners))
             port, _ = self._attempt_ports(new)  # the running attempt's store stays up beside it
             self._host_attempt_servers()
@@ -420,13 +425,10 @@ class NodeAgent(RendezvousMixin):
             why = "went away" if gone else f"was not ready within {elastic.GROW_WAIT:.0f}s"
             say(f"node(s) {','.join(map(str, gone or join['joiners']))} {why} before joining in place; going on "
                 "without them.")
-            for node in join["joiners"]:
-                self.channel.joiners.pop(node, None)
-                for key in (f"join/{node}", f"joining/{node}"):
-                    store.delete_key(key)
-                if late and not gone:
-                    self.channel.post(f"join/{node}/answer", f"node {node}: its workers were not ready to join "
-                                                             f"within {elastic.GROW_WAIT:.0f}s; start it again.")
+            self.coordinator.forget_joiners(join["joiners"])
+            for node in join["joiners"] if not gone else []:  # not ready in time: told to start again
+                self.channel.post(f"join/{node}/answer", f"node {node}: its workers were not ready to join "
+                                                         f"within {elastic.GROW_WAIT:.0f}s; start it again.")
             self._join = None
             return False
         join["ready"] = all(store.check([f"joinready/{new}/{node}"]) for node in join["joiners"])

@@ -138,6 +138,13 @@ class Coordinator:
             ready.append(node)
         return ready
 
+    def forget_joiners(self, nodes: list[int]) -> None:
+        """Their join requests are done with (taken in place, or dropped before they were ready)."""
+        for node in nodes:
+            self.channel.joiners.pop(node, None)
+            for key in (f"join/{node}", f"joining/{node}"):
+                self.channel.store.delete_key(key)
+
     # ----- the boundary -------------------------------------------------------------------
     def _check_ins(self, attempt: int, members: list[int]) -> dict[int, str]:
         """Members that did not stop and check in after a failure, and why they count as lost."""
@@ -211,10 +218,7 @@ class Coordinator:
         (launcher/in_place.py) in ``attempt``."""
         for node in lost:  # an agent started again for a lost node may take its id back
             self.channel.store.delete_key(f"agent/{node}")
-        for node in joined or []:
-            self.channel.joiners.pop(node, None)
-            for key in (f"join/{node}", f"joining/{node}"):
-                self.channel.store.delete_key(key)
+        self.forget_joiners(joined or [])
         self._post(attempt, members)
         change = Change(attempt, time.monotonic() - self.started, members, lost, list(joined or []),
                         "the survivors kept their workers (in place)")

@@ -85,12 +85,17 @@ def place_workers(specs: list[Any], env_for: Any, attempt: int, join: bool = Fal
         write_next(spec.recovery, {"attempt": attempt, "env": place, "join": join})
 
 
+def _all_said(specs: list[Any], path_of: Any) -> bool:
+    return bool(specs) and all(spec.recovery and path_of(spec.recovery).exists() for spec in specs)
+
+
 def all_ready(specs: list[Any]) -> bool:
     """A joining node: every worker said it is about to join the running job's new group."""
-    return bool(specs) and all(spec.recovery and ready_path(spec.recovery).exists() for spec in specs)
+    return _all_said(specs, ready_path)
 
 
 def can_take_joiners(specs: list[Any]) -> bool:
-    """Node 0: its workers' script calls ``engine.resume`` (where a joining rank takes the peers'
-    state), so a node can join without stopping them."""
-    return bool(specs) and all(spec.recovery and resumes_path(spec.recovery).exists() for spec in specs)
+    """Node 0: its workers' script calls ``engine.resume`` and ``engine.should_stop`` (where the
+    ranks agree a join and a joining rank takes the peers' state), so a node can join without
+    stopping them."""
+    return _all_said(specs, resumes_path)
