@@ -109,3 +109,43 @@ def test_node_0_does_not_wait_for_a_node_whose_agent_is_gone_to_say_it_left():
     finally:
         channel.stop()
         channel.join(5)
+
+
+class _ForgetDuringRead(ControlChannel):
+    """Node 0's channel whose watch, as it reads node 2's join request, lets the agent forget that
+    request from another thread (the interleaving that brought a joined node back as a joiner)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.forgotten = threading.Event()
+
+    def _read(self, key, parse):
+        value = super()._read(key, parse)
+        if key == "join/2" and not self.forgotten.is_set():
+            threading.Thread(target=self._forget, daemon=True).start()
+            self.forgotten.wait(1.0)  # without the lock the forget is done by now; with it, it waits for this read
+        return value
+
+    def _forget(self):
+        if hasattr(self, "forget_joiner"):
+            self.forget_joiner(2)
+        else:  # the old code: the agent's Coordinator.forget_joiners did this, with no lock
+            self.joiners.pop(2, None)
+            self.store.delete_key("join/2")
+        self.forgotten.set()
+
+
+def test_a_join_request_forgotten_while_node_0_reads_it_does_not_come_back():
+    """Seen 1 run in ~10 of test_a_node_that_goes_away_while_it_joins_in_place...[after]: node 0's
+    control thread read node 2's ``join/2`` as the agent, having taken node 2 in place, forgot it;
+    the thread then put it back among the joiners, node 0 prepared a second join of node 2, and
+    node 2's loss a moment later ended the job ("a node was lost while another joined")."""
+    server = dist.TCPStore("127.0.0.1", 0, None, True, datetime.timedelta(seconds=5), wait_for_workers=False)
+    store = dist.TCPStore("127.0.0.1", server.port, None, False, datetime.timedelta(seconds=5))
+    store.set("join/2", '{"host": "h", "gpus": 1}')
+    store.set("hb/2", "1")
+    channel = _ForgetDuringRead(store, 0, 3, 0.05, 5.0)
+    channel.members = [0, 1]
+    channel._watch_nodes(time.monotonic())
+    assert channel.forgotten.wait(5)
+    assert channel.joiners == {} and not store.check(["join/2"])

@@ -44,6 +44,7 @@ TTY = "TRAINFLEET_TTY"  # 1 when rank 0's echo lands on a terminal (progress bar
 COLLECTIVE_TIMEOUT = "TRAINFLEET_COLLECTIVE_TIMEOUT"  # --collective-timeout, seconds
 PROGRESS_FILE = "TRAINFLEET_PROGRESS_FILE"  # this rank's progress record (engine/progress_record.py)
 RECOVERY = "TRAINFLEET_RECOVERY"  # elastic ddp: the files a worker and its agent share after a lost node
+AGENT_STORE = "TORCHELASTIC_USE_AGENT_STORE"  # "True": node 0's agent hosts each attempt's store (torch's name)
 JOINING = "TRAINFLEET_JOINING"  # 1: this worker joins a running job in place (resume takes the peers' state)
 ON_NAN = "TRAINFLEET_ON_NAN"  # --on-nan and --max-rollbacks: "rollback:3" (engine/snapshot.py)
 # elastic jobs (--nodes MIN:MAX) only

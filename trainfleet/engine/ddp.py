@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import datetime
-from typing import Any, ContextManager
+import os
+import time
+from typing import Any, Callable, ContextManager
 
 import torch
 import torch.distributed as dist
 
-from trainfleet.engine.contract import WorkerSettings
+from trainfleet.engine.contract import AGENT_STORE, WorkerSettings
 from trainfleet.engine.environment import backend_for
 from trainfleet.engine.options import check_strategy_options
 from trainfleet.engine.recovery import cut, socket_inodes
@@ -22,6 +24,7 @@ _OPS = {
 }
 # torch's own defaults: NCCL 10 minutes, gloo 30 (a NCCL job waited three times longer under trainfleet)
 DEFAULT_TIMEOUT_S = {"nccl": 600.0, "gloo": 1800.0}
+STORE_TRY_S = 1.0  # in-place recovery: how long one try to reach the store lasts (_connect_store)
 
 
 def default_timeout_s(backend: str) -> float:
@@ -80,6 +83,9 @@ class DDPStrategy(MultiProcessStrategy):
         self._host_group: Any = None  # gloo beside NCCL, for max_on_host
         self.group_sockets: set[str] = set()  # the default group's sockets (engine/recovery.py)
         self._making: set[str] | None = None  # while a group is being made: the sockets there were before
+        # in-place recovery: whether a newer attempt than the one whose group is being made was decided
+        # (its store may be gone: connecting to it would retry for the whole timeout)
+        self.superseded: Callable[[], bool] | None = None
 
     @property
     def backend(self) -> str:
@@ -94,12 +100,35 @@ class DDPStrategy(MultiProcessStrategy):
         before = set(socket_inodes())
         self._making = before
         try:
+            if self.env.launched and self.superseded is not None and os.environ.get(AGENT_STORE) == "True":
+                where = {"store": dist.PrefixStore("default_pg", self._connect_store())}  # as env:// would
             dist.init_process_group(rank=self.rank, world_size=self.world_size, **where,
                                     **group_options(self.backend, self.root_device, self.timeout_s))
         finally:
             self._making = None
         self.group_sockets = set(socket_inodes()) - before  # its store's and its peers' (in-place recovery)
         self._owns_group = True
+
+    def _connect_store(self) -> Any:
+        """The attempt's store on node 0's agent, as a client, tried a second at a time for the
+        group's timeout: between tries, a newer attempt decided (the store this rank was told of is
+        closed: a joining node went away before the group was made) fails it as a lost peer, so the
+        in-place recovery takes the next answer."""
+        addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                store = dist.TCPStore(addr, port, self.world_size, False,
+                                      datetime.timedelta(seconds=max(0.1, min(STORE_TRY_S, left))))
+                store.set_timeout(datetime.timedelta(seconds=self.timeout_s))
+                return store
+            except RuntimeError as err:
+                if self.superseded is not None and self.superseded():
+                    raise RuntimeError(f"rank {self.rank}: the store at {addr}:{port} is not there (Connection "
+                                       "refused): a newer attempt was decided while this rank connected") from err
+                if left <= 0:
+                    raise
 
     def live_sockets(self) -> set[str]:
         """The sockets a cut must close for this rank's collectives to fail now: the group's, or
@@ -136,6 +165,10 @@ class DDPStrategy(MultiProcessStrategy):
         connections close now and a survivor still waiting in a collective with this rank fails at
         once (gloo would otherwise wait out its timeout), then forget it."""
         if not dist.is_initialized():
+            # a making that failed half-way named its group already: torch counts default group names up
+            # from 0 and resets the count only when a group is destroyed, so a rank whose last making failed
+            # later than its peers' would name the next group "1" and they "0", and wait in keys never set
+            dist.distributed_c10d._world.group_count = 0
             return
         cut(self.group_sockets)
         group = dist.distributed_c10d._get_default_group()

@@ -143,6 +143,8 @@ class Engine(CheckpointMixin):
         # the state after each step, in host memory: what a rollback or an in-place recovery returns to
         self.keep_snapshot = self.rollback is not None or self.in_place is not None
         self._watcher = None
+        if self.in_place is not None and hasattr(self.strategy, "superseded"):  # its group's store may close
+            self.strategy.superseded = lambda: self.in_place.newer(self.restart_count) is not None
         if self.in_place is not None:  # the agent's answer can come before this rank's own error
             self._watcher = Watcher(self.in_place, lambda: self.restart_count, self._on_answer)
             self._watcher.start()

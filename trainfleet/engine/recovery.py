@@ -79,11 +79,18 @@ class Handshake:
         """The agent's answer for an attempt after ``attempt`` (None after ``timeout``)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            place = read_json(next_path(self.base))
-            if place is not None and isinstance(place.get("attempt"), int) and place["attempt"] > attempt \
-                    and isinstance(place.get("env"), dict):
+            place = self.newer(attempt)
+            if place is not None:
                 return place
             time.sleep(0.005)
+        return None
+
+    def newer(self, attempt: int) -> dict | None:
+        """The agent's answer now, if it is for an attempt after ``attempt``."""
+        place = read_json(next_path(self.base))
+        if place is not None and isinstance(place.get("attempt"), int) and place["attempt"] > attempt \
+                and isinstance(place.get("env"), dict):
+            return place
         return None
 
 

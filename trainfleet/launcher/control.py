@@ -71,6 +71,7 @@ class ControlChannel(threading.Thread):
         self.lost_nodes: dict[int, str] = {}  # node 0: members considered gone, and why
         self.members: list[int] = list(range(nodes))  # this attempt's members (the agent sets them)
         self.joiners: dict[int, dict] = {}  # node 0: nodes asking to join, with their layout
+        self._joiners_lock = threading.Lock()  # a request read as it is forgotten must not come back (forget_joiner)
         self.signal: int | None = None
         self.signal_attempt = -1  # the attempt whose workers the signal is for
         self.attempt = 0
@@ -242,13 +243,24 @@ class ControlChannel(threading.Thread):
             if why is not None:
                 self.lost_nodes[node] = why
         for node in range(1, self.nodes):
-            if node in self.members or not self.store.check([f"join/{node}"]):
-                continue
-            layout = self._read(f"join/{node}", parse_dict)
-            if layout is not None and self._watch(str(node), now) is None and not self.store.check([f"left/{node}"]):
-                self.joiners.setdefault(node, layout)
-            else:
-                self.joiners.pop(node, None)
+            with self._joiners_lock:
+                if node in self.members or not self.store.check([f"join/{node}"]):
+                    continue
+                layout = self._read(f"join/{node}", parse_dict)
+                if layout is not None and self._watch(str(node), now) is None \
+                        and not self.store.check([f"left/{node}"]):
+                    self.joiners.setdefault(node, layout)
+                else:
+                    self.joiners.pop(node, None)
+
+    def forget_joiner(self, node: int) -> None:
+        """Node 0: ``node``'s join request is done with (it joined, or was dropped): gone from the
+        joiners and the store at once, so the watch above cannot read it back in between (a node
+        that joined in place came back as a joiner once in ~10 runs, and its loss then ended the job)."""
+        with self._joiners_lock:
+            self.joiners.pop(node, None)
+            for key in (f"join/{node}", f"joining/{node}"):
+                self.store.delete_key(key)
 
     def _read(self, key: str, parse: Any) -> Any:
         """``parse(value)`` of ``key`` when it is set and well formed; a malformed value (anything

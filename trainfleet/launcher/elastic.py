@@ -141,9 +141,7 @@ class Coordinator:
     def forget_joiners(self, nodes: list[int]) -> None:
         """Their join requests are done with (taken in place, or dropped before they were ready)."""
         for node in nodes:
-            self.channel.joiners.pop(node, None)
-            for key in (f"join/{node}", f"joining/{node}"):
-                self.channel.store.delete_key(key)
+            self.channel.forget_joiner(node)
 
     # ----- the boundary -------------------------------------------------------------------
     def _check_ins(self, attempt: int, members: list[int]) -> dict[int, str]:
@@ -200,8 +198,7 @@ class Coordinator:
         if outcome.kind == "resize" and outcome.failure is None and not joined:
             restarted = "the node that asked to join went away before the restart; going on without it"
         for node in joined:
-            self.channel.joiners.pop(node, None)
-            self.channel.store.delete_key(f"join/{node}")
+            self.channel.forget_joiner(node)
         new = sorted(set(survivors) | set(joined))
         self._post(attempt + 1, new)
         if cfg.elastic:

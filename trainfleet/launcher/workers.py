@@ -47,7 +47,7 @@ def worker_env(cfg: LaunchConfig, place: Placement, local_rank: int, port: int,
         "TORCHELASTIC_RUN_ID": cfg.run_id, "TORCHELASTIC_RESTART_COUNT": attempt,
         "TORCHELASTIC_MAX_RESTARTS": cfg.max_restarts,
         # Workers join the store node 0's agent hosts instead of rank 0 starting one.
-        "TORCHELASTIC_USE_AGENT_STORE": "True" if not cfg.debug else "False",
+        contract.AGENT_STORE: "True" if not cfg.debug else "False",
         "PYTHONUNBUFFERED": "1",
     }
     env.update(contract.worker_variables(
