@@ -203,28 +203,75 @@ def test_a_node_lost_during_a_save_is_recovered_in_place_and_the_save_made_again
     assert not [pid for pid in pids_recorded(out) if alive(pid)]
 
 
-def test_fsdp_loses_a_node_resumes_from_disk_and_counts_the_steps_computed_again(tmp_path):
-    """fsdp's shards die with their node: the survivors restart from the last checkpoint (every 4
-    steps), and the report says how many steps were computed again."""
+@pytest.fixture(scope="module")
+def fsdp_reference(tmp_path_factory):
+    """An uninterrupted 3-node fsdp run."""
+    out = tmp_path_factory.mktemp("fsdp_reference")
+    result = subprocess.run(launch("--nodes", "3", "--gpus", "1", "--strategy", "fsdp", "--log-dir", str(out / "logs"),
+                                   *script(out)), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.mark.parametrize("at, sleep, met", [(6, "--step-sleep", "between steps"), (13, "--forward-sleep", "forward")],
+                         ids=["met between steps", "met in the forward"])
+def test_fsdp_loses_a_node_and_goes_on_in_place_from_the_copy_of_its_shards_exactly(tmp_path, fsdp_reference, at,
+                                                                                     sleep, met):
+    """fsdp: node 2's shards (parameters and optimizer state) exist only on node 2, and a copy of
+    them on node 0, the next node in the ring (engine/replicas.py). Its agent and workers die: the
+    survivors keep their processes, put the step together from their own shards and that copy,
+    shard it again over 2 ranks in the same processes, and go on; nothing is read from disk and
+    no step is computed again. The script sleeps after each step (the survivors meet the loss in
+    ``should_stop``) or before each forward (in the forward's all-gathers: the forward returns zeros
+    and the batch comes again). On the old code the survivors were restarted from the last
+    checkpoint (1 to 4 steps computed again)."""
     out = tmp_path / "out"
     job = subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--strategy", "fsdp", "--log-dir",
-                                  str(tmp_path / "logs"), *script(out, *SLOW_STEP)),
+                                  str(tmp_path / "logs"), *script(out, sleep, "0.25")),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(out, 6)
+    wait_for(out, at)
+    survivors = {node: worker_pids(out, node) for node in (0, 1)}
     os.kill(agent_of(out, 2), signal.SIGKILL)
     _, stderr = job.communicate(timeout=180)
     assert job.returncode == 0, stderr
-    found = re.search(r"attempt 1: rank 0 resumed from \S+step(\d+)\.pt at epoch \d+, sample \d+; (\d+) step\(s\) "
+    assert "lost node 2" in stderr and "attempt 1 on nodes 0,1 (2 of --nodes 2:3)" in stderr, stderr
+    assert_in_place(out, stderr)
+    assert {node: worker_pids(out, node) for node in (0, 1)} == survivors
+    assert worlds(out)[0] == 3 and worlds(out)[-1] == 2
+    assert_exact(out, fsdp_reference)
+    ledger = json.loads((tmp_path / "logs" / "ledger.json").read_text())
+    assert ledger["recomputed_steps"] == 0 and ledger["rows"]["recomputed"] == 0, ledger
+    rank0 = (tmp_path / "logs" / "node0" / "rank0.log").read_text()
+    assert "; recovered in place in" in rank0 and f"(met {met})" in rank0, rank0
+    assert not [pid for pid in pids_recorded(out) if alive(pid)]
+
+
+def test_fsdp_that_loses_a_rank_and_its_copy_resumes_from_disk_and_counts_the_steps_computed_again(tmp_path):
+    """Nodes 2 and 3 of 4 die at once: node 2's shards and their copy (on node 3) are both gone.
+    The survivors say so, and the job restarts from the last checkpoint (every 4 steps); the
+    report says how many steps were computed again."""
+    out = tmp_path / "out"
+    job = subprocess.Popen(launch("--nodes", "2:4", "--gpus", "1", "--strategy", "fsdp", "--log-dir",
+                                  str(tmp_path / "logs"), *script(out, *SLOW_STEP, "--global-batch-size", "12")),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(out, 6)
+    agents = [agent_of(out, node) for node in (2, 3)]
+    for agent in agents:
+        os.kill(agent, signal.SIGKILL)
+    _, stderr = job.communicate(timeout=240)
+    assert job.returncode == 0, stderr
+    found = re.search(r"attempt (\d+): rank 0 resumed from \S+step(\d+)\.pt at epoch \d+, sample \d+; (\d+) step\(s\) "
                       r"computed again \(the attempt before had reached step (\d+)\)", stderr)
     assert found, stderr
-    resumed, again, reached = (int(v) for v in found.groups())
+    _, resumed, again, reached = (int(v) for v in found.groups())
     assert resumed % 4 == 0 and again == reached - resumed and 1 <= again <= 4, found.group(0)
-    assert "in place" not in stderr
+    rank0 = (tmp_path / "logs" / "node0" / "rank0.log").read_text()
+    assert "the shards of rank(s) 2 of step" in rank0 and "are on no survivor" in rank0, rank0
     ledger = json.loads((tmp_path / "logs" / "ledger.json").read_text())  # the same count in the job's account
     assert ledger["recomputed_steps"] == again and ledger["rows"]["recomputed"] > 0, ledger
-    assert ledger["rows"]["detection"] > 0 and ledger["rows"]["restart"] > 0, ledger
     assert f"({again} step(s) computed again)" in stderr
     assert worlds(out)[-1] == 2
+    assert not [pid for pid in pids_recorded(out) if alive(pid)]
 
 
 JOB_ENV = {**os.environ, "TRAINFLEET_JOB_TOKEN": "0123456789abcdef" * 2}  # both launches: the job's token

@@ -29,6 +29,7 @@ parser.add_argument("out")
 parser.add_argument("--steps", type=int, default=24)
 parser.add_argument("--save-every", type=int, default=4)
 parser.add_argument("--step-sleep", type=float, default=0.0)
+parser.add_argument("--forward-sleep", type=float, default=0.0, help="... or sleep this long before each forward")
 parser.add_argument("--global-batch-size", type=int, default=6)
 parser.add_argument("--slow-save-at", type=int, default=0, help="the save after this step takes --slow-save s")
 parser.add_argument("--slow-save", type=float, default=3.0)
@@ -76,6 +77,7 @@ def save() -> None:
 
 while step < args.steps:
     for x, y, index in loader:
+        time.sleep(args.forward_sleep)  # (a peer lost meanwhile is met in the forward's collectives under fsdp)
         loss = F.cross_entropy(model(x), y)
         engine.backward(loss)
         if not engine.step(optimizer):

@@ -267,6 +267,7 @@ def require_backend(strategy: str) -> None:
 
 
 # ----- in-place recovery: where a worker and its agent meet (engine/recovery.py, launcher/in_place.py) -----
+IN_PLACE_IMPOSSIBLE = "the survivors could not go on in place:"  # a worker's last error line (InPlaceImpossible)
 def write_json(path: Path, value: dict) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(value))

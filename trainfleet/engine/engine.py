@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ContextManager
 
@@ -34,7 +35,15 @@ from trainfleet.engine.precision import build_precision
 from trainfleet.engine.profiling import StepTimer
 from trainfleet.engine.progress import ProgressBoard, default_group_seq
 from trainfleet.engine.progress_record import BACKWARD, COLLECTIVE, OPTIMIZER
-from trainfleet.engine.recovery import Handshake, Watcher, cut, lost_a_peer, rebuild_ddp_in_place
+from trainfleet.engine.recovery import (
+    Handshake,
+    InPlaceImpossible,
+    Watcher,
+    cut,
+    lost_a_peer,
+    rebuild_ddp_in_place,
+)
+from trainfleet.engine.replicas import ShardRing
 from trainfleet.engine.snapshot import NonFiniteLossError, Rollback, StateSnapshot
 from trainfleet.engine.strategy import Strategy, build_strategy
 from trainfleet.utils.errors import UsageError
@@ -50,6 +59,22 @@ JOIN_FLAG = 1 << 8  # above every signal number: should_stop's agreement that a 
 
 class CollectiveTimeoutError(RuntimeError):
     """A collective timed out; the message names the rank and the call site."""
+
+
+@dataclass(frozen=True)
+class _Output:
+    """A forward output's shape (fsdp in place: what a forward that recovered returns, as zeros)."""
+
+    shape: tuple
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> "_Output":
+        return cls(tuple(tensor.shape), tensor.dtype, tensor.device)
+
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros(self.shape, dtype=self.dtype, device=self.device, requires_grad=self.dtype.is_floating_point)
 
 
 def _call_site() -> str:
@@ -136,8 +161,13 @@ class Engine(CheckpointMixin):
         self._steps = 0  # calls of step(): the training steps so far, rolled-back ones included
         self._join_seen = -1  # the attempt of the last join the watcher saw (said at the next should_stop)
         self._join_next = False  # every rank agreed a join: the next backward() moves to the new group
-        # an elastic ddp job: a lost node does not end this process (engine/recovery.py)
-        self.in_place = Handshake(told.recovery) if told.recovery and self.strategy.name == "ddp" else None
+        # an elastic ddp or fsdp job: a lost node does not end this process (engine/recovery.py)
+        sharded = getattr(self.strategy, "recovers_in_place", False)  # fsdp: its shards copied to the next node
+        self.in_place = Handshake(told.recovery) if told.recovery and (self.strategy.name == "ddp" or sharded) \
+            else None
+        self.copies_shards = self.in_place is not None and sharded  # each step's shards go to the next node too
+        self._ring: ShardRing | None = None  # ... through this rank's side of the ring (engine/replicas.py)
+        self._last_output: Any = None  # fsdp in place: the last forward's output shapes (_guard_forward)
         self._redo: str | None = None  # after an in-place recovery: what step() does with this iteration
         self._loaders: list[DeviceDataLoader] = []  # every loader (resharded after an in-place recovery)
         # the state after each step, in host memory: what a rollback or an in-place recovery returns to
@@ -207,6 +237,8 @@ class Engine(CheckpointMixin):
         model = self.strategy.setup_module(model)
         if self.progress is not None:  # every forward call is progress, evaluation's too
             model.register_forward_pre_hook(lambda _module, _inputs: self.progress and self.progress.tick())
+        if self.in_place is not None and getattr(self.strategy, "recovers_in_place", False):
+            self._guard_forward(model)
         if optimizer is None:
             self._trained = (model, None)
             self._receive_from_peers()
@@ -262,6 +294,8 @@ class Engine(CheckpointMixin):
         if self._join_next:  # agreed at the last should_stop: a node joins; this batch is trained again with it
             self._join_next = False
             self._recover(None, "backward")
+            return
+        if self._redo is not None:  # recovered in place in this iteration's forward (or an earlier backward)
             return
         if self.progress is not None:
             self.progress.check_loss(loss)
@@ -321,17 +355,29 @@ class Engine(CheckpointMixin):
             raise UsageError("on_nan='rollback' needs the model from engine.setup(model, optimizer): the "
                              "engine returns to its state.", "call engine.setup() before training.")
         self.snapshot.capture(self._steps, model, optimizer, self.precision, self._rng(), self._train_loaders)
+        if self.copies_shards and optimizer is not None:
+            from trainfleet.engine.fsdp import shard_pieces
+
+            if self._ring is None:  # (again after a recovery: the ring of the new world)
+                self._ring = ShardRing(self.rank, self.world_size, self.strategy.env.local_world_size,
+                                       self.strategy.timeout_s)
+            self._ring.push(self._steps, shard_pieces(model, optimizer)[0])
 
     def _copy_bytes(self) -> int:
         """Host memory of the state copy: the one kept, or (with the copy off, as in a plain bench run)
         what one capture would hold, taken once when the bench writes its record."""
         if self.snapshot.step is not None:
-            return self.snapshot.nbytes()
+            return self.snapshot.nbytes() + (self._ring.nbytes() if self._ring is not None else 0)
         if self._trained is None or self._trained[1] is None:
             return 0
         probe = StateSnapshot()
         probe.capture(self._steps, self._trained[0], self._trained[1], self.precision, self._rng(), self._train_loaders)
-        return probe.nbytes()
+        ring = 0
+        if getattr(self.strategy, "recovers_in_place", False) and self.world_size > self.strategy.env.local_world_size:
+            from trainfleet.engine.fsdp import shard_pieces  # an elastic run copies its shards to the next node
+
+            ring = ShardRing.nbytes_for(shard_pieces(*self._trained)[0])
+        return probe.nbytes() + ring
 
     def _first_snapshot(self) -> None:
         if self.snapshot.step is None and self._trained is not None and self._trained[1] is not None:
@@ -385,7 +431,12 @@ class Engine(CheckpointMixin):
                                      "give it (engine.setup(model, optimizer) and one step are needed)")
         if model is None or optimizer is None or self.snapshot.step is None:
             raise cannot
+        ring, self._ring = self._ring, None
+        if ring is not None:
+            ring.settle()  # a copy still arriving from the previous node completes first (a moment at most)
+        old_rank, old_world = self.rank, self.world_size
         self.strategy.abandon_group()  # at once: a survivor waiting on this rank fails too, and says so
+        self._sharded.close()  # its checkpoint group went with the old group: a sharded save makes a new one
         if err is not None:
             self.in_place.say_lost(attempt, self._steps, where)
         place = self.in_place.wait_next(attempt)
@@ -406,7 +457,10 @@ class Engine(CheckpointMixin):
                 if wrapped:
                     rebuild_ddp_in_place(model, strategy.wrap_again)
                     strategy._share_masters()  # as a joining rank's setup() does (O2's masters; nothing otherwise)
-                newest, behind, joined = self._agree_state(model, optimizer, where, err, joining=False)
+                if getattr(strategy, "recovers_in_place", False):
+                    newest, behind, joined = self._agree_shards(model, optimizer, err, ring, old_rank, old_world)
+                else:
+                    newest, behind, joined = self._agree_state(model, optimizer, where, err, joining=False)
                 break
             except RuntimeError as again:  # a member of the new group went away before it was made (a joiner)
                 if not lost_a_peer(again):
@@ -416,7 +470,7 @@ class Engine(CheckpointMixin):
                 if place is None:
                     raise cannot from again
         self._take_state(model, optimizer, newest)
-        self._redo = ("done" if behind else "again") if where == "backward" else None
+        self._redo = ("done" if behind else "again") if where in ("backward", "forward") else None
         if self.progress is not None:
             self.progress.recovered(began, time.monotonic(), newest)
         record = ElasticSettings.from_env().resume_record
@@ -426,7 +480,7 @@ class Engine(CheckpointMixin):
         self.print(f"trainfleet: {what} at step {newest}; recovered in place in {time.monotonic() - began:.2f}s "
                    f"at world size {self.world_size}: going on from step {newest}"
                    f"{' (a rank one step behind took it from a peer)' if behind else ''}"
-                   f"{' (the joining ranks took it from this memory)' if joined else ''}.")
+                   f"{' (the joining ranks took it from this memory)' if joined else ''} (met {where}).")
 
     def _on_answer(self, place: dict) -> bool:
         """The watcher's (True: done with this answer): a node lost, cut the old group now; a node
@@ -437,9 +491,13 @@ class Engine(CheckpointMixin):
             self._join_seen = int(place["attempt"])
             return True
         live = getattr(self.strategy, "live_sockets", None)
+        sockets = live() if live is not None else set()
+        ring = self._ring
+        if ring is not None:  # fsdp: a wait for a shard copy to go out fails too (a frozen peer never takes it)
+            sockets |= ring.sockets
         # nothing to cut yet (between groups: this rank is on its way to an earlier answer): asked again, so a
         # group it then waits to make with a member that is gone is cut too
-        return cut(live() if live is not None else set()) > 0
+        return cut(sockets) > 0
 
     def _agree_state(self, model: Any, optimizer: Any, where: str, err: BaseException | None,
                      joining: bool) -> tuple[int, bool, int]:
@@ -453,9 +511,8 @@ class Engine(CheckpointMixin):
                                                                        "max").tolist())
         oldest = -oldest
         if not joining and (newest - oldest > 1 or (self._steps < newest and where != "backward")):
-            raise RuntimeError(f"in-place recovery: the survivors completed {oldest} to {newest} steps and rank "
-                               f"{self.rank} cannot be brought to step {newest} ({where}); restarting from the "
-                               f"last checkpoint instead. (Lost a peer: {err})") from err
+            raise InPlaceImpossible(f"they completed {oldest} to {newest} steps and rank {self.rank} cannot be "
+                                    f"brought to step {newest} ({where})") from err
         behind = joining or self._steps < newest
         if newest != oldest or joined:  # the ranks one step behind, or joining, take it from one that has it
             holder = int(strategy.all_reduce(torch.tensor([self.rank if not behind else self.world_size]),
@@ -470,6 +527,65 @@ class Engine(CheckpointMixin):
                     held.rng = self.snapshot.rng  # this rank's own random stream (a joining rank: the holder's)
                 self.snapshot = held
         return newest, behind, joined
+
+    def _agree_shards(self, model: Any, optimizer: Any, err: BaseException | None, ring: ShardRing | None,
+                      old_rank: int, old_world: int) -> tuple[int, bool, int]:
+        """Every survivor of an fsdp job (the new group): say which old ranks' shards it holds at
+        which step (its own, live; the previous node's copy, engine/replicas.py), put the state of
+        the step every survivor completed together from them, and shard it again at the new world
+        size (``FSDPStrategy.reshard_in_place``). Raises where some old rank's shards are on no
+        survivor (two adjacent nodes lost) or the survivors are at different steps: the job then
+        restarts from the last checkpoint."""
+        from trainfleet.engine.fsdp import shard_pieces, whole_state
+
+        strategy = self.strategy
+        held = ring.holdings(self._steps) if ring is not None else {old_rank: self._steps}
+        said = strategy.all_gather_object({"steps": self._steps, "held": held})
+        steps = sorted({int(s["steps"]) for s in said})
+        if len(steps) != 1:
+            raise InPlaceImpossible(f"they completed {steps[0]} to {steps[-1]} steps, and under fsdp a rank "
+                                    "cannot take a step it did not compute from a peer") from err
+        newest = steps[0]
+        holder: dict[int, int] = {}
+        for new_rank, s in enumerate(said):
+            for old, step in s["held"].items():
+                if step == newest:
+                    holder.setdefault(int(old), new_rank)
+        missing = [old for old in range(old_world) if old not in holder]
+        if missing:
+            raise InPlaceImpossible(f"the shards of rank(s) {', '.join(map(str, missing))} of step {newest} are on "
+                                    "no survivor (their node and the next one, which held their copy, are both gone)"
+                                    ) from err
+        live, sharded = shard_pieces(model, optimizer)
+        by_rank = []
+        for old in range(old_world):
+            mine = None
+            if holder[old] == self.rank:
+                mine = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in live.items()} \
+                    if old == old_rank else ring.copy_pieces()
+            by_rank.append(strategy.broadcast(mine, holder[old]))
+        model_state, optimizer_state = whole_state(by_rank, sharded)
+        strategy.reshard_in_place(model, optimizer, model_state, optimizer_state)
+        return newest, False, 0
+
+    def _guard_forward(self, model: torch.nn.Module) -> None:
+        """fsdp in place: a peer lost in a training forward's all-gathers is recovered from there
+        (the watcher's cut, or the peer's death, meets most ranks in the next step's forward). The
+        call returns zeros shaped as the last forward's output, whose backward and step do nothing
+        (``_redo``): the batch comes again from the loader at the new world size. Through torch's
+        own per-instance hook for a compiled call (``Module._compiled_call_impl``)."""
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                out = torch.nn.Module._call_impl(model, *args, **kwargs)
+            except RuntimeError as err:
+                if not (lost_a_peer(err) and model.training and self._last_output is not None):
+                    raise
+                self._recover(err, "forward")
+                return torch.utils._pytree.tree_map_only(_Output, _Output.zeros, self._last_output)
+            self._last_output = torch.utils._pytree.tree_map_only(torch.Tensor, _Output.of, out)
+            return out
+
+        model._compiled_call_impl = guarded
 
     def _take_state(self, model: Any, optimizer: Any, newest: int) -> None:
         """Put the agreed step's state in place at the new world size (the loaders re-sharded)."""
@@ -531,8 +647,9 @@ class Engine(CheckpointMixin):
         ``--grace-period`` seconds before SIGKILL. :attr:`stop_signal` says which signal.
         """
         agreed = 0  # also after an in-place recovery inside the call
-        if self.in_place is not None and self._resumes and not self._said_joinable:  # resume and should_stop: a
-            self._said_joinable = True                                            # node can join in place
+        joinable = self.strategy.name == "ddp"  # (fsdp's joins restart from the checkpoint)
+        if self.in_place is not None and self._resumes and not self._said_joinable and joinable:  # resume and
+            self._said_joinable = True                                   # should_stop: a node can join in place
             self.in_place.say_resumes()
         joining = self._join_seen > self.restart_count  # a node joins in place (said in the bit above a signal's)
         with self._collective("should_stop"):  # on the host: no wait for the GPU's queue

@@ -13,7 +13,9 @@ whose inf/NaN check DTensor agrees across ranks.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import sys
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
@@ -260,6 +262,68 @@ class FSDPStrategy(DDPStrategy):
     def no_backward_sync(self, module: torch.nn.Module) -> ContextManager[Any]:
         return _gradient_sync_off(module)
 
+    # ----- in-place recovery: the shards put together again at another world size -------
+    @property
+    def recovers_in_place(self) -> bool:
+        """Whether a lost node's shards can be rebuilt from the peers' copies (engine/replicas.py):
+        one shard per rank (``sharding="full"``; hybrid's 2-D mesh restarts from the checkpoint)."""
+        return len(self.mesh_shape) == 1
+
+    def reshard_in_place(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                         model_state: dict[str, torch.Tensor], optimizer_state: dict[str, dict[str, Any]]) -> None:
+        """Shard ``module`` again over the current default group, in this process, from whole
+        tensors (:func:`whole_state`): FSDP's wrapping is taken off the same module objects (the
+        script's ``model`` and ``optimizer`` stay the objects it holds), the whole parameters put
+        back, every block sharded on a new mesh, and the optimizer pointed at the new shards with
+        its state cut from ``optimizer_state`` as FSDP cuts the parameters."""
+        before = {id(fp.sharded_param): fqn for fqn, fp in fsdp_params(module)}
+        strip_fsdp(module)
+        tied: dict[int, list[tuple[torch.nn.Module, str]]] = collections.defaultdict(list)
+        for fqn, param in module.named_parameters(remove_duplicate=False):
+            path, _, name = fqn.rpartition(".")
+            tied[id(param)].append((module.get_submodule(path), name))
+        for fqn, value in model_state.items():
+            path, _, name = fqn.rpartition(".")
+            owner = module.get_submodule(path)
+            old = owner._parameters[name]
+            fresh = torch.nn.Parameter(value.to(self.root_device, copy=True), requires_grad=old.requires_grad)
+            for where, attr in tied[id(old)]:  # a tied parameter stays one parameter
+                where._parameters[attr] = fresh
+        self._mesh, self._replaced = None, {}
+        self.mesh_shape = mesh_shape(self.world_size, self.sharding, self.shard_size, self.env.local_world_size)
+        from torch.distributed.fsdp import fully_shard
+
+        for block in select_blocks(module, self.wrap):
+            fully_shard(block, **self._shard_kwargs(root=False))
+        fully_shard(module, **self._shard_kwargs(root=True))
+        now = {fqn: fp.sharded_param for fqn, fp in fsdp_params(module)}
+        for group in optimizer.param_groups:
+            group["params"] = [now[before[id(p)]] if id(p) in before else p for p in group["params"]]
+        optimizer.state = collections.defaultdict(dict)
+        for fqn, state in optimizer_state.items():
+            param = now[fqn]
+            optimizer.state[param] = {key: self._shard_like(param, value) for key, value in state.items()}
+
+    def _shard_like(self, param: Any, value: Any) -> Any:
+        """This rank's shard of a whole optimizer tensor shaped like ``param`` (Adam's moments,
+        momentum), as FSDP cuts ``param``: ``torch.chunk`` over the mesh; other values as they are."""
+        if not isinstance(value, torch.Tensor):
+            return value
+        if value.dim() == 0 or tuple(value.shape) != tuple(param.shape):
+            return value.to(self.root_device, copy=True)
+        from torch.distributed.tensor import DTensor
+
+        mesh = param.device_mesh
+        size, rank = mesh.size(), mesh.get_local_rank()
+        pieces = list(torch.chunk(value, size, dim=0))
+        pieces += [value[:0]] * (size - len(pieces))
+        local = pieces[rank].to(self.root_device, copy=True)
+        if local.shape != param._local_tensor.shape:
+            raise RuntimeError(f"in-place recovery: an optimizer state of shape {tuple(value.shape)} cut into "
+                               f"{tuple(local.shape)}, but its parameter's shard is {tuple(param._local_tensor.shape)}")
+        return DTensor.from_local(local, mesh, param.placements, run_check=False, shape=param.shape,
+                                  stride=param.stride())
+
     def _teardown(self, failed: bool = False) -> None:
         self._mesh, self._replaced = None, {}
         super()._teardown(failed)
@@ -294,6 +358,86 @@ class FSDPStrategy(DDPStrategy):
         state = {"state": {k: dict(v) for k, v in saved["state"].items()},
                  "param_groups": [dict(g) for g in saved["param_groups"]]}
         set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def fsdp_params(root: torch.nn.Module) -> list[tuple[str, Any]]:
+    """(name from ``root``, FSDP's record of the parameter) of every parameter FSDP2 manages."""
+    from torch.distributed.fsdp import FSDPModule
+
+    paths = {module: name for name, module in root.named_modules()}
+    found = []
+    for module in root.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        group = module._get_fsdp_state()._fsdp_param_group
+        for fsdp_param in group.fsdp_params if group is not None else []:
+            info = fsdp_param._module_info
+            prefix = paths[info.module]
+            found.append((f"{prefix}.{info.param_name}" if prefix else info.param_name, fsdp_param))
+    return found
+
+
+def shard_pieces(root: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], set[str]]:
+    """This rank's part of the sharded state, by name: ``model/<param>`` (its shard of each
+    parameter) and ``optim/<param>/<key>`` (its optimizer state: shards of the moments, whole
+    step counters), as views of the live tensors; and the names that are shards (dim 0)."""
+    from torch.distributed.tensor import DTensor
+
+    pieces: dict[str, Any] = {}
+    sharded: set[str] = set()
+    for fqn, fsdp_param in fsdp_params(root):
+        param = fsdp_param.sharded_param
+        pieces[f"model/{fqn}"] = param._local_tensor.detach()
+        sharded.add(f"model/{fqn}")
+        for key, value in optimizer.state.get(param, {}).items():
+            name = f"optim/{fqn}/{key}"
+            if isinstance(value, DTensor):
+                pieces[name] = value._local_tensor.detach()
+                sharded.add(name)
+            else:
+                pieces[name] = value.detach() if isinstance(value, torch.Tensor) else value
+    return pieces, sharded
+
+
+def whole_state(by_rank: list[dict[str, Any]], sharded: set[str]) -> tuple[dict[str, Any], dict[str, dict]]:
+    """The whole model and optimizer state (by parameter name) from every old rank's pieces, in
+    rank order: the shards put end to end, the rest taken from rank 0's."""
+    model: dict[str, Any] = {}
+    optim: dict[str, dict] = collections.defaultdict(dict)
+    for name in by_rank[0]:
+        values = [pieces[name] for pieces in by_rank]
+        value = torch.cat(values, dim=0) if name in sharded else values[0]
+        kind, rest = name.split("/", 1)
+        if kind == "model":
+            model[rest] = value
+        else:
+            fqn, key = rest.rsplit("/", 1)
+            optim[fqn][key] = value
+    return model, dict(optim)
+
+
+def strip_fsdp(root: torch.nn.Module) -> None:
+    """Take FSDP2 off ``root`` and its blocks, in place: its hooks, its state and the class it
+    swapped in (FSDP2 has no public way back; torch 2.13's own records, checked by the in-place
+    tests). The parameters are left as they are: the caller puts whole ones back."""
+    from torch.distributed._composable_state import _module_state_mapping
+    from torch.distributed.fsdp import FSDPModule
+
+    contract = sys.modules["torch.distributed._composable.contract"]
+    for module in root.modules():
+        if isinstance(module, FSDPModule):
+            state = module._get_fsdp_state()
+            handles = {id(h): h for h in (state._pre_forward_hook_handle, state._post_forward_hook_handle) if h}
+            for handle in handles.values():
+                handle.remove()
+            _module_state_mapping.pop(module, None)
+            states = module.__dict__.get(contract.STATE_KEY, {})
+            for func in [f for f in states if getattr(f, "__name__", "") == "fully_shard"]:
+                del states[func]
+            module.__dict__.get(contract.REGISTRY_KEY, {}).pop("fully_shard", None)
+            module.__class__ = next(c for c in type(module).__mro__[1:] if not issubclass(c, FSDPModule))
+        for mark in ("_is_fsdp_managed_module", "_fsdp_use_orig_params"):
+            module.__dict__.pop(mark, None)
 
 
 @contextlib.contextmanager

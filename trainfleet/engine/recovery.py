@@ -1,4 +1,4 @@
-"""In-place recovery: when a node of an elastic ddp job is lost, the survivors keep their processes.
+"""In-place recovery: when a node of an elastic ddp or fsdp job is lost, the survivors keep their processes.
 
 The engine of every survivor meets the loss as an error in a collective (gloo: "Connection closed
 by peer" the moment the dead host's sockets close). Instead of exiting, it:
@@ -16,6 +16,17 @@ by peer" the moment the dead host's sockets close). Instead of exiting, it:
 4. the loaders continue from that step's position, re-sharded for the new world size, with the
    same global batch: no sample is skipped or seen twice, and no step is computed again.
 
+Under **fsdp** (one shard per rank) a rank's parameters and optimizer state exist only in its
+shard: after each step the engine copies it to a rank of the next node (engine/replicas.py), and
+in step 3 the survivors put the step together from their own shards and those copies
+(``Engine._agree_shards``) and shard it again over the new group in the same processes
+(``FSDPStrategy.reshard_in_place``: FSDP2 is taken off the script's module objects and applied
+again on a new mesh). Most ranks meet the loss in the next forward's all-gathers: the forward
+returns zeros shaped as the last output, and its backward and step do nothing (the batch comes
+again). When a rank's shards and their copy are both gone (two adjacent nodes), or the survivors
+are at different steps, :class:`InPlaceImpossible` ends the workers and every node restarts from
+the last checkpoint, the report counting the steps computed again.
+
 A node that **joins** (launcher/in_place.py, ``--join in-place``) is the same path without a loss:
 the survivors' agents answer with ``"join": true``, every rank agrees it at ``should_stop`` and
 moves at the next ``backward`` (``_recover(None, ...)``); the joining ranks make the group in
@@ -26,8 +37,9 @@ What the script sees: the ``engine.backward``/``engine.step`` of the interrupted
 as usual, and ``engine.step`` returns False when the iteration's batch is to be trained again
 (count steps with ``if engine.step(optimizer): step += 1``); ``engine.should_stop()`` returns
 False. A rank that cannot be brought to that step, an error in another collective, or a strategy
-without this path (fsdp, horovod, dp) raises the original error: the agent then restarts the
-workers from the last checkpoint, as before, and says why.
+without this path (hybrid fsdp, horovod, dp) raises the original error: the agent then restarts
+the workers from the last checkpoint, as before, and says why. Joins in place are ddp's only
+(under fsdp a join restarts every worker from the checkpoint the stop wrote).
 
 Where the agent and the engine meet is this module's :class:`Handshake` (the agent writes with
 :func:`write_next`).
@@ -41,7 +53,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from trainfleet.engine.contract import lost_path, next_path, read_json, ready_path, resumes_path, write_json
+from trainfleet.engine.contract import (
+    IN_PLACE_IMPOSSIBLE,
+    lost_path,
+    next_path,
+    read_json,
+    ready_path,
+    resumes_path,
+    write_json,
+)
 
 PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused",
              "NCCL communicator was aborted", "remote process exited", "Socket closed", "Connection timed out",
@@ -49,10 +69,20 @@ PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pi
 WAIT_FOR_AGENT = 30.0  # seconds a worker waits for its agent's answer before it gives up (and exits)
 
 
+class InPlaceImpossible(RuntimeError):
+    """The survivors cannot go on in place (a rank's shards and their copy both lost, ranks at
+    steps no peer can bring together): the workers exit and every node restarts from the last
+    checkpoint (the agent reads this class's name in the log: launcher/elastic.py)."""
+
+    def __init__(self, why: str):
+        super().__init__(f"{IN_PLACE_IMPOSSIBLE} {why}; restarting from the last checkpoint instead")
+
+
 def lost_a_peer(err: BaseException) -> bool:
     """Whether ``err`` is a collective that failed because a peer process went away."""
     text = str(err)
-    return isinstance(err, RuntimeError) and any(marker in text for marker in PEER_LOST)
+    return isinstance(err, RuntimeError) and not isinstance(err, InPlaceImpossible) \
+        and any(marker in text for marker in PEER_LOST)
 
 
 @dataclass

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainfleet.engine.contract import IN_PLACE_IMPOSSIBLE
 from trainfleet.launcher.config import log_dir
 from trainfleet.launcher.store_values import parse_count, parse_members, printable
 from trainfleet.utils.errors import UsageError
@@ -174,7 +175,10 @@ class Coordinator:
         lost = {} if finished else self._check_ins(attempt, members)
         failure = self.channel.first_failure() if outcome.failure is not None else None
         restarted = None
-        if failure is not None and failure.rank is not None and not lost and outcome.kind == "failed":
+        failed = failure is not None and not lost and outcome.kind == "failed"
+        if failed and failure.why.startswith(IN_PLACE_IMPOSSIBLE):
+            restarted = failure.why  # the loss was the cause, not the script: not counted in --max-restarts
+        elif failure is not None and failure.rank is not None and not lost and outcome.kind == "failed":
             if failure.how == "exit code 2" or (self.restarts >= cfg.max_restarts and not cfg.elastic):
                 return self._end("")  # bad input in the script, or no restarts left: the failure is the report
             if self.restarts < cfg.max_restarts:

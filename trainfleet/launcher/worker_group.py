@@ -75,6 +75,8 @@ class Worker:
 def exit_reason(lines: list[str]) -> str:
     """Why a worker ended, when its last log lines say what the exit code cannot ("" otherwise)."""
     for line in reversed(lines):
+        if contract.IN_PLACE_IMPOSSIBLE in line:  # the engine's InPlaceImpossible: every node restarts from disk
+            return line[line.index(contract.IN_PLACE_IMPOSSIBLE):].strip()
         found = WATCHDOG.search(line)
         if found:
             seq, op, limit = found.group(1), found.group(2), int(found.group(3)) / 1000
