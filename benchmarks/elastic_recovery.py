@@ -1,6 +1,6 @@
 """A node lost in an elastic job: seconds from the fault to the first step on the survivors.
 
-    python -m benchmarks.elastic_recovery [--rounds 5] [--kills 30] [--only join|copy] [--quick] [--smoke]
+    python -m benchmarks.elastic_recovery [--rounds 5] [--kills 30] [--only join|copy|fsdp] [--quick] [--smoke]
 
 Three nodes of one worker each on this host (one agent process per node, over loopback),
 ``--nodes 2:3``, the same script for both (tests/scripts/elastic_train.py: it resumes from
@@ -13,6 +13,9 @@ go on in place, attempt 1; torchrun: restarted workers, TORCHELASTIC_RESTART_COU
 - ``elastic_fault_to_first_step_vs_torchrun``: --rounds pairs, trainfleet and torchrun in turns;
 - ``in_place_death_to_next_step``: --kills trainfleet trials in all (the paired ones included);
   targets: median <= 1.5 s, worst <= 3 s;
+- ``fsdp_in_place_death_to_next_step``: the same job under ``--strategy fsdp`` (the survivors put
+  the lost rank's shards together from its copy on the next node and shard again: engine/
+  replicas.py), --kills / 3 trials; the same targets;
 - ``join_pause_in_place_vs_restart``: node 2 lost, then started again to join; rank 0's longest
   pause between two steps from the joiner's start until 3 steps on 3 nodes, ``--join in-place``
   (its workers take the state from the survivors' memory, who keep their processes) against
@@ -21,10 +24,13 @@ go on in place, attempt 1; torchrun: restarted workers, TORCHELASTIC_RESTART_COU
   random step; target <= 3 s (the 2 s heartbeat timeout, then the roll call and the new group);
 - ``state_copy_overhead``: the step time with the engine's copy of the state into host memory
   after each step (what the survivors go on from) against without, taking turns step by step in
-  the same 2 workers (an MLP of 2.2 M parameters, Adam; 200 steps a side per round: with 50, each
+  the same 2 workers (an MLP of 1.1 M parameters, Adam; 200 steps a side per round: with 50, each
   round's median was too noisy to decide); target <= 1.05. Under ddp every rank holds
   the whole replicated state, so no bytes cross nodes: what is kept per step is what the next
   iteration may change before its optimizer step (buffers, RNG, data position: engine/snapshot.py).
+- ``fsdp_shard_copy_overhead``: the same under fsdp on 2 nodes of one worker, where each rank's
+  shards (parameters and Adam's moments) are also staged and sent to the next node after every
+  step (engine/replicas.py); target <= 1.05.
 
 The peer is torchrun ``--nnodes 2:3 --max-restarts 3`` with the c10d rendezvous and
 ``last_call_timeout=1`` (its default, 30 s, would make every shrink wait 30 s). A round in
@@ -59,6 +65,7 @@ from benchmarks.common import (
     scratch,
 )
 from tests.launcher.test_elastic import progress
+from trainfleet.engine.contract import IN_PLACE_IMPOSSIBLE
 
 SCRIPT = str(REPO / "tests" / "scripts" / "elastic_train.py")
 FAULT_STEPS = range(4, 10)
@@ -77,9 +84,11 @@ def _port() -> int:
 
 def _command(tool: str, node: int, port: int, out: Path, join: str = "in-place") -> list[str]:
     job = [SCRIPT, str(out), "--steps", "60", "--step-sleep", "0.1"]
-    if tool == "trainfleet":
+    if tool.startswith("trainfleet"):  # trainfleet-fsdp: the same job under --strategy fsdp
+        strategy = ["--strategy", "fsdp"] if tool == "trainfleet-fsdp" else []
         return [str(BIN / "launch"), "--nodes", "2:3", "--gpus", "1", "--node-rank", str(node), "--master-addr",
-                "127.0.0.1", "--master-port", str(port), "--log-dir", str(out / "logs"), "--join", join, *job]
+                "127.0.0.1", "--master-port", str(port), "--log-dir", str(out / "logs"), "--join", join, *strategy,
+                *job]
     return [str(BIN / "torchrun"), "--nnodes", "2:3", "--nproc-per-node", "1", "--max-restarts", "3",
             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"bench{port}",
             "--rdzv-conf", "last_call_timeout=1", *job]
@@ -145,18 +154,18 @@ def trial(tool: str) -> float | None:
         try:
             _wait(out, lambda p: p[0] >= 1, CAP, f"{tool}: no step of a second attempt")
         except RuntimeError:
-            if tool == "trainfleet":
+            if tool.startswith("trainfleet"):
                 raise
             CAPPED.append(tool)  # counted at the cap: the real time is longer
             return CAP
         seconds = time.monotonic() - fault
-        if tool == "trainfleet" and seconds > 3.0:
+        if tool.startswith("trainfleet") and seconds > 3.0:
             time.sleep(0.5)  # node 0's lines about the recovery
             said = [line for line in (out / "node0.out").read_text(errors="replace").splitlines()
                     if line.startswith("launch:") and any(word in line for word in ("lost", "place", "disk", "again"))]
             for log in sorted((out / "logs").glob("node*/**/*.log")):  # the workers' own word on why
                 said += [f"{log.name}: {line.strip()[:240]}" for line in log.read_text(errors="replace").splitlines()
-                         if "in-place recovery" in line or line.startswith(("RuntimeError", "torch.distributed"))]
+                         if IN_PLACE_IMPOSSIBLE in line or line.startswith(("RuntimeError", "torch.distributed"))]
             SLOW.append(f"{seconds:.2f}s (fault at step {fault_at}): " + " | ".join(said[:8]))
         return seconds
     finally:
@@ -236,17 +245,44 @@ def link_cut_trial() -> float:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def state_copy_overhead(rounds: int) -> tuple[Comparison, dict]:
+def state_copy_overhead(rounds: int, strategy: str = "ddp") -> tuple[Comparison, dict]:
+    """ddp: 2 workers on one node; fsdp: 2 nodes of one worker, each rank's shards sent to the other."""
     from benchmarks.common import PROBES, run_probe
 
     out = scratch()
-    run_probe([str(BIN / "launch"), "--gpus", "2", "--log-dir", str(out / "logs"), str(PROBES / "diagnosis_probe.py"),
+    layout = ["--gpus", "2"] if strategy == "ddp" else ["--nodes", "2", "--gpus", "1", "--strategy", strategy]
+    run_probe([str(BIN / "launch"), *layout, "--log-dir", str(out / "logs"), str(PROBES / "diagnosis_probe.py"),
                str(out), "snapshot", "--step-sleep", "0", "--width", "1024", "--steps", "200",
-               "--rounds", str(rounds)], out)
+               "--rounds", str(rounds), *(["--copy-shards"] if strategy == "fsdp" else [])], out)
     samples = json.loads((out / "snapshot.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
-    return Comparison("state_copy_overhead (step time, copy on vs off, same workers)", 1.05,
-                      ours=samples["on"], peer=samples["off"]), samples
+    name = "state_copy_overhead (step time, copy on vs off, same workers)" if strategy == "ddp" else \
+        "fsdp_shard_copy_overhead (step time, copy to the next node on vs off, same workers)"
+    return Comparison(name, 1.05, ours=samples["on"], peer=samples["off"]), samples
+
+
+def _deaths(name: str, ours: list[float]) -> None:
+    median, worst = statistics.median(ours), max(ours)
+    met = median <= 1.5 and worst <= 3.0
+    quartiles = statistics.quantiles(ours, n=4, method="inclusive") if len(ours) > 1 else [median, median, median]
+    print(f"{name}: median {median:.2f}s, worst {worst:.2f}s over {len(ours)} kills "
+          f"(quartiles {quartiles[0]:.2f}-{quartiles[2]:.2f}s) (target: median <= 1.5 s, worst <= 3 s) "
+          f"{'MET' if met else 'MISSED'}", flush=True)
+    for line in SLOW:
+        print(f"  over 3 s: {line}", flush=True)
+    SLOW.clear()
+
+
+def _copies(rounds: int) -> None:
+    """Both copies' overhead and sizes."""
+    copy, samples = state_copy_overhead(max(rounds * 2, 1))
+    print(copy.line(), flush=True)
+    print(f"state_copy_size: {samples['bytes'] / 2**20:.2f} MiB of host memory per rank (the model's buffers; "
+          f"the parameters and Adam's state are read live), kept in {samples['copy_s'] * 1e3:.2f} ms", flush=True)
+    copy, samples = state_copy_overhead(max(rounds * 2, 1), "fsdp")
+    print(copy.line(), flush=True)
+    print(f"fsdp_shard_copy_size: {samples['ring_bytes'] / 2**20:.2f} MiB of host memory per rank (its shards "
+          "staged, and two slots for the previous node's copy)", flush=True)
 
 
 @cleans_up
@@ -259,9 +295,11 @@ def main(argv: list[str] | None = None) -> int:
                            Comparison(JOIN_PAUSE, target=1.0), warmup=0)
         print(joins.line(), flush=True)
         return 0
-    if only == "copy":  # the state copy's overhead alone
-        copy, samples = state_copy_overhead(max(rounds * 2, 1))
-        print(copy.line(), flush=True)
+    if only == "copy":  # the state copies' overhead alone
+        _copies(rounds)
+        return 0
+    if only == "fsdp":  # fsdp's kills alone
+        _deaths("fsdp_in_place_death_to_next_step", [_retrying("trainfleet-fsdp") for _ in range(max(kills // 3, 1))])
         return 0
     if "--smoke" in argv or "--quick" in argv:
         kills = rounds
@@ -272,21 +310,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"torchrun was still not training {CAP:.0f} s after the fault in {len(CAPPED)} of "
               f"{len(comparison.peer)} trials (counted as {CAP:.0f} s: its real figure is higher)")
     ours = list(comparison.ours) + [_retrying("trainfleet") for _ in range(max(kills - rounds, 0))]
-    median, worst = statistics.median(ours), max(ours)
-    met = median <= 1.5 and worst <= 3.0
-    quartiles = statistics.quantiles(ours, n=4, method="inclusive") if len(ours) > 1 else [median, median, median]
-    print(f"in_place_death_to_next_step: median {median:.2f}s, worst {worst:.2f}s over {len(ours)} kills "
-          f"(quartiles {quartiles[0]:.2f}-{quartiles[2]:.2f}s) (target: median <= 1.5 s, worst <= 3 s) "
-          f"{'MET' if met else 'MISSED'}", flush=True)
-    for line in SLOW:
-        print(f"  over 3 s: {line}", flush=True)
+    _deaths("in_place_death_to_next_step", ours)
+    _deaths("fsdp_in_place_death_to_next_step", [_retrying("trainfleet-fsdp") for _ in range(max(kills // 3, 1))])
     joins = interleave(rounds, lambda: join_trial("in-place"), lambda: join_trial("restart"),
                        Comparison(JOIN_PAUSE, target=1.0), warmup=0)
     print(joins.line(), flush=True)
-    copy, samples = state_copy_overhead(max(rounds * 2, 1))
-    print(copy.line(), flush=True)
-    print(f"state_copy_size: {samples['bytes'] / 2**20:.2f} MiB of host memory per rank (the model's buffers; "
-          f"the parameters and Adam's state are read live), kept in {samples['copy_s'] * 1e3:.2f} ms", flush=True)
+    _copies(rounds)
     cuts = [link_cut_trial() for _ in range(1 if kills <= 2 else 3)]
     print(f"link_cut_to_next_step: median {statistics.median(cuts):.2f}s, worst {max(cuts):.2f}s over {len(cuts)} "
           f"cuts (target <= 3 s) {'MET' if max(cuts) <= 3.0 else 'MISSED'}", flush=True)

@@ -10,7 +10,9 @@ MODE:
              time per side
   snapshot   the same with Adam, the engine's copy of the state into host memory after each step
              (engine/snapshot.py: what in-place recovery and rollback use) on and off in turn; rank 0
-             writes OUT/snapshot.json (each round's median per side, the copy's size and time)
+             writes OUT/snapshot.json (each round's median per side, the copy's size and time);
+             with --copy-shards (launch --nodes 2 --gpus 1 --strategy fsdp) each rank's shards go to
+             the next node too (engine/replicas.py)
 """
 import argparse
 import json
@@ -34,6 +36,8 @@ parser.add_argument("--steps", type=int, default=60)
 parser.add_argument("--at", type=int, default=30)
 parser.add_argument("--rounds", type=int, default=5)
 parser.add_argument("--width", type=int, default=256, help="the hidden layer: the step's compute")
+parser.add_argument("--copy-shards", action="store_true",
+                    help="snapshot under fsdp on 2+ nodes: the copy sends each rank's shards to the next node too")
 args = parser.parse_args()
 out = Path(args.out)
 torch.set_num_threads(1)
@@ -58,6 +62,7 @@ net = Net()
 optimizer = torch.optim.Adam(net.parameters(), lr=1e-4) if args.mode == "snapshot" else \
     torch.optim.SGD(net.parameters(), lr=0.01)
 model, optimizer = engine.setup(net, optimizer)
+engine.copies_shards = args.copy_shards  # (an elastic job turns it on; this run is not elastic)
 data = torch.utils.data.TensorDataset(torch.randn(100_000, 64), torch.randint(0, 10, (100_000,)))
 loader = engine.dataloader(data, batch_size=32)
 batches = iter(loader)
@@ -98,8 +103,9 @@ elif args.mode == "snapshot":
             for side in samples:
                 samples[side].append(statistics.median(times[side]))
     if engine.is_main:
+        ring = engine._ring.nbytes() if engine._ring is not None else 0  # fsdp: the staging buffer and 2 slots
         (out / "snapshot.json").write_text(json.dumps({**samples, "bytes": engine.snapshot.nbytes(),
-                                                       "copy_s": engine.snapshot.seconds}))
+                                                       "ring_bytes": ring, "copy_s": engine.snapshot.seconds}))
 else:
     board = engine.progress
     samples = {"on": [], "off": []}
