@@ -277,30 +277,38 @@ def test_fsdp_that_loses_a_rank_and_its_copy_resumes_from_disk_and_counts_the_st
 JOB_ENV = {**os.environ, "TRAINFLEET_JOB_TOKEN": "0123456789abcdef" * 2}  # both launches: the job's token
 
 
-def _three_nodes(tmp_path: Path, port: int) -> subprocess.Popen:
+def _three_nodes(tmp_path: Path, port: int, strategy: str = "ddp") -> subprocess.Popen:
     return subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--master-port", str(port), "--log-dir",
-                                   str(tmp_path / "logs"), *script(tmp_path / "out", *SLOW_STEP)),
+                                   str(tmp_path / "logs"), "--strategy", strategy,
+                                   *script(tmp_path / "out", *SLOW_STEP)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=JOB_ENV)
 
 
-def _node_2_again(tmp_path: Path, port: int, *extra: str) -> subprocess.Popen:
+def _node_2_again(tmp_path: Path, port: int, *extra: str, strategy: str = "ddp") -> subprocess.Popen:
     """Node 2's agent started again by hand (in a session of its own: a test may kill it whole)."""
     return subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--node-rank", "2", "--master-port", str(port),
-                                   "--log-dir", str(tmp_path / "logs2"), *script(tmp_path / "out", *SLOW_STEP, *extra)),
+                                   "--log-dir", str(tmp_path / "logs2"), "--strategy", strategy,
+                                   *script(tmp_path / "out", *SLOW_STEP, *extra)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=JOB_ENV,
                             start_new_session=True)
 
 
-def test_an_agent_started_again_at_once_waits_for_its_node_to_be_dropped_then_rejoins_exactly(tmp_path, reference):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_an_agent_started_again_at_once_waits_for_its_node_to_be_dropped_then_rejoins_exactly(tmp_path, request,
+                                                                                             strategy):
     """Node 2's agent dies and is started again before node 0 noticed (its id still held by
     the dead agent): the new agent waits until node 0 drops the old one, then joins (3 -> 2 -> 3).
-    The agent started by hand joins with the job's token, exported for both launches."""
+    The agent started by hand joins with the job's token, exported for both launches. Under fsdp
+    the survivors shard the step again over 3 ranks and the joiner takes its shards, its optimizer
+    state and the rest of the step's state from their memory (on the old code it restarted every
+    worker from the checkpoint its stop wrote)."""
+    reference = request.getfixturevalue("reference" if strategy == "ddp" else "fsdp_reference")
     out, port = tmp_path / "out", free_port()
-    job = _three_nodes(tmp_path, port)
+    job = _three_nodes(tmp_path, port, strategy)
     wait_for(out, 6)
     survivors = {node: worker_pids(out, node) for node in (0, 1)}
     os.kill(agent_of(out, 2), signal.SIGKILL)
-    again = _node_2_again(tmp_path, port)
+    again = _node_2_again(tmp_path, port, strategy=strategy)
     _, stderr = job.communicate(timeout=180)
     assert job.returncode == 0, stderr
     assert again.wait(timeout=30) == 0, again.communicate()

@@ -137,7 +137,8 @@ class Engine(CheckpointMixin):
         # a node joining a running elastic ddp job in place: the group is made in setup(), once the script
         # built its model; its agent tells node 0 when every worker is there, and the survivors then make the
         # group with it (engine/recovery.py), so they stop only for the group and the state, not the start-up
-        self._joining = bool(told.joining and told.recovery and self.strategy.name == "ddp")
+        joins_in_place = self.strategy.name == "ddp" or getattr(self.strategy, "recovers_in_place", False)
+        self._joining = bool(told.joining and told.recovery and joins_in_place)
         self._joined: tuple[int, float] | None = None  # (the step, when) a joining rank received in setup()
         self._resumes = False  # the script called resume(): where a joining rank takes its peers' state
         self._said_joinable = False
@@ -233,6 +234,7 @@ class Engine(CheckpointMixin):
         if self._joining:  # the survivors make the new group with this rank now
             self.in_place.say_ready()
             self.strategy.setup_environment()
+            self.strategy.joining = True  # (fsdp: no broadcast of rank 0's weights; the state comes in whole)
         model, optimizer = self.precision.connect(model, optimizer)
         model = self.strategy.setup_module(model)
         if self.progress is not None:  # every forward call is progress, evaluation's too
@@ -458,7 +460,8 @@ class Engine(CheckpointMixin):
                     rebuild_ddp_in_place(model, strategy.wrap_again)
                     strategy._share_masters()  # as a joining rank's setup() does (O2's masters; nothing otherwise)
                 if getattr(strategy, "recovers_in_place", False):
-                    newest, behind, joined = self._agree_shards(model, optimizer, err, ring, old_rank, old_world)
+                    newest, behind, joined = self._agree_shards(model, optimizer, err, ring, old_rank, old_world,
+                                                                joining=False)
                 else:
                     newest, behind, joined = self._agree_state(model, optimizer, where, err, joining=False)
                 break
@@ -529,26 +532,31 @@ class Engine(CheckpointMixin):
         return newest, behind, joined
 
     def _agree_shards(self, model: Any, optimizer: Any, err: BaseException | None, ring: ShardRing | None,
-                      old_rank: int, old_world: int) -> tuple[int, bool, int]:
-        """Every survivor of an fsdp job (the new group): say which old ranks' shards it holds at
-        which step (its own, live; the previous node's copy, engine/replicas.py), put the state of
-        the step every survivor completed together from them, and shard it again at the new world
-        size (``FSDPStrategy.reshard_in_place``). Raises where some old rank's shards are on no
-        survivor (two adjacent nodes lost) or the survivors are at different steps: the job then
-        restarts from the last checkpoint."""
+                      old_rank: int, old_world: int, joining: bool) -> tuple[int, bool, int]:
+        """Every rank of an fsdp job's new group, the survivors' ``_recover`` and a joining rank's
+        ``setup`` alike: say which old ranks' shards it holds at which step (a survivor: its own,
+        live, and the previous node's copy, engine/replicas.py; a joining rank: none), put the state
+        of the step every survivor completed together from them, and shard it again at the new
+        world size (``FSDPStrategy.reshard_in_place``); a joining rank also takes the rest of that
+        step's state (buffers, loss scaler, RNG, data position, scheduler, counters) from the lowest
+        survivor. Raises :class:`InPlaceImpossible` where some old rank's shards are on no survivor
+        (two adjacent nodes lost) or the survivors are at different steps: the job then restarts
+        from the last checkpoint. Returns (that step, whether this rank took it, how many joined)."""
         from trainfleet.engine.fsdp import shard_pieces, whole_state
 
         strategy = self.strategy
-        held = ring.holdings(self._steps) if ring is not None else {old_rank: self._steps}
-        said = strategy.all_gather_object({"steps": self._steps, "held": held})
-        steps = sorted({int(s["steps"]) for s in said})
+        held = {} if joining else ring.holdings(self._steps) if ring is not None else {old_rank: self._steps}
+        said = strategy.all_gather_object({"steps": self._steps, "held": held, "world": old_world,
+                                           "joining": joining})
+        survivors = [new_rank for new_rank, s in enumerate(said) if not s["joining"]]
+        steps = sorted({int(said[r]["steps"]) for r in survivors})
         if len(steps) != 1:
             raise InPlaceImpossible(f"they completed {steps[0]} to {steps[-1]} steps, and under fsdp a rank "
                                     "cannot take a step it did not compute from a peer") from err
-        newest = steps[0]
+        newest, old_world = steps[0], int(said[survivors[0]]["world"])
         holder: dict[int, int] = {}
-        for new_rank, s in enumerate(said):
-            for old, step in s["held"].items():
+        for new_rank in survivors:
+            for old, step in said[new_rank]["held"].items():
                 if step == newest:
                     holder.setdefault(int(old), new_rank)
         missing = [old for old in range(old_world) if old not in holder]
@@ -556,17 +564,29 @@ class Engine(CheckpointMixin):
             raise InPlaceImpossible(f"the shards of rank(s) {', '.join(map(str, missing))} of step {newest} are on "
                                     "no survivor (their node and the next one, which held their copy, are both gone)"
                                     ) from err
-        live, sharded = shard_pieces(model, optimizer)
+        live, sharded = ({}, set()) if joining else shard_pieces(model, optimizer)
         by_rank = []
         for old in range(old_world):
             mine = None
             if holder[old] == self.rank:
-                mine = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in live.items()} \
+                pieces = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in live.items()} \
                     if old == old_rank else ring.copy_pieces()
+                mine = (pieces, sorted(sharded))
             by_rank.append(strategy.broadcast(mine, holder[old]))
-        model_state, optimizer_state = whole_state(by_rank, sharded)
+        model_state, optimizer_state = whole_state([pieces for pieces, _ in by_rank], set(by_rank[0][1]))
         strategy.reshard_in_place(model, optimizer, model_state, optimizer_state)
-        return newest, False, 0
+        joined = len(said) - len(survivors)
+        if joined:  # the rest of the step's state, for the joining ranks: from the lowest survivor's memory
+            rest = None
+            if self.rank == survivors[0]:
+                snap = self.snapshot
+                rest = StateSnapshot(snap.step, snap.model, None, snap.precision, snap.rng, list(snap.loaders),
+                                     scheduler=self._scheduler.state_dict() if self._scheduler is not None else None,
+                                     counters=self.progress.counters() if self.progress is not None else None)
+            rest = strategy.broadcast(rest, survivors[0])
+            if joining:
+                self.snapshot = rest
+        return newest, joining, joined
 
     def _guard_forward(self, model: torch.nn.Module) -> None:
         """fsdp in place: a peer lost in a training forward's all-gathers is recovered from there
@@ -605,7 +625,15 @@ class Engine(CheckpointMixin):
             return
         self._joining = False
         began = time.monotonic()
-        newest, _, _ = self._agree_state(None, None, "join", None, joining=True)
+        if getattr(self.strategy, "recovers_in_place", False):  # fsdp: the shards come whole, then sharded again
+            model, optimizer = self._trained
+            if optimizer is None:
+                raise UsageError("a node that joins an fsdp job in place takes the optimizer's state from its peers "
+                                 "in engine.setup(model, optimizer): the optimizer is needed.",
+                                 "pass it as the script's first attempt does, or launch with --join restart.")
+            newest, _, _ = self._agree_shards(model, optimizer, None, None, -1, 0, joining=True)
+        else:
+            newest, _, _ = self._agree_state(None, None, "join", None, joining=True)
         self._joined = (newest, began)
 
     def _join_from_peers(self, model: Any, optimizer: Any, scheduler: Any, dataloader: Any) -> dict[str, Any]:
@@ -647,7 +675,7 @@ class Engine(CheckpointMixin):
         ``--grace-period`` seconds before SIGKILL. :attr:`stop_signal` says which signal.
         """
         agreed = 0  # also after an in-place recovery inside the call
-        joinable = self.strategy.name == "ddp"  # (fsdp's joins restart from the checkpoint)
+        joinable = self.strategy.name == "ddp" or self.copies_shards
         if self.in_place is not None and self._resumes and not self._said_joinable and joinable:  # resume and
             self._said_joinable = True                                   # should_stop: a node can join in place
             self.in_place.say_resumes()

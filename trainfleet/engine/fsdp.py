@@ -177,6 +177,7 @@ class FSDPStrategy(DDPStrategy):
         self._mesh: Any = None
         self._replaced: dict[int, tuple[torch.nn.Module, str]] = {}
         self.blocks = 0  # how many submodules the wrap policy sharded on their own
+        self.joining = False  # set by the engine on a rank that joins a running job in place
 
     @property
     def device_mesh(self) -> Any:
@@ -209,7 +210,8 @@ class FSDPStrategy(DDPStrategy):
         # fully_shard replaces every parameter with a DTensor one; remember the old ones by name so
         # an optimizer built on them (the usual script order) can be moved over in setup_optimizer.
         module = self._convert_batchnorm(module)  # before sharding: it keeps the parameter objects
-        self._sync_from_rank0(module)
+        if not self.joining:  # a rank joining in place gets the whole state from its peers (Engine._agree_shards)
+            self._sync_from_rank0(module)
         self._replaced.update({id(p): (module, name) for name, p in module.named_parameters()})
         blocks = select_blocks(module, self.wrap)
         if self.activation_checkpointing:

@@ -38,8 +38,9 @@ as usual, and ``engine.step`` returns False when the iteration's batch is to be 
 (count steps with ``if engine.step(optimizer): step += 1``); ``engine.should_stop()`` returns
 False. A rank that cannot be brought to that step, an error in another collective, or a strategy
 without this path (hybrid fsdp, horovod, dp) raises the original error: the agent then restarts
-the workers from the last checkpoint, as before, and says why. Joins in place are ddp's only
-(under fsdp a join restarts every worker from the checkpoint the stop wrote).
+the workers from the last checkpoint, as before, and says why. Under fsdp a joining rank makes
+the same exchange (``Engine._agree_shards``), holding nothing: it receives every shard and the rest
+of the step from the survivors.
 
 Where the agent and the engine meet is this module's :class:`Handshake` (the agent writes with
 :func:`write_next`).

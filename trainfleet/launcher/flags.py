@@ -111,7 +111,7 @@ LAUNCH_FLAGS: tuple[Flag, ...] = (
     Flag("on_nan", ("--on-nan",), "what a non-finite (NaN/inf) loss on any rank does: report (default: named "
          "by rank, training goes on) or rollback (every rank returns to the last step, held in memory, and "
          "drops that batch exactly; engine scripts)", default="report", metavar="{report,rollback}"),
-    Flag("join", ("--join",), "how a node joins a running elastic ddp job: in-place (default: its workers take "
+    Flag("join", ("--join",), "how a node joins a running elastic ddp or fsdp job: in-place (default: its workers take "
          "the newest step's state from their peers' memory while the others keep their processes; the script "
          "calls engine.resume) or restart (every worker checkpoints, stops and restarts with it)",
          default="in-place", metavar="{in-place,restart}"),

@@ -232,8 +232,11 @@ class ShardedCheckpointer:
         return self._group
 
     def close(self) -> None:
-        """Drop the checkpoint group (destroy_process_group then closes its sockets)."""
-        self._group = None
+        """Drop the checkpoint group (destroy_process_group then closes its sockets), and the
+        temporary folders' name (an in-place recovery calls this: a rank that joined learns the
+        name with the others at the next save, and every rank counts saves from there alike)."""
+        self._group = self._writer = None
+        self._saves = 0
 
     def _temporary(self, path: Path) -> Path:
         """The folder every rank writes into: named after rank 0 (its host, boot, pid and start time,
