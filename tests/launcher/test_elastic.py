@@ -423,24 +423,28 @@ def test_bad_node_range_is_one_line(tmp_path, nodes, why):
 
 
 # ----- three hosts in network namespaces ------------------------------------------------------------
-def start_host(hosts, node: int, out: Path, logs: Path, port: int) -> subprocess.Popen:
+def start_host(hosts, node: int, out: Path, logs: Path, port: int, strategy: str = "ddp") -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.endswith("SOCKET_IFNAME")}
     command = launch("--nodes", "2:3", "--gpus", "1", "--node-rank", str(node), "--master-addr", hosts.addrs[0],
                      "--master-port", str(port), "--log-dir", str(logs), "--rendezvous-timeout", "60",
-                     *script(out, *SLOW_STEP))
+                     "--strategy", strategy, *script(out, *SLOW_STEP))
     return hosts.popen(node, command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 @pytest.mark.multinode
-@pytest.mark.parametrize("fault", ["kill -9 host", "kill -9 agent", "link cut", "frozen agent", "rejoin"])
-def test_three_hosts_lose_one_and_end_exactly(tmp_path, reference, fault):
+@pytest.mark.parametrize("fault, strategy", [("kill -9 host", "ddp"), ("kill -9 agent", "ddp"), ("link cut", "ddp"),
+                                             ("frozen agent", "ddp"), ("rejoin", "ddp"), ("kill -9 host", "fsdp"),
+                                             ("rejoin", "fsdp")])
+def test_three_hosts_lose_one_and_end_exactly(tmp_path, request, fault, strategy):
     """Host 2 of a 3-host ``--nodes 2:3`` job: every process on it killed at a random step, its
     agent killed, its link cut, its agent frozen, or killed and started again (3 -> 2 -> 3). The
-    survivors keep their workers and go on from the step held in memory (0 steps computed again);
-    the job ends with the weights of an uninterrupted run, and nothing is left on any host."""
+    survivors keep their workers and go on from the step held in memory (0 steps computed again;
+    under fsdp, host 2's shards from their copy on host 0); the job ends with the weights of an
+    uninterrupted run, and nothing is left on any host."""
+    reference = request.getfixturevalue("reference" if strategy == "ddp" else "fsdp_reference")
     out, logs = tmp_path / "out", tmp_path / "logs"
     with twohosts.ManyHosts(3) as hosts:
-        agents = [start_host(hosts, node, out, logs, 29600) for node in range(3)]
+        agents = [start_host(hosts, node, out, logs, 29600, strategy) for node in range(3)]
         wait_for(out, 4 + random.randrange(6))
         victim = agent_of(out, 2)
         survivors = {node: worker_pids(out, node) for node in (0, 1)}
@@ -453,7 +457,7 @@ def test_three_hosts_lose_one_and_end_exactly(tmp_path, reference, fault):
             os.kill(victim, signal.SIGSTOP if fault == "frozen agent" else signal.SIGKILL)
         if fault == "rejoin":
             wait_for(out, 1, attempt=1)
-            agents.append(start_host(hosts, 2, out, logs, 29600))
+            agents.append(start_host(hosts, 2, out, logs, 29600, strategy))
         outputs = [agents[n].communicate(timeout=240) for n in (0, 1)]
         assert [agents[n].returncode for n in (0, 1)] == [0, 0], outputs
         master = outputs[0][1]
