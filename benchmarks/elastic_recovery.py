@@ -245,14 +245,14 @@ def link_cut_trial() -> float:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def state_copy_overhead(rounds: int, strategy: str = "ddp") -> tuple[Comparison, dict]:
+def state_copy_overhead(rounds: int, strategy: str = "ddp", steps: int = 200) -> tuple[Comparison, dict]:
     """ddp: 2 workers on one node; fsdp: 2 nodes of one worker, each rank's shards sent to the other."""
     from benchmarks.common import PROBES, run_probe
 
     out = scratch()
     layout = ["--gpus", "2"] if strategy == "ddp" else ["--nodes", "2", "--gpus", "1", "--strategy", strategy]
     run_probe([str(BIN / "launch"), *layout, "--log-dir", str(out / "logs"), str(PROBES / "diagnosis_probe.py"),
-               str(out), "snapshot", "--step-sleep", "0", "--width", "1024", "--steps", "200",
+               str(out), "snapshot", "--step-sleep", "0", "--width", "1024", "--steps", str(steps),
                "--rounds", str(rounds), *(["--copy-shards"] if strategy == "fsdp" else [])], out)
     samples = json.loads((out / "snapshot.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
@@ -273,13 +273,13 @@ def _deaths(name: str, ours: list[float]) -> None:
     SLOW.clear()
 
 
-def _copies(rounds: int) -> None:
-    """Both copies' overhead and sizes."""
-    copy, samples = state_copy_overhead(max(rounds * 2, 1))
+def _copies(rounds: int, steps: int) -> None:
+    """Both copies' overhead and sizes (``steps`` a side per round: 200, or 20 in a smoke run)."""
+    copy, samples = state_copy_overhead(max(rounds * 2, 1), steps=steps)
     print(copy.line(), flush=True)
     print(f"state_copy_size: {samples['bytes'] / 2**20:.2f} MiB of host memory per rank (the model's buffers; "
           f"the parameters and Adam's state are read live), kept in {samples['copy_s'] * 1e3:.2f} ms", flush=True)
-    copy, samples = state_copy_overhead(max(rounds * 2, 1), "fsdp")
+    copy, samples = state_copy_overhead(max(rounds * 2, 1), "fsdp", steps)
     print(copy.line(), flush=True)
     print(f"fsdp_shard_copy_size: {samples['ring_bytes'] / 2**20:.2f} MiB of host memory per rank (its shards "
           "staged, and two slots for the previous node's copy)", flush=True)
@@ -289,6 +289,7 @@ def _copies(rounds: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     kills, argv = pop_option(argv, "--kills", 30, int)
     only, argv = pop_option(argv, "--only", "", str)
+    steps = 20 if "--smoke" in argv else 200  # a smoke run only checks that the lines come
     rounds = rounds_from_args(__doc__, argv, rounds=5, quick=2)
     if only == "join":  # the join comparison alone
         joins = interleave(rounds, lambda: join_trial("in-place"), lambda: join_trial("restart"),
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         print(joins.line(), flush=True)
         return 0
     if only == "copy":  # the state copies' overhead alone
-        _copies(rounds)
+        _copies(rounds, steps)
         return 0
     if only == "fsdp":  # fsdp's kills alone
         _deaths("fsdp_in_place_death_to_next_step", [_retrying("trainfleet-fsdp") for _ in range(max(kills // 3, 1))])
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     joins = interleave(rounds, lambda: join_trial("in-place"), lambda: join_trial("restart"),
                        Comparison(JOIN_PAUSE, target=1.0), warmup=0)
     print(joins.line(), flush=True)
-    _copies(rounds)
+    _copies(rounds, steps)
     cuts = [link_cut_trial() for _ in range(1 if kills <= 2 else 3)]
     print(f"link_cut_to_next_step: median {statistics.median(cuts):.2f}s, worst {max(cuts):.2f}s over {len(cuts)} "
           f"cuts (target <= 3 s) {'MET' if max(cuts) <= 3.0 else 'MISSED'}", flush=True)
