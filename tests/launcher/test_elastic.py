@@ -255,9 +255,9 @@ def test_fsdp_that_loses_a_rank_and_its_copy_resumes_from_disk_and_counts_the_st
                                   str(tmp_path / "logs"), *script(out, *SLOW_STEP, "--global-batch-size", "12")),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(out, 6)
-    agents = [agent_of(out, node) for node in (2, 3)]
-    for agent in agents:
-        os.kill(agent, signal.SIGKILL)
+    for node in (2, 3):  # every process of both nodes: their agents and workers
+        for pid in worker_pids(out, node) + [agent_of(out, node)]:
+            os.kill(pid, signal.SIGKILL)
     _, stderr = job.communicate(timeout=240)
     assert job.returncode == 0, stderr
     found = re.search(r"attempt (\d+): rank 0 resumed from \S+step(\d+)\.pt at epoch \d+, sample \d+; (\d+) step\(s\) "
@@ -266,10 +266,13 @@ def test_fsdp_that_loses_a_rank_and_its_copy_resumes_from_disk_and_counts_the_st
     _, resumed, again, reached = (int(v) for v in found.groups())
     assert resumed % 4 == 0 and again == reached - resumed and 1 <= again <= 4, found.group(0)
     rank0 = (tmp_path / "logs" / "node0" / "rank0.log").read_text()
-    assert "the shards of rank(s) 2 of step" in rank0 and "are on no survivor" in rank0, rank0
+    # (rank 3's copy, on node 0, may be lost too when its worker died mid-send)
+    assert re.search(r"the shards of rank\(s\) 2(, 3)? of step \d+ are on no survivor", rank0), rank0
     ledger = json.loads((tmp_path / "logs" / "ledger.json").read_text())  # the same count in the job's account
-    assert ledger["recomputed_steps"] == again and ledger["rows"]["recomputed"] > 0, ledger
-    assert f"({again} step(s) computed again)" in stderr
+    # (the restarted attempt's first step is its warm-up, counted in the restart row: with one step
+    # computed again, the recomputed row has no time; seen once in the suite, the kill landing at step 9)
+    assert ledger["recomputed_steps"] == again and (ledger["rows"]["recomputed"] > 0) == (again > 1), ledger
+    assert (f"({again} step(s) computed again)" in stderr) == (again > 1), stderr  # the ledger's recomputed row
     assert worlds(out)[-1] == 2
     assert not [pid for pid in pids_recorded(out) if alive(pid)]
 
