@@ -137,7 +137,9 @@ class Engine(CheckpointMixin):
         # a node joining a running elastic ddp job in place: the group is made in setup(), once the script
         # built its model; its agent tells node 0 when every worker is there, and the survivors then make the
         # group with it (engine/recovery.py), so they stop only for the group and the state, not the start-up
-        joins_in_place = self.strategy.name == "ddp" or getattr(self.strategy, "recovers_in_place", False)
+        # fsdp with one shard per rank: in place, each rank's shards are copied to the next node (engine/replicas.py)
+        self._sharded_in_place = getattr(self.strategy, "recovers_in_place", False)
+        joins_in_place = self.strategy.name == "ddp" or self._sharded_in_place
         self._joining = bool(told.joining and told.recovery and joins_in_place)
         self._joined: tuple[int, float] | None = None  # (the step, when) a joining rank received in setup()
         self._resumes = False  # the script called resume(): where a joining rank takes its peers' state
@@ -163,10 +165,8 @@ class Engine(CheckpointMixin):
         self._join_seen = -1  # the attempt of the last join the watcher saw (said at the next should_stop)
         self._join_next = False  # every rank agreed a join: the next backward() moves to the new group
         # an elastic ddp or fsdp job: a lost node does not end this process (engine/recovery.py)
-        sharded = getattr(self.strategy, "recovers_in_place", False)  # fsdp: its shards copied to the next node
-        self.in_place = Handshake(told.recovery) if told.recovery and (self.strategy.name == "ddp" or sharded) \
-            else None
-        self.copies_shards = self.in_place is not None and sharded  # each step's shards go to the next node too
+        self.in_place = Handshake(told.recovery) if told.recovery and joins_in_place else None
+        self.copies_shards = self.in_place is not None and self._sharded_in_place  # each step's shards go on too
         self._ring: ShardRing | None = None  # ... through this rank's side of the ring (engine/replicas.py)
         self._last_output: Any = None  # fsdp in place: the last forward's output shapes (_guard_forward)
         self._redo: str | None = None  # after an in-place recovery: what step() does with this iteration
@@ -239,7 +239,7 @@ class Engine(CheckpointMixin):
         model = self.strategy.setup_module(model)
         if self.progress is not None:  # every forward call is progress, evaluation's too
             model.register_forward_pre_hook(lambda _module, _inputs: self.progress and self.progress.tick())
-        if self.in_place is not None and getattr(self.strategy, "recovers_in_place", False):
+        if self.in_place is not None and self._sharded_in_place:
             self._guard_forward(model)
         if optimizer is None:
             self._trained = (model, None)
@@ -375,7 +375,7 @@ class Engine(CheckpointMixin):
         probe = StateSnapshot()
         probe.capture(self._steps, self._trained[0], self._trained[1], self.precision, self._rng(), self._train_loaders)
         ring = 0
-        if getattr(self.strategy, "recovers_in_place", False) and self.world_size > self.strategy.env.local_world_size:
+        if self._sharded_in_place and self.world_size > self.strategy.env.local_world_size:
             from trainfleet.engine.fsdp import shard_pieces  # an elastic run copies its shards to the next node
 
             ring = ShardRing.nbytes_for(shard_pieces(*self._trained)[0])
@@ -459,7 +459,7 @@ class Engine(CheckpointMixin):
                 if wrapped:
                     rebuild_ddp_in_place(model, strategy.wrap_again)
                     strategy._share_masters()  # as a joining rank's setup() does (O2's masters; nothing otherwise)
-                if getattr(strategy, "recovers_in_place", False):
+                if self._sharded_in_place:
                     newest, behind, joined = self._agree_shards(model, optimizer, err, ring, old_rank, old_world,
                                                                 joining=False)
                 else:
@@ -625,7 +625,7 @@ class Engine(CheckpointMixin):
             return
         self._joining = False
         began = time.monotonic()
-        if getattr(self.strategy, "recovers_in_place", False):  # fsdp: the shards come whole, then sharded again
+        if self._sharded_in_place:  # fsdp: the shards come whole, then sharded again
             model, optimizer = self._trained
             if optimizer is None:
                 raise UsageError("a node that joins an fsdp job in place takes the optimizer's state from its peers "

@@ -178,7 +178,7 @@ class Coordinator:
         failed = failure is not None and not lost and outcome.kind == "failed"
         if failed and failure.why.startswith(IN_PLACE_IMPOSSIBLE):
             restarted = failure.why  # the loss was the cause, not the script: not counted in --max-restarts
-        elif failure is not None and failure.rank is not None and not lost and outcome.kind == "failed":
+        elif failed and failure.rank is not None:
             if failure.how == "exit code 2" or (self.restarts >= cfg.max_restarts and not cfg.elastic):
                 return self._end("")  # bad input in the script, or no restarts left: the failure is the report
             if self.restarts < cfg.max_restarts:
