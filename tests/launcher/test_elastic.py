@@ -72,6 +72,19 @@ def wait_for(out: Path, step: int, attempt: int = 0, timeout: float = 120) -> No
     raise AssertionError(f"no step {step} of attempt {attempt} within {timeout}s (at {progress(out)})")
 
 
+def wait_asleep(out: Path, step: int, ranks: int, timeout: float = 120) -> None:
+    """Until every rank sleeps before the forward after step ``step`` (elastic_train.py --forward-sleep)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if all((out / "asleep" / f"r{rank}").read_text().split()[1] == str(step) for rank in range(ranks)):
+                return
+        except (OSError, IndexError):
+            pass
+        time.sleep(0.02)
+    raise AssertionError(f"the {ranks} ranks were not all asleep before the forward after step {step}")
+
+
 def agent_of(out: Path, node: int) -> int:
     """The pid of node ``node``'s agent, from its newest worker's record."""
     newest = max((out / "pids").glob(f"node{node}.r*"), key=lambda p: p.stat().st_mtime)
@@ -213,7 +226,8 @@ def fsdp_reference(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("at, sleep, met", [(6, "--step-sleep", "between steps"), (13, "--forward-sleep", "forward")],
+@pytest.mark.parametrize("at, sleep, met", [(6, ("--step-sleep", "0.25"), "between steps"),
+                                             (13, ("--forward-sleep", "0.5"), "forward")],
                          ids=["met between steps", "met in the forward"])
 def test_fsdp_loses_a_node_and_goes_on_in_place_from_the_copy_of_its_shards_exactly(tmp_path, fsdp_reference, at,
                                                                                      sleep, met):
@@ -223,13 +237,15 @@ def test_fsdp_loses_a_node_and_goes_on_in_place_from_the_copy_of_its_shards_exac
     shard it again over 2 ranks in the same processes, and go on; nothing is read from disk and
     no step is computed again. The script sleeps after each step (the survivors meet the loss in
     ``should_stop``) or before each forward (in the forward's all-gathers: the forward returns zeros
-    and the batch comes again). On the old code the survivors were restarted from the last
-    checkpoint (1 to 4 steps computed again)."""
+    and the batch comes again; the kill waits until all three ranks sleep there). On the old code
+    the survivors were restarted from the last checkpoint (1 to 4 steps computed again)."""
     out = tmp_path / "out"
     job = subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--strategy", "fsdp", "--log-dir",
-                                  str(tmp_path / "logs"), *script(out, sleep, "0.25")),
+                                  str(tmp_path / "logs"), *script(out, *sleep)),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(out, at)
+    if met == "forward":
+        wait_asleep(out, at, ranks=3)
     survivors = {node: worker_pids(out, node) for node in (0, 1)}
     os.kill(agent_of(out, 2), signal.SIGKILL)
     _, stderr = job.communicate(timeout=180)

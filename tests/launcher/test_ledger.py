@@ -93,12 +93,16 @@ def _close_to(value: float, expected: float, share: float = 0.10) -> bool:
 def test_injected_costs_are_found_in_their_rows(tmp_path):
     """A 5 s sleep before the first step, a 3 s synchronous save and 2 s of evaluation, beside the
     same job without them: each cost in its row within 10%, the rows adding up to the wall time
-    measured from here within 1%."""
+    measured from here within 1%. The first step's row also holds the job's one-time work (setup,
+    the loader, the first all-reduce: ~1.6 s here, 2.0 s once under the full suite's load), which
+    varies between the two runs by more than 10% of 5 s: that row holds the 5 s and at most twice
+    the plain run's first step besides, and no other row grew by as much as half of it."""
     base, _, _ = _run(tmp_path, "plain", "--steps", "30")
     costly, wall, stderr = _run(tmp_path, "costly", "--steps", "30", "--sleep-before-first", "5",
                                 "--save-stall", "3", "--save-at", "10", "--eval-at", "20", "--eval-time", "2")
     rows, plain = costly["rows"], base["rows"]
-    assert _close_to(rows["first_step"] - plain["first_step"], 5.0), (rows, plain)  # slept after Engine()
+    assert 5.0 <= rows["first_step"] <= 5.0 + 2 * plain["first_step"], (rows, plain)  # slept after Engine()
+    assert all(rows[name] - plain[name] < 2.5 for name in ("startup", "productive", "idle")), (rows, plain)
     assert _close_to(rows["save"] - plain["save"], 3.0), rows
     assert _close_to(rows["eval"] - plain["eval"], 2.0), rows
     for ledger in (base, costly):

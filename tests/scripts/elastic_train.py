@@ -77,7 +77,10 @@ def save() -> None:
 
 while step < args.steps:
     for x, y, index in loader:
-        time.sleep(args.forward_sleep)  # (a peer lost meanwhile is met in the forward's collectives under fsdp)
+        if args.forward_sleep:  # (a peer lost meanwhile is met in the forward's collectives under fsdp)
+            (out / "asleep").mkdir(exist_ok=True)
+            (out / "asleep" / f"r{engine.rank}").write_text(f"{engine.restart_count} {step}")  # (for the test)
+            time.sleep(args.forward_sleep)
         loss = F.cross_entropy(model(x), y)
         engine.backward(loss)
         if not engine.step(optimizer):
