@@ -137,6 +137,29 @@ def test_collective_timeout_on_nccl_raises_in_the_script(monkeypatch):
     assert "TORCH_NCCL_BLOCKING_WAIT" not in worker_env(gpu, Placement(0, 0, 1), 0, 29500)
 
 
+def test_in_place_jobs_on_nccl_abort_the_communicator_and_keep_the_process(monkeypatch):
+    """torch's default NCCL error handling (3) ends a worker whose watchdog sees a peer's error:
+    the survivors of a lost node died with it. Jobs that recover in place get 2 (abort the
+    communicator, raise in the script); others, a --collective-timeout's blocking wait, and a
+    user's own value are left alone."""
+    from trainfleet.launcher.config import Placement
+    from trainfleet.launcher.workers import worker_env
+
+    for name in ("TORCH_NCCL_BLOCKING_WAIT", "TORCH_NCCL_ASYNC_ERROR_HANDLING"):
+        monkeypatch.delenv(name, raising=False)
+    place = Placement(0, 0, 3)
+    for strategy in ("ddp", "fsdp"):
+        cfg = LaunchConfig(SCRIPT, nodes=3, min_nodes=2, gpus=2, cuda_devices=6, strategy=strategy)
+        assert worker_env(cfg, place, 0, 29500)["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"
+    for cfg in (LaunchConfig(SCRIPT, nodes=3, gpus=2, cuda_devices=6),  # not elastic: a loss ends the job
+                LaunchConfig(SCRIPT, nodes=3, min_nodes=2, gpus=2),  # the CPU: gloo
+                LaunchConfig(SCRIPT, nodes=3, min_nodes=2, gpus=2, cuda_devices=6, collective_timeout=30)):
+        assert "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in worker_env(cfg, place, 0, 29500)
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # the user's own choice is kept
+    cfg = LaunchConfig(SCRIPT, nodes=3, min_nodes=2, gpus=2, cuda_devices=6)
+    assert "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in worker_env(cfg, place, 0, 29500)
+
+
 # ----- issue 22, item 12: no flag is silently overridden or ignored -----------------------------------
 @pytest.mark.parametrize("args, needles", [
     (["--env", "HOME", SCRIPT], ["--env 'HOME' is for --hosts, but no --hosts was given", "HINT"]),

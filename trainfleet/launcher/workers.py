@@ -62,7 +62,12 @@ def worker_env(cfg: LaunchConfig, place: Placement, local_rank: int, port: int,
     if cfg.collective_timeout and cfg.accelerator == "cuda" and "TORCH_NCCL_BLOCKING_WAIT" not in os.environ:
         # NCCL's watchdog would abort the worker at the timeout (SIGABRT); a blocking wait
         # raises in the script instead, where the engine names the rank and the line.
-        env["TORCH_NCCL_BLOCKING_WAIT"] = 1
+        env["TORCH_NCCL_BLOCKING_WAIT"] = 1  # (torch then turns its asynchronous error handling off)
+    elif cfg.accelerator == "cuda" and in_place_capable(cfg) and "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in os.environ:
+        # torch's default (3) ends the process when the watchdog sees a peer's NCCL error: the survivors
+        # of a lost node would die with it instead of going on in place. 2 aborts the communicator only,
+        # and the failed collective raises in the script, where the engine recovers (engine/recovery.py).
+        env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = 2
     if cfg.nodes > 1 or cfg.master_addr not in ("127.0.0.1", "localhost"):
         # gloo/NCCL otherwise pick the interface of the hostname, often 127.0.0.1.
         iface = interface_for(cfg.master_addr)
