@@ -169,3 +169,31 @@ def test_parity_script_runs_ddp_with_one_nccl_rank(tmp_path):
     info = json.loads((tmp_path / "losses.json").read_text())
     assert (info["device"], info["strategy"], info["world_size"]) == ("cuda:0", "ddp", 1)
     assert ckpt.load_file(tmp_path / "final.pt")["meta"]["world_size"] == 1
+
+
+POISON = """
+import sys, torch
+from trainfleet.engine.recovery import device_fault
+device = torch.device("cuda", 0)
+print("before:", device_fault(device))
+x = torch.ones(4, device=device)
+try:  # an index out of range on the device: a device-side assert, sticky for the process's life
+    x[torch.tensor([40], device=device)].sum().item()
+except Exception:  # (torch.AcceleratorError, a RuntimeError, in recent torch)
+    pass
+print("after:", device_fault(device))
+"""
+
+
+def test_a_poisoned_cuda_context_is_named_so_the_process_is_not_reused(tmp_path):
+    """After a device-side assert every CUDA call of the process fails (torch: the error is sticky):
+    in-place recovery must not reuse such a survivor (Engine._recover raises InPlaceImpossible
+    naming it). The probe says a healthy context is fine and names the poisoned one."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", POISON], capture_output=True, text=True, timeout=120)
+    lines = result.stdout.splitlines()
+    assert "before: None" in lines, result.stdout + result.stderr
+    after = [line for line in lines if line.startswith("after:")]
+    assert after and "its CUDA context is unusable (" in after[0], result.stdout + result.stderr

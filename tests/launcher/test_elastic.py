@@ -293,13 +293,39 @@ def test_fsdp_that_loses_a_rank_and_its_copy_resumes_from_disk_and_counts_the_st
     assert not [pid for pid in pids_recorded(out) if alive(pid)]
 
 
+def test_a_survivor_whose_gpu_is_unusable_is_not_reused_and_the_job_resumes_from_disk_exactly(tmp_path, reference):
+    """Node 2 dies; node 1's worker finds its GPU unusable after the failure (the script stands in
+    for the probe's answer on a context a device-side assert poisoned: the probe itself is
+    tests/gpu/test_cuda.py). That process is not reused: it says why, and every survivor starts
+    again from the last checkpoint, exactly (on the old code the survivors went on in place on
+    the unusable GPU). The answer may come before node 0 decided (the attempt fails), or after
+    node 1's agent answered the roll but before it read the decision (node 1 says its failure
+    again in the in-place attempt: on the old code it started new workers into it, and node 0's
+    survivor aborted on the mismatched exchange, 1 run in 2)."""
+    out = tmp_path / "out"
+    job = subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--log-dir", str(tmp_path / "logs"),
+                                  *script(out, *SLOW_STEP, "--unusable-gpu-on-node", "1")),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(out, 6)
+    os.kill(agent_of(out, 2), signal.SIGKILL)
+    _, stderr = job.communicate(timeout=180)
+    assert job.returncode == 0, stderr
+    why = ("the survivors could not go on in place: rank 1: its CUDA context is unusable (CUDA error: device-side "
+           "assert triggered), so its process cannot be reused; restarting from the last checkpoint instead")
+    assert why in stderr and re.search(r"rank 0 resumed from \S+step\d+\.pt", stderr), stderr
+    assert "rank 0 went on in place" not in stderr, stderr
+    assert worlds(out)[0] == 3 and worlds(out)[-1] == 2
+    assert_exact(out, reference)
+    assert not [pid for pid in pids_recorded(out) if alive(pid)]
+
+
 JOB_ENV = {**os.environ, "TRAINFLEET_JOB_TOKEN": "0123456789abcdef" * 2}  # both launches: the job's token
 
 
-def _three_nodes(tmp_path: Path, port: int, strategy: str = "ddp") -> subprocess.Popen:
+def _three_nodes(tmp_path: Path, port: int, strategy: str = "ddp", *extra: str) -> subprocess.Popen:
     return subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--master-port", str(port), "--log-dir",
                                    str(tmp_path / "logs"), "--strategy", strategy,
-                                   *script(tmp_path / "out", *SLOW_STEP)),
+                                   *script(tmp_path / "out", *SLOW_STEP, *extra)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=JOB_ENV)
 
 
@@ -372,6 +398,34 @@ def test_a_node_that_goes_away_while_it_joins_in_place_leaves_the_running_worker
     assert worlds(out)[-1] == 2, worlds(out)
     assert_in_place(out, stderr)
     assert {node: worker_pids(out, node) for node in (0, 1)} == survivors
+    assert_exact(out, reference)
+    assert not [pid for pid in pids_recorded(out) if alive(pid)]
+
+
+def test_a_join_decided_as_the_survivors_finish_ends_the_job_and_stops_the_joiner(tmp_path, reference):
+    """Node 2 is lost, then started again once the survivors ran every step: they finish the
+    script without meeting should_stop again, so they never move to the group with the joiner
+    (the script waits, after its last step, until node 0 decided the join). The job is done:
+    node 0 says so and ends it, and the joiner's agent stops its workers. On the old code node 0
+    waited for the joiner to finish, and the joiner for the survivors: both forever (seen once
+    in the full suite: the three-host fsdp rejoin, the join decided 0.1 s before the end)."""
+    out, port = tmp_path / "out", free_port()
+    job = _three_nodes(tmp_path, port, "ddp", "--finish-as-one-joins")
+    wait_for(out, 4)
+    os.kill(agent_of(out, 2), signal.SIGKILL)
+    wait_for(out, STEPS, attempt=1)
+    deadline = time.monotonic() + 60
+    while not (out / "lingering").exists():
+        assert time.monotonic() < deadline, "the survivors never finished their steps"
+        time.sleep(0.05)
+    joiner = _node_2_again(tmp_path, port, "--finish-as-one-joins")
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 0, stderr
+    assert JOINED_IN_PLACE in stderr, stderr
+    assert "the job finished before node(s) 2 could join in place; their workers were stopped." in stderr, stderr
+    _, joiner_err = joiner.communicate(timeout=60)
+    assert joiner.returncode == 0, joiner_err
+    assert_in_place(out, stderr)
     assert_exact(out, reference)
     assert not [pid for pid in pids_recorded(out) if alive(pid)]
 

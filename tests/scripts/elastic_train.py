@@ -36,6 +36,10 @@ parser.add_argument("--slow-save", type=float, default=3.0)
 parser.add_argument("--joiner-delay", type=float, default=0.0, help="a node joining in place waits this long first")
 parser.add_argument("--joiner-stall", type=float, default=0.0,
                     help="... or waits this long after it said it is ready, before it joins the group")
+parser.add_argument("--unusable-gpu-on-node", type=int, default=-1,
+                    help="this node's workers find their GPU unusable after a loss (as a device-side assert leaves it)")
+parser.add_argument("--finish-as-one-joins", action="store_true",
+                    help="a worker that ran every step stays until its agent says a node joins in place, then finishes")
 args = parser.parse_args()
 out = Path(args.out)
 for folder in ("trace", "pids", "ckpt"):
@@ -54,6 +58,11 @@ if os.environ.get("TRAINFLEET_JOINING") == "1":  # (a test's joiner that goes aw
             return make_group(*a, **k)
 
         dist.init_process_group = stalled
+if int(os.environ.get("TRAINFLEET_NODE", "0")) == args.unusable_gpu_on_node:
+    import trainfleet.engine.engine as engine_module  # the probe's answer on a poisoned or hung GPU
+
+    engine_module.device_fault = lambda device: ("its CUDA context is unusable (CUDA error: device-side assert "
+                                                 "triggered)")
 engine = trainfleet.Engine(seed=11)
 attempt = engine.restart_count
 (out / "pids" / f"node{os.environ.get('TRAINFLEET_NODE', '0')}.r{engine.rank}").write_text(
@@ -101,4 +110,12 @@ while step < args.steps:
         if step % args.save_every == 0:
             save()
 
+if args.finish_as_one_joins and os.environ.get("TRAINFLEET_JOINING") != "1":  # (the join comes too late)
+    from trainfleet.engine.contract import RECOVERY, next_path
+
+    (out / "lingering").write_text(str(step))
+    told = next_path(os.environ[RECOVERY])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and '"join": true' not in (told.read_text() if told.exists() else ""):
+        time.sleep(0.05)
 engine.save(out / "final.pt", model=model)

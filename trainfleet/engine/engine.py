@@ -40,6 +40,7 @@ from trainfleet.engine.recovery import (
     InPlaceImpossible,
     Watcher,
     cut,
+    device_fault,
     lost_a_peer,
     rebuild_ddp_in_place,
 )
@@ -376,7 +377,9 @@ class Engine(CheckpointMixin):
         probe.capture(self._steps, self._trained[0], self._trained[1], self.precision, self._rng(), self._train_loaders)
         ring = 0
         if self._sharded_in_place and self.world_size > self.strategy.env.local_world_size:
-            from trainfleet.engine.fsdp import shard_pieces  # an elastic run copies its shards to the next node
+            from trainfleet.engine.fsdp import (
+                shard_pieces,  # an elastic run copies its shards to the next node
+            )
 
             ring = ShardRing.nbytes_for(shard_pieces(*self._trained)[0])
         return probe.nbytes() + ring
@@ -439,6 +442,9 @@ class Engine(CheckpointMixin):
         old_rank, old_world = self.rank, self.world_size
         self.strategy.abandon_group()  # at once: a survivor waiting on this rank fails too, and says so
         self._sharded.close()  # its checkpoint group went with the old group: a sharded save makes a new one
+        fault = device_fault(self.strategy.root_device)  # (the aborted group's kernels have ended)
+        if fault is not None:  # this process cannot go on: every node's workers start again
+            raise InPlaceImpossible(f"rank {self.rank}: {fault}, so its process cannot be reused") from cannot
         if err is not None:
             self.in_place.say_lost(attempt, self._steps, where)
         place = self.in_place.wait_next(attempt)

@@ -25,7 +25,9 @@ again on a new mesh). Most ranks meet the loss in the next forward's all-gathers
 returns zeros shaped as the last output, and its backward and step do nothing (the batch comes
 again). When a rank's shards and their copy are both gone (two adjacent nodes), or the survivors
 are at different steps, :class:`InPlaceImpossible` ends the workers and every node restarts from
-the last checkpoint, the report counting the steps computed again.
+the last checkpoint, the report counting the steps computed again. So does a survivor whose GPU
+cannot be used again after the failure (:func:`device_fault`: a sticky CUDA error, or queued work
+that never finishes): its process is not reused, and the report says so.
 
 A node that **joins** (launcher/in_place.py, ``--join in-place``) is the same path without a loss:
 the survivors' agents answer with ``"join": true``, every rank agrees it at ``should_stop`` and
@@ -54,6 +56,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from trainfleet.engine.contract import (
     IN_PLACE_IMPOSSIBLE,
     lost_path,
@@ -77,6 +81,39 @@ class InPlaceImpossible(RuntimeError):
 
     def __init__(self, why: str):
         super().__init__(f"{IN_PLACE_IMPOSSIBLE} {why}; restarting from the last checkpoint instead")
+
+
+DEVICE_PROBE_TIMEOUT = 10.0  # seconds a survivor's GPU gets to finish its queued work after the group is aborted
+
+
+def device_fault(device: torch.device, timeout: float = DEVICE_PROBE_TIMEOUT) -> str | None:
+    """Why this process's device cannot be used again after a failure, or None where it can (the
+    CPU, always). On CUDA: the queued work must finish (``synchronize``) and a kernel and a copy
+    back must run, within ``timeout``: a sticky error (an illegal access or a device-side assert
+    leaves the context failing every call until the process exits) or a kernel that never ends
+    means the process must be started again. The probe runs on a thread of its own, so a hung
+    device costs ``timeout``, not the job (the idea of NVIDIA resiliency-ext's CUDA health check)."""
+    if device.type != "cuda":
+        return None
+    failure: list[BaseException] = []
+
+    def probe() -> None:
+        try:
+            torch.cuda.synchronize(device)
+            if torch.ones(1, device=device).add_(1).item() != 2.0:
+                raise RuntimeError("1 + 1 came back wrong")
+        except Exception as err:  # noqa: BLE001 - any error: the context is not usable
+            failure.append(err)
+
+    thread = threading.Thread(target=probe, name="trainfleet-device-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        return f"its GPU ({device}) did not finish its queued work within {timeout:g}s"
+    if failure:
+        first = (str(failure[0]).strip().splitlines() or [type(failure[0]).__name__])[0]
+        return f"its CUDA context is unusable ({first})"
+    return None
 
 
 def lost_a_peer(err: BaseException) -> bool:

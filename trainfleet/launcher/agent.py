@@ -100,6 +100,7 @@ class NodeAgent(RendezvousMixin):
         self.attempt_now = 0  # the attempt this node's workers are in (in-place recovery moves it on)
         self._said: set[str] = set()  # in-place keys this node posted already
         self.join_in_place: int | None = None  # a joining node: the attempt its workers join the running ones in
+        self.joined_in: dict[int, list[int]] = {}  # node 0: the nodes that joined each in-place attempt
         self._join: dict[str, Any] | None = None  # node 0: a join in place being prepared (_prepare_join)
         self.presence: Any = None  # node 0: who is connected (launcher/presence.py)
         self.presence_link: Any = None  # another node: its connection to node 0's presence server
@@ -192,7 +193,7 @@ class NodeAgent(RendezvousMixin):
         grow_asked: float | None = None
         while True:
             exited = group.reap(POLL)
-            outcome = (self._relay_signals(group, forwarded, attempt) or self._check_workers(group, exited)
+            outcome = (self._relay_signals(group, forwarded, attempt) or self._check_workers(group, exited, attempt)
                        or self._check_in_place(group, attempt) or self._check_job(attempt) or self._diagnose(group))
             if outcome is not None:
                 return outcome
@@ -241,9 +242,11 @@ class NodeAgent(RendezvousMixin):
                 return Outcome("signal", signum=signum)
         return None
 
-    def _check_workers(self, group: WorkerGroup, exited: list[Any]) -> Outcome | None:
+    def _check_workers(self, group: WorkerGroup, exited: list[Any], attempt: int) -> Outcome | None:
         """A worker of this node exited non-zero or is frozen: the attempt fails everywhere."""
         failures = [self._failure(group, w) for w in exited if w.exitcode != 0]
+        if failures and self.join_in_place == attempt and self._job_done(attempt):
+            return Outcome("ok")  # the job ended before they joined: they failed as node 0 closed their store
         if failures and all(f.secondary for f in failures):  # the peer it lost may be a sibling reaped a moment later
             failures += [self._failure(group, w) for w in group.reap(SIBLING_WAIT) if w.exitcode != 0]
         if failures:  # reaped together: a rank killed outright beats the peer that lost its connection to it
@@ -315,6 +318,8 @@ class NodeAgent(RendezvousMixin):
             return Outcome("lost", failure)
         if not self.is_master and (channel.attempt > attempt or channel.ended is not None):
             return Outcome("behind")
+        if self.join_in_place == attempt and channel.done_attempt >= attempt:  # the job ended without the joiners
+            return Outcome("ok")
         if self.is_master:
             if channel.watch_in_place:  # the in-place check owns a lost node: it may have looked a moment before
                 return None             # the node was gone, and the next poll's look goes in place
@@ -332,6 +337,17 @@ class NodeAgent(RendezvousMixin):
             return Outcome("lost", failure)
         return None
 
+    def _job_done(self, attempt: int) -> bool:
+        """Whether node 0 said the job is done in ``attempt`` (asked now: the control thread reads it a
+        poll later)."""
+        if self.channel.done_attempt >= attempt:
+            return True
+        try:
+            return (parse_count(self.channel.store.get("job/done")) or -1) >= attempt \
+                if self.channel.store.check(["job/done"]) else False
+        except RuntimeError:  # node 0's store already gone
+            return False
+
     def _finished(self, attempt: int, resized: bool = False) -> Outcome | None:
         """This node's workers all exited 0: the attempt is over once every member's are. Workers
         that stopped because node 0 asked them to (``resized``: a node asked to join) did not finish
@@ -339,8 +355,14 @@ class NodeAgent(RendezvousMixin):
         channel = self.channel
         if not self.is_master:
             return Outcome("ok") if channel.done_attempt >= attempt else None
-        if channel.done_count < len(self.members):
-            return None
+        if len(channel.done_nodes) < len(self.members):
+            joining = self.joined_in.get(attempt, [])
+            if not joining or any(node not in channel.done_nodes for node in self.members if node not in joining):
+                return None
+            # the survivors ran the script to its end before they moved to the group with the joiners (the
+            # join was decided after their last should_stop): the job is done; the joiners' workers are stopped
+            say(f"the job finished before node(s) {','.join(map(str, joining))} could join in place; their workers "
+                "were stopped.")
         if self.coordinator.pending() or resized:
             return Outcome("resize")  # they stopped for the joiners (or finished): the next attempt takes them
         channel.post("job/done", str(attempt))
@@ -468,6 +490,7 @@ class NodeAgent(RendezvousMixin):
         self._enter(new, members)
         self.attempt_now = new
         joined = [node for node in members if node not in previous]
+        self.joined_in[new] = joined
         in_place.place_workers([w.spec for w in group.workers],
                                lambda local: worker_env(self.cfg, self.placement, local, port, None, new), new,
                                join=bool(joined))
@@ -507,16 +530,32 @@ class NodeAgent(RendezvousMixin):
                 self.ended = self.coordinator.ended
                 return None
             return self._enter(attempt + 1, members)
-        return self._follow(attempt)
+        return self._follow(attempt, outcome.failure)
 
-    def _follow(self, attempt: int) -> int | None:
-        """A node other than 0: wait for the master's decision (the next attempt, or the end)."""
-        decision = elastic.follow(self.channel, self.node_rank, attempt,
-                                  max(2 * self.cfg.heartbeat_timeout, elastic.CHECK_IN_FLOOR) + 5)
-        if isinstance(decision, str) or decision is None:
-            self.ended = decision
-            return None
-        return self._enter(*decision)
+    def _follow(self, attempt: int, failure: Failure | None = None) -> int | None:
+        """A node other than 0: wait for the master's decision (the next attempt, or the end).
+
+        The next attempt may be one the survivors go on in place, decided while this node's workers
+        still answered the roll, before they exited (``failure``): new workers started into it
+        would meet survivors making the group with the recovery's exchange, not a start-up's
+        (gloo aborts both on the mismatch). This node says its failure again in that attempt, so
+        node 0 stops it and every node restarts from the last checkpoint, and follows again."""
+        while True:
+            decision = elastic.follow(self.channel, self.node_rank, attempt,
+                                      max(2 * self.cfg.heartbeat_timeout, elastic.CHECK_IN_FLOOR) + 5)
+            if isinstance(decision, str) or decision is None:
+                self.ended = decision
+                return None
+            attempt = self._enter(*decision)
+            store, node = self.channel.store, self.node_rank
+            joining = parse_count(store.get(f"joining/{node}")) if store.check([f"joining/{node}"]) else None
+            if not store.check([f"inplace/{attempt}"]) or joining == attempt:  # (a joiner starts in it)
+                return attempt
+            self.channel.report_failure(failure or Failure(node, None, f"node {node}'s workers had exited when "
+                                                                       f"the survivors went on in place"))
+            self.channel.post(f"stopped/{attempt}/{self.node_rank}", "1")
+            say(f"node {self.node_rank}: its workers had exited when the others went on in place in attempt "
+                f"{attempt}; every node restarts from the last checkpoint.")
 
     # ----- the whole run -------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: Any) -> None:

@@ -76,7 +76,7 @@ class ControlChannel(threading.Thread):
         self.signal_attempt = -1  # the attempt whose workers the signal is for
         self.attempt = 0
         self.done_attempt = -1
-        self.done_count = 0  # node 0: members whose workers finished the current attempt
+        self.done_nodes: set[int] = set()  # node 0: members whose workers finished the current attempt
         self.ended: str | None = None  # the master ended the job (job/end), with its reason
         self._seen: dict[str, tuple[int, float]] = {}
         self.longest_silence: dict[str, float] = {}  # node -> seconds (node 0: each member's)
@@ -298,7 +298,7 @@ class ControlChannel(threading.Thread):
                 self.in_place_attempt = self.attempt
         self._read_diagnosis()  # before the done count: a node posts its last summary, then "done"
         if self.node == 0:
-            self.done_count = sum(self.store.check([f"done/{self.attempt}/{node}"]) for node in self.members)
+            self.done_nodes = {node for node in self.members if self.store.check([f"done/{self.attempt}/{node}"])}
         done = self._read("job/done", parse_count)
         if done is not None:
             self.done_attempt = done

@@ -176,8 +176,10 @@ class Coordinator:
         failure = self.channel.first_failure() if outcome.failure is not None else None
         restarted = None
         failed = failure is not None and not lost and outcome.kind == "failed"
-        if failed and failure.why.startswith(IN_PLACE_IMPOSSIBLE):
-            restarted = failure.why  # the loss was the cause, not the script: not counted in --max-restarts
+        if failure is not None and failure.why.startswith(IN_PLACE_IMPOSSIBLE) and (failed or lost):
+            # the loss was the cause, not the script: not counted in --max-restarts; the report says why the
+            # survivors started again (a rank's shards and their copy lost, a survivor's GPU unusable, ...)
+            restarted = failure.why
         elif failed and failure.rank is not None:
             if failure.how == "exit code 2" or (self.restarts >= cfg.max_restarts and not cfg.elastic):
                 return self._end("")  # bad input in the script, or no restarts left: the failure is the report
