@@ -182,6 +182,10 @@ def mode_save(engine, args):
         start = time.perf_counter()
         engine.save(folder / f"async{index}", model=model, optimizer=optimizer, sharded=True, asynchronous=True)
         blocking = time.perf_counter() - start
+        # the parameters and Adam state are copied during the next forward and backward: what that step's
+        # optimizer step waited for the copies blocked training too
+        train_steps(model, optimizer, args, backward, step, 1)
+        blocking += engine._saver.waited
         engine.wait_for_checkpoint()
         if index:
             samples["async_blocking"].append(blocking)

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ContextManager
@@ -134,6 +135,7 @@ class Engine(CheckpointMixin):
         )
         self.seed = seed
         self._saver = AsyncSaver()
+        self._step_hooked: weakref.WeakSet = weakref.WeakSet()  # optimizers whose steps wait for a save's copies
         seed_everything(seed)
         # a node joining a running elastic ddp job in place: the group is made in setup(), once the script
         # built its model; its agent tells node 0 when every worker is there, and the survivors then make the
@@ -247,9 +249,16 @@ class Engine(CheckpointMixin):
             self._receive_from_peers()
             return model
         optimizer = self.strategy.setup_optimizer(optimizer)
+        # an asynchronous save copies this optimizer's parameters and state during the next forward and
+        # backward (AsyncSaver): its step, the only thing that writes them, waits for those copies first
+        optimizer.register_step_pre_hook(self._before_optimizer_step)
+        self._step_hooked.add(optimizer)
         self._trained = (model, optimizer)
         self._receive_from_peers()
         return model, optimizer
+
+    def _before_optimizer_step(self, _optimizer: Any, _args: Any, _kwargs: Any) -> None:
+        self._saver.wait_staged()
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The user's module inside the strategy's wrappers."""
@@ -404,6 +413,7 @@ class Engine(CheckpointMixin):
         """Every rank: back to the last step's state; the batch just read stays consumed."""
         rollback, ranks = self.rollback, self.rollback.pending
         rollback.pending = None
+        self._saver.wait_staged()  # (the restore overwrites what an asynchronous save may still be copying)
         step = self._steps
         names = ", ".join(str(rank) for rank in ranks)
         if rollback.done >= rollback.limit:
@@ -436,6 +446,7 @@ class Engine(CheckpointMixin):
                                      "give it (engine.setup(model, optimizer) and one step are needed)")
         if model is None or optimizer is None or self.snapshot.step is None:
             raise cannot
+        self._saver.wait_staged()  # (the state put in place overwrites what a save may still be copying)
         ring, self._ring = self._ring, None
         if ring is not None:
             ring.settle()  # a copy still arriving from the previous node completes first (a moment at most)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from trainfleet.engine.checkpoint import foreign
-from trainfleet.engine.checkpoint.files import record_latest, save_atomic, to_cpu
+from trainfleet.engine.checkpoint.files import record_latest, save_atomic, storage_address, to_cpu
 from trainfleet.engine.checkpoint.foreign import save_safetensors
 from trainfleet.engine.checkpoint.keys import apply_model_state, clean_state_dict, extract_model_state
 from trainfleet.engine.checkpoint.layout import FORMAT, FORMAT_VERSION, MANIFEST, is_sharded, resolve
@@ -144,7 +144,7 @@ class CheckpointMixin:
         state = self.state_dict(model, optimizer, scheduler, dataloader, **extra)
         if self.is_main:
             self._saver.wait()  # one save at a time; frees the staging buffers
-            staged = self._saver.stage(state) if asynchronous else to_cpu(state)
+            staged = self._saver.stage(state, self._written_by_steps(optimizer)) if asynchronous else to_cpu(state)
 
             def write() -> None:
                 save_atomic(staged, path)
@@ -190,7 +190,18 @@ class CheckpointMixin:
         tensors, layout = flatten(model_state, optimizer_state)
         tensors[rng_key(self.rank)] = rng_tensor(self._rng())
         side = make_sidecar(self._common_state(scheduler, dataloader, extra, gather_rng=False), layout)
-        return self._sharded.save(path, tensors, side, keep_last, asynchronous)
+        return self._sharded.save(path, tensors, side, keep_last, asynchronous, self._written_by_steps(optimizer))
+
+    def _written_by_steps(self, optimizer: Any) -> set[int]:
+        """Where the parameters and state of ``optimizer`` live, when only its steps write them and each
+        step first waits for an asynchronous save's copies (:meth:`Engine.setup` hooks it): an
+        asynchronous save copies them on its writer thread, during the next forward and backward."""
+        if optimizer is None or optimizer not in self._step_hooked:
+            return set()
+        found = {storage_address(p) for group in optimizer.param_groups for p in group["params"]}
+        found |= {storage_address(value) for state in optimizer.state.values() for value in state.values()
+                  if isinstance(value, torch.Tensor)}
+        return found
 
     @_in_checkpoint_phase("save")
     def wait_for_checkpoint(self) -> None:
@@ -226,6 +237,7 @@ class CheckpointMixin:
         """
         path = resolve(path)
         module = self.unwrap(model) if model is not None else None
+        self._saver.wait_staged()  # an asynchronous save's copies of the tensors this overwrites come first
         if is_sharded(path):
             payload = self._load_sharded(path, module, optimizer, strict)
         else:

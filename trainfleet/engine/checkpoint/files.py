@@ -18,6 +18,7 @@ import pickle
 import queue
 import re
 import threading
+import time
 import zipfile
 import zlib
 from pathlib import Path, PosixPath, PurePosixPath
@@ -213,6 +214,12 @@ class AsyncSaver:
     a queue: starting a thread per save would hand the GIL to it for a switch interval
     before the caller could return. An error in the background is raised by the next
     :meth:`submit` or :meth:`wait`.
+
+    Tensors only an optimizer step writes (the parameters and optimizer state of optimizers
+    whose steps call :meth:`wait_staged` first: ``stage(..., later=...)``) are copied on the
+    writer thread instead, before it writes, while the next step's forward and backward run
+    (CheckFreq's pipelined snapshot; on CUDA on a stream of its own after the save's point in
+    the caller's stream). The caller then blocks only for the rest (buffers, RNG, side state).
     """
 
     def __init__(self) -> None:
@@ -222,6 +229,10 @@ class AsyncSaver:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._later: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, source): the writer copies them
+        self._staged = threading.Event()  # every copy of the pending save has landed
+        self._staged.set()
+        self.waited = 0.0  # seconds the last wait_staged() blocked (the optimizer step a save held back)
 
     def _worker(self) -> None:
         while True:
@@ -235,22 +246,26 @@ class AsyncSaver:
             finally:
                 self._idle.set()
 
-    def stage(self, obj: Any) -> Any:
+    def stage(self, obj: Any, later: set[int] | None = None) -> Any:
         """A CPU copy of ``obj`` in reused buffers, each of its tensor's exact size. Call only after
         :meth:`wait`. Buffers the previous save had and this one does not use (a tensor that
-        changed shape or went away) are freed: what stays pinned is one copy of the last state."""
+        changed shape or went away) are freed: what stays pinned is one copy of the last state.
+        ``later``: storage addresses (:func:`storage_address`) of tensors nothing writes before the
+        caller's next :meth:`wait_staged`; those are copied by the writer (:meth:`submit`)."""
         used: set[tuple[Any, ...]] = set()
-        staged = self._stage(obj, (), used)
+        self._later = []
+        with torch.no_grad():
+            staged = self._stage(obj, (), used, later or set())
         for key in set(self._buffers) - used:
             del self._buffers[key]
         return staged
 
-    def _stage(self, obj: Any, path: tuple[Any, ...], used: set[tuple[Any, ...]]) -> Any:
+    def _stage(self, obj: Any, path: tuple[Any, ...], used: set[tuple[Any, ...]], later: set[int]) -> Any:
         spec = getattr(obj, "_spec", None)
         if spec is not None and isinstance(obj, torch.Tensor):  # a DTensor: stage its shard, keep its layout
             from torch.distributed.tensor import DTensor
 
-            return DTensor(self._stage(obj._local_tensor, path, used), spec, requires_grad=False)
+            return DTensor(self._stage(obj._local_tensor, path, used, later), spec, requires_grad=False)
         if isinstance(obj, torch.Tensor):
             key = (path, tuple(obj.shape), obj.dtype)
             buffer = self._buffers.get(key)
@@ -258,23 +273,70 @@ class AsyncSaver:
                 buffer = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
                 self._buffers[key] = buffer
             used.add(key)
-            return buffer.copy_(obj.detach(), non_blocking=obj.is_cuda)
+            if later and storage_address(obj) in later:
+                self._later.append((buffer, obj))
+                return buffer
+            return buffer.copy_(obj, non_blocking=obj.is_cuda)
         if isinstance(obj, Mapping):
-            return type(obj)((k, self._stage(v, path + (k,), used)) for k, v in obj.items())
+            return type(obj)((k, self._stage(v, path + (k,), used, later)) for k, v in obj.items())
         if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-            return type(obj)(self._stage(v, path + (i,), used) for i, v in enumerate(obj))
+            return type(obj)(self._stage(v, path + (i,), used, later) for i, v in enumerate(obj))
         return obj
 
+    def _copy_later(self, copies: list[tuple[torch.Tensor, torch.Tensor]], after: Any) -> None:
+        """The writer thread: the deferred copies, then :meth:`wait_staged` returns."""
+        try:
+            with torch.no_grad():
+                if after is not None:  # CUDA: from the caller's stream at the save, on a stream of our own
+                    event, device = after
+                    stream = torch.cuda.Stream(device=device)
+                    with torch.cuda.stream(stream):
+                        stream.wait_event(event)
+                        for buffer, source in copies:
+                            buffer.copy_(source, non_blocking=True)
+                    stream.synchronize()
+                else:
+                    for buffer, source in copies:
+                        buffer.copy_(source)
+        finally:
+            self._staged.set()
+
+    def wait_staged(self) -> float:
+        """Block until the pending save's deferred copies landed (call before anything writes the
+        tensors staged ``later``: the optimizer's step); returns the seconds it blocked."""
+        if self._staged.is_set():
+            self.waited = 0.0
+            return 0.0
+        began = time.perf_counter()
+        self._staged.wait()
+        self.waited = time.perf_counter() - began
+        return self.waited
+
     def submit(self, job: Callable[[], Any]) -> None:
-        """Wait for the previous save, then run ``job`` in the background."""
+        """Wait for the previous save, then run ``job`` in the background (after the copies
+        :meth:`stage` left for later)."""
+        copies, self._later = self._later, []
         self.wait()
+        after = None
         if torch.cuda.is_initialized() and torch.cuda.is_available():  # (is_available() asks NVML each call)
             torch.cuda.synchronize()  # the non-blocking copies of stage() must have landed
+            if any(source.is_cuda for _, source in copies):
+                after = (torch.cuda.Event(), torch.cuda.current_device())
+                after[0].record()
         if self._thread is None:
             self._thread = threading.Thread(target=self._worker, name="trainfleet-checkpoint", daemon=True)
             self._thread.start()
         self._idle.clear()
-        self._jobs.put(job)
+        if copies:
+            self._staged.clear()
+
+            def run() -> None:
+                self._copy_later(copies, after)
+                job()
+
+            self._jobs.put(run)
+        else:
+            self._jobs.put(job)
 
     def wait(self) -> None:
         """Block until the pending save is on disk; re-raise its error if it failed."""
@@ -293,6 +355,13 @@ class AsyncSaver:
                 self._thread.join()
                 self._thread = None
             self._buffers.clear()
+
+
+def storage_address(tensor: torch.Tensor) -> int:
+    """Where ``tensor``'s data starts (a DTensor's: its local shard's), to tell a state dict's
+    entries that are an optimizer's own parameters and state (AsyncSaver.stage's ``later``)."""
+    local = getattr(tensor, "_local_tensor", None)
+    return (local if local is not None else tensor).data_ptr()
 
 
 # Harmless globals that real checkpoints pickle beside their tensors, allowed under weights_only:

@@ -249,12 +249,13 @@ class ShardedCheckpointer:
         return path.parent / temporary_name(path, writer, f"{token}{self._saves}")
 
     def save(self, path: Path, tensors: dict[str, torch.Tensor], side_state: dict[str, Any],
-             keep_last: int | None = None, asynchronous: bool = False) -> Path:
+             keep_last: int | None = None, asynchronous: bool = False, later: set[int] | None = None) -> Path:
         """Every rank writes its shards of ``tensors`` into ``path``; rank 0 adds ``side_state``
         (``trainfleet.pt``) and finishes the folder.
 
         With ``asynchronous`` this returns once the shards are copied into the saver's buffers in
-        CPU memory. DCP's planning (two collectives on the checkpoint's own group), the folder's
+        CPU memory (``later``: those only the optimizer's next step writes are copied by the saver's
+        thread: :class:`AsyncSaver`). DCP's planning (two collectives on the checkpoint's own group), the folder's
         creation, the writing, the rename and ``latest.json`` happen on the saver thread.
         (``dcp.async_save`` planned on the caller's thread and staged into fresh memory each time:
         it blocked for 0.92 of a synchronous save, run.txt at 6614828.)
@@ -263,7 +264,7 @@ class ShardedCheckpointer:
         group = self._process_group()
         tmp = self._temporary(path)
         if asynchronous:
-            staged = self.saver.stage(tensors)
+            staged = self.saver.stage(tensors, later)
             self.saver.submit(lambda: self._write(path, tmp, staged, side_state, keep_last, group))
             return path
         self._write(path, tmp, tensors, side_state, keep_last, group)
