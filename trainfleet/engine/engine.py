@@ -258,7 +258,16 @@ class Engine(CheckpointMixin):
         return model, optimizer
 
     def _before_optimizer_step(self, _optimizer: Any, _args: Any, _kwargs: Any) -> None:
-        self._saver.wait_staged()
+        """The optimizer's step pre-hook: an asynchronous save's copies of its tensors land first
+        (a wait that counts as the save's in the rank's account: the job's checkpoint stalls)."""
+        if self._saver.staging() and self.progress is not None:
+            self.progress.begin("save")
+            try:
+                self._saver.wait_staged()
+            finally:
+                self.progress.end()
+        else:
+            self._saver.wait_staged()
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The user's module inside the strategy's wrappers."""

@@ -301,6 +301,10 @@ class AsyncSaver:
         finally:
             self._staged.set()
 
+    def staging(self) -> bool:
+        """Whether the pending save's deferred copies are still running."""
+        return not self._staged.is_set()
+
     def wait_staged(self) -> float:
         """Block until the pending save's deferred copies landed (call before anything writes the
         tensors staged ``later``: the optimizer's step); returns the seconds it blocked."""
