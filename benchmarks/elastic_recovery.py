@@ -50,6 +50,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -168,6 +169,11 @@ def trial(tool: str) -> float | None:
                          if IN_PLACE_IMPOSSIBLE in line or line.startswith(("RuntimeError", "torch.distributed"))]
             SLOW.append(f"{seconds:.2f}s (fault at step {fault_at}): " + " | ".join(said[:8]))
         return seconds
+    except RuntimeError:
+        kept = Path(tempfile.gettempdir()) / f"trainfleet-failed-trial-{out.name}"
+        shutil.move(str(out), kept)  # node 0's output and every worker's log, for the next look
+        print(f"  (the failed trial's logs are kept in {kept})", flush=True)
+        raise
     finally:
         _stop_all()
         shutil.rmtree(out, ignore_errors=True)
