@@ -496,11 +496,12 @@ def test_bad_node_range_is_one_line(tmp_path, nodes, why):
 
 
 # ----- three hosts in network namespaces ------------------------------------------------------------
-def start_host(hosts, node: int, out: Path, logs: Path, port: int, strategy: str = "ddp") -> subprocess.Popen:
+def start_host(hosts, node: int, out: Path, logs: Path, port: int, strategy: str = "ddp",
+               step: tuple[str, ...] = tuple(SLOW_STEP)) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.endswith("SOCKET_IFNAME")}
     command = launch("--nodes", "2:3", "--gpus", "1", "--node-rank", str(node), "--master-addr", hosts.addrs[0],
                      "--master-port", str(port), "--log-dir", str(logs), "--rendezvous-timeout", "60",
-                     "--strategy", strategy, *script(out, *SLOW_STEP))
+                     "--strategy", strategy, *script(out, *step))
     return hosts.popen(node, command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -517,7 +518,10 @@ def test_three_hosts_lose_one_and_end_exactly(tmp_path, request, fault, strategy
     reference = request.getfixturevalue("reference" if strategy == "ddp" else "fsdp_reference")
     out, logs = tmp_path / "out", tmp_path / "logs"
     with twohosts.ManyHosts(3) as hosts:
-        agents = [start_host(hosts, node, out, logs, 29600, strategy) for node in range(3)]
+        # a host started again joins 4-10 s later under the full suite's load: slower steps leave it the time
+        # (0.25 s steps: the survivors finished 24 steps first once, and the job ended on 2 hosts)
+        step = ("--step-sleep", "0.6") if fault == "rejoin" else tuple(SLOW_STEP)
+        agents = [start_host(hosts, node, out, logs, 29600, strategy, step) for node in range(3)]
         wait_for(out, 4 + random.randrange(6))
         victim = agent_of(out, 2)
         survivors = {node: worker_pids(out, node) for node in (0, 1)}
@@ -530,7 +534,7 @@ def test_three_hosts_lose_one_and_end_exactly(tmp_path, request, fault, strategy
             os.kill(victim, signal.SIGSTOP if fault == "frozen agent" else signal.SIGKILL)
         if fault == "rejoin":
             wait_for(out, 1, attempt=1)
-            agents.append(start_host(hosts, 2, out, logs, 29600, strategy))
+            agents.append(start_host(hosts, 2, out, logs, 29600, strategy, step))
         outputs = [agents[n].communicate(timeout=240) for n in (0, 1)]
         assert [agents[n].returncode for n in (0, 1)] == [0, 0], outputs
         master = outputs[0][1]

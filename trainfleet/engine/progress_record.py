@@ -70,11 +70,19 @@ class Snapshot:
 
 
 def create(path: str) -> None:
-    """The launcher: a zeroed record, owned by us, not through a link (its folder is made 0700)."""
+    """The launcher: a zeroed record, owned by us, not through a link (its folder is made 0700).
+
+    A record of the right size is zeroed where it is, never truncated: a worker that goes on in
+    place keeps it mapped, and touching a mapped page past a truncated file's end is SIGBUS (the
+    agent made the in-place attempt's records while rank 0 wrote its own: the job died, signal 7)."""
     os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
-        os.ftruncate(fd, SIZE)
+        if os.fstat(fd).st_size == SIZE:
+            os.pwrite(fd, bytes(SIZE), 0)
+        else:
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, SIZE)
     finally:
         os.close(fd)
 
