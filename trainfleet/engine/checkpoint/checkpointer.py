@@ -190,7 +190,8 @@ class CheckpointMixin:
         tensors, layout = flatten(model_state, optimizer_state)
         tensors[rng_key(self.rank)] = rng_tensor(self._rng())
         side = make_sidecar(self._common_state(scheduler, dataloader, extra, gather_rng=False), layout)
-        return self._sharded.save(path, tensors, side, keep_last, asynchronous, self._written_by_steps(optimizer))
+        later = self._written_by_steps(optimizer) if asynchronous else None  # (a synchronous save copies nothing)
+        return self._sharded.save(path, tensors, side, keep_last, asynchronous, later)
 
     def _written_by_steps(self, optimizer: Any) -> set[int]:
         """Where the parameters and state of ``optimizer`` live, when only its steps write them and each
