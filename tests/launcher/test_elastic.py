@@ -262,6 +262,54 @@ def test_fsdp_loses_a_node_and_goes_on_in_place_from_the_copy_of_its_shards_exac
     assert not [pid for pid in pids_recorded(out) if alive(pid)]
 
 
+@pytest.fixture(scope="module")
+def horovod_reference(tmp_path_factory):
+    """An uninterrupted 3-node Horovod run."""
+    out = tmp_path_factory.mktemp("horovod_reference")
+    result = subprocess.run(launch("--nodes", "3", "--gpus", "1", "--strategy", "horovod", "--log-dir",
+                                   str(out / "logs"), *script(out)), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.mark.horovod
+@pytest.mark.parametrize("at, sleep, met", [(6, SLOW_STEP, ("between steps",)),
+                                             (13, ("--forward-sleep", "0.5"), ("backward", "step"))],
+                         ids=["met between steps", "met in the backward or step"])
+def test_horovod_loses_a_node_and_goes_on_in_place_in_the_same_processes_exactly(tmp_path, horovod_reference, at,
+                                                                                 sleep, met):
+    """Horovod: node 2's agent and workers die; the survivors' ring fails (Horovod shuts itself
+    down), and each survivor shuts Horovod down, initialises it again with its new place's
+    HOROVOD_* variables and a new rendezvous on node 0, takes the step held in memory and goes on,
+    in the same process. The kill lands between steps (``should_stop``'s all-reduce fails) or while
+    every rank sleeps before its forward (the gradient all-reduces of that backward fail: in the
+    hook or in the step's ``synchronize``). On the old code the survivors were restarted from the
+    last checkpoint (2 steps computed again)."""
+    out = tmp_path / "out"
+    job = subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--strategy", "horovod", "--log-dir",
+                                  str(tmp_path / "logs"), *script(out, *sleep)),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(out, at)
+    if sleep[0] == "--forward-sleep":
+        wait_asleep(out, at, ranks=3)
+    survivors = {node: worker_pids(out, node) for node in (0, 1)}
+    os.kill(agent_of(out, 2), signal.SIGKILL)
+    _, stderr = job.communicate(timeout=180)
+    assert job.returncode == 0, stderr
+    assert "lost node 2" in stderr and "attempt 1 on nodes 0,1 (2 of --nodes 2:3)" in stderr, stderr
+    assert_in_place(out, stderr)
+    assert {node: worker_pids(out, node) for node in (0, 1)} == survivors
+    assert worlds(out)[0] == 3 and worlds(out)[-1] == 2
+    assert_exact(out, horovod_reference)
+    ledger = json.loads((tmp_path / "logs" / "ledger.json").read_text())
+    assert ledger["recomputed_steps"] == 0 and ledger["rows"]["recomputed"] == 0, ledger
+    rank0 = (tmp_path / "logs" / "node0" / "rank0.log").read_text()
+    found = re.search(r"recovered in place in [0-9.]+s at world size 2: going on from step \d+.* \(met ([a-z ]+)\)",
+                      rank0)
+    assert found and found.group(1) in met, rank0
+    assert not [pid for pid in pids_recorded(out) if alive(pid)]
+
+
 def test_fsdp_that_loses_a_rank_and_its_copy_resumes_from_disk_and_counts_the_steps_computed_again(tmp_path):
     """Nodes 2 and 3 of 4 die at once: node 2's shards and their copy (on node 3) are both gone.
     The survivors say so, and the job restarts from the last checkpoint (every 4 steps); the
@@ -338,7 +386,7 @@ def _node_2_again(tmp_path: Path, port: int, *extra: str, strategy: str = "ddp")
                             start_new_session=True)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", pytest.param("horovod", marks=pytest.mark.horovod)])
 def test_an_agent_started_again_at_once_waits_for_its_node_to_be_dropped_then_rejoins_exactly(tmp_path, request,
                                                                                              strategy):
     """Node 2's agent dies and is started again before node 0 noticed (its id still held by
@@ -347,7 +395,7 @@ def test_an_agent_started_again_at_once_waits_for_its_node_to_be_dropped_then_re
     the survivors shard the step again over 3 ranks and the joiner takes its shards, its optimizer
     state and the rest of the step's state from their memory (on the old code it restarted every
     worker from the checkpoint its stop wrote)."""
-    reference = request.getfixturevalue("reference" if strategy == "ddp" else "fsdp_reference")
+    reference = request.getfixturevalue({"ddp": "reference"}.get(strategy, f"{strategy}_reference"))
     out, port = tmp_path / "out", free_port()
     job = _three_nodes(tmp_path, port, strategy)
     wait_for(out, 6)
@@ -515,7 +563,7 @@ def test_three_hosts_lose_one_and_end_exactly(tmp_path, request, fault, strategy
     survivors keep their workers and go on from the step held in memory (0 steps computed again;
     under fsdp, host 2's shards from their copy on host 0); the job ends with the weights of an
     uninterrupted run, and nothing is left on any host."""
-    reference = request.getfixturevalue("reference" if strategy == "ddp" else "fsdp_reference")
+    reference = request.getfixturevalue({"ddp": "reference"}.get(strategy, f"{strategy}_reference"))
     out, logs = tmp_path / "out", tmp_path / "logs"
     with twohosts.ManyHosts(3) as hosts:
         # a host started again joins 4-10 s later under the full suite's load: slower steps leave it the time

@@ -56,6 +56,9 @@ _PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
 
 
 BACKWARD_CALL = "backward (gradient all-reduce)"
+# the strategies whose replicated state goes on in place after a lost node (fsdp with one shard per rank too)
+REPLICATED_IN_PLACE = ("ddp", "horovod")
+MID_STEP = ("backward", "forward", "step")  # where a recovery leaves the iteration's batch to be trained again
 JOIN_FLAG = 1 << 8  # above every signal number: should_stop's agreement that a node joins in place
 
 
@@ -142,7 +145,7 @@ class Engine(CheckpointMixin):
         # group with it (engine/recovery.py), so they stop only for the group and the state, not the start-up
         # fsdp with one shard per rank: in place, each rank's shards are copied to the next node (engine/replicas.py)
         self._sharded_in_place = getattr(self.strategy, "recovers_in_place", False)
-        joins_in_place = self.strategy.name == "ddp" or self._sharded_in_place
+        joins_in_place = self.strategy.name in REPLICATED_IN_PLACE or self._sharded_in_place
         self._joining = bool(told.joining and told.recovery and joins_in_place)
         self._joined: tuple[int, float] | None = None  # (the step, when) a joining rank received in setup()
         self._resumes = False  # the script called resume(): where a joining rank takes its peers' state
@@ -344,11 +347,17 @@ class Engine(CheckpointMixin):
             if self.progress is not None:
                 self.progress.step_done()
             return False
-        with self.timer.phase("optimizer") if self.timer is not None else contextlib.nullcontext(), \
-                self._phase(OPTIMIZER):
-            stepped = self.strategy.optimizer_step(optimizer)
-            if zero_grad:
-                self.strategy.zero_grad(optimizer)
+        try:
+            with self.timer.phase("optimizer") if self.timer is not None else contextlib.nullcontext(), \
+                    self._phase(OPTIMIZER):
+                stepped = self.strategy.optimizer_step(optimizer)
+                if zero_grad:
+                    self.strategy.zero_grad(optimizer)
+        except RuntimeError as err:  # Horovod's gradient all-reduces end in the step (synchronize): nothing applied
+            if self.in_place is None or not lost_a_peer(err):
+                raise
+            self._recover(err, "step")
+            return self.step(optimizer, zero_grad)  # (as after a recovery in the backward: _redo says what)
         self._steps += 1
         if self.keep_snapshot:
             self._capture(optimizer)
@@ -484,7 +493,8 @@ class Engine(CheckpointMixin):
                 strategy.setup_environment()
                 if wrapped:
                     rebuild_ddp_in_place(model, strategy.wrap_again)
-                    strategy._share_masters()  # as a joining rank's setup() does (O2's masters; nothing otherwise)
+                if wrapped or strategy.name == "horovod":  # as a joining rank's setup() does (O2's masters)
+                    strategy._share_masters()
                 if self._sharded_in_place:
                     newest, behind, joined = self._agree_shards(model, optimizer, err, ring, old_rank, old_world,
                                                                 joining=False)
@@ -499,7 +509,7 @@ class Engine(CheckpointMixin):
                 if place is None:
                     raise cannot from again
         self._take_state(model, optimizer, newest)
-        self._redo = ("done" if behind else "again") if where in ("backward", "forward") else None
+        self._redo = ("done" if behind else "again") if where in MID_STEP else None
         if self.progress is not None:
             self.progress.recovered(began, time.monotonic(), newest)
         record = ElasticSettings.from_env().resume_record
@@ -539,7 +549,7 @@ class Engine(CheckpointMixin):
         newest, oldest, joined = (int(v) for v in strategy.all_reduce(torch.tensor(mine, dtype=torch.int64),
                                                                        "max").tolist())
         oldest = -oldest
-        if not joining and (newest - oldest > 1 or (self._steps < newest and where != "backward")):
+        if not joining and (newest - oldest > 1 or (self._steps < newest and where not in ("backward", "step"))):
             raise InPlaceImpossible(f"they completed {oldest} to {newest} steps and rank {self.rank} cannot be "
                                     f"brought to step {newest} ({where})") from err
         behind = joining or self._steps < newest
@@ -639,7 +649,7 @@ class Engine(CheckpointMixin):
         for loader in self._loaders:
             loader.reshard(self.world_size, self.rank, next(positions) if loader.sampler.even else None)
         self.snapshot.restore(model, optimizer, self.precision, lambda rng: restore_rng(rng, self.device))
-        optimizer.zero_grad(set_to_none=True)  # the interrupted backward's local gradients are not the step's
+        self.strategy.discard_gradients(optimizer)  # the interrupted backward's local gradients are not the step's
         self._steps = newest
 
     def _receive_from_peers(self) -> None:
@@ -701,7 +711,7 @@ class Engine(CheckpointMixin):
         ``--grace-period`` seconds before SIGKILL. :attr:`stop_signal` says which signal.
         """
         agreed = 0  # also after an in-place recovery inside the call
-        joinable = self.strategy.name == "ddp" or self.copies_shards
+        joinable = self.strategy.name in REPLICATED_IN_PLACE or self.copies_shards
         if self.in_place is not None and self._resumes and not self._said_joinable and joinable:  # resume and
             self._said_joinable = True                                   # should_stop: a node can join in place
             self.in_place.say_resumes()

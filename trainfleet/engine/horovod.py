@@ -7,11 +7,13 @@ imported only when this strategy is selected.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Any, ContextManager
 
 import torch
 
 from trainfleet.engine.contract import import_horovod
+from trainfleet.engine.recovery import cut, socket_inodes
 from trainfleet.engine.strategy import MultiProcessStrategy
 from trainfleet.utils.errors import UsageError
 
@@ -50,6 +52,10 @@ class HorovodStrategy(MultiProcessStrategy):
         self.backward_passes_per_step = backward_passes_per_step
         self.compression = compression
         self._module: torch.nn.Module | None = None
+        self.joining = False  # set by the engine on a rank that joins a running job in place
+        self.group_sockets: set[str] = set()  # Horovod's gloo sockets (in-place recovery cuts them)
+        self._making: set[str] | None = None  # the sockets before an init in progress
+        self._optimizers: weakref.WeakSet = weakref.WeakSet()  # the DistributedOptimizers made here
 
     # ----- layout: Horovod's own view once initialised -------------------------------
     @property
@@ -66,7 +72,13 @@ class HorovodStrategy(MultiProcessStrategy):
 
     def _setup_environment(self) -> None:
         check_build(self.hvd, self.root_device.type)
-        self.hvd.init()
+        before = set(socket_inodes())
+        self._making = before
+        try:
+            self.hvd.init()  # (again after abandon_group: Horovod reads its HOROVOD_* variables anew)
+        finally:
+            self._making = None
+        self.group_sockets = set(socket_inodes()) - before
         if self.hvd.size() != self.env.world_size and self.env.launched:
             raise UsageError(f"Horovod sees {self.hvd.size()} workers but WORLD_SIZE={self.env.world_size}.",
                              "start horovod jobs with `launch --strategy horovod`.")
@@ -75,9 +87,38 @@ class HorovodStrategy(MultiProcessStrategy):
     def _teardown(self, failed: bool = False) -> None:
         self.hvd.shutdown()
 
+    # ----- in-place recovery (engine/recovery.py): Horovod shut down and initialised again ----
+    def live_sockets(self) -> set[str]:
+        """The sockets a cut must close for this rank's collectives to fail now (as DDP's)."""
+        making = self._making
+        return set(socket_inodes()) - making if making is not None else set(self.group_sockets)
+
+    def abandon_group(self) -> None:
+        """Leave a ring a peer of which is gone: cut its connections (a survivor still waiting on
+        this rank fails at once), shut Horovod down (its background loop has stopped on the error,
+        or stops now), and forget the interrupted step's pending all-reduces, so ``hvd.init()``
+        with the new place's HOROVOD_* variables starts a new ring in this process (Horovod's own
+        elastic mode resets the same way)."""
+        if not self._environment_ready:
+            return
+        cut(self.group_sockets)
+        try:
+            self.hvd.shutdown()
+        except Exception:  # noqa: BLE001 - a ring that failed may fail its shutdown too: it is gone either way
+            pass
+        self._environment_ready = False
+        self.group_sockets = set()  # closed now: their inode numbers may be a later socket's
+        for optimizer in list(self._optimizers):
+            forget_pending(optimizer)
+
+    def discard_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        forget_pending(optimizer)  # (Horovod's zero_grad refuses while an all-reduce is pending)
+        self.zero_grad(optimizer)
+
     # ----- modules and optimizers -----------------------------------------------------
     def _setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.hvd.broadcast_parameters(module.state_dict(), root_rank=0)
+        if not self.joining:  # a rank joining in place gets the whole state from its peers (Engine._agree_state)
+            self.hvd.broadcast_parameters(module.state_dict(), root_rank=0)
         self._module = module
         return module
 
@@ -85,11 +126,14 @@ class HorovodStrategy(MultiProcessStrategy):
         """Broadcast the optimizer state from rank 0 and wrap it in ``hvd.DistributedOptimizer``."""
         if self._module is None:
             raise UsageError("set the model up before the optimizer: engine.setup(model, optimizer).")
-        self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+        if not self.joining:
+            self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
         compression = self.hvd.Compression.fp16 if self.compression == "fp16" else self.hvd.Compression.none
-        return self.hvd.DistributedOptimizer(
+        wrapped = self.hvd.DistributedOptimizer(
             optimizer, named_parameters=self._module.named_parameters(), compression=compression,
             backward_passes_per_step=self.backward_passes_per_step, op=self.hvd.Average)
+        self._optimizers.add(wrapped)
+        return wrapped
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
         """Wait for the gradient all-reduces, then step through the precision.
@@ -116,12 +160,16 @@ class HorovodStrategy(MultiProcessStrategy):
         return contextlib.nullcontext()
 
     # ----- collectives ----------------------------------------------------------------
+    # Each is named: Horovod matches a collective across ranks by its name, and an unnamed one is
+    # numbered by a per-process count (the same on every rank only while all made the same calls
+    # since init), and broadcast_object names it by the object's type (the root's state, the others'
+    # None). A rank joining in place meets the survivors in the middle of their history.
     def _all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
         self.setup_environment()
         ops = {"sum": self.hvd.Sum, "mean": self.hvd.Average, "max": self.hvd.Max, "min": self.hvd.Min,
                "product": self.hvd.Product}
         work = tensor if tensor.is_floating_point() or op != "mean" else tensor.double()
-        result = self.hvd.allreduce(work.to(self.root_device), op=ops[op])
+        result = self.hvd.allreduce(work.to(self.root_device), op=ops[op], name=f"trainfleet.all_reduce.{op}")
         if result.data_ptr() != tensor.data_ptr() and result.dtype == tensor.dtype and result.device == tensor.device:
             tensor.copy_(result)
             return tensor
@@ -129,7 +177,8 @@ class HorovodStrategy(MultiProcessStrategy):
 
     def _max_on_host(self, value: int) -> int:
         self.setup_environment()  # a CPU tensor takes Horovod's CPU path (gloo/MPI), beside the GPU's
-        return int(self.hvd.allreduce(torch.tensor([value], dtype=torch.int64), op=self.hvd.Max).item())
+        return int(self.hvd.allreduce(torch.tensor([value], dtype=torch.int64), op=self.hvd.Max,
+                                      name="trainfleet.max_on_host").item())
 
     def _barrier(self, name: str | None) -> None:
         self.setup_environment()
@@ -138,9 +187,25 @@ class HorovodStrategy(MultiProcessStrategy):
     def _broadcast(self, obj: Any, src: int) -> Any:
         self.setup_environment()
         if isinstance(obj, torch.Tensor):
-            return self.hvd.broadcast(obj.to(self.root_device), root_rank=src).to(obj.device)
-        return self.hvd.broadcast_object(obj, root_rank=src)
+            sent = self.hvd.broadcast(obj.to(self.root_device), root_rank=src, name="trainfleet.broadcast")
+            return sent.to(obj.device)
+        return self.hvd.broadcast_object(obj, root_rank=src, name="trainfleet.broadcast_object")
 
     def _all_gather_object(self, obj: Any) -> list[Any]:
         self.setup_environment()
-        return self.hvd.allgather_object(obj)
+        return self.hvd.allgather_object(obj, name="trainfleet.all_gather_object")
+
+
+def forget_pending(optimizer: Any) -> None:
+    """A ``hvd.DistributedOptimizer`` after a failed step: no all-reduce pending, every
+    parameter's accumulation count full again (its next backward starts a step afresh)."""
+    handles = getattr(optimizer, "_handles", None)
+    if handles is None:
+        return
+    handles.clear()
+    passes = optimizer.backward_passes_per_step
+    for param in optimizer._allreduce_delay:
+        optimizer._allreduce_delay[param] = passes
+    for group in getattr(optimizer, "_group_counts", {}) or {}:
+        optimizer._group_counts[group] = 0
+    optimizer._synchronized, optimizer._should_synchronize = False, True

@@ -70,7 +70,8 @@ from trainfleet.engine.contract import (
 
 PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused",
              "NCCL communicator was aborted", "remote process exited", "Socket closed", "Connection timed out",
-             "Connection was likely closed")  # the last: the group's store, its socket closed
+             "Connection was likely closed",  # the group's store, its socket closed
+             "Horovod has been shut down")  # Horovod's ring, its background loop stopped by a peer's closed socket
 WAIT_FOR_AGENT = 30.0  # seconds a worker waits for its agent's answer before it gives up (and exits)
 
 

@@ -141,6 +141,10 @@ class Strategy(ABC):
         """Drop the gradients (set to None: no memset, and the next backward allocates)."""
         optimizer.zero_grad(set_to_none=True)
 
+    def discard_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop the gradients of an interrupted step (in-place recovery): they are not the step's."""
+        self.zero_grad(optimizer)
+
     def no_backward_sync(self, module: torch.nn.Module) -> ContextManager[Any]:
         """Context in which backward does not synchronise gradients (accumulation)."""
         return contextlib.nullcontext()

@@ -432,13 +432,13 @@ class NodeAgent(RendezvousMixin):
             if not joiners:
                 return False
             members = sorted(set(self.members) | set(joiners))
-            port, _ = self._attempt_ports(new)  # the running attempt's store stays up beside it
-            self._host_attempt_servers()
+            port, hvd_port = self._attempt_ports(new)  # the running attempt's store stays up beside it
+            self._host_attempt_servers(len(members))
             store.set(f"members/{new}", json.dumps(members))
             for node in joiners:
                 store.set(f"joining/{node}", str(new))
             self._join = {"attempt": new, "members": members, "joiners": list(joiners), "port": port,
-                          "since": time.monotonic(), "ready": False}
+                          "hvd_port": hvd_port, "since": time.monotonic(), "ready": False}
             return False
         closed = self.presence.gone if self.presence is not None else {}  # (a rejoining node's old loss is not this)
         gone = [node for node in join["joiners"] if node in closed or node not in self.channel.joiners]
@@ -472,11 +472,11 @@ class NodeAgent(RendezvousMixin):
             lost = {node: gone.get(node) or silent for node in self.members if node not in members}
             new = attempt + 1
             if join is not None:  # its store is up since _prepare_join, and the joiners' workers wait in it
-                members, port = join["members"], join["port"]
+                members, port, hvd_port = join["members"], join["port"], join["hvd_port"]
             else:
                 self._stop_attempt_servers()
-                port, _ = self._attempt_ports(new)
-                self._host_attempt_servers()
+                port, hvd_port = self._attempt_ports(new)
+                self._host_attempt_servers(len(members))
             store.set(f"inplace/{new}", "1")
             self.coordinator.record_in_place(new, members, lost, join["joiners"] if join else None)
         else:
@@ -484,7 +484,7 @@ class NodeAgent(RendezvousMixin):
             members = parse_members(store.get(f"members/{new}"), self.cfg.nodes)
             if members is None or self.node_rank not in members:
                 return None
-            port, _ = self._attempt_ports(new)
+            port, hvd_port = self._attempt_ports(new)
         self.diagnosis.close()
         previous = list(self.members)
         self._enter(new, members)
@@ -492,7 +492,7 @@ class NodeAgent(RendezvousMixin):
         joined = [node for node in members if node not in previous]
         self.joined_in[new] = joined
         in_place.place_workers([w.spec for w in group.workers],
-                               lambda local: worker_env(self.cfg, self.placement, local, port, None, new), new,
+                               lambda local: worker_env(self.cfg, self.placement, local, port, hvd_port, new), new,
                                join=bool(joined))
         if self.console is not None:  # the ranks are renumbered: a line is complete when the new world printed it
             self.console.set_world(len(members) * self.cfg.devices_per_node)

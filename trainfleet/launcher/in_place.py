@@ -79,7 +79,7 @@ def place_workers(specs: list[Any], env_for: Any, attempt: int, join: bool = Fal
     move at their next step's collective, not in a save)."""
     for spec in specs:
         env = env_for(spec.local_rank)
-        place = {key: env[key] for key in PLACE_VARIABLES if key in env}
+        place = {key: env[key] for key in env if key in PLACE_VARIABLES or key.startswith("HOROVOD_")}
         spec.rank = int(env["RANK"])
         spec.env.update(place)
         write_next(spec.recovery, {"attempt": attempt, "env": place, "join": join})

@@ -224,7 +224,9 @@ class RendezvousMixin:
                              "is every node of this job a trainfleet agent?")
         return ports
 
-    def _host_attempt_servers(self) -> None:
+    def _host_attempt_servers(self, nodes: int | None = None) -> None:
+        """Node 0: serve the attempt's worker store (and Horovod's rendezvous, for ``nodes`` nodes:
+        the attempt's members, by default the current ones)."""
         if not self.is_master:
             return
         pending = self._pending
@@ -232,7 +234,8 @@ class RendezvousMixin:
         self.attempt_servers.append(control.connect(self.cfg.master_addr, store_sock.getsockname()[1], 300,
                                                     is_master=True, listen_fd=store_sock.detach()))
         if pending["horovod"] is not None:
-            self.attempt_servers.append(horovod.RendezvousService(pending["horovod"], self.cfg, len(self.members)))
+            self.attempt_servers.append(horovod.RendezvousService(pending["horovod"], self.cfg,
+                                                                  nodes or len(self.members)))
 
     def _stop_attempt_servers(self) -> None:
         for server in self.attempt_servers:

@@ -87,10 +87,11 @@ def worker_env(cfg: LaunchConfig, place: Placement, local_rank: int, port: int,
 
 def in_place_capable(cfg: LaunchConfig) -> bool:
     """Whether a lost node leaves the survivors' workers running (engine/recovery.py): elastic
-    ddp jobs, and fsdp ones with one shard per rank (each rank's shards are copied to the next
-    node: engine/replicas.py). Hybrid fsdp and Horovod's ring are restarted from the last checkpoint."""
+    ddp and Horovod jobs (Horovod shut down and initialised again in the same processes), and fsdp
+    ones with one shard per rank (each rank's shards are copied to the next node:
+    engine/replicas.py). Hybrid fsdp is restarted from the last checkpoint."""
     full_fsdp = cfg.strategy == "fsdp" and cfg.strategy_options.get("sharding", "full") == "full"
-    return cfg.elastic and (cfg.strategy == "ddp" or full_fsdp) and not cfg.debug
+    return cfg.elastic and (cfg.strategy in ("ddp", "horovod") or full_fsdp) and not cfg.debug
 
 
 def threads_per_worker(procs: int) -> int:
