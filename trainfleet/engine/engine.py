@@ -143,7 +143,7 @@ class Engine(CheckpointMixin):
         # a node joining a running elastic ddp job in place: the group is made in setup(), once the script
         # built its model; its agent tells node 0 when every worker is there, and the survivors then make the
         # group with it (engine/recovery.py), so they stop only for the group and the state, not the start-up
-        # fsdp with one shard per rank: in place, each rank's shards are copied to the next node (engine/replicas.py)
+        # fsdp: in place, a lost node's shards come from a copy on the next node or another shard group
         self._sharded_in_place = getattr(self.strategy, "recovers_in_place", False)
         joins_in_place = self.strategy.name in REPLICATED_IN_PLACE or self._sharded_in_place
         self._joining = bool(told.joining and told.recovery and joins_in_place)
@@ -172,7 +172,9 @@ class Engine(CheckpointMixin):
         self._join_next = False  # every rank agreed a join: the next backward() moves to the new group
         # an elastic ddp or fsdp job: a lost node does not end this process (engine/recovery.py)
         self.in_place = Handshake(told.recovery) if told.recovery and joins_in_place else None
-        self.copies_shards = self.in_place is not None and self._sharded_in_place  # each step's shards go on too
+        # each step's shards go on to the next node too (one shard per rank; hybrid's groups hold replicas)
+        self.copies_shards = self.in_place is not None and self._sharded_in_place \
+            and not self.strategy.replicates_shards
         self._ring: ShardRing | None = None  # ... through this rank's side of the ring (engine/replicas.py)
         self._last_output: Any = None  # fsdp in place: the last forward's output shapes (_guard_forward)
         self._redo: str | None = None  # after an in-place recovery: what step() does with this iteration
@@ -403,7 +405,8 @@ class Engine(CheckpointMixin):
         probe = StateSnapshot()
         probe.capture(self._steps, self._trained[0], self._trained[1], self.precision, self._rng(), self._train_loaders)
         ring = 0
-        if self._sharded_in_place and self.world_size > self.strategy.env.local_world_size:
+        if self._sharded_in_place and not self.strategy.replicates_shards \
+                and self.world_size > self.strategy.env.local_world_size:
             from trainfleet.engine.fsdp import (
                 shard_pieces,  # an elastic run copies its shards to the next node
             )
@@ -496,6 +499,7 @@ class Engine(CheckpointMixin):
                 if wrapped or strategy.name == "horovod":  # as a joining rank's setup() does (O2's masters)
                     strategy._share_masters()
                 if self._sharded_in_place:
+                    strategy.new_mesh()  # (as a joining rank's setup made it, before the same agreement)
                     newest, behind, joined = self._agree_shards(model, optimizer, err, ring, old_rank, old_world,
                                                                 joining=False)
                 else:
@@ -581,32 +585,39 @@ class Engine(CheckpointMixin):
         from trainfleet.engine.fsdp import shard_pieces, whole_state
 
         strategy = self.strategy
-        held = {} if joining else ring.holdings(self._steps) if ring is not None else {old_rank: self._steps}
+        # the pieces the step is put together from: every old rank's shards, or under hybrid sharding one
+        # shard group's (the others hold the same); a survivor holds its own, and the previous node's copy
+        count = strategy.mesh_shape[-1] if strategy.replicates_shards else old_world
+        own = old_rank % count if count else old_rank
+        held = {} if joining else ring.holdings(self._steps) if ring is not None else {own: self._steps}
         said = strategy.all_gather_object({"steps": self._steps, "held": held, "world": old_world,
-                                           "joining": joining})
+                                           "pieces": count, "joining": joining})
         survivors = [new_rank for new_rank, s in enumerate(said) if not s["joining"]]
         steps = sorted({int(said[r]["steps"]) for r in survivors})
         if len(steps) != 1:
             raise InPlaceImpossible(f"they completed {steps[0]} to {steps[-1]} steps, and under fsdp a rank "
                                     "cannot take a step it did not compute from a peer") from err
-        newest, old_world = steps[0], int(said[survivors[0]]["world"])
+        newest, count = steps[0], int(said[survivors[0]]["pieces"])
         holder: dict[int, int] = {}
         for new_rank in survivors:
             for old, step in said[new_rank]["held"].items():
                 if step == newest:
                     holder.setdefault(int(old), new_rank)
-        missing = [old for old in range(old_world) if old not in holder]
+        missing = [old for old in range(count) if old not in holder]
+        if missing and strategy.replicates_shards:
+            raise InPlaceImpossible(f"shard(s) {', '.join(map(str, missing))} of step {newest} are on no survivor "
+                                    "(every shard group that held them lost a node)") from err
         if missing:
             raise InPlaceImpossible(f"the shards of rank(s) {', '.join(map(str, missing))} of step {newest} are on "
                                     "no survivor (their node and the next one, which held their copy, are both gone)"
                                     ) from err
         live, sharded = ({}, set()) if joining else shard_pieces(model, optimizer)
         by_rank = []
-        for old in range(old_world):
+        for old in range(count):
             mine = None
             if holder[old] == self.rank:
                 pieces = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in live.items()} \
-                    if old == old_rank else ring.copy_pieces()
+                    if old == own else ring.copy_pieces()
                 mine = (pieces, sorted(sharded))
             by_rank.append(strategy.broadcast(mine, holder[old]))
         model_state, optimizer_state = whole_state([pieces for pieces, _ in by_rank], set(by_rank[0][1]))
@@ -711,7 +722,7 @@ class Engine(CheckpointMixin):
         ``--grace-period`` seconds before SIGKILL. :attr:`stop_signal` says which signal.
         """
         agreed = 0  # also after an in-place recovery inside the call
-        joinable = self.strategy.name in REPLICATED_IN_PLACE or self.copies_shards
+        joinable = self.strategy.name in REPLICATED_IN_PLACE or self._sharded_in_place
         if self.in_place is not None and self._resumes and not self._said_joinable and joinable:  # resume and
             self._said_joinable = True                                   # should_stop: a node can join in place
             self.in_place.say_resumes()

@@ -265,19 +265,31 @@ class FSDPStrategy(DDPStrategy):
         return _gradient_sync_off(module)
 
     # ----- in-place recovery: the shards put together again at another world size -------
+    recovers_in_place = True  # a lost node's shards are rebuilt from a peer's (Engine._agree_shards)
+
     @property
-    def recovers_in_place(self) -> bool:
-        """Whether a lost node's shards can be rebuilt from the peers' copies (engine/replicas.py):
-        one shard per rank (``sharding="full"``; hybrid's 2-D mesh restarts from the checkpoint)."""
-        return len(self.mesh_shape) == 1
+    def replicates_shards(self) -> bool:
+        """Hybrid sharding: every shard group holds a whole replica, so a lost node's shards are
+        on another group already; full sharding (one shard per rank) copies each rank's shards to
+        the next node instead (engine/replicas.py)."""
+        return len(self.mesh_shape) == 2
+
+    def new_mesh(self) -> None:
+        """The mesh of the current default group (in-place recovery, before the survivors agree the
+        step: a 2-D mesh makes its groups with every rank, and a joining rank made its own in
+        ``setup``, before the same agreement; :meth:`reshard_in_place` then shards on it)."""
+        self._mesh = None
+        self.mesh_shape = mesh_shape(self.world_size, self.sharding, self.shard_size, self.env.local_world_size)
+        _ = self.device_mesh
 
     def reshard_in_place(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                          model_state: dict[str, torch.Tensor], optimizer_state: dict[str, dict[str, Any]]) -> None:
         """Shard ``module`` again over the current default group, in this process, from whole
         tensors (:func:`whole_state`): FSDP's wrapping is taken off the same module objects (the
         script's ``model`` and ``optimizer`` stay the objects it holds), the whole parameters put
-        back, every block sharded on a new mesh, and the optimizer pointed at the new shards with
-        its state cut from ``optimizer_state`` as FSDP cuts the parameters."""
+        back, every block sharded on the current group's mesh (:meth:`new_mesh`), and the optimizer
+        pointed at the new shards with its state cut from ``optimizer_state`` as FSDP cuts the
+        parameters."""
         before = {id(fp.sharded_param): fqn for fqn, fp in fsdp_params(module)}
         strip_fsdp(module)
         tied: dict[int, list[tuple[torch.nn.Module, str]]] = collections.defaultdict(list)
@@ -291,8 +303,9 @@ class FSDPStrategy(DDPStrategy):
             fresh = torch.nn.Parameter(value.to(self.root_device, copy=True), requires_grad=old.requires_grad)
             for where, attr in tied[id(old)]:  # a tied parameter stays one parameter
                 where._parameters[attr] = fresh
-        self._mesh, self._replaced = None, {}
-        self.mesh_shape = mesh_shape(self.world_size, self.sharding, self.shard_size, self.env.local_world_size)
+        self._replaced = {}
+        if self._mesh is None:
+            self.new_mesh()
         from torch.distributed.fsdp import fully_shard
 
         for block in select_blocks(module, self.wrap):
@@ -308,7 +321,8 @@ class FSDPStrategy(DDPStrategy):
 
     def _shard_like(self, param: Any, value: Any) -> Any:
         """This rank's shard of a whole optimizer tensor shaped like ``param`` (Adam's moments,
-        momentum), as FSDP cuts ``param``: ``torch.chunk`` over the mesh; other values as they are."""
+        momentum), as FSDP cuts ``param``: ``torch.chunk`` over the mesh's shard dimension; other
+        values as they are."""
         if not isinstance(value, torch.Tensor):
             return value
         if value.dim() == 0 or tuple(value.shape) != tuple(param.shape):
@@ -316,7 +330,8 @@ class FSDPStrategy(DDPStrategy):
         from torch.distributed.tensor import DTensor
 
         mesh = param.device_mesh
-        size, rank = mesh.size(), mesh.get_local_rank()
+        dim = next(i for i, placement in enumerate(param.placements) if placement.is_shard())  # hybrid: 1 of 2
+        size, rank = mesh.size(dim), mesh.get_local_rank(dim)
         pieces = list(torch.chunk(value, size, dim=0))
         pieces += [value[:0]] * (size - len(pieces))
         local = pieces[rank].to(self.root_device, copy=True)

@@ -87,11 +87,10 @@ def worker_env(cfg: LaunchConfig, place: Placement, local_rank: int, port: int,
 
 def in_place_capable(cfg: LaunchConfig) -> bool:
     """Whether a lost node leaves the survivors' workers running (engine/recovery.py): elastic
-    ddp and Horovod jobs (Horovod shut down and initialised again in the same processes), and fsdp
-    ones with one shard per rank (each rank's shards are copied to the next node:
-    engine/replicas.py). Hybrid fsdp is restarted from the last checkpoint."""
-    full_fsdp = cfg.strategy == "fsdp" and cfg.strategy_options.get("sharding", "full") == "full"
-    return cfg.elastic and (cfg.strategy in ("ddp", "horovod") or full_fsdp) and not cfg.debug
+    ddp, Horovod (shut down and initialised again in the same processes) and fsdp jobs (one shard
+    per rank: each rank's shards are copied to the next node, engine/replicas.py; hybrid: another
+    shard group holds them)."""
+    return cfg.elastic and cfg.strategy in ("ddp", "horovod", "fsdp") and not cfg.debug
 
 
 def threads_per_worker(procs: int) -> int:
