@@ -280,12 +280,14 @@ def _deaths(name: str, ours: list[float]) -> None:
 
 
 def _copies(rounds: int, steps: int) -> None:
-    """Both copies' overhead and sizes (``steps`` a side per round: 200, or 20 in a smoke run)."""
-    copy, samples = state_copy_overhead(max(rounds * 2, 1), steps=steps)
+    """Both copies' overhead and sizes (``steps`` a side per round: 200, or 20 in a smoke run, which
+    takes one pair: it only checks that the lines come)."""
+    pairs = rounds * 2 if steps >= 200 else 1
+    copy, samples = state_copy_overhead(pairs, steps=steps)
     print(copy.line(), flush=True)
     print(f"state_copy_size: {samples['bytes'] / 2**20:.2f} MiB of host memory per rank (the model's buffers; "
           f"the parameters and Adam's state are read live), kept in {samples['copy_s'] * 1e3:.2f} ms", flush=True)
-    copy, samples = state_copy_overhead(max(rounds * 2, 1), "fsdp", steps)
+    copy, samples = state_copy_overhead(pairs, "fsdp", steps)
     print(copy.line(), flush=True)
     print(f"fsdp_shard_copy_size: {samples['ring_bytes'] / 2**20:.2f} MiB of host memory per rank (its shards "
           "staged, and two slots for the previous node's copy)", flush=True)

@@ -46,7 +46,7 @@ def _run(launch, tmp_path, name):
     launch_args, script_args = RUNS[name]
     out = tmp_path / name
     out.mkdir()
-    result = launch(*launch_args, SCRIPT, str(out), "--steps", "6", "--global-batch-size", "16", *script_args)
+    result = launch(name, *launch_args, SCRIPT, str(out), "--steps", "6", "--global-batch-size", "16", *script_args)
     assert result.returncode == 0, result.stderr
     info = json.loads((out / "losses.json").read_text())
     return info, read_checkpoint(out / "final.pt")["model"]
@@ -58,11 +58,16 @@ def runs(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("parity")
 
-    def launch(*args):
-        return run_cli("launch", "--log-dir", str(tmp / "logs"), *args, timeout=180)
+    def launch(name, *args):
+        return run_cli("launch", "--log-dir", str(tmp / "logs" / name), *args, timeout=180)
+
+    # two jobs at a time: much of a short job is its start-up's waits (the suite's longest set-up)
+    from concurrent.futures import ThreadPoolExecutor
 
     names = [name for name in RUNS if not name.startswith("horovod") or horovod_available()]
-    return {name: _run(launch, tmp, name) for name in names}
+    with ThreadPoolExecutor(2) as pool:
+        done = dict(zip(names, pool.map(lambda name: _run(launch, tmp, name), names)))
+    return done
 
 
 OTHERS = ["ddp", "fsdp2", "fsdp2_wrap", "fsdp4", "fsdp4_hybrid", "fsdp_hybrid_2nodes", "fsdp2_options",

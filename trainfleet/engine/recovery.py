@@ -1,4 +1,4 @@
-"""In-place recovery: when a node of an elastic ddp or fsdp job is lost, the survivors keep their processes.
+"""In-place recovery: when a node of an elastic ddp, fsdp or Horovod job is lost, the survivors keep their processes.
 
 The engine of every survivor meets the loss as an error in a collective (gloo: "Connection closed
 by peer" the moment the dead host's sockets close). Instead of exiting, it:
@@ -27,7 +27,15 @@ again). When a rank's shards and their copy are both gone (two adjacent nodes), 
 are at different steps, :class:`InPlaceImpossible` ends the workers and every node restarts from
 the last checkpoint, the report counting the steps computed again. So does a survivor whose GPU
 cannot be used again after the failure (:func:`device_fault`: a sticky CUDA error, or queued work
-that never finishes): its process is not reused, and the report says so.
+that never finishes): its process is not reused, and the report says so. Under **hybrid** fsdp
+no copy is sent: every shard group holds a whole replica, and the step is put together from one
+surviving group's shards.
+
+Under **Horovod** the lost peer stops Horovod's background loop; each survivor shuts Horovod down
+and calls ``hvd.init()`` again with its new place's ``HOROVOD_*`` variables (and the attempt's
+rendezvous server on node 0), as Horovod's elastic mode does, forgets the interrupted step's
+pending all-reduces (``engine/horovod.py``) and goes on as under ddp. The loss can surface in the
+step (``synchronize``) as well: ``engine.step`` recovers there too.
 
 A node that **joins** (launcher/in_place.py, ``--join in-place``) is the same path without a loss:
 the survivors' agents answer with ``"join": true``, every rank agrees it at ``should_stop`` and
@@ -39,8 +47,8 @@ What the script sees: the ``engine.backward``/``engine.step`` of the interrupted
 as usual, and ``engine.step`` returns False when the iteration's batch is to be trained again
 (count steps with ``if engine.step(optimizer): step += 1``); ``engine.should_stop()`` returns
 False. A rank that cannot be brought to that step, an error in another collective, or a strategy
-without this path (hybrid fsdp, horovod, dp) raises the original error: the agent then restarts
-the workers from the last checkpoint, as before, and says why. Under fsdp a joining rank makes
+without this path (dp) raises the original error: the agent then restarts the workers from the
+last checkpoint, as before, and says why. Under fsdp a joining rank makes
 the same exchange (``Engine._agree_shards``), holding nothing: it receives every shard and the rest
 of the step from the survivors.
 
