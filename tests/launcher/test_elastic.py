@@ -240,12 +240,21 @@ def test_fsdp_loses_a_node_and_goes_on_in_place_from_the_copy_of_its_shards_exac
     ``should_stop``) or before each forward (in the forward's all-gathers: the forward returns zeros
     and the batch comes again; the kill waits until all three ranks sleep there). On the old code
     the survivors were restarted from the last checkpoint (1 to 4 steps computed again)."""
+    rank0 = _lose_node_2_and_go_on_in_place(tmp_path, "fsdp", at, sleep, fsdp_reference)
+    assert "; recovered in place in" in rank0 and f"(met {met})" in rank0, rank0
+
+
+def _lose_node_2_and_go_on_in_place(tmp_path: Path, strategy: str, at: int, sleep: tuple[str, ...],
+                                    reference: Path) -> str:
+    """3 simulated nodes; node 2's agent is killed after step ``at`` (with ``--forward-sleep``, once
+    every rank sleeps before its forward): the job ends exactly on 2 nodes, in place, in the same
+    survivor processes, with no step computed again. Returns rank 0's log."""
     out = tmp_path / "out"
-    job = subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--strategy", "fsdp", "--log-dir",
+    job = subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--strategy", strategy, "--log-dir",
                                   str(tmp_path / "logs"), *script(out, *sleep)),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(out, at)
-    if met == "forward":
+    if sleep[0] == "--forward-sleep":
         wait_asleep(out, at, ranks=3)
     survivors = {node: worker_pids(out, node) for node in (0, 1)}
     os.kill(agent_of(out, 2), signal.SIGKILL)
@@ -255,11 +264,11 @@ def test_fsdp_loses_a_node_and_goes_on_in_place_from_the_copy_of_its_shards_exac
     assert_in_place(out, stderr)
     assert {node: worker_pids(out, node) for node in (0, 1)} == survivors
     assert worlds(out)[0] == 3 and worlds(out)[-1] == 2
-    assert_exact(out, fsdp_reference)
+    assert_exact(out, reference)
     ledger = json.loads((tmp_path / "logs" / "ledger.json").read_text())
     assert ledger["recomputed_steps"] == 0 and ledger["rows"]["recomputed"] == 0, ledger
-    rank0 = (tmp_path / "logs" / "node0" / "rank0.log").read_text()
-    assert "; recovered in place in" in rank0 and f"(met {met})" in rank0, rank0
+    assert not [pid for pid in pids_recorded(out) if alive(pid)]
+    return (tmp_path / "logs" / "node0" / "rank0.log").read_text()
     assert not [pid for pid in pids_recorded(out) if alive(pid)]
 
 
@@ -284,28 +293,11 @@ def test_horovod_loses_a_node_in_a_step_and_goes_on_in_place_in_the_same_process
     is trained again. (A loss met between steps, in ``should_stop``: the Horovod case of
     test_an_agent_started_again_at_once...) On the old code the survivors were restarted from the
     last checkpoint."""
-    out, at = tmp_path / "out", 13
-    job = subprocess.Popen(launch("--nodes", "2:3", "--gpus", "1", "--strategy", "horovod", "--log-dir",
-                                  str(tmp_path / "logs"), *script(out, "--forward-sleep", "0.5")),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(out, at)
-    wait_asleep(out, at, ranks=3)
-    survivors = {node: worker_pids(out, node) for node in (0, 1)}
-    os.kill(agent_of(out, 2), signal.SIGKILL)
-    _, stderr = job.communicate(timeout=180)
-    assert job.returncode == 0, stderr
-    assert "lost node 2" in stderr and "attempt 1 on nodes 0,1 (2 of --nodes 2:3)" in stderr, stderr
-    assert_in_place(out, stderr)
-    assert {node: worker_pids(out, node) for node in (0, 1)} == survivors
-    assert worlds(out)[0] == 3 and worlds(out)[-1] == 2
-    assert_exact(out, reference)  # (an uninterrupted Horovod run equals the ddp one: 7e-8 apart here)
-    ledger = json.loads((tmp_path / "logs" / "ledger.json").read_text())
-    assert ledger["recomputed_steps"] == 0 and ledger["rows"]["recomputed"] == 0, ledger
-    rank0 = (tmp_path / "logs" / "node0" / "rank0.log").read_text()
+    # (an uninterrupted Horovod run equals the ddp one: 7e-8 apart here)
+    rank0 = _lose_node_2_and_go_on_in_place(tmp_path, "horovod", 13, ("--forward-sleep", "0.5"), reference)
     found = re.search(r"recovered in place in [0-9.]+s at world size 2: going on from step \d+.* \(met ([a-z ]+)\)",
                       rank0)
     assert found and found.group(1) in ("backward", "step"), rank0
-    assert not [pid for pid in pids_recorded(out) if alive(pid)]
 
 
 def test_fsdp_that_loses_a_rank_and_its_copy_resumes_from_disk_and_counts_the_steps_computed_again(tmp_path):
