@@ -1,6 +1,6 @@
 """A node lost in an elastic job: seconds from the fault to the first step on the survivors.
 
-    python -m benchmarks.elastic_recovery [--rounds 5] [--kills 30] [--only join|copy|fsdp] [--quick] [--smoke]
+    python -m benchmarks.elastic_recovery [--rounds 5] [--kills 30] [--only join|copy|fsdp|horovod] [--quick] [--smoke]
 
 Three nodes of one worker each on this host (one agent process per node, over loopback),
 ``--nodes 2:3``, the same script for both (tests/scripts/elastic_train.py: it resumes from
@@ -16,6 +16,8 @@ go on in place, attempt 1; torchrun: restarted workers, TORCHELASTIC_RESTART_COU
 - ``fsdp_in_place_death_to_next_step``: the same job under ``--strategy fsdp`` (the survivors put
   the lost rank's shards together from its copy on the next node and shard again: engine/
   replicas.py), --kills / 3 trials; the same targets;
+- ``horovod_in_place_death_to_next_step``: the same job under ``--strategy horovod`` (the survivors
+  shut Horovod down and initialise it again in their processes), --kills / 3 trials; same targets;
 - ``join_pause_in_place_vs_restart``: node 2 lost, then started again to join; rank 0's longest
   pause between two steps from the joiner's start until 3 steps on 3 nodes, ``--join in-place``
   (its workers take the state from the survivors' memory, who keep their processes) against
@@ -85,8 +87,8 @@ def _port() -> int:
 
 def _command(tool: str, node: int, port: int, out: Path, join: str = "in-place") -> list[str]:
     job = [SCRIPT, str(out), "--steps", "60", "--step-sleep", "0.1"]
-    if tool.startswith("trainfleet"):  # trainfleet-fsdp: the same job under --strategy fsdp
-        strategy = ["--strategy", "fsdp"] if tool == "trainfleet-fsdp" else []
+    if tool.startswith("trainfleet"):  # trainfleet-fsdp, trainfleet-horovod: the same job under that strategy
+        strategy = ["--strategy", tool.split("-", 1)[1]] if "-" in tool else []
         return [str(BIN / "launch"), "--nodes", "2:3", "--gpus", "1", "--node-rank", str(node), "--master-addr",
                 "127.0.0.1", "--master-port", str(port), "--log-dir", str(out / "logs"), "--join", join, *strategy,
                 *job]
@@ -297,7 +299,10 @@ def _copies(rounds: int, steps: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     kills, argv = pop_option(argv, "--kills", 30, int)
     only, argv = pop_option(argv, "--only", "", str)
+    global CAP
     steps = 20 if "--smoke" in argv else 200  # a smoke run only checks that the lines come
+    if "--smoke" in argv:
+        CAP = 20.0  # (torchrun's trial: a smoke run does not wait a minute for it)
     rounds = rounds_from_args(__doc__, argv, rounds=5, quick=2)
     if only == "join":  # the join comparison alone
         joins = interleave(rounds, lambda: join_trial("in-place"), lambda: join_trial("restart"),
@@ -307,8 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     if only == "copy":  # the state copies' overhead alone
         _copies(rounds, steps)
         return 0
-    if only == "fsdp":  # fsdp's kills alone
-        _deaths("fsdp_in_place_death_to_next_step", [_retrying("trainfleet-fsdp") for _ in range(max(kills // 3, 1))])
+    if only in ("fsdp", "horovod"):  # that strategy's kills alone
+        _deaths(f"{only}_in_place_death_to_next_step", [_retrying(f"trainfleet-{only}")
+                                                        for _ in range(max(kills // 3, 1))])
         return 0
     if "--smoke" in argv or "--quick" in argv:
         kills = rounds
@@ -321,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     ours = list(comparison.ours) + [_retrying("trainfleet") for _ in range(max(kills - rounds, 0))]
     _deaths("in_place_death_to_next_step", ours)
     _deaths("fsdp_in_place_death_to_next_step", [_retrying("trainfleet-fsdp") for _ in range(max(kills // 3, 1))])
+    _deaths("horovod_in_place_death_to_next_step",
+            [_retrying("trainfleet-horovod") for _ in range(max(kills // 3, 1))])
     joins = interleave(rounds, lambda: join_trial("in-place"), lambda: join_trial("restart"),
                        Comparison(JOIN_PAUSE, target=1.0), warmup=0)
     print(joins.line(), flush=True)
