@@ -56,7 +56,7 @@ _PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
 
 
 BACKWARD_CALL = "backward (gradient all-reduce)"
-# the strategies whose replicated state goes on in place after a lost node (fsdp with one shard per rank too)
+# the strategies whose replicated state goes on in place after a lost node (fsdp too: recovers_in_place)
 REPLICATED_IN_PLACE = ("ddp", "horovod")
 MID_STEP = ("backward", "forward", "step")  # where a recovery leaves the iteration's batch to be trained again
 JOIN_FLAG = 1 << 8  # above every signal number: should_stop's agreement that a node joins in place
@@ -170,7 +170,7 @@ class Engine(CheckpointMixin):
         self._steps = 0  # calls of step(): the training steps so far, rolled-back ones included
         self._join_seen = -1  # the attempt of the last join the watcher saw (said at the next should_stop)
         self._join_next = False  # every rank agreed a join: the next backward() moves to the new group
-        # an elastic ddp or fsdp job: a lost node does not end this process (engine/recovery.py)
+        # an elastic ddp, Horovod or fsdp job: a lost node does not end this process (engine/recovery.py)
         self.in_place = Handshake(told.recovery) if told.recovery and joins_in_place else None
         # each step's shards go on to the next node too (one shard per rank; hybrid's groups hold replicas)
         self.copies_shards = self.in_place is not None and self._sharded_in_place \
