@@ -7,7 +7,6 @@ imported only when this strategy is selected.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from typing import Any, ContextManager
 
 import torch
@@ -55,7 +54,6 @@ class HorovodStrategy(MultiProcessStrategy):
         self.joining = False  # set by the engine on a rank that joins a running job in place
         self.group_sockets: set[str] = set()  # Horovod's gloo sockets (in-place recovery cuts them)
         self._making: set[str] | None = None  # the sockets before an init in progress
-        self._optimizers: weakref.WeakSet = weakref.WeakSet()  # the DistributedOptimizers made here
 
     # ----- layout: Horovod's own view once initialised -------------------------------
     @property
@@ -96,9 +94,9 @@ class HorovodStrategy(MultiProcessStrategy):
     def abandon_group(self) -> None:
         """Leave a ring a peer of which is gone: cut its connections (a survivor still waiting on
         this rank fails at once), shut Horovod down (its background loop has stopped on the error,
-        or stops now), and forget the interrupted step's pending all-reduces, so ``hvd.init()``
-        with the new place's HOROVOD_* variables starts a new ring in this process (Horovod's own
-        elastic mode resets the same way)."""
+        or stops now), so ``hvd.init()`` with the new place's HOROVOD_* variables starts a new ring
+        in this process (Horovod's own elastic mode resets the same way); the interrupted step's
+        pending all-reduces are dropped when its gradients are (:meth:`discard_gradients`)."""
         if not self._environment_ready:
             return
         cut(self.group_sockets)
@@ -108,8 +106,6 @@ class HorovodStrategy(MultiProcessStrategy):
             pass
         self._environment_ready = False
         self.group_sockets = set()  # closed now: their inode numbers may be a later socket's
-        for optimizer in list(self._optimizers):
-            forget_pending(optimizer)
 
     def discard_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         forget_pending(optimizer)  # (Horovod's zero_grad refuses while an all-reduce is pending)
@@ -129,11 +125,9 @@ class HorovodStrategy(MultiProcessStrategy):
         if not self.joining:
             self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
         compression = self.hvd.Compression.fp16 if self.compression == "fp16" else self.hvd.Compression.none
-        wrapped = self.hvd.DistributedOptimizer(
+        return self.hvd.DistributedOptimizer(
             optimizer, named_parameters=self._module.named_parameters(), compression=compression,
             backward_passes_per_step=self.backward_passes_per_step, op=self.hvd.Average)
-        self._optimizers.add(wrapped)
-        return wrapped
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
         """Wait for the gradient all-reduces, then step through the precision.
