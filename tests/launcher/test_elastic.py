@@ -366,7 +366,7 @@ JOB_ENV = {**os.environ, "TRAINFLEET_JOB_TOKEN": "0123456789abcdef" * 2}  # both
 LAUNCHED_AS = {"ddp": (["--strategy", "ddp", "--gpus", "1"], []), "fsdp": (["--strategy", "fsdp", "--gpus", "1"], []),
                "horovod": (["--strategy", "horovod", "--gpus", "1"], []),
                "hybrid": (["--strategy", "fsdp", "--strategy-opt", "sharding=hybrid", "--strategy-opt", "wrap=Linear",
-                           "--gpus", "2"], ["--global-batch-size", "12", "--step-sleep", "0.5"])}
+                           "--gpus", "2"], ["--global-batch-size", "12"])}
 
 
 def _three_nodes(tmp_path: Path, port: int, strategy: str = "ddp", *extra: str) -> subprocess.Popen:
@@ -401,11 +401,12 @@ def test_an_agent_started_again_at_once_waits_for_its_node_to_be_dropped_then_re
     reference = request.getfixturevalue({"fsdp": "fsdp_reference", "hybrid": "hybrid_reference"}.get(strategy,
                                                                                                     "reference"))
     out, port = tmp_path / "out", free_port()
-    job = _three_nodes(tmp_path, port, strategy)
+    hold = ("--hold-for-join-at", "12")  # the survivors wait there for the join: it lands before the end
+    job = _three_nodes(tmp_path, port, strategy, *hold)
     wait_for(out, 6)
     survivors = {node: worker_pids(out, node) for node in (0, 1)}
     os.kill(agent_of(out, 2), signal.SIGKILL)
-    again = _node_2_again(tmp_path, port, strategy=strategy)
+    again = _node_2_again(tmp_path, port, *hold, strategy=strategy)
     _, stderr = job.communicate(timeout=180)
     assert job.returncode == 0, stderr
     assert again.wait(timeout=30) == 0, again.communicate()
@@ -456,15 +457,21 @@ def test_a_node_that_goes_away_while_it_joins_in_place_leaves_the_running_worker
     assert not [pid for pid in pids_recorded(out) if alive(pid)]
 
 
-def test_a_join_decided_as_the_survivors_finish_ends_the_job_and_stops_the_joiner(tmp_path, reference):
+@pytest.mark.parametrize("when", ["decided", "prepared"])
+def test_a_join_decided_as_the_survivors_finish_ends_the_job_and_stops_the_joiner(tmp_path, reference, when):
     """Node 2 is lost, then started again once the survivors ran every step: they finish the
-    script without meeting should_stop again, so they never move to the group with the joiner
-    (the script waits, after its last step, until node 0 decided the join). The job is done:
-    node 0 says so and ends it, and the joiner's agent stops its workers. On the old code node 0
-    waited for the joiner to finish, and the joiner for the survivors: both forever (seen once
-    in the full suite: the three-host fsdp rejoin, the join decided 0.1 s before the end)."""
+    script without meeting should_stop again, so they never move to the group with the joiner.
+    ``decided``: the script waits, after its last step, until node 0 decided the join.
+    ``prepared``: it waits only until the joiner's worker started, which is slow to be ready, so
+    the survivors end while node 0 prepares the join. The job is done: node 0 says so and ends
+    it, and the joiner's agent stops its workers. On the old code (decided) node 0 waited for the
+    joiner to finish, and the joiner for the survivors: both forever (seen once in the full suite:
+    the three-host fsdp rejoin, the join decided 0.1 s before the end); (prepared) node 0
+    restarted the job with the joiner, whose workers waited in the prepared store, gone: a hang
+    (seen in CI: the fsdp rejoin on a loaded machine, the survivors done before the joiner)."""
+    option = "--finish-as-one-joins" if when == "decided" else "--finish-as-one-starts-joining"
     out, port = tmp_path / "out", free_port()
-    job = _three_nodes(tmp_path, port, "ddp", "--finish-as-one-joins")
+    job = _three_nodes(tmp_path, port, "ddp", option)
     wait_for(out, 4)
     os.kill(agent_of(out, 2), signal.SIGKILL)
     wait_for(out, STEPS, attempt=1)
@@ -472,10 +479,10 @@ def test_a_join_decided_as_the_survivors_finish_ends_the_job_and_stops_the_joine
     while not (out / "lingering").exists():
         assert time.monotonic() < deadline, "the survivors never finished their steps"
         time.sleep(0.05)
-    joiner = _node_2_again(tmp_path, port, "--finish-as-one-joins")
+    joiner = _node_2_again(tmp_path, port, option, *(("--joiner-delay", "60") if when == "prepared" else ()))
     _, stderr = job.communicate(timeout=120)
     assert job.returncode == 0, stderr
-    assert JOINED_IN_PLACE in stderr, stderr
+    assert (JOINED_IN_PLACE in stderr) == (when == "decided"), stderr
     assert "the job finished before node(s) 2 could join in place; their workers were stopped." in stderr, stderr
     _, joiner_err = joiner.communicate(timeout=60)
     assert joiner.returncode == 0, joiner_err

@@ -40,6 +40,11 @@ parser.add_argument("--unusable-gpu-on-node", type=int, default=-1,
                     help="this node's workers find their GPU unusable after a loss (as a device-side assert leaves it)")
 parser.add_argument("--finish-as-one-joins", action="store_true",
                     help="a worker that ran every step stays until its agent says a node joins in place, then finishes")
+parser.add_argument("--finish-as-one-starts-joining", action="store_true",
+                    help="... or stays until a joining node's worker started (before it is ready), then finishes")
+parser.add_argument("--hold-for-join-at", type=int, default=0,
+                    help="after a loss, the survivors stop before this step's should_stop until their agent says a "
+                         "node joins in place (a test's join then lands before the end, on any machine's load)")
 args = parser.parse_args()
 out = Path(args.out)
 for folder in ("trace", "pids", "ckpt"):
@@ -78,6 +83,20 @@ engine.print(f"attempt {attempt}: world size {engine.world_size}, from step {ste
 trace = open(out / "trace" / f"a{attempt}.r{engine.rank}.jsonl", "a")
 
 
+def told_to_join() -> bool:
+    """Whether this worker's agent placed it in an attempt a node joins in place (launcher/in_place.py)."""
+    from trainfleet.engine.contract import RECOVERY, next_path
+
+    told = next_path(os.environ[RECOVERY])
+    return '"join": true' in (told.read_text() if told.exists() else "")
+
+
+def wait_for_join(timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not told_to_join():
+        time.sleep(0.05)
+
+
 def save() -> None:
     stall = {"stall": Slow(args.slow_save)} if step == args.slow_save_at else {}  # pickled by rank 0, in the save
     engine.save(out / "ckpt" / f"step{step}.pt", model=model, optimizer=optimizer, dataloader=loader,
@@ -103,6 +122,8 @@ while step < args.steps:
         time.sleep(args.step_sleep)
         if step == args.steps:
             break
+        if step == args.hold_for_join_at and engine.restart_count == 1 and os.environ.get("TRAINFLEET_JOINING") != "1":
+            wait_for_join()
         if engine.should_stop():
             save()
             engine.print(f"stopped at step {step} (signal {engine.stop_signal}): checkpoint saved")
@@ -110,12 +131,12 @@ while step < args.steps:
         if step % args.save_every == 0:
             save()
 
-if args.finish_as_one_joins and os.environ.get("TRAINFLEET_JOINING") != "1":  # (the join comes too late)
-    from trainfleet.engine.contract import RECOVERY, next_path
-
-    (out / "lingering").write_text(str(step))
-    told = next_path(os.environ[RECOVERY])
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and '"join": true' not in (told.read_text() if told.exists() else ""):
-        time.sleep(0.05)
+if (args.finish_as_one_joins or args.finish_as_one_starts_joining) and os.environ.get("TRAINFLEET_JOINING") != "1":
+    (out / "lingering").write_text(str(step))  # (the join comes too late)
+    if args.finish_as_one_joins:
+        wait_for_join()
+    else:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (out / "joiner-waits").exists():
+            time.sleep(0.05)
 engine.save(out / "final.pt", model=model)

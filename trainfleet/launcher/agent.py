@@ -102,6 +102,7 @@ class NodeAgent(RendezvousMixin):
         self.join_in_place: int | None = None  # a joining node: the attempt its workers join the running ones in
         self.joined_in: dict[int, list[int]] = {}  # node 0: the nodes that joined each in-place attempt
         self._join: dict[str, Any] | None = None  # node 0: a join in place being prepared (_prepare_join)
+        self.told_done: tuple[int, ...] = ()  # node 0: joiners told the job ended before they joined
         self.presence: Any = None  # node 0: who is connected (launcher/presence.py)
         self.presence_link: Any = None  # another node: its connection to node 0's presence server
         # node 0: where the wall time went, from ``origin`` (time.monotonic() at the launcher's start) or this
@@ -363,6 +364,17 @@ class NodeAgent(RendezvousMixin):
             # join was decided after their last should_stop): the job is done; the joiners' workers are stopped
             say(f"the job finished before node(s) {','.join(map(str, joining))} could join in place; their workers "
                 "were stopped.")
+        elif self._join is not None and not resized:
+            # the survivors ran the script to its end while a join in place was being prepared: the job is done.
+            # Restarting it for the joiners would leave their workers waiting in the prepared attempt's store.
+            # Told done in that attempt, the joiners stop their workers (_check_job) and end too.
+            prepared, self._join = self._join, None
+            self.coordinator.forget_joiners(prepared["joiners"])
+            self.told_done = tuple(prepared["joiners"])  # node 0 keeps its store up until they read it
+            say(f"the job finished before node(s) {','.join(map(str, prepared['joiners']))} could join in place; "
+                "their workers were stopped.")
+            channel.post("job/done", str(prepared["attempt"]))
+            return Outcome("ok")
         if self.coordinator.pending() or resized:
             return Outcome("resize")  # they stopped for the joiners (or finished): the next attempt takes them
         channel.post("job/done", str(attempt))
@@ -602,7 +614,8 @@ class NodeAgent(RendezvousMixin):
         if self.channel is not None:
             cut_off = self.channel.lost is not None  # the master is gone: no store to say goodbye to
             gone = set(self._gone()) if self.is_master else set()  # their agents cannot say they left
-            self.channel.leave(wait_for_all=self.is_master and not self.stopped_early, gone=gone, flush=not cut_off)
+            self.channel.leave(wait_for_all=self.is_master and not self.stopped_early, gone=gone, flush=not cut_off,
+                               also=self.told_done)
             self.channel.stop()
             self.channel.join(timeout=0.2 if cut_off else 3.0)
             # A thread still inside a store call (a cut link) would abort the interpreter's

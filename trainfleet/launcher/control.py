@@ -173,12 +173,13 @@ class ControlChannel(threading.Thread):
         seen = self._seen.get(str(node))
         return time.monotonic() - seen[1] if seen else 0.0
 
-    def leave(self, wait_for_all: bool, gone: set[int] | None = None, flush: bool = True) -> None:
+    def leave(self, wait_for_all: bool, gone: set[int] | None = None, flush: bool = True,
+              also: tuple[int, ...] = ()) -> None:
         """Say this agent is leaving. The master (whose store is local) waits, bounded,
-        until every member said so, so nobody loses the store before reading the job's
-        final state; the others wait at most a second for their message to go out (none when
-        not ``flush``: the master is gone). Members lost, or ``gone`` (their agent's connection
-        closed), are not waited for."""
+        until every member (and ``also``: joiners told the job ended) said so, so nobody loses
+        the store before reading the job's final state; the others wait at most a second for
+        their message to go out (none when not ``flush``: the master is gone). Members lost, or
+        ``gone`` (their agent's connection closed), are not waited for."""
         self._send(f"left/{self.node}", "1")
         if flush:
             self._flushed.wait(1.0)
@@ -187,7 +188,8 @@ class ControlChannel(threading.Thread):
         deadline = time.monotonic() + self.timeout
         try:
             while time.monotonic() < deadline:
-                waiting = [node for node in self.members if node not in self.lost_nodes and node not in (gone or ())]
+                waiting = [node for node in (*self.members, *also)
+                           if node not in self.lost_nodes and node not in (gone or ())]
                 if all(self.store.check([f"left/{node}"]) for node in waiting):
                     break
                 time.sleep(0.05)
