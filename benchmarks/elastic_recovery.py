@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     global CAP
     steps = 20 if "--smoke" in argv else 200  # a smoke run only checks that the lines come
     if "--smoke" in argv:
-        CAP = 20.0  # (torchrun's trial: a smoke run does not wait a minute for it)
+        CAP = 5.0  # (torchrun's trial: a smoke run does not wait a minute for it)
     rounds = rounds_from_args(__doc__, argv, rounds=5, quick=2)
     if only == "join":  # the join comparison alone
         joins = interleave(rounds, lambda: join_trial("in-place"), lambda: join_trial("restart"),
