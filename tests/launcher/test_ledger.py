@@ -123,7 +123,9 @@ def test_a_killed_rank_shows_as_detection_restart_and_the_steps_computed_again(t
     per_step = rows["productive"] / 19  # 2..8 and 9..20 (each attempt's first step is its own row)
     assert _close_to(rows["recomputed"], 2 * per_step), rows  # 7 and 8 (6 was the new attempt's first)
     assert sum(rows.values()) == pytest.approx(ledger["wall"], rel=0.01)
-    assert ledger["wall"] == pytest.approx(wall, rel=0.01)
+    # what the ledger cannot count: the launcher's exit after it printed the account (its control
+    # thread's last round, the exit handlers): 0.09-0.14 s here, measured; the job's own time within 1%
+    assert ledger["wall"] == pytest.approx(wall, rel=0.01, abs=0.25)
 
 
 def _run_killed(tmp_path: Path) -> tuple[dict, float, str]:
