@@ -93,3 +93,31 @@ def test_ranks_whose_last_group_failed_at_different_points_make_the_next_one_tog
     for proc, (stdout, stderr) in zip(procs, outs):
         assert proc.returncode == 0, stderr[-2000:]
         assert json.loads(stdout.strip().splitlines()[-1]) == {"sum": 2.0}
+
+
+def test_a_groups_recorded_sockets_are_the_ones_its_making_opened_and_a_cut_wakes_a_waiting_reader():
+    """engine/recovery.py's GroupSockets (DDP's default group, Horovod's ring, fsdp's copy ring):
+    the sockets opened while the group was made are its own; while it is being made, every socket
+    opened since is live; a cut shuts them down, so a read blocked on one returns at once, and
+    forgets them. A socket opened before is never touched."""
+    import socket
+    import threading
+
+    from trainfleet.engine.recovery import GroupSockets
+
+    other_a, other_b = socket.socketpair()
+    sockets = GroupSockets()
+    with sockets.recording():
+        a, b = socket.socketpair()
+        assert len(sockets.live()) == 2  # being made: every socket opened since (both ends of the pair)
+    assert len(sockets.inodes) == 2 and sockets.live() == sockets.inodes
+    got = []
+    reader = threading.Thread(target=lambda: got.append(a.recv(1)))
+    reader.start()
+    assert sockets.cut() == 2 and sockets.inodes == set()
+    reader.join(timeout=10)
+    assert not reader.is_alive() and got == [b""]  # woken by the cut, not by data
+    other_a.sendall(b"x")
+    assert other_b.recv(1) == b"x"  # recorded before the making: left alone
+    for sock in (a, b, other_a, other_b):
+        sock.close()

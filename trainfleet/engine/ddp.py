@@ -12,7 +12,7 @@ import torch.distributed as dist
 from trainfleet.engine.contract import AGENT_STORE, WorkerSettings
 from trainfleet.engine.environment import backend_for
 from trainfleet.engine.options import check_strategy_options
-from trainfleet.engine.recovery import cut, socket_inodes
+from trainfleet.engine.recovery import GroupSockets
 from trainfleet.engine.strategy import MultiProcessStrategy
 
 _OPS = {
@@ -81,8 +81,7 @@ class DDPStrategy(MultiProcessStrategy):
         self.ddp_kwargs = ddp_kwargs
         self._owns_group = False
         self._host_group: Any = None  # gloo beside NCCL, for max_on_host
-        self.group_sockets: set[str] = set()  # the default group's sockets (engine/recovery.py)
-        self._making: set[str] | None = None  # while a group is being made: the sockets there were before
+        self.sockets = GroupSockets()  # the default group's: its store's and its peers' (engine/recovery.py)
         # in-place recovery: whether a newer attempt than the one whose group is being made was decided
         # (its store may be gone: connecting to it would retry for the whole timeout)
         self.superseded: Callable[[], bool] | None = None
@@ -97,16 +96,11 @@ class DDPStrategy(MultiProcessStrategy):
             return
         # A plain `python train.py` (no launcher) is a world of one: an in-memory store, no port.
         where = {"init_method": "env://"} if self.env.launched else {"store": dist.HashStore()}
-        before = set(socket_inodes())
-        self._making = before
-        try:
+        with self.sockets.recording():
             if self.env.launched and self.superseded is not None and os.environ.get(AGENT_STORE) == "True":
                 where = {"store": dist.PrefixStore("default_pg", self._connect_store())}  # as env:// would
             dist.init_process_group(rank=self.rank, world_size=self.world_size, **where,
                                     **group_options(self.backend, self.root_device, self.timeout_s))
-        finally:
-            self._making = None
-        self.group_sockets = set(socket_inodes()) - before  # its store's and its peers' (in-place recovery)
         self._owns_group = True
 
     def _connect_store(self) -> Any:
@@ -131,11 +125,7 @@ class DDPStrategy(MultiProcessStrategy):
                     raise
 
     def live_sockets(self) -> set[str]:
-        """The sockets a cut must close for this rank's collectives to fail now: the group's, or
-        while a group is being made (in-place recovery waiting for a member), every socket made
-        since (its store's)."""
-        making = self._making
-        return set(socket_inodes()) - making if making is not None else set(self.group_sockets)
+        return self.sockets.live()
 
     def _teardown(self, failed: bool = False) -> None:
         if self._owns_group and dist.is_initialized():
@@ -170,7 +160,7 @@ class DDPStrategy(MultiProcessStrategy):
             # later than its peers' would name the next group "1" and they "0", and wait in keys never set
             dist.distributed_c10d._world.group_count = 0
             return
-        cut(self.group_sockets)
+        self.sockets.cut()
         group = dist.distributed_c10d._get_default_group()
         for device in ("cpu", "cuda"):
             try:
@@ -187,7 +177,6 @@ class DDPStrategy(MultiProcessStrategy):
         except RuntimeError:
             pass
         self._owns_group, self._host_group, self._environment_ready = False, None, False
-        self.group_sockets = set()  # closed now: their inode numbers may be a later socket's
 
     def wrap_again(self, module: torch.nn.Module) -> torch.nn.Module:
         """A new DDP around an already set-up module, over the current default group (in-place

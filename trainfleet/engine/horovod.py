@@ -12,7 +12,7 @@ from typing import Any, ContextManager
 import torch
 
 from trainfleet.engine.contract import import_horovod
-from trainfleet.engine.recovery import cut, socket_inodes
+from trainfleet.engine.recovery import GroupSockets
 from trainfleet.engine.strategy import MultiProcessStrategy
 from trainfleet.utils.errors import UsageError
 
@@ -52,8 +52,7 @@ class HorovodStrategy(MultiProcessStrategy):
         self.compression = compression
         self._module: torch.nn.Module | None = None
         self.joining = False  # set by the engine on a rank that joins a running job in place
-        self.group_sockets: set[str] = set()  # Horovod's gloo sockets (in-place recovery cuts them)
-        self._making: set[str] | None = None  # the sockets before an init in progress
+        self.sockets = GroupSockets()  # Horovod's gloo sockets (in-place recovery cuts them)
 
     # ----- layout: Horovod's own view once initialised -------------------------------
     @property
@@ -70,13 +69,8 @@ class HorovodStrategy(MultiProcessStrategy):
 
     def _setup_environment(self) -> None:
         check_build(self.hvd, self.root_device.type)
-        before = set(socket_inodes())
-        self._making = before
-        try:
+        with self.sockets.recording():
             self.hvd.init()  # (again after abandon_group: Horovod reads its HOROVOD_* variables anew)
-        finally:
-            self._making = None
-        self.group_sockets = set(socket_inodes()) - before
         if self.hvd.size() != self.env.world_size and self.env.launched:
             raise UsageError(f"Horovod sees {self.hvd.size()} workers but WORLD_SIZE={self.env.world_size}.",
                              "start horovod jobs with `launch --strategy horovod`.")
@@ -87,9 +81,7 @@ class HorovodStrategy(MultiProcessStrategy):
 
     # ----- in-place recovery (engine/recovery.py): Horovod shut down and initialised again ----
     def live_sockets(self) -> set[str]:
-        """The sockets a cut must close for this rank's collectives to fail now (as DDP's)."""
-        making = self._making
-        return set(socket_inodes()) - making if making is not None else set(self.group_sockets)
+        return self.sockets.live()
 
     def abandon_group(self) -> None:
         """Leave a ring a peer of which is gone: cut its connections (a survivor still waiting on
@@ -99,13 +91,12 @@ class HorovodStrategy(MultiProcessStrategy):
         pending all-reduces are dropped when its gradients are (:meth:`discard_gradients`)."""
         if not self._environment_ready:
             return
-        cut(self.group_sockets)
+        self.sockets.cut()
         try:
             self.hvd.shutdown()
         except Exception:  # noqa: BLE001 - a ring that failed may fail its shutdown too: it is gone either way
             pass
         self._environment_ready = False
-        self.group_sockets = set()  # closed now: their inode numbers may be a later socket's
 
     def discard_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         forget_pending(optimizer)  # (Horovod's zero_grad refuses while an all-reduce is pending)

@@ -57,12 +57,13 @@ Where the agent and the engine meet is this module's :class:`Handshake` (the age
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -217,6 +218,41 @@ def cut(inodes: set[str]) -> int:
         finally:
             sock.detach()  # the fd stays the group's: it closes it
     return count
+
+
+class GroupSockets:
+    """The sockets a process group (DDP's default group, Horovod's gloo ring) opened, recorded
+    around its making, so in-place recovery can cut them (:func:`cut`)."""
+
+    def __init__(self) -> None:
+        self.inodes: set[str] = set()
+        self._before: set[str] | None = None  # while a group is being made: the sockets there were before
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Around the making of a group: its sockets are the ones that are new after it (kept only
+        when it was made)."""
+        before = set(socket_inodes())
+        self._before = before
+        try:
+            yield
+        finally:
+            self._before = None
+        self.inodes = set(socket_inodes()) - before
+
+    def live(self) -> set[str]:
+        """The sockets a cut must close for this rank's collectives to fail now: the group's, or
+        while a group is being made (in-place recovery waiting for a member), every socket made
+        since (its store's)."""
+        before = self._before
+        return set(socket_inodes()) - before if before is not None else set(self.inodes)
+
+    def cut(self) -> int:
+        """Shut the group's sockets down and forget them (closed by their owner now: their inode
+        numbers may be a later socket's)."""
+        count = cut(self.inodes)
+        self.inodes = set()
+        return count
 
 
 class Watcher(threading.Thread):

@@ -120,12 +120,13 @@ class ShardRing:
             self.receiving, self.complete = None, slot
 
     def _exchange_layouts(self, layout: list) -> None:
-        from trainfleet.engine.recovery import socket_inodes
+        from trainfleet.engine.recovery import GroupSockets
 
         if self.group is None:
-            before = set(socket_inodes())
-            self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.timeout_s))
-            self.sockets = set(socket_inodes()) - before
+            sockets = GroupSockets()
+            with sockets.recording():
+                self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.timeout_s))
+            self.sockets = sockets.inodes
         layouts: list = [None] * self.world_size
         dist.all_gather_object(layouts, layout, group=self.group)
         self.layouts, self.mine = layouts, layout
