@@ -149,3 +149,28 @@ def test_a_join_request_forgotten_while_node_0_reads_it_does_not_come_back():
     channel._watch_nodes(time.monotonic())
     assert channel.forgotten.wait(5)
     assert channel.joiners == {} and not store.check(["join/2"])
+
+
+def test_the_roll_call_waits_for_a_late_agent_that_still_beats_and_gives_up_a_silent_one():
+    """Seen on a loaded machine: node 1's agent answered node 0's roll call after ROLL_WAIT (1 s),
+    and node 0 took a healthy node out of the in-place attempt. The roll now waits longer (up to
+    --heartbeat-timeout) for an agent still connected and beating, and gives one up once it is
+    silent (``gone`` names it) or at that limit."""
+    from trainfleet.launcher import in_place
+
+    server = dist.TCPStore("127.0.0.1", 0, None, True, datetime.timedelta(seconds=5), wait_for_workers=False)
+    store = dist.TCPStore("127.0.0.1", server.port, None, False, datetime.timedelta(seconds=5))
+    started = time.monotonic()
+    late = threading.Timer(1.5, lambda: store.set("here/3/1", "1"))  # node 1: late, but beating all along
+    late.start()
+    silent_after = started + 1.2  # node 2: frozen, found silent at 1.2 s; node 3 beats and never answers
+
+    def gone() -> dict[int, str]:
+        return {2: "no heartbeat for 2.0s"} if time.monotonic() >= silent_after else {}
+
+    answered = in_place.roll_call(store, 3, [0, 1, 2, 3], {}, gone, longest=2.5)
+    took = time.monotonic() - started
+    late.join()
+    assert answered == [0, 1]
+    assert took >= 2.5  # node 3 was waited for until the limit; node 2 only until it was found silent
+    assert store.check(["rollcall/3"])

@@ -491,6 +491,37 @@ def test_a_join_decided_as_the_survivors_finish_ends_the_job_and_stops_the_joine
     assert not [pid for pid in pids_recorded(out) if alive(pid)]
 
 
+def test_a_node_lost_while_another_joins_in_place_restarts_every_node_with_the_joiner_exactly(tmp_path, reference):
+    """Node 2 is lost and started again; while node 0 prepares its join in place (the joiner's
+    workers are slow to be ready), node 1 is killed too. Node 0 calls the join off: every node
+    restarts from the last checkpoint in the next attempt, the joiner among them (the joiner's
+    count keeps the job at MIN), and the job ends exactly on nodes 0 and 2. On the old code the
+    joiner's workers waited in the prepared attempt's store, gone, while node 0's restarted
+    workers waited for them: the job hung (and with the survivors alone below MIN it would have
+    ended)."""
+    out, port = tmp_path / "out", free_port()
+    job = _three_nodes(tmp_path, port)
+    wait_for(out, 4)
+    os.kill(agent_of(out, 2), signal.SIGKILL)
+    wait_for(out, 1, attempt=1)
+    joiner = _node_2_again(tmp_path, port, "--joiner-delay", "60")
+    deadline = time.monotonic() + 60
+    while not (out / "joiner-waits").exists():  # the prepared join's worker started (and waits 60 s)
+        assert time.monotonic() < deadline and joiner.poll() is None, "the joiner's workers never started"
+        time.sleep(0.05)
+    for pid in (agent_of(out, 1), *worker_pids(out, 1)):
+        os.kill(pid, signal.SIGKILL)
+    _, stderr = job.communicate(timeout=180)
+    assert job.returncode == 0, stderr
+    assert "lost node 1" in stderr and "attempt 2 on nodes 0,2 (2 of --nodes 2:3)" in stderr, stderr
+    _, joiner_err = joiner.communicate(timeout=60)
+    assert joiner.returncode == 0, joiner_err
+    assert "node 0 called its join in place off" in joiner_err, joiner_err
+    assert worlds(out)[-1] == 2
+    assert_exact(out, reference)
+    assert not [pid for pid in pids_recorded(out) if alive(pid)]
+
+
 def _text(path: Path) -> str:
     try:
         return path.read_text()

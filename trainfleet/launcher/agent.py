@@ -62,7 +62,8 @@ class Outcome:
     """How one attempt ended on this node."""
 
     kind: str  # "ok", "failed", "lost", "signal", "resize" (nodes join), "behind" (the job moved on),
-    # "in place" (a node was lost; the survivors' workers wait for their new places: launcher/in_place.py)
+    # "in place" (a node was lost; the survivors' workers wait for their new places: launcher/in_place.py),
+    # "called off" (a joining node: node 0 gave its join in place up; every node restarts: NodeAgent._rejoin)
     failure: Failure | None = None
     signum: int | None = None
 
@@ -140,7 +141,7 @@ class NodeAgent(RendezvousMixin):
         latest, members, in_place_join = elastic.wait_to_join(self.channel, node, self._layout(),
                                                               self.cfg.rendezvous_timeout)
         if in_place_join:
-            self.join_in_place = latest
+            self.join_in_place = self.channel.joining = latest
             say(f"node {node}: joining attempt {latest} in place (nodes {members}): the state comes from the "
                 "peers' memory.")
         return self._enter(latest, members)
@@ -248,6 +249,8 @@ class NodeAgent(RendezvousMixin):
         failures = [self._failure(group, w) for w in exited if w.exitcode != 0]
         if failures and self.join_in_place == attempt and self._job_done(attempt):
             return Outcome("ok")  # the job ended before they joined: they failed as node 0 closed their store
+        if failures and self.join_in_place == attempt and self._called_off(attempt):
+            return Outcome("called off")  # (not a failure: the restart must not inherit it)
         if failures and all(f.secondary for f in failures):  # the peer it lost may be a sibling reaped a moment later
             failures += [self._failure(group, w) for w in group.reap(SIBLING_WAIT) if w.exitcode != 0]
         if failures:  # reaped together: a rank killed outright beats the peer that lost its connection to it
@@ -321,6 +324,8 @@ class NodeAgent(RendezvousMixin):
             return Outcome("behind")
         if self.join_in_place == attempt and channel.done_attempt >= attempt:  # the job ended without the joiners
             return Outcome("ok")
+        if self.join_in_place == attempt and channel.join_called_off == attempt:  # a member lost meanwhile
+            return Outcome("called off")
         if self.is_master:
             if channel.watch_in_place:  # the in-place check owns a lost node: it may have looked a moment before
                 return None             # the node was gone, and the next poll's look goes in place
@@ -337,6 +342,15 @@ class NodeAgent(RendezvousMixin):
             channel.report_failure(failure)
             return Outcome("lost", failure)
         return None
+
+    def _called_off(self, attempt: int) -> bool:
+        """Whether node 0 called this joining node's join in place off (asked now, as _job_done)."""
+        if self.channel.join_called_off == attempt:
+            return True
+        try:
+            return self.channel.store.check([f"joinoff/{attempt}"])
+        except RuntimeError:
+            return False
 
     def _job_done(self, attempt: int) -> bool:
         """Whether node 0 said the job is done in ``attempt`` (asked now: the control thread reads it a
@@ -468,19 +482,53 @@ class NodeAgent(RendezvousMixin):
         join["ready"] = all(store.check([f"joinready/{new}/{node}"]) for node in join["joiners"])
         return join["ready"]
 
+    def _call_off(self, join: dict[str, Any]) -> None:
+        """Node 0: a prepared join in place given up (a member was lost meanwhile). Every node
+        restarts from the checkpoint in that attempt, the joiners among them, with new members and
+        ports: the prepared ones are taken back before the joiners are told, so their agents wait
+        for the restart's (their workers wait in the prepared store, which goes now)."""
+        store = self.channel.store
+        for key in (f"members/{join['attempt']}", f"attempt/{join['attempt']}/ports"):
+            store.delete_key(key)
+        store.set(f"joinoff/{join['attempt']}", "1")
+
+    def _rejoin(self, attempt: int) -> int | None:
+        """A joining node whose join in place node 0 called off: its workers are stopped; it takes
+        its place in the restart node 0 decides for the same attempt (or asks to join again when
+        that restart is without it); None: the job ended."""
+        self.join_in_place, self.channel.joining = None, -1
+        say(f"node {self.node_rank}: node 0 called its join in place off (a node was lost meanwhile); every node "
+            "restarts from the last checkpoint.")
+        store, deadline = self.channel.store, time.monotonic() + self.cfg.rendezvous_timeout
+        while time.monotonic() < deadline and self.channel.ended is None and self.channel.lost is None:
+            try:
+                posted = store.check([f"members/{attempt}"])  # again, by node 0's decision
+                members = parse_members(store.get(f"members/{attempt}"), self.cfg.nodes) if posted else None
+            except RuntimeError:  # node 0 is gone: the control thread says so
+                members = None
+            if members is not None:
+                return self._enter(attempt, members) if self.node_rank in members else self._first_attempt()
+            time.sleep(0.1)
+        self.ended = self.channel.ended or (None if self.channel.lost else (
+            f"node {self.node_rank}: node 0 posted no restart within {self.cfg.rendezvous_timeout:.0f}s of calling "
+            "its join off."))
+        return None
+
     def _go_in_place(self, group: WorkerGroup, attempt: int) -> int | None:
         """The next attempt with the same workers (None: not possible; they are restarted)."""
         started = time.monotonic()
         store = self.channel.store
         if self.is_master:
             gone = self._gone()
-            members = in_place.roll_call(store, attempt, self.members, gone)
+            longest = max(in_place.ROLL_WAIT, self.cfg.heartbeat_timeout)
+            members = in_place.roll_call(store, attempt, self.members, gone, self._gone, longest)
             join, self._join = self._join, None
             if join is not None and not (join["ready"] and join["attempt"] == attempt + 1 and members == self.members):
-                return None  # a node was lost while another joined: every node restarts from the checkpoint
+                self._call_off(join)  # a node was lost while another joined: every node restarts from the checkpoint
+                return None
             if len(members) < self.cfg.min_nodes or len(group.alive()) != len(group.workers):
                 return None
-            silent = f"its agent did not answer the roll call within {in_place.ROLL_WAIT:.1f}s after its peers lost it"
+            silent = f"its agent did not answer the roll call within {longest:.1f}s after its peers lost it"
             lost = {node: gone.get(node) or silent for node in self.members if node not in members}
             new = attempt + 1
             if join is not None:  # its store is up since _prepare_join, and the joiners' workers wait in it
@@ -521,6 +569,8 @@ class NodeAgent(RendezvousMixin):
         """After an attempt that did not finish the job: the next attempt this node runs, or None."""
         if outcome.kind in ("ok", "signal"):
             return None
+        if outcome.kind == "called off":
+            return self._rejoin(attempt)
         if not self.cfg.elastic:
             failure = outcome.failure
             restartable = outcome.kind == "failed" and failure is not None and failure.rank is not None

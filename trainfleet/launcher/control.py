@@ -94,6 +94,8 @@ class ControlChannel(threading.Thread):
         self.hang_reports: dict[int, dict] = {}  # node 0: each member's stacks, after job/hang
         self.roll_called = -1  # in-place recovery: node 0 called the roll in this attempt (rollcall/<attempt>)
         self.in_place_attempt = -1  # ... and went on in place in this attempt (inplace/<attempt>)
+        self.joining = -1  # a joining node: the attempt its workers join in place (set by its agent)
+        self.join_called_off = -1  # ... which node 0 called off (joinoff/<attempt>): every node restarts
         self.watch_in_place = False  # the agent looks for both (read here: a cut link must not block it)
 
     # ----- called by the agent ---------------------------------------------------------
@@ -298,6 +300,8 @@ class ControlChannel(threading.Thread):
                 self.roll_called = current
             if self.attempt > current and self.store.check([f"inplace/{self.attempt}"]):
                 self.in_place_attempt = self.attempt
+        if self.joining >= 0 and self.store.check([f"joinoff/{self.joining}"]):
+            self.join_called_off = self.joining
         self._read_diagnosis()  # before the done count: a node posts its last summary, then "done"
         if self.node == 0:
             self.done_nodes = {node for node in self.members if self.store.check([f"done/{self.attempt}/{node}"])}

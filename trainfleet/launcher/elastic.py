@@ -196,11 +196,11 @@ class Coordinator:
         for node in lost:  # an agent started again for a lost node may take its id back
             self.channel.store.delete_key(f"agent/{node}")
         survivors = [node for node in members if node not in lost]
-        if len(survivors) < cfg.min_nodes:
+        joined = self.pending()  # (nodes asking to join count toward MIN: the next attempt takes them)
+        if len(survivors) + len(joined) < cfg.min_nodes:
             gone = "; ".join(f"node {node}: {why}" for node, why in sorted(lost.items()))
-            return self._end(f"the job stopped: {len(survivors)} node(s) left, fewer than MIN of --nodes "
-                             f"{cfg.nodes_spec} (lost {gone}).")
-        joined = self.pending()
+            return self._end(f"the job stopped: {len(survivors) + len(joined)} node(s) left, fewer than MIN of "
+                             f"--nodes {cfg.nodes_spec} (lost {gone}).")
         if outcome.kind == "resize" and outcome.failure is None and not joined:
             restarted = "the node that asked to join went away before the restart; going on without it"
         for node in joined:

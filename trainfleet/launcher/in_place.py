@@ -7,8 +7,9 @@ their log and wait. Then:
 2. node 0 calls the roll (``rollcall/<attempt>``): every agent whose workers are all alive answers
    ``here/<attempt>/<node>`` within one poll; the nodes that answered are the members of the next
    attempt. Node 0 stops waiting once every node whose agent is still connected answered
-   (:mod:`trainfleet.launcher.presence`: a killed agent's connection closes at once), and at
-   :data:`ROLL_WAIT` in any case (a frozen or cut-off agent answers nothing);
+   (:mod:`trainfleet.launcher.presence`: a killed agent's connection closes at once), at
+   :data:`ROLL_WAIT` for the others, and at ``--heartbeat-timeout`` for one still beating (a
+   frozen or cut-off agent answers nothing);
 3. node 0 opens the next attempt's worker store, posts ``inplace/<attempt + 1>``, the members and
    ``job/attempt``; every member's agent writes each worker's new place (rank, world size, the
    store's port) and watches the same processes under the new attempt.
@@ -33,7 +34,7 @@ from typing import Any
 from trainfleet.engine import contract
 from trainfleet.engine.contract import lost_path, next_path, read_lost, ready_path, resumes_path, write_next
 
-ROLL_WAIT = 1.0  # seconds node 0 waits at most for an answer (none is awaited from a node whose agent is gone)
+ROLL_WAIT = 1.0  # seconds node 0 waits for an answer (longer only for an agent still connected and beating)
 # the variables a worker takes from its new place (the rest of its environment is unchanged)
 PLACE_VARIABLES = ("RANK", "WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE",
                    "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT", contract.WORLD_CHANGED,
@@ -59,17 +60,29 @@ def waiting(specs: list[Any], attempt: int) -> list[Any]:
     return found
 
 
-def roll_call(store: Any, attempt: int, members: list[int], lost: dict[int, str]) -> list[int]:
-    """Node 0: the members whose agents answer within :data:`ROLL_WAIT` (node 0 itself included)."""
+def roll_call(store: Any, attempt: int, members: list[int], lost: dict[int, str], gone: Any = None,
+              longest: float = ROLL_WAIT) -> list[int]:
+    """Node 0: the members whose agents answer (node 0 itself included) within :data:`ROLL_WAIT`,
+    or, while ``gone()`` does not name them (their agent is connected and beating), within
+    ``longest``: on a loaded machine a live agent may answer late, and dropping it would take a
+    healthy node out of the job; a frozen or cut-off one stops beating and is given up then."""
     store.set(f"rollcall/{attempt}", "1")
     answered = {0}
-    deadline = time.monotonic() + ROLL_WAIT
+    started = time.monotonic()
     candidates = [node for node in members if node != 0 and node not in lost]
-    while time.monotonic() < deadline and len(answered) < len(candidates) + 1:
-        for node in candidates:
-            if node not in answered and store.check([f"here/{attempt}/{node}"]):
+    waiting_for = candidates
+    while waiting_for:
+        for node in waiting_for:
+            if store.check([f"here/{attempt}/{node}"]):
                 answered.add(node)
-        time.sleep(0.01)
+        waiting_for = [node for node in candidates if node not in answered]
+        waited = time.monotonic() - started
+        if waiting_for and waited >= ROLL_WAIT:
+            if gone is None or waited >= longest:
+                break
+            silent = gone()
+            waiting_for = [node for node in waiting_for if node not in silent]
+        time.sleep(0.01 if waited < ROLL_WAIT else 0.05)
     return sorted(answered)
 
 
