@@ -110,9 +110,8 @@ def test_bench_bad_input(tmp_path):
                                       "state_copy_overhead (step time, copy on vs off, same workers): ratio",
                                       "state_copy_size:", "fsdp_in_place_death_to_next_step: median",
                                       "fsdp_shard_copy_overhead (step time, copy to the next node on vs off, same "
-                                      "workers): ratio", "fsdp_shard_copy_size:",
-                                      "horovod_in_place_death_to_next_step: median"],
-                 marks=[pytest.mark.multinode, pytest.mark.horovod]),
+                                      "workers): ratio", "fsdp_shard_copy_size:"],
+                 marks=pytest.mark.multinode),
     ("heartbeat_soak", ["heartbeat_soak: 0 false drop(s) in 1 rounds of 5 s"]),
     ("diagnosis_bench", ["hang_onset_to_report: median", "straggler_steps_to_report (1.3x forward):",
                          "diagnosis_overhead (step time, board on vs off, same workers): ratio",

@@ -496,9 +496,9 @@ def test_a_node_lost_while_another_joins_in_place_restarts_every_node_with_the_j
     workers are slow to be ready), node 1 is killed too. Node 0 calls the join off: every node
     restarts from the last checkpoint in the next attempt, the joiner among them (the joiner's
     count keeps the job at MIN), and the job ends exactly on nodes 0 and 2. On the old code the
-    joiner's workers waited in the prepared attempt's store, gone, while node 0's restarted
-    workers waited for them: the job hung (and with the survivors alone below MIN it would have
-    ended)."""
+    job ended there ("1 node(s) left, fewer than MIN": the joiner was not counted), and the
+    joiner's agent, counting itself in the attempt node 0 had prepared, had no way to learn of a
+    restart: its workers waited in the prepared store, which the restart does not reuse."""
     out, port = tmp_path / "out", free_port()
     job = _three_nodes(tmp_path, port)
     wait_for(out, 4)
@@ -610,9 +610,10 @@ def test_three_hosts_lose_one_and_end_exactly(tmp_path, request, fault, strategy
     reference = request.getfixturevalue({"ddp": "reference"}.get(strategy, f"{strategy}_reference"))
     out, logs = tmp_path / "out", tmp_path / "logs"
     with twohosts.ManyHosts(3) as hosts:
-        # a host started again joins 4-10 s later under the full suite's load: slower steps leave it the time
-        # (0.25 s steps: the survivors finished 24 steps first once, and the job ended on 2 hosts)
-        step = ("--step-sleep", "0.6") if fault == "rejoin" else tuple(SLOW_STEP)
+        # a host started again joins 4-10 s later under the full suite's load: the survivors wait for it at step 16
+        # (the loss is met by step 11), so the join lands before the end (with 0.25 s steps and no wait, the
+        # survivors finished 24 steps first once, and the job ended on 2 hosts)
+        step = (*SLOW_STEP, "--hold-for-join-at", "16") if fault == "rejoin" else tuple(SLOW_STEP)
         agents = [start_host(hosts, node, out, logs, 29600, strategy, step) for node in range(3)]
         wait_for(out, 4 + random.randrange(6))
         victim = agent_of(out, 2)
