@@ -376,8 +376,7 @@ class NodeAgent(RendezvousMixin):
                 return None
             # the survivors ran the script to its end before they moved to the group with the joiners (the
             # join was decided after their last should_stop): the job is done; the joiners' workers are stopped
-            say(f"the job finished before node(s) {','.join(map(str, joining))} could join in place; their workers "
-                "were stopped.")
+            _finished_before(joining)
         elif self._join is not None and not resized:
             # the survivors ran the script to its end while a join in place was being prepared: the job is done.
             # Restarting it for the joiners would leave their workers waiting in the prepared attempt's store.
@@ -385,8 +384,7 @@ class NodeAgent(RendezvousMixin):
             prepared, self._join = self._join, None
             self.coordinator.forget_joiners(prepared["joiners"])
             self.told_done = tuple(prepared["joiners"])  # node 0 keeps its store up until they read it
-            say(f"the job finished before node(s) {','.join(map(str, prepared['joiners']))} could join in place; "
-                "their workers were stopped.")
+            _finished_before(prepared["joiners"])
             channel.post("job/done", str(prepared["attempt"]))
             return Outcome("ok")
         if self.coordinator.pending() or resized:
@@ -745,6 +743,11 @@ class NodeAgent(RendezvousMixin):
         else:
             say(f"node {self.node_rank}: stopping, {where} failed: {failure.how}")
         return failure.exit_code()
+
+
+def _finished_before(joiners: list[int]) -> None:
+    say(f"the job finished before node(s) {','.join(map(str, joiners))} could join in place; their workers were "
+        "stopped.")
 
 
 def _tail(group: WorkerGroup, rank: int) -> list[str]:

@@ -91,8 +91,9 @@ def run_simulated_nodes(cfg: LaunchConfig) -> int:
     process only starts them, forwards signals and, as a backstop, stops the others
     if one exits non-zero.
     """
-    for module in PRELOAD:
-        __import__(module)
+    if cfg.start_method == "fork":  # forked agents fork their workers with them loaded
+        for module in PRELOAD:
+            __import__(module)
     import torch.multiprocessing as mp
 
     sockets = reserve_rendezvous(cfg)

@@ -169,8 +169,9 @@ class WorkerGroup:
 
     def start(self) -> None:
         """Fork (or spawn) every worker, then start following their logs."""
-        for module in PRELOAD:
-            __import__(module)
+        if self.start_method == "fork":  # (a spawned worker, or a fork server's, imports them itself)
+            for module in PRELOAD:
+                __import__(module)
         import torch.multiprocessing as mp
 
         context = mp.get_context(self.start_method)
