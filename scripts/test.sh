@@ -2,7 +2,7 @@
 # Install everything the tests need and run them: torch + torchvision + trainfleet[test]
 # (scripts/setup.sh --test), Horovod with gloo (scripts/build-horovod.sh, built once and cached),
 # iproute2 for the two-host tests, and a local SLURM cluster (scripts/dev-slurm.sh).
-#   scripts/test.sh [pytest args]      e.g. scripts/test.sh -m "not slow" -x
+#   scripts/test.sh [pytest args]      e.g. scripts/test.sh -m "not slow" -x, or -n 0 for one runner
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --test
@@ -22,4 +22,7 @@ export TRAINFLEET_REQUIRE=horovod,slurm,multinode,ssh
 if command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q GPU; then
   TRAINFLEET_REQUIRE+=,gpu
 fi
-.venv/bin/python -m pytest "$@"
+# Two runners: the tests that depend on time or share the machine's cluster, namespaces or sshd one
+# after another on one, the rest beside them on the other (tests/conftest.py: runner_unit). A run
+# of a few tests can take the runners back with -n 0 (a later option wins).
+.venv/bin/python -m pytest -n 2 --dist loadgroup "$@"

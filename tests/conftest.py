@@ -19,6 +19,30 @@ BIN = Path(sys.executable).parent
 # Set by libraries on their own, not by the code under test: pytest for every test,
 # torch._inductor the first time an optimizer imports it.
 ENV_SET_BY_LIBRARIES = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
+XDIST_WORKER = "PYTEST_XDIST_WORKER"  # which runner of `pytest -n N` a process (and what it started) belongs to
+
+# ----- two runners (scripts/test.sh: pytest -n 2 --dist loadgroup) --------------------------------
+# Tests whose outcome depends on time (heartbeats, hang and straggler timers, the ledger's wall clock,
+# grace periods, benchmarks) or that share something machine-wide (the SLURM cluster, network
+# namespaces, sshd) run one after another on one runner ("serial"); every other test runs on the
+# other runner beside them, one at a time, in any order. A module whose module-scoped fixture is
+# costly is one unit, so that the fixture is made once.
+SERIAL = {"tests/bench/", "tests/launcher/test_elastic.py", "tests/launcher/test_hosts.py",
+          "tests/launcher/test_two_hosts.py", "tests/launcher/test_diagnosis.py", "tests/launcher/test_ledger.py",
+          "tests/launcher/test_presence.py", "tests/launcher/test_control_attempts.py",
+          "tests/launcher/test_resilience.py", "tests/launcher/test_launch_safety.py", "tests/slurm/test_submit.py",
+          "tests/slurm/test_cluster.py", "tests/test_dev_slurm.py", "tests/gpu/"}
+ONE_UNIT = {"tests/engine/test_parity.py", "tests/engine/test_formats.py", "tests/engine/test_fsdp.py",
+            "tests/engine/test_resume.py", "tests/launcher/test_nodes.py"}
+
+
+def runner_unit(nodeid: str) -> str:
+    """What one runner takes at once: "serial", a module of ONE_UNIT, or the test alone. Every test
+    marked slurm, multinode, ssh or gpu is in a serial file (test_layout checks it)."""
+    path = nodeid.split("::", 1)[0]
+    if any(path.startswith(prefix) for prefix in SERIAL):
+        return "serial"
+    return path if path in ONE_UNIT else nodeid
 
 
 def _children(pid: int) -> set[int]:
@@ -68,10 +92,13 @@ def _listening_inodes() -> set[str]:
 def _orphan_workers() -> set[int]:
     """Workers (trainfleet's or torchrun's: they carry TORCHELASTIC_RUN_ID) adopted by init:
     their launcher is gone. They are not this process's children, e.g. when a test killed
-    an agent whose workers run in sessions of their own."""
+    an agent whose workers run in sessions of their own. Under pytest-xdist only this runner's:
+    the other runner's tests kill agents too, and their workers are orphans for a moment."""
     from trainfleet.utils.process import processes_with
 
-    return {pid for pid, parent in processes_with("TORCHELASTIC_RUN_ID").items() if parent == 1}
+    orphans = {pid for pid, parent in processes_with("TORCHELASTIC_RUN_ID").items() if parent == 1}
+    others = set(processes_with(XDIST_WORKER)) - set(processes_with(XDIST_WORKER, os.environ.get(XDIST_WORKER, "")))
+    return orphans - others
 
 
 @pytest.fixture(autouse=True)
@@ -151,6 +178,22 @@ def pytest_report_header(config):
     have = ", ".join(f"{p} {'yes' if parts.CHECKS[p]() is None else 'no'}" for p in parts.PARTS)
     required = ", ".join(sorted(parts.required())) or "none (skips allowed)"
     return f"trainfleet parts: {have}; required ({parts.REQUIRE_ENV}): {required}"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``pytest -n N --dist loadgroup``: the runners take tests by :func:`runner_unit` (xdist's own
+    groups, ``xdist_group`` marks, do not work with pytest 9: it renames ``item._nodeid``, which
+    pytest 9 no longer reads)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Lanes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return runner_unit(nodeid)
+
+    return Lanes(config, log)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -369,6 +369,11 @@ LAUNCHED_AS = {"ddp": (["--strategy", "ddp", "--gpus", "1"], []), "fsdp": (["--s
                            "--gpus", "2"], ["--global-batch-size", "12"])}
 
 
+def _logs(folder: Path) -> dict[str, str]:
+    """The last lines of every worker log under ``folder`` (for a failure's message)."""
+    return {path.name: "\n".join(_text(path).splitlines()[-15:]) for path in sorted(folder.rglob("*.log"))}
+
+
 def _three_nodes(tmp_path: Path, port: int, strategy: str = "ddp", *extra: str) -> subprocess.Popen:
     options, script_options = LAUNCHED_AS[strategy]
     return subprocess.Popen(launch("--nodes", "2:3", "--master-port", str(port), "--log-dir",
@@ -409,7 +414,7 @@ def test_an_agent_started_again_at_once_waits_for_its_node_to_be_dropped_then_re
     again = _node_2_again(tmp_path, port, *hold, strategy=strategy)
     _, stderr = job.communicate(timeout=180)
     assert job.returncode == 0, stderr
-    assert again.wait(timeout=30) == 0, again.communicate()
+    assert again.wait(timeout=30) == 0, (again.communicate(), stderr, _logs(tmp_path / "logs2"))
     assert "lost node 2" in stderr and JOINED_IN_PLACE in stderr, stderr
     per_node = 2 if strategy == "hybrid" else 1
     assert worlds(out)[-1] == 3 * per_node and 2 * per_node in worlds(out), worlds(out)
