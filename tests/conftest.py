@@ -27,21 +27,24 @@ XDIST_WORKER = "PYTEST_XDIST_WORKER"  # which runner of `pytest -n N` a process 
 # namespaces, sshd) run one after another on one runner ("serial"); every other test runs on the
 # other runner beside them, one at a time, in any order. A module whose module-scoped fixture is
 # costly is one unit, so that the fixture is made once.
-SERIAL = {"tests/bench/", "tests/launcher/test_elastic.py", "tests/launcher/test_hosts.py",
-          "tests/launcher/test_two_hosts.py", "tests/launcher/test_diagnosis.py", "tests/launcher/test_ledger.py",
-          "tests/launcher/test_presence.py", "tests/launcher/test_control_attempts.py",
-          "tests/launcher/test_resilience.py", "tests/launcher/test_launch_safety.py", "tests/slurm/test_submit.py",
-          "tests/slurm/test_cluster.py", "tests/test_dev_slurm.py", "tests/gpu/"}
+# (prefixes of test ids: a folder, a file, or a test with the start of its parameters)
+SERIAL = ("tests/launcher/test_elastic.py", "tests/launcher/test_hosts.py", "tests/launcher/test_two_hosts.py",
+          "tests/launcher/test_diagnosis.py", "tests/launcher/test_ledger.py", "tests/launcher/test_presence.py",
+          "tests/launcher/test_control_attempts.py", "tests/launcher/test_resilience.py",
+          "tests/launcher/test_launch_safety.py", "tests/slurm/test_submit.py", "tests/slurm/test_cluster.py",
+          "tests/test_dev_slurm.py", "tests/gpu/", "tests/bench/test_bench.py::test_interrupted_slurm_benchmark",
+          *(f"tests/bench/test_bench.py::test_benchmark_smoke[{name}-" for name in
+            ("slurm_startup", "hosts_startup", "elastic_recovery", "heartbeat_soak", "diagnosis_bench")))
 ONE_UNIT = {"tests/engine/test_parity.py", "tests/engine/test_formats.py", "tests/engine/test_fsdp.py",
             "tests/engine/test_resume.py", "tests/launcher/test_nodes.py"}
 
 
 def runner_unit(nodeid: str) -> str:
     """What one runner takes at once: "serial", a module of ONE_UNIT, or the test alone. Every test
-    marked slurm, multinode, ssh or gpu is in a serial file (test_layout checks it)."""
-    path = nodeid.split("::", 1)[0]
-    if any(path.startswith(prefix) for prefix in SERIAL):
+    marked slurm, multinode or ssh is serial (tests/test_runners.py checks it)."""
+    if nodeid.startswith(SERIAL):
         return "serial"
+    path = nodeid.split("::", 1)[0]
     return path if path in ONE_UNIT else nodeid
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -13,18 +12,19 @@ import time
 
 from tests.conftest import ONE_UNIT, REPO, XDIST_WORKER, _orphan_workers, runner_unit
 
-MACHINE_WIDE = re.compile(r"mark\.(slurm|multinode|ssh)\b|\b(twohosts|sshhosts)\.|dev-slurm")
-
 
 def test_every_test_that_needs_a_machine_wide_part_is_serial():
-    """The SLURM cluster, network namespaces and sshd are shared by the whole machine: a file that
-    uses them runs on the serial runner only."""
-    users = [path.relative_to(REPO).as_posix() for path in sorted((REPO / "tests").rglob("test_*.py"))
-             if MACHINE_WIDE.search(path.read_text()) and path.name != "test_runners.py"]
-    assert "tests/launcher/test_hosts.py" in users and "tests/slurm/test_submit.py" in users  # (the search works)
-    assert [path for path in users if runner_unit(f"{path}::test_x") != "serial"] == []
+    """The SLURM cluster, network namespaces and sshd are shared by the whole machine: a test
+    marked for them runs on the serial runner only (and so does a benchmark's smoke run that
+    uses them)."""
+    listed = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider",
+                             "-m", "slurm or multinode or ssh"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    marked = [line for line in listed.stdout.splitlines() if "::" in line]
+    assert len(marked) > 20 and any("hosts_startup" in nodeid for nodeid in marked), listed.stdout[-2000:]
+    assert [nodeid for nodeid in marked if runner_unit(nodeid) != "serial"] == []
     assert all(runner_unit(f"{path}::test_x") == path for path in ONE_UNIT)
     assert runner_unit("tests/engine/test_data.py::test_x[1]") == "tests/engine/test_data.py::test_x[1]"
+    assert runner_unit("tests/bench/test_bench.py::test_benchmark_smoke[fsdp_bench-lines4]") != "serial"
 
 
 def _orphan(tmp_path, name: str, runner: str | None) -> int:
@@ -75,11 +75,12 @@ def test_{name}_{index}():
 def test_serial_tests_run_one_after_another_on_one_runner_and_the_rest_beside_them(tmp_path):
     """Two runners over a small suite laid out like this one: the serial files' tests on one
     runner, never overlapping; the others spread over both (so some run beside the serial ones)."""
-    files = {"tests/bench/test_bench.py": "bench", "tests/launcher/test_elastic.py": "elastic",
+    files = {"tests/launcher/test_ledger.py": "ledger", "tests/launcher/test_elastic.py": "elastic",
              "tests/engine/test_data.py": "data"}
     for path, name in files.items():
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / path).write_text("\n".join(SAMPLE.format(name=name, index=i, record=str(tmp_path / "record")) for i in range(4)))
+        tests = (SAMPLE.format(name=name, index=i, record=str(tmp_path / "record")) for i in range(4))
+        (tmp_path / path).write_text("\n".join(tests))
     (tmp_path / "record").mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop(XDIST_WORKER, None)

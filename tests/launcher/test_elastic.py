@@ -432,9 +432,12 @@ def test_a_node_that_goes_away_while_it_joins_in_place_leaves_the_running_worker
     the next attempt: the survivors never stopped. After, the survivors wait for it in the new
     group's store: node 0 goes on in place without it, the survivors' watchers cut that store's
     socket and they make the next group instead. Either way the job ends exactly on 2 nodes, in the
-    same worker processes, with no step computed again."""
+    same worker processes, with no step computed again. The survivors wait at step 12 until the
+    joiner's worker started (before) or they were told to join (after): on any load the join comes
+    before the end."""
     out, port = tmp_path / "out", free_port()
-    job = _three_nodes(tmp_path, port)
+    job = _three_nodes(tmp_path, port, "ddp", "--hold-for-joiner-at" if when.startswith("before") else
+                       "--hold-for-join-at", "12")
     wait_for(out, 4)
     survivors = {node: worker_pids(out, node) for node in (0, 1)}
     os.kill(agent_of(out, 2), signal.SIGKILL)
@@ -443,7 +446,8 @@ def test_a_node_that_goes_away_while_it_joins_in_place_leaves_the_running_worker
     deadline = time.monotonic() + 60
     moved = tmp_path / "logs" / "node0" / "local0.recovery.next"  # node 0's worker told to go to attempt 2
     while not ((out / "joiner-waits").exists() if when.startswith("before") else '"attempt": 2' in _text(moved)):
-        assert time.monotonic() < deadline and joiner.poll() is None, "the joiner's workers never got there"
+        assert time.monotonic() < deadline and joiner.poll() is None, ("the joiner's workers never got there",
+                                                                        joiner.poll() and joiner.communicate())
         time.sleep(0.05)
     os.killpg(joiner.pid, signal.SIGKILL)  # its agent and its workers
     joiner.wait()

@@ -45,6 +45,8 @@ parser.add_argument("--finish-as-one-starts-joining", action="store_true",
 parser.add_argument("--hold-for-join-at", type=int, default=0,
                     help="after a loss, the survivors stop before this step's should_stop until their agent says a "
                          "node joins in place (a test's join then lands before the end, on any machine's load)")
+parser.add_argument("--hold-for-joiner-at", type=int, default=0,
+                    help="... or only until a joining node's worker started (one that goes away before it is ready)")
 args = parser.parse_args()
 out = Path(args.out)
 for folder in ("trace", "pids", "ckpt"):
@@ -97,6 +99,12 @@ def wait_for_join(timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
+def wait_for_joiner(timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not (out / "joiner-waits").exists():
+        time.sleep(0.05)
+
+
 def save() -> None:
     stall = {"stall": Slow(args.slow_save)} if step == args.slow_save_at else {}  # pickled by rank 0, in the save
     engine.save(out / "ckpt" / f"step{step}.pt", model=model, optimizer=optimizer, dataloader=loader,
@@ -124,6 +132,9 @@ while step < args.steps:
             break
         if step == args.hold_for_join_at and engine.restart_count == 1 and os.environ.get("TRAINFLEET_JOINING") != "1":
             wait_for_join()
+        survivor = engine.restart_count == 1 and os.environ.get("TRAINFLEET_JOINING") != "1"
+        if step == args.hold_for_joiner_at and survivor:
+            wait_for_joiner()
         if engine.should_stop():
             save()
             engine.print(f"stopped at step {step} (signal {engine.stop_signal}): checkpoint saved")
@@ -136,7 +147,5 @@ if (args.finish_as_one_joins or args.finish_as_one_starts_joining) and os.enviro
     if args.finish_as_one_joins:
         wait_for_join()
     else:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (out / "joiner-waits").exists():
-            time.sleep(0.05)
+        wait_for_joiner()
 engine.save(out / "final.pt", model=model)
