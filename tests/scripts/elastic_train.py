@@ -130,9 +130,9 @@ while step < args.steps:
         time.sleep(args.step_sleep)
         if step == args.steps:
             break
-        if step == args.hold_for_join_at and engine.restart_count == 1 and os.environ.get("TRAINFLEET_JOINING") != "1":
+        survivor = engine.restart_count == 1 and os.environ.get("TRAINFLEET_JOINING") != "1"  # (of the first loss)
+        if step == args.hold_for_join_at and survivor:
             wait_for_join()
-        survivor = engine.restart_count == 1 and os.environ.get("TRAINFLEET_JOINING") != "1"
         if step == args.hold_for_joiner_at and survivor:
             wait_for_joiner()
         if engine.should_stop():
