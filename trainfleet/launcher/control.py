@@ -149,6 +149,10 @@ class ControlChannel(threading.Thread):
             self._flushed.clear()
         self._wake.set()
 
+    def answered_since(self, when: float) -> bool:
+        """Whether a round with the master's store succeeded after ``when`` (monotonic)."""
+        return self._last_contact > when
+
     def poke(self) -> None:
         """A round with the store now, not at the next interval (the agent waits for an answer)."""
         self._wake.set()
