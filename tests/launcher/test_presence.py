@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from tests.conftest import SCRIPTS
 from trainfleet.launcher import presence
 from trainfleet.launcher.store_auth import SignedStore
 
@@ -134,7 +135,6 @@ def test_node_0_leaves_a_node_gone_to_the_in_place_check_when_its_workers_can_go
 
     import torch.distributed as dist
 
-    from tests.conftest import SCRIPTS
     from trainfleet.launcher.agent import NodeAgent
     from trainfleet.launcher.config import LaunchConfig
     from trainfleet.launcher.control import ControlChannel
@@ -166,3 +166,22 @@ def test_node_0_leaves_a_node_gone_to_the_in_place_check_when_its_workers_can_go
         channel.stop()
         channel.join(5)
         server.stop()
+
+
+def test_an_agent_has_imported_torch_before_it_connects(tmp_path):
+    """Loading torch's libraries keeps the GIL: under the suite's load another thread of the
+    process waited up to 1.6 s for it. An agent that imported torch at its first start of workers
+    did so connected, its heartbeat thread silent that long while node 0 watched it (a node joining
+    a running job, or node 0 itself for the others), beside a 2 s --heartbeat-timeout. It imports
+    before it connects (with fork, what its workers preload too)."""
+    code = ("import sys\n"
+            "from trainfleet.launcher.agent import NodeAgent\n"
+            "from trainfleet.launcher.config import LaunchConfig\n"
+            "def connect(self):\n"
+            "    print('at connect:', 'torch' in sys.modules, 'torch._dynamo' in sys.modules, flush=True)\n"
+            "    raise SystemExit(0)\n"
+            "NodeAgent._connect = connect\n"
+            f"cfg = LaunchConfig({str(SCRIPTS / 'elastic_train.py')!r}, nodes=2, log_dir={str(tmp_path)!r})\n"
+            "NodeAgent(cfg, 1)._start()\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.stdout == "at connect: True True\n", result.stdout + result.stderr

@@ -37,7 +37,7 @@ from trainfleet.launcher.elastic import Coordinator
 from trainfleet.launcher.ledger import Ledger, job_id
 from trainfleet.launcher.rendezvous import RendezvousMixin, say
 from trainfleet.launcher.store_values import Failure, failed_at, parse_count, parse_members, peer_error
-from trainfleet.launcher.worker_group import WorkerGroup, exit_reason
+from trainfleet.launcher.worker_group import WorkerGroup, exit_reason, preload
 from trainfleet.launcher.workers import worker_env, worker_specs
 from trainfleet.utils.errors import UsageError
 from trainfleet.utils.ledger_file import table as ledger_table
@@ -627,11 +627,15 @@ class NodeAgent(RendezvousMixin):
         raise StoppedEarly(signum)
 
     def _start(self) -> int | None:
-        """Connect, agree the layout, find the first attempt; a stop signal meanwhile ends it
-        here (``--rendezvous-timeout`` can be minutes)."""
+        """Import what the workers' start needs, connect, agree the layout, find the first attempt;
+        a stop signal meanwhile ends it here (``--rendezvous-timeout`` can be minutes). The import
+        comes first: it held another thread of the agent up to 1.6 s on a loaded machine (loading
+        torch's libraries keeps the GIL), and once connected this agent's heartbeat thread must
+        beat within --heartbeat-timeout (2 s), as node 0's must for the others."""
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._stop_now)
         try:
+            preload(self.cfg.start_method)
             self._connect()
             self._preflight()
             return self._first_attempt()

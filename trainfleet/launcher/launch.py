@@ -25,7 +25,7 @@ from trainfleet.launcher.ledger import process_age
 from trainfleet.launcher.network import reserve_port
 from trainfleet.launcher.rendezvous import say
 from trainfleet.launcher.store_auth import new_token
-from trainfleet.launcher.worker_group import PRELOAD, killpg
+from trainfleet.launcher.worker_group import killpg, preload
 from trainfleet.launcher.worker_process import run_target
 from trainfleet.launcher.workers import worker_env
 from trainfleet.utils.errors import UsageError
@@ -91,9 +91,7 @@ def run_simulated_nodes(cfg: LaunchConfig) -> int:
     process only starts them, forwards signals and, as a backstop, stops the others
     if one exits non-zero.
     """
-    if cfg.start_method == "fork":  # forked agents fork their workers with them loaded
-        for module in PRELOAD:
-            __import__(module)
+    preload(cfg.start_method)  # forked agents start with it done
     import torch.multiprocessing as mp
 
     sockets = reserve_rendezvous(cfg)

@@ -22,6 +22,17 @@ from trainfleet.utils.errors import UsageError
 from trainfleet.utils.process import process_state
 
 PRELOAD = contract.WORKER_PRELOAD  # imported before the fork, so forked workers start with them
+
+
+def preload(start_method: str) -> None:
+    """Import what starting workers needs: torch.multiprocessing, and with ``fork`` PRELOAD too (a
+    spawned worker, or a fork server's, imports them itself). Loading torch's libraries holds the
+    GIL for seconds on a loaded machine, so an agent does it before it connects (NodeAgent._start),
+    while nobody watches its heartbeats yet."""
+    if start_method == "fork":
+        for module in PRELOAD:
+            __import__(module)
+    import torch.multiprocessing  # noqa: F401
 TAIL_LINES = 20
 KILL_WAIT = 30.0  # a worker still there this long after SIGKILL is stuck in the kernel (a GPU driver call)
 # What NCCL's watchdog prints before it aborts a process whose collective outlived the timeout.
@@ -169,9 +180,7 @@ class WorkerGroup:
 
     def start(self) -> None:
         """Fork (or spawn) every worker, then start following their logs."""
-        if self.start_method == "fork":  # (a spawned worker, or a fork server's, imports them itself)
-            for module in PRELOAD:
-                __import__(module)
+        preload(self.start_method)  # (imported already, except where no agent runs this group)
         import torch.multiprocessing as mp
 
         context = mp.get_context(self.start_method)
