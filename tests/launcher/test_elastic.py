@@ -12,7 +12,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 
 from tests import twohosts
 from tests.conftest import BIN, SCRIPTS
+from tests.launcher.test_nodes import free_port_pair
 
 SCRIPT = str(SCRIPTS / "elastic_train.py")
 STEPS, SAMPLES = 24, 36
@@ -31,9 +31,9 @@ JOINED_IN_PLACE = ("node 2 joined; the survivors kept their workers (in place); 
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port P with P + 1 free too: a Horovod job's rendezvous takes P + 1 (with the suite on two
+    runners, a Horovod job once met P + 1 taken and ended before its first step)."""
+    return free_port_pair()
 
 
 def launch(*args: str) -> list[str]:
@@ -63,11 +63,15 @@ def progress(out: Path) -> tuple[int, int]:
         return -1, 0
 
 
-def wait_for(out: Path, step: int, attempt: int = 0, timeout: float = 120) -> None:
+def wait_for(out: Path, step: int, attempt: int = 0, timeout: float = 120, job: subprocess.Popen | None = None) -> None:
+    """Until rank 0 wrote ``step`` of ``attempt``; fails at once, with its output, when ``job`` ended."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if progress(out) >= (attempt, step):
             return
+        if job is not None and job.poll() is not None:
+            raise AssertionError(f"the job ended ({job.returncode}) before step {step} of attempt {attempt}: "
+                                 f"{job.communicate()}")
         time.sleep(0.05)
     raise AssertionError(f"no step {step} of attempt {attempt} within {timeout}s (at {progress(out)})")
 
@@ -408,7 +412,7 @@ def test_an_agent_started_again_at_once_waits_for_its_node_to_be_dropped_then_re
     out, port = tmp_path / "out", free_port()
     hold = ("--hold-for-join-at", "12")  # the survivors wait there for the join: it lands before the end
     job = _three_nodes(tmp_path, port, strategy, *hold)
-    wait_for(out, 6)
+    wait_for(out, 6, job=job)
     survivors = {node: worker_pids(out, node) for node in (0, 1)}
     os.kill(agent_of(out, 2), signal.SIGKILL)
     again = _node_2_again(tmp_path, port, *hold, strategy=strategy)
