@@ -100,8 +100,18 @@ def _orphan_workers() -> set[int]:
     from trainfleet.utils.process import processes_with
 
     orphans = {pid for pid, parent in processes_with("TORCHELASTIC_RUN_ID").items() if parent == 1}
-    others = set(processes_with(XDIST_WORKER)) - set(processes_with(XDIST_WORKER, os.environ.get(XDIST_WORKER, "")))
-    return orphans - others
+    return {pid for pid in orphans if _runner_of(pid) in (None, os.environ.get(XDIST_WORKER))}
+
+
+def _runner_of(pid: int) -> str | None:
+    """The xdist runner ``pid`` was started from (its environment's XDIST_WORKER), else None."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            entries = handle.read().split(b"\0")
+    except OSError:
+        return None
+    prefix = f"{XDIST_WORKER}=".encode()
+    return next((entry[len(prefix):].decode() for entry in entries if entry.startswith(prefix)), None)
 
 
 @pytest.fixture(autouse=True)

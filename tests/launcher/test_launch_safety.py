@@ -134,6 +134,19 @@ def _wait_ready(out, ranks, limit=120):
     return [int((out / f"ready.rank{r}").read_text().split()[0]) for r in ranks]
 
 
+def _two_agents(tmp_path, nodes: str, script: list[str]) -> list[subprocess.Popen]:
+    """Node 0's and node 1's agents, each started alone (``--node-rank``), one worker each."""
+    port = str(free_port_pair())
+    return [subprocess.Popen([str(BIN / "launch"), "--nodes", nodes, "--gpus", "1", "--node-rank", str(n),
+                              "--master-port", port, "--log-dir", str(tmp_path / f"logs{n}"), *script],
+                             stderr=subprocess.PIPE, text=True) for n in (0, 1)]
+
+
+def _launch_lines(stderr: str) -> str:
+    """The launcher's own lines of ``stderr`` (not torch's warnings), for a failure's message."""
+    return "\n".join(line for line in stderr.splitlines() if line.startswith(("launch:", "  |")))
+
+
 @pytest.mark.parametrize("nodes", ["2", "1:2"], ids=["static", "elastic"])
 @pytest.mark.parametrize("how", ["simulated", "agents"])
 def test_when_node_0_dies_every_survivor_says_so_within_the_bound(tmp_path, nodes, how):
@@ -148,10 +161,7 @@ def test_when_node_0_dies_every_survivor_says_so_within_the_bound(tmp_path, node
         procs = [subprocess.Popen([str(BIN / "launch"), "--nodes", nodes, "--gpus", "1", "--log-dir",
                                    str(tmp_path / "logs"), *script], stderr=subprocess.PIPE, text=True)]
     else:
-        port = str(free_port_pair())
-        procs = [subprocess.Popen([str(BIN / "launch"), "--nodes", nodes, "--gpus", "1", "--node-rank", str(n),
-                                   "--master-port", port, "--log-dir", str(tmp_path / f"logs{n}"), *script],
-                                  stderr=subprocess.PIPE, text=True) for n in (0, 1)]
+        procs = _two_agents(tmp_path, nodes, script)
     try:
         worker0, worker1 = _wait_ready(out, (0, 1))
         agent0 = int(Path(f"/proc/{worker0}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the worker's parent
@@ -169,7 +179,7 @@ def test_when_node_0_dies_every_survivor_says_so_within_the_bound(tmp_path, node
                 proc.kill()
             proc.wait()
     assert elapsed < 10, f"node 1 left {elapsed:.1f}s after node 0 died"
-    said = "\n".join(line for line in stderr.splitlines() if line.startswith(("launch:", "  |")))  # (not torch's)
+    said = _launch_lines(stderr)
     # node 0's port refused at once, or (its killed worker held the port a moment longer) silent for the timeout
     assert ("node 1: stopping: node 0 (the master) is gone" in stderr
             or "node 1: stopping: lost the master (node 0): no answer for" in stderr), said
@@ -192,11 +202,7 @@ def test_a_survivor_whose_peer_died_names_node_0_while_its_port_still_accepts(tm
     "rank 1 (node 1, local rank 0) failed" at once."""
     out = tmp_path / "out"
     out.mkdir()
-    port = str(free_port_pair())
-    procs = [subprocess.Popen([str(BIN / "launch"), "--nodes", "2", "--gpus", "1", "--node-rank", str(n),
-                               "--master-port", port, "--log-dir", str(tmp_path / f"logs{n}"),
-                               str(SCRIPTS / "long_train.py"), str(out)], stderr=subprocess.PIPE, text=True)
-             for n in (0, 1)]
+    procs = _two_agents(tmp_path, "2", [str(SCRIPTS / "long_train.py"), str(out)])
     agent0 = None
     try:
         worker0, _ = _wait_ready(out, (0, 1))
@@ -212,7 +218,7 @@ def test_a_survivor_whose_peer_died_names_node_0_while_its_port_still_accepts(tm
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-    said = "\n".join(line for line in stderr.splitlines() if line.startswith(("launch:", "  |")))
+    said = _launch_lines(stderr)
     assert code != 0
     assert "node 1: stopping: lost the master (node 0): no answer for" in stderr, said
     assert "rank 1 (node 1" not in stderr, said

@@ -627,11 +627,10 @@ class NodeAgent(RendezvousMixin):
         raise StoppedEarly(signum)
 
     def _start(self) -> int | None:
-        """Import what the workers' start needs, connect, agree the layout, find the first attempt;
-        a stop signal meanwhile ends it here (``--rendezvous-timeout`` can be minutes). The import
-        comes first: it held another thread of the agent up to 1.6 s on a loaded machine (loading
-        torch's libraries keeps the GIL), and once connected this agent's heartbeat thread must
-        beat within --heartbeat-timeout (2 s), as node 0's must for the others."""
+        """Import what the workers' start needs (first: it keeps the GIL for seconds under load, and
+        once connected this agent's heartbeats are watched; worker_group.preload), connect, agree
+        the layout, find the first attempt; a stop signal meanwhile ends it here
+        (``--rendezvous-timeout`` can be minutes)."""
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._stop_now)
         try:

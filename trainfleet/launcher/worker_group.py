@@ -22,6 +22,11 @@ from trainfleet.utils.errors import UsageError
 from trainfleet.utils.process import process_state
 
 PRELOAD = contract.WORKER_PRELOAD  # imported before the fork, so forked workers start with them
+TAIL_LINES = 20
+KILL_WAIT = 30.0  # a worker still there this long after SIGKILL is stuck in the kernel (a GPU driver call)
+# What NCCL's watchdog prints before it aborts a process whose collective outlived the timeout.
+WATCHDOG = re.compile(r"Watchdog caught collective operation timeout: WorkNCCL\(SeqNum=(\d+), OpType=(\w+)"
+                      r".*?Timeout\(ms\)=(\d+)")
 
 
 def preload(start_method: str) -> None:
@@ -33,11 +38,6 @@ def preload(start_method: str) -> None:
         for module in PRELOAD:
             __import__(module)
     import torch.multiprocessing  # noqa: F401
-TAIL_LINES = 20
-KILL_WAIT = 30.0  # a worker still there this long after SIGKILL is stuck in the kernel (a GPU driver call)
-# What NCCL's watchdog prints before it aborts a process whose collective outlived the timeout.
-WATCHDOG = re.compile(r"Watchdog caught collective operation timeout: WorkNCCL\(SeqNum=(\d+), OpType=(\w+)"
-                      r".*?Timeout\(ms\)=(\d+)")
 
 
 def open_log(path: str, truncate: bool = False) -> int:
